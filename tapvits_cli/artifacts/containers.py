@@ -1,0 +1,195 @@
+"""Reading and writing the three container formats with the common header.
+
+safetensors holds tensors (model, GMM, scores, plan), HDF5 holds tables (features,
+metric sets), JSON holds reports. Each reader checks the container's own structure
+first, so a truncated or foreign file fails with a precise one-line reason before any
+kind-specific check runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from tapvits_cli.artifacts.files import atomic_write, sniff_format
+from tapvits_cli.artifacts.header import Header, compact_json
+from tapvits_cli.errors import InvalidArtifactError
+
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ArtifactFile:
+    """What a reader learns from a file without loading its payload.
+
+    ``metadata`` holds every string key (``tapvits.*`` header keys and the kind's own
+    namespaced keys); ``tensors`` the name, dtype and shape of each safetensors tensor.
+    """
+
+    path: Path
+    format: str
+    header: Header
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    def kind_metadata(self, namespace: str) -> dict[str, str]:
+        """The keys under ``namespace.`` with the prefix removed."""
+        prefix = namespace + "."
+        return {k[len(prefix):]: v for k, v in self.metadata.items() if k.startswith(prefix)}
+
+    def json_field(self, key: str) -> Any:
+        """A metadata value that the protocol stores as compact JSON."""
+        if key not in self.metadata:
+            raise InvalidArtifactError(f"{self.path}: required key '{key}' is missing")
+        try:
+            return json.loads(self.metadata[key])
+        except ValueError:
+            raise InvalidArtifactError(f"{self.path}: key '{key}' is not valid JSON") from None
+
+
+# --- safetensors --------------------------------------------------------------------
+
+def _safetensors_layout(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise InvalidArtifactError(f"{path}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_SAFETENSORS_HEADER:
+            raise InvalidArtifactError(f"{path}: not a safetensors file (header length {header_len})")
+        if 8 + header_len > size:
+            raise InvalidArtifactError(f"{path}: truncated safetensors file (header cut off)")
+        raw = handle.read(header_len)
+    try:
+        layout = json.loads(raw)
+    except ValueError:
+        raise InvalidArtifactError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(layout, dict):
+        raise InvalidArtifactError(f"{path}: not a safetensors file (header is not an object)")
+    metadata = layout.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    try:
+        for name, entry in layout.items():
+            start, end = entry["data_offsets"]
+            tensors[name] = TensorInfo(str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            data_end = max(data_end, int(end))
+    except (KeyError, TypeError, ValueError):
+        raise InvalidArtifactError(f"{path}: malformed safetensors header") from None
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise InvalidArtifactError(f"{path}: truncated safetensors file ({size} of {expected} bytes)")
+    if size > expected:
+        raise InvalidArtifactError(f"{path}: corrupt safetensors file ({size - expected} trailing bytes)")
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidArtifactError(f"{path}: safetensors metadata values must be strings")
+    return dict(metadata), tensors
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], header: Header,
+                      metadata: Mapping[str, str]) -> Path:
+    """Write torch tensors plus the header and the kind's namespaced string metadata."""
+    from safetensors.torch import save_file
+
+    payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    with atomic_write(path) as tmp:
+        save_file(payload, str(tmp), metadata={**header.to_strings(), **metadata})
+    return Path(path)
+
+
+def load_safetensors(artifact: ArtifactFile) -> dict[str, Any]:
+    """Load every tensor of an already-opened artifact onto the CPU."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(artifact.path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise InvalidArtifactError(f"{artifact.path}: cannot read tensors ({exc})") from None
+
+
+# --- HDF5 ---------------------------------------------------------------------------
+
+def _hdf5_attrs(path: Path) -> dict[str, str]:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return {k: _attr_string(v) for k, v in handle.attrs.items()}
+    except OSError as exc:
+        raise InvalidArtifactError(f"{path}: unreadable HDF5 file, truncated or corrupt ({exc})") from None
+
+
+def _attr_string(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def write_hdf5(path: str | os.PathLike, header: Header, metadata: Mapping[str, str],
+               fill: Callable[[Any], None]) -> Path:
+    """Create an HDF5 artifact atomically; ``fill(h5file)`` writes the groups."""
+    import h5py
+
+    with atomic_write(path) as tmp:
+        with h5py.File(tmp, "w") as handle:
+            for key, value in {**header.to_strings(), **metadata}.items():
+                handle.attrs[key] = value
+            fill(handle)
+    return Path(path)
+
+
+def set_group_encoding(group: Any, encoding_type: str, encoding_version: int) -> None:
+    """Tag an HDF5 group with the encoding the protocol defines for it."""
+    group.attrs["encoding-type"] = encoding_type
+    group.attrs["encoding-version"] = str(encoding_version)
+
+
+# --- JSON ---------------------------------------------------------------------------
+
+def _json_members(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArtifactError(f"{path}: invalid or truncated JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidArtifactError(f"{path}: not a tapvits artifact (JSON is not an object)")
+    return document
+
+
+def write_json(path: str | os.PathLike, header: Header, body: Mapping[str, Any]) -> Path:
+    """A JSON artifact is one object: the ``tapvits.*`` header members, then the body."""
+    document = {**header.to_strings(), **body}
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def read_json_body(artifact: ArtifactFile) -> dict[str, Any]:
+    return {k: v for k, v in _json_members(artifact.path).items() if not k.startswith("tapvits.")}
+
+
+# --- any format ---------------------------------------------------------------------
+
+def open_file(path: str | os.PathLike) -> ArtifactFile:
+    """Sniff the container, check its structure and parse the common header."""
+    file = Path(path)
+    fmt = sniff_format(file)
+    tensors: dict[str, TensorInfo] = {}
+    if fmt == "safetensors":
+        metadata, tensors = _safetensors_layout(file)
+    elif fmt == "hdf5":
+        metadata = _hdf5_attrs(file)
+    else:
+        members = _json_members(file)
+        metadata = {k: v if isinstance(v, str) else compact_json(v) for k, v in members.items() if k.startswith("tapvits.")}
+    header = Header.from_strings(metadata, str(file))
+    return ArtifactFile(path=file, format=fmt, header=header, metadata=metadata, tensors=tensors)

@@ -1,0 +1,47 @@
+"""Reading weights that were not written by tapvits (timm/PyTorch checkpoints).
+
+Nothing is unpickled: torch files load with ``weights_only=True``, which refuses
+arbitrary objects. Common checkpoint wrappers (``state_dict``, ``model``,
+``module.`` prefixes from DataParallel) are unwrapped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tapvits_cli.artifacts.files import sniff_format
+from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
+
+
+def read_weights_file(path: str | os.PathLike) -> dict:
+    """A flat ``name -> tensor`` dict from a safetensors file or a torch checkpoint."""
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataUnavailableError(f"{file}: weights file not found")
+    try:
+        is_safetensors = sniff_format(file) == "safetensors"
+    except InvalidArtifactError:
+        is_safetensors = False
+    if is_safetensors:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as exc:
+            raise InvalidArtifactError(f"{file}: unreadable safetensors weights ({exc})") from None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InvalidArtifactError(f"{file}: not a safetensors file nor a weights-only torch checkpoint ({exc})") from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidArtifactError(f"{file}: checkpoint does not hold a flat dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}

@@ -1,0 +1,106 @@
+"""The header every artifact carries: kind, format version, producer, time, lineage, parameters.
+
+The same flat ``tapvits.*`` keys are used in safetensors ``__metadata__``, HDF5 root
+attributes and the ``tapvits`` object of JSON artifacts, so one parser serves all three
+(see protocol/README.md). Values are strings; nested values are compact JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from tapvits_cli import __version__
+from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
+
+PREFIX = "tapvits."
+REQUIRED_KEYS = ("kind", "version", "producer", "producer_version", "created", "inputs", "params")
+
+
+def compact_json(value: Any) -> str:
+    """Deterministic, compact JSON: sorted keys so equal content gives equal bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class LineageEntry:
+    """One input an artifact was made from: an artifact file, or a dataset fingerprint."""
+
+    sha256: str
+    kind: str
+    name: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"sha256": self.sha256, "kind": self.kind, "name": self.name}
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: str
+    version: int
+    inputs: Mapping[str, LineageEntry] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    producer: str = "tapvits"
+    producer_version: str = __version__
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_strings(self) -> dict[str, str]:
+        return {
+            PREFIX + "kind": self.kind,
+            PREFIX + "version": str(self.version),
+            PREFIX + "producer": self.producer,
+            PREFIX + "producer_version": self.producer_version,
+            PREFIX + "created": self.created,
+            PREFIX + "inputs": compact_json({role: e.to_dict() for role, e in self.inputs.items()}),
+            PREFIX + "params": compact_json(dict(self.params)),
+        }
+
+    @classmethod
+    def from_strings(cls, values: Mapping[str, str], source: str) -> "Header":
+        """Parse the ``tapvits.*`` keys; anything else in ``values`` is ignored."""
+        if PREFIX + "kind" not in values:
+            raise InvalidArtifactError(f"{source}: not a tapvits artifact (no '{PREFIX}kind' key)")
+        missing = [PREFIX + k for k in REQUIRED_KEYS if PREFIX + k not in values]
+        if missing:
+            raise InvalidArtifactError(f"{source}: header lacks {', '.join(missing)}")
+        try:
+            version = int(values[PREFIX + "version"])
+            inputs = json.loads(values[PREFIX + "inputs"])
+            params = json.loads(values[PREFIX + "params"])
+            lineage = {role: LineageEntry(str(e["sha256"]), str(e["kind"]), str(e["name"])) for role, e in inputs.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidArtifactError(f"{source}: malformed header ({exc})") from None
+        if not isinstance(params, dict):
+            raise InvalidArtifactError(f"{source}: header '{PREFIX}params' is not a JSON object")
+        return cls(
+            kind=str(values[PREFIX + "kind"]),
+            version=version,
+            inputs=lineage,
+            params=params,
+            producer=str(values[PREFIX + "producer"]),
+            producer_version=str(values[PREFIX + "producer_version"]),
+            created=str(values[PREFIX + "created"]),
+        )
+
+    def check_readable(self, supported_version: int, source: str) -> None:
+        """Readers accept any version up to their own and refuse newer ones."""
+        if self.version < 1:
+            raise InvalidArtifactError(f"{source}: invalid {self.kind} format version {self.version}")
+        if self.version > supported_version:
+            raise IncompatibleArtifactError(
+                f"{source}: {self.kind} format v{self.version} was written by {self.producer} "
+                f"{self.producer_version}; this tapvits ({__version__}) reads up to v{supported_version}, upgrade it"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "version": self.version,
+            "producer": self.producer,
+            "producer_version": self.producer_version,
+            "created": self.created,
+            "inputs": {role: e.to_dict() for role, e in self.inputs.items()},
+            "params": dict(self.params),
+        }

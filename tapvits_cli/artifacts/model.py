@@ -1,0 +1,110 @@
+"""The ``model`` artifact: weights in safetensors, the whole architecture in metadata.
+
+See protocol/model.md. ``load_model(path)`` needs nothing but the file: the timm
+architecture, its keyword arguments and the per-block widths rebuild the module, and
+the weights load strictly on top.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
+from tapvits_cli.artifacts.header import Header, LineageEntry
+from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
+from tapvits_cli.errors import InvalidArtifactError, TapvitsError
+from tapvits_cli.models.spec import ModelSpec
+
+KIND = "model"
+VERSION = 1
+
+
+def write_model(path: str | os.PathLike, model, spec: ModelSpec, params: Mapping[str, Any],
+                inputs: Mapping[str, LineageEntry] | None = None):
+    """Write ``model`` with its spec; returns the path."""
+    from tapvits_cli.models.factory import count_parameters, weights_sha256
+
+    state = model.state_dict()
+    header = Header(kind=KIND, version=VERSION, inputs=dict(inputs or {}), params=dict(params))
+    metadata = spec.to_metadata(parameters=count_parameters(model), weights_sha256=weights_sha256(state))
+    return write_safetensors(path, state, header, metadata)
+
+
+def read_model_spec(path: str | os.PathLike) -> tuple[ArtifactFile, ModelSpec]:
+    """Header and architecture only, without loading any weight."""
+    artifact = read_artifact(path, expect=KIND)
+    return artifact, ModelSpec.from_metadata(artifact.metadata, str(path))
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu"):
+    """``(module, spec, artifact)`` from a model artifact, in eval mode."""
+    from tapvits_cli.models.factory import build_model
+
+    artifact, spec = read_model_spec(path)
+    state = load_safetensors(artifact)
+    try:
+        model = build_model(spec, state)
+    except RuntimeError as exc:
+        raise InvalidArtifactError(f"{path}: weights do not fit the recorded architecture ({_first_line(exc)})") from None
+    return model.to(device), spec, artifact
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _validate(artifact: ArtifactFile) -> None:
+    """Architecture rebuilds on the meta device, tensor names/shapes match, weights hash matches."""
+    from tapvits_cli.models.factory import build_model, weights_sha256
+
+    spec = ModelSpec.from_metadata(artifact.metadata, str(artifact.path))
+    for key in ("model.parameters", "model.weights_sha256"):
+        if key not in artifact.metadata:
+            raise InvalidArtifactError(f"{artifact.path}: required key '{key}' is missing")
+    try:
+        skeleton = build_model(spec, device="meta")
+    except TapvitsError as exc:
+        raise InvalidArtifactError(f"{artifact.path}: architecture cannot be rebuilt ({exc})") from None
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    stored = {name: info.shape for name, info in artifact.tensors.items()}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise InvalidArtifactError(
+            f"{artifact.path}: tensors do not match the architecture (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
+        )
+    wrong = [n for n in expected if expected[n] != stored[n]]
+    if wrong:
+        raise InvalidArtifactError(f"{artifact.path}: tensor {wrong[0]} has shape {stored[wrong[0]]}, architecture needs {expected[wrong[0]]}")
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    if str(parameters) != artifact.metadata["model.parameters"]:
+        raise InvalidArtifactError(f"{artifact.path}: model.parameters says {artifact.metadata['model.parameters']}, architecture has {parameters}")
+    if weights_sha256(load_safetensors(artifact)) != artifact.metadata["model.weights_sha256"]:
+        raise InvalidArtifactError(f"{artifact.path}: weights do not match model.weights_sha256 (corrupted)")
+
+
+def _summarize(artifact: ArtifactFile) -> Summary:
+    spec = ModelSpec.from_metadata(artifact.metadata, str(artifact.path))
+    figures = {
+        "architecture": spec.architecture,
+        "family": spec.family,
+        "kwargs": dict(spec.kwargs),
+        "parameters": int(artifact.metadata.get("model.parameters", 0)),
+        "num_classes": spec.num_classes,
+        "input_size": spec.preprocessing.get("input_size"),
+        "weights_sha256": artifact.metadata.get("model.weights_sha256"),
+        "tensors": len(artifact.tensors),
+    }
+    if spec.class_names:
+        figures["class_names"] = list(spec.class_names)
+    tables = []
+    if spec.blocks:
+        tables.append(Table("blocks", ["block", "heads", "head_dim", "mlp_hidden"],
+                            [[i, b.heads, b.head_dim, b.mlp_hidden] for i, b in enumerate(spec.blocks)]))
+    return Summary(figures=figures, tables=tables)
+
+
+SPEC = register(KindSpec(
+    name=KIND, format="safetensors", version=VERSION, validate=_validate, summarize=_summarize,
+    description="a (possibly pruned) timm model: weights plus the architecture that rebuilds it",
+))

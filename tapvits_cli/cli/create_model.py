@@ -1,0 +1,70 @@
+"""``tapvits create-model``: a model artifact from a timm architecture, random or with weights."""
+
+from __future__ import annotations
+
+import click
+
+from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.output import emit, log
+from tapvits_cli.errors import UsageError
+
+
+def parse_model_args(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs to timm keyword arguments; values are YAML scalars/lists (28, 0.1, true, [1,2])."""
+    import yaml
+
+    kwargs = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"model argument '{pair}' is not KEY=VALUE")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise UsageError(f"model argument '{pair}': value is not a YAML scalar or list") from None
+    return kwargs
+
+
+@click.command("create-model", short_help="Create a model artifact from a timm architecture (random, file or pretrained weights).")
+@click.argument("architecture")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model artifact to write (.safetensors).")
+@click.option("-a", "--arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="timm keyword argument, repeatable: -a img_size=28 -a patch_size=4 -a in_chans=1 -a num_classes=10.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="Initial weights: a safetensors file or a torch checkpoint (loaded with weights_only=True).")
+@click.option("--pretrained", is_flag=True, help="Download timm's pretrained weights (needs the internet).")
+@click.option("--class-names", help="Comma-separated class names, one per output class.")
+@global_options
+def command(architecture: str, output: str, model_args: tuple[str, ...], weights: str | None,
+            pretrained: bool, class_names: str | None) -> None:
+    """Create a model artifact from a timm ARCHITECTURE name and keyword arguments.
+
+    Without --weights or --pretrained the weights are a seeded random initialisation,
+    which is how offline benchmarks start a base model before `finetune` trains it.
+
+    Example: tapvits create-model vit_tiny_patch16_224 -a img_size=28 -a patch_size=4
+    -a in_chans=1 -a num_classes=10 -o base.safetensors
+    """
+    from tapvits_cli.artifacts.external import read_weights_file
+    from tapvits_cli.artifacts.files import sha256_file
+    from tapvits_cli.artifacts.header import LineageEntry
+    from tapvits_cli.artifacts.model import write_model
+    from tapvits_cli.models.factory import count_parameters, create_model, describe_model, load_foreign_weights
+    from tapvits_cli.runtime import seed_everything
+
+    if weights and pretrained:
+        raise UsageError("--weights and --pretrained are exclusive: choose one source of weights")
+    kwargs = parse_model_args(model_args)
+    seed_everything(CURRENT.seed)
+    model = create_model(architecture, kwargs, pretrained=pretrained)
+    inputs = {}
+    if weights:
+        load_foreign_weights(model, read_weights_file(weights), f"{weights} ({architecture} {kwargs or ''})")
+        inputs["weights"] = LineageEntry(sha256_file(weights), "file", click.format_filename(weights, shorten=True))
+    names = [n.strip() for n in class_names.split(",")] if class_names else None
+    spec = describe_model(model, architecture, kwargs, names)
+    params = {"architecture": architecture, "kwargs": kwargs, "pretrained": pretrained, "seed": CURRENT.seed}
+    path = write_model(output, model, spec, params, inputs)
+    parameters = count_parameters(model)
+    log(f"{architecture}: {parameters:,} parameters, family {spec.family}, {len(spec.blocks)} blocks", level=1)
+    emit({"output": str(path), "kind": "model", "parameters": parameters, "family": spec.family}, str(path))

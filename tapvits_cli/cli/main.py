@@ -1,0 +1,100 @@
+"""The ``tapvits`` command group and the process-level error handling.
+
+Every failure a user can act on is a :class:`TapvitsError` and becomes one line on
+stderr plus a documented exit code (README "Exit codes"); the traceback appears only
+with ``--debug``. Subcommand modules import torch and friends inside their functions,
+so ``tapvits --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from tapvits_cli import __version__
+from tapvits_cli.cli import create_model, dataset_cmd, inspect_cmd, validate_cmd
+from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.errors import ExitCode, NotImplementedStageError, TapvitsError
+
+# Stages whose logic is not built yet: (name, one-line help, issue that delivers it).
+PLANNED_STAGES = (
+    ("fit-gmm", "On a device: fit a Gaussian mixture to features of private images.", 3),
+    ("features", "Embed a public pool into a resumable HDF5 feature table.", 3),
+    ("select", "Pick the public samples most likely under a device's GMM.", 3),
+    ("score", "Score every MLP neuron and attention head on a metric set.", 4),
+    ("allocate", "Turn layer importance and a budget into a pruning plan.", 4),
+    ("prune", "Apply a plan: slice neurons and heads into a smaller model.", 5),
+    ("finetune", "Fine-tune (or train from scratch) a model artifact.", 5),
+    ("eval", "Accuracy, MACs and latency of a model on a labelled set.", 5),
+    ("run", "Run a YAML recipe: the whole pipeline, resumable.", 6),
+)
+
+
+class PipelineOrderGroup(click.Group):
+    """Lists subcommands in the order they were added (pipeline order), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=PipelineOrderGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tapvits")
+@global_options
+def cli() -> None:
+    """Task-adaptive pruning of Vision Transformers for edge devices.
+
+    Each subcommand is one stage; stages exchange versioned artifacts (see protocol/),
+    print the output path on stdout (or one JSON object with --json) and send logs and
+    progress to stderr.
+    """
+
+
+def _planned(name: str, summary: str, issue: int) -> click.Command:
+    @click.command(name, help=f"{summary} [not implemented yet]", short_help=f"{summary} [not yet]",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @global_options
+    def command() -> None:
+        raise NotImplementedStageError(f"'tapvits {name}' is not implemented yet (planned in issue {issue})")
+
+    return command
+
+
+for _name, _summary, _issue in PLANNED_STAGES:
+    cli.add_command(_planned(_name, _summary, _issue))
+for _module in (create_model, dataset_cmd, inspect_cmd, validate_cmd):
+    cli.add_command(_module.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the group and map failures to exit codes."""
+    try:
+        cli.main(args=argv, prog_name="tapvits", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("tapvits: interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except TapvitsError as exc:
+        if CURRENT.debug:
+            traceback.print_exc()
+        click.echo(f"tapvits: error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("tapvits: interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # a bug: one line unless --debug
+        if CURRENT.debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"tapvits: internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
+        return ExitCode.INTERNAL
+    return ExitCode.OK
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Dataset references: one short string names a source, a split and a subset of it.
+
+A reference travels on the command line (``fashion-mnist:split=test:classes=0-4``), in
+recipes and in every artifact's provenance, so it must mean the same selection on any
+machine and print back to a string that parses to an equal reference. The grammar and
+its semantics are normative in ``protocol/datasets.md``. Parsing opens no file: whether
+a source exists is only known when :func:`tapvits_cli.data.open_dataset` opens it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+
+from tapvits_cli.errors import UsageError
+
+BUILTINS = ("digits", "fashion-mnist")
+SPLITS = ("train", "test", "all")
+OPTIONS = ("split", "classes", "fold", "indices", "sample", "seed")
+
+_OPTION = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+def _natural(value: object, minimum: int = 0) -> int:
+    """An integer >= minimum from YAML (int) or the command line (digits)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _ranges(value: object) -> Ranges:
+    """'0,3,5-7', an int or a list of ints -> sorted, merged, inclusive ranges."""
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            match = _RANGE.match(item.strip())
+            if not match:
+                raise ValueError(f"expected a list like 0,3,5-7, got {value!r}")
+            low = int(match[1])
+            high = int(match[2]) if match[2] is not None else low
+            if high < low:
+                raise ValueError(f"range {item.strip()!r} runs backwards")
+            pairs.append((low, high))
+    elif isinstance(value, (list, tuple)) and value:
+        pairs = [(_natural(v[0]), _natural(v[1])) if isinstance(v, (list, tuple)) and len(v) == 2
+                 else (_natural(v),) * 2 for v in value]
+    else:
+        pairs = [(_natural(value),) * 2]
+    merged: list[list[int]] = []
+    for low, high in sorted(pairs):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], high)
+        else:
+            merged.append([low, high])
+    return tuple((low, high) for low, high in merged)
+
+
+def format_ranges(ranges: Ranges) -> str:
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
+def _split(value: object) -> str:
+    if value not in SPLITS:
+        raise ValueError(f"expected one of {', '.join(SPLITS)}, got {value!r}")
+    return value
+
+
+def _classes(value: object) -> tuple[int, ...]:
+    return tuple(c for low, high in _ranges(value) for c in range(low, high + 1))
+
+
+def _fold(value: object) -> tuple[int, int]:
+    parts = value.split("/") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        raise ValueError(f"expected K/N, got {value!r}")
+    k, n = _natural(parts[0]), _natural(parts[1], minimum=2)
+    if k >= n:
+        raise ValueError(f"K must be in 0..N-1, got {k}/{n}")
+    return k, n
+
+
+_CONVERT: dict[str, Callable[[object], object]] = {
+    "split": _split,
+    "classes": _classes,
+    "fold": _fold,
+    "indices": _ranges,
+    "sample": lambda v: _natural(v, minimum=1),
+    "seed": _natural,
+}
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset source and the selection applied to it: split → classes → fold → indices → sample.
+
+    ``split=None`` means the source's default; :func:`open_dataset` resolves it, so a
+    dataset's provenance always names its split. ``classes`` is a sorted tuple of labels,
+    ``fold`` is ``(K, N)`` and ``indices`` sorted, merged, inclusive ``(low, high)`` ranges,
+    so equal selections compare equal however they were written.
+    """
+
+    source: str
+    split: str | None = None
+    classes: tuple[int, ...] | None = None
+    fold: tuple[int, int] | None = None
+    indices: Ranges | None = None
+    sample: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise UsageError(f"dataset reference: the source must be a non-empty string, got {self.source!r}")
+        for key in OPTIONS:
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    object.__setattr__(self, key, _CONVERT[key](value))
+                except ValueError as exc:
+                    raise UsageError(f"dataset reference {self.source!r}: {key}: {exc}") from None
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetRef":
+        """Parse ``SOURCE[:key=value...]``, taking trailing ``key=value`` segments as options.
+
+        Options are peeled off from the right, so a path containing ``:`` still works as
+        long as its last ``:`` segment has no ``=``.
+        """
+        segments = text.split(":")
+        options: dict[str, str] = {}
+        while len(segments) > 1 and (match := _OPTION.match(segments[-1])):
+            segments.pop()
+            key, value = match.groups()
+            if key in options:
+                raise UsageError(f"dataset reference {text!r}: option {key!r} given twice")
+            options[key] = value
+        return cls._build(":".join(segments), options, lambda key: f"dataset reference {text!r}: {key}")
+
+    @classmethod
+    def from_mapping(cls, mapping: object, path: str = "dataset") -> "DatasetRef":
+        """A reference from a recipe: a reference string, or a mapping of ``source`` and options.
+
+        Strict like the rest of a recipe: an unknown key is an error naming its full
+        path (``devices[0].private.foo``), so a typo never silently selects other data.
+        """
+        if isinstance(mapping, str):
+            try:
+                return cls.parse(mapping)
+            except UsageError as exc:
+                raise UsageError(f"{path}: {exc}") from None
+        if not isinstance(mapping, Mapping):
+            raise UsageError(f"{path}: expected a dataset reference string or a mapping, got {type(mapping).__name__}")
+        for key in mapping:
+            if key != "source" and key not in OPTIONS:
+                raise UsageError(f"{path}.{key}: unknown key (expected source, {', '.join(OPTIONS)})")
+        source = mapping.get("source")
+        if not isinstance(source, str) or not source:
+            raise UsageError(f"{path}.source: required, a built-in name ({', '.join(BUILTINS)}) or a path")
+        options = {key: mapping[key] for key in OPTIONS if mapping.get(key) is not None}
+        return cls._build(source, options, lambda key: f"{path}.{key}")
+
+    @classmethod
+    def _build(cls, source: str, options: Mapping[str, object], where: Callable[[str], str]) -> "DatasetRef":
+        values = {}
+        for key, value in options.items():
+            if key not in _CONVERT:
+                raise UsageError(f"{where(key)}: unknown option (expected {', '.join(OPTIONS)})")
+            try:
+                values[key] = _CONVERT[key](value)
+            except ValueError as exc:
+                raise UsageError(f"{where(key)}: {exc}") from None
+        return cls(source, **values)
+
+    def __str__(self) -> str:
+        """The canonical form: options in a fixed order, defaults left out."""
+        parts = [self.source]
+        for field in fields(self)[1:]:
+            value = getattr(self, field.name)
+            if value is None or value == field.default:
+                continue
+            if field.name == "classes":
+                value = format_ranges(_ranges(list(value)))
+            elif field.name == "indices":
+                value = format_ranges(value)
+            elif field.name == "fold":
+                value = f"{value[0]}/{value[1]}"
+            parts.append(f"{field.name}={value}")
+        return ":".join(parts)

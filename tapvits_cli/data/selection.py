@@ -1,0 +1,63 @@
+"""What a reference selects, computed from labels alone (no pixels, no files).
+
+Everything here is a pure function of the split's labels and the reference, so the same
+reference selects the same ids on a device and in the cloud. The random streams come from
+NumPy's ``SeedSequence``; each use has its own stream tag so that, say, ``fold`` and
+``sample`` with the same seed are independent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tapvits_cli.data.reference import DatasetRef, Ranges, format_ranges
+from tapvits_cli.errors import UsageError
+
+_FOLD_STREAM = 1
+_SAMPLE_STREAM = 2
+
+
+def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The fold (0..folds-1) of every sample: per class a seeded shuffle, dealt round-robin.
+
+    Random keys are drawn for every sample of the split, so a sample's fold does not depend
+    on which other classes a reference keeps: ``classes=0,1:fold=0/2`` is a subset of
+    ``fold=0/2``. Within a class, fold sizes differ by at most one (lower folds first).
+    """
+    keys = np.random.default_rng([seed, _FOLD_STREAM]).random(len(labels))
+    order = np.lexsort((keys, labels))
+    sorted_labels = labels[order]
+    rank = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
+    assignment = np.empty(len(labels), dtype=np.int64)
+    assignment[order] = rank % folds
+    return assignment
+
+
+def expand_ranges(ranges: Ranges) -> np.ndarray:
+    return np.concatenate([np.arange(low, high + 1, dtype=np.int64) for low, high in ranges])
+
+
+def select_ids(ref: DatasetRef, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Sorted positions in the split that ``ref`` keeps: classes → fold → indices → sample."""
+    ids = np.arange(len(labels), dtype=np.int64)
+    if ref.classes is not None:
+        if ref.classes[-1] >= num_classes:
+            raise UsageError(f"dataset reference {str(ref)!r}: classes: the source has {num_classes} classes "
+                             f"(0-{num_classes - 1})")
+        ids = ids[np.isin(labels, ref.classes)]
+    if ref.fold is not None:
+        k, n = ref.fold
+        ids = ids[fold_assignment(labels, n, ref.seed)[ids] == k]
+    if ref.indices is not None:
+        last = ref.indices[-1][1]
+        if last >= len(ids):
+            raise UsageError(f"dataset reference {str(ref)!r}: indices={format_ranges(ref.indices)} reaches "
+                             f"position {last}, but the selection before it has {len(ids)} samples")
+        ids = ids[expand_ranges(ref.indices)]
+    if ref.sample is not None:
+        if ref.sample > len(ids):
+            raise UsageError(f"dataset reference {str(ref)!r}: sample={ref.sample} is more than the "
+                             f"{len(ids)} samples selected before it")
+        picked = np.random.default_rng([ref.seed, _SAMPLE_STREAM]).choice(len(ids), ref.sample, replace=False)
+        ids = ids[np.sort(picked)]
+    return ids

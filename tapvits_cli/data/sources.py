@@ -1,0 +1,321 @@
+"""Dataset sources: the only code in tapvits that reads dataset files.
+
+A :class:`Source` is one split of one source: its labels in memory (small) and a reader
+that returns the pixels of requested rows, so that an HDF5 pool or an image folder larger
+than memory is never loaded whole. Every reader returns float32 images in [0, 1], shaped
+(n, C, H, W): uint8 is divided by 255, uint16 by 65535, floats are kept as stored.
+Readers are small picklable classes, so DataLoader worker processes can carry them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tapvits_cli.data.reference import BUILTINS
+from tapvits_cli.data.selection import fold_assignment
+from tapvits_cli.errors import DataUnavailableError, UsageError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
+_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+# Digits ships without a test split; ours is fold 0 of a stratified 5-fold partition with seed 0 (~20%).
+_DIGITS_TEST_FOLDS, _DIGITS_TEST_SEED = 5, 0
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split of a dataset source.
+
+    ``kind`` is the built-in name or the file type (``npz``, ``hdf5``, ``folder``), never
+    the path: the fingerprint uses it, and moving a file must not change a fingerprint.
+    """
+
+    kind: str
+    split: str
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    read: Callable[[np.ndarray], np.ndarray]  # sorted unique rows -> float32 (n, C, H, W)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise DataUnavailableError(f"{self.kind} dataset ({self.split}): labels must lie in "
+                                       f"0..{len(self.class_names) - 1}")
+
+
+def _layout(shape: tuple[int, ...], what: str) -> tuple[tuple[int, int, int], bool]:
+    """(C, H, W) of stored images and whether channels come last."""
+    if len(shape) == 3:
+        return (1, shape[1], shape[2]), False
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return (shape[1], shape[2], shape[3]), False
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return (shape[3], shape[1], shape[2]), True
+    raise DataUnavailableError(f"{what}: images of shape {tuple(shape)} are not (N,H,W), (N,C,H,W) or (N,H,W,C) "
+                               "with C = 1 or 3")
+
+
+def _check_dtype(dtype: np.dtype, what: str) -> None:
+    if dtype not in _SCALE and not np.issubdtype(dtype, np.floating):
+        raise DataUnavailableError(f"{what}: pixels of type {dtype} are not supported (use uint8, uint16 or "
+                                   "floats in [0, 1])")
+
+
+def _to_float(raw: np.ndarray, channels_last: bool) -> np.ndarray:
+    if raw.ndim == 3:
+        raw = raw[:, None]
+    elif channels_last:
+        raw = raw.transpose(0, 3, 1, 2)
+    if raw.dtype in _SCALE:
+        return np.ascontiguousarray(np.divide(raw, _SCALE[raw.dtype], dtype=np.float32))
+    return np.ascontiguousarray(raw, dtype=np.float32)
+
+
+def _labels(raw: np.ndarray, what: str) -> np.ndarray:
+    if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
+        raise DataUnavailableError(f"{what}: labels must be a 1-D integer array, got {raw.dtype} {raw.shape}")
+    return raw.astype(np.int64)
+
+
+def _default_names(labels: list[np.ndarray]) -> tuple[str, ...]:
+    top = max((int(part.max()) for part in labels if len(part)), default=-1)
+    return tuple(str(i) for i in range(top + 1))
+
+
+class _ArrayRows:
+    """Rows of an array held in memory (built-ins, .npz), converted only when read."""
+
+    def __init__(self, raw: np.ndarray, channels_last: bool) -> None:
+        self.raw, self.channels_last = raw, channels_last
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return _to_float(self.raw[rows], self.channels_last)
+
+
+class _H5Rows:
+    """Rows of one or more HDF5 image datasets (train then test for ``split=all``), read lazily.
+
+    The file is opened per call: h5py handles must not cross into DataLoader workers.
+    """
+
+    def __init__(self, path: str, parts: tuple[tuple[str, int], ...], channels_last: bool) -> None:
+        self.path, self.parts, self.channels_last = path, parts, channels_last
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:  # rows: sorted, unique, not empty
+        import h5py
+
+        chunks, offset = [], 0
+        with h5py.File(self.path, "r") as f:
+            for key, count in self.parts:
+                local = rows[(rows >= offset) & (rows < offset + count)] - offset
+                offset += count
+                if len(local) == 0:
+                    continue
+                low, high = int(local[0]), int(local[-1]) + 1
+                if high - low <= 2 * len(local):  # dense enough: one slice beats point selection
+                    chunks.append(f[key][low:high][local - low])
+                else:
+                    chunks.append(f[key][local])
+        return _to_float(np.concatenate(chunks), self.channels_last)
+
+
+class _FileRows:
+    """Rows of an image folder, one file per row, opened only when read.
+
+    Every image is converted to the mode and size of the folder's first image, since a
+    batch needs one shape; a model's preprocessing resizes afterwards anyway.
+    """
+
+    def __init__(self, files: tuple[str, ...], mode: str, size: tuple[int, int]) -> None:
+        self.files, self.mode, self.size = files, mode, size
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        width, height = self.size
+        channels = 1 if self.mode == "L" else 3
+        out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
+        for i, row in enumerate(rows):
+            with Image.open(self.files[row]) as image:
+                image = image.convert(self.mode)
+                if image.size != self.size:
+                    image = image.resize(self.size, Image.BILINEAR)
+                out[i] = np.asarray(image).reshape(height, width, channels)
+        return _to_float(out, channels_last=True)
+
+
+@lru_cache(maxsize=1)
+def _digits_all() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # values 0..16
+    images.flags.writeable = False  # cached and shared by every digits dataset
+    return images, digits.target.astype(np.int64)
+
+
+def _digits(split: str | None) -> Source:
+    split = split or "train"
+    images, labels = _digits_all()
+    if split != "all":
+        test = fold_assignment(labels, _DIGITS_TEST_FOLDS, _DIGITS_TEST_SEED) == 0
+        keep = np.flatnonzero(test if split == "test" else ~test)
+        images, labels = images[keep], labels[keep]
+    return Source("digits", split, labels, tuple(str(i) for i in range(10)), (1, 8, 8), _ArrayRows(images, False))
+
+
+@lru_cache(maxsize=4)
+def _read_idx(path: str) -> np.ndarray:
+    """An idx file (the MNIST format): magic 0,0,type,ndim, big-endian uint32 sizes, data."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataUnavailableError(f"Fashion-MNIST not found: {path} is missing; install it with: "
+                                   "apt-get install -y dataset-fashion-mnist (or set TAPVITS_FASHION_MNIST_DIR "
+                                   "to a folder holding the four idx .gz files)") from None
+    except (OSError, EOFError) as exc:
+        raise DataUnavailableError(f"{path}: unreadable ({exc})") from None
+    ndim = data[3] if len(data) > 4 else 0
+    if data[:3] != b"\x00\x00\x08" or ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise DataUnavailableError(f"{path}: not an idx file of unsigned bytes")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    if len(data) - 4 - 4 * ndim != int(np.prod(shape)):
+        raise DataUnavailableError(f"{path}: truncated idx file")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist(split: str | None) -> Source:
+    split = split or "train"
+    root = Path(os.environ.get("TAPVITS_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    prefixes = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
+    images = [_read_idx(str(root / f"{p}-images-idx3-ubyte.gz")) for p in prefixes]
+    labels = [_read_idx(str(root / f"{p}-labels-idx1-ubyte.gz")) for p in prefixes]
+    images_all = images[0] if len(images) == 1 else np.concatenate(images)
+    return Source("fashion-mnist", split, np.concatenate(labels).astype(np.int64), FASHION_MNIST_CLASSES,
+                  (1, 28, 28), _ArrayRows(images_all, False))
+
+
+def _resolve_split(available: list[str], split: str | None, what: str) -> list[str]:
+    """Which stored parts make up ``split``: ``all`` falls back to train followed by test."""
+    if split is None:
+        split = "all" if "all" in available else "train"
+    if split in available:
+        return [split]
+    if split == "all" and "train" in available and "test" in available:
+        return ["train", "test"]
+    raise UsageError(f"{what}: no split '{split}' (this source has: {', '.join(available) or 'none'})")
+
+
+def _npz(path: Path, split: str | None) -> Source:
+    keys = {"all": ("x", "y"), "train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+    what = str(path)
+    with np.load(path, allow_pickle=False) as z:
+        available = [s for s, (x, y) in keys.items() if x in z.files and y in z.files]
+        parts = _resolve_split(available, split, what)
+        all_labels = [_labels(z[keys[s][1]], what) for s in available]
+        names = tuple(z["class_names"].astype(str).tolist()) if "class_names" in z.files else _default_names(all_labels)
+        raw = [z[keys[s][0]] for s in parts]
+    labels = [all_labels[available.index(s)] for s in parts]
+    shape, channels_last = _check_parts([(a.shape, a.dtype) for a in raw], labels, what)
+    images = raw[0] if len(raw) == 1 else np.concatenate(raw)
+    return Source("npz", _name(parts), np.concatenate(labels), names, shape, _ArrayRows(images, channels_last))
+
+
+def _hdf5(path: Path, split: str | None) -> Source:
+    import h5py
+
+    groups = {"all": "", "train": "train/", "test": "test/"}
+    what = str(path)
+    with h5py.File(path, "r") as f:
+        available = [s for s, g in groups.items() if f"{g}images" in f and f"{g}labels" in f]
+        parts = _resolve_split(available, split, what)
+        all_labels = [_labels(f[f"{groups[s]}labels"][()], what) for s in available]
+        names = tuple(f["class_names"].asstr()[()]) if "class_names" in f else _default_names(all_labels)
+        datasets = [f[f"{groups[s]}images"] for s in parts]
+        labels = [all_labels[available.index(s)] for s in parts]
+        shape, channels_last = _check_parts([(d.shape, d.dtype) for d in datasets], labels, what)
+        reader = _H5Rows(what, tuple((d.name, len(d)) for d in datasets), channels_last)
+    return Source("hdf5", _name(parts), np.concatenate(labels), names, shape, reader)
+
+
+def _check_parts(arrays: list[tuple[tuple[int, ...], np.dtype]], labels: list[np.ndarray],
+                 what: str) -> tuple[tuple[int, int, int], bool]:
+    """The common layout of the stored parts of a split, which must agree with each other and their labels."""
+    layouts = [_layout(shape, what) for shape, _ in arrays]
+    for (shape, dtype), part_labels, layout in zip(arrays, labels, layouts):
+        _check_dtype(dtype, what)
+        if layout != layouts[0] or shape[0] != len(part_labels):
+            raise DataUnavailableError(f"{what}: images and labels disagree in shape or length")
+    return layouts[0]
+
+
+def _name(parts: list[str]) -> str:
+    return "all" if len(parts) > 1 else parts[0]
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_in(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _folder(root: Path, split: str | None) -> Source:
+    from PIL import Image
+
+    what = str(root)
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    parts = _resolve_split(["train", "test"] if has_splits else ["all"], split, what)
+    folders = [root / s for s in parts] if has_splits else [root]
+    class_roots = [root / "train", root / "test"] if has_splits else [root]  # same labels in both splits
+    names = sorted({p.name for class_root in class_roots for p in _subfolders(class_root)})
+    files, labels = [], []
+    for folder in folders:
+        for label, name in enumerate(names):
+            found = _images_in(folder / name)
+            files += found
+            labels += [label] * len(found)
+    if not files:
+        raise DataUnavailableError(f"{what}: no images found (expected class subfolders holding "
+                                   f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
+    with Image.open(files[0]) as first:
+        mode = "L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+        size = first.size
+    return Source("folder", _name(parts), np.asarray(labels, dtype=np.int64), tuple(names),
+                  (1 if mode == "L" else 3, size[1], size[0]), _FileRows(tuple(files), mode, size))
+
+
+def open_source(source: str, split: str | None) -> Source:
+    """Open one split of a source; ``split=None`` picks its default (see protocol/datasets.md)."""
+    if source == "digits":
+        return _digits(split)
+    if source == "fashion-mnist":
+        return _fashion_mnist(split)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataUnavailableError(f"dataset source {source!r} not found: it is neither a built-in "
+                                   f"({', '.join(BUILTINS)}) nor an existing file or folder")
+    openers = {".npz": _npz, ".h5": _hdf5, ".hdf5": _hdf5}
+    opener = _folder if path.is_dir() else openers.get(path.suffix.lower())
+    if opener is None:
+        raise UsageError(f"dataset source {source!r}: unsupported file type (expected .npz, .h5, .hdf5 or a folder "
+                         "of class subfolders)")
+    try:
+        return opener(path.resolve(), split)  # absolute: readers must survive a change of directory
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataUnavailableError(f"dataset source {source!r}: unreadable ({exc})") from None

@@ -1,0 +1,58 @@
+"""Errors that the command line turns into one readable line and a documented exit code.
+
+Stage logic raises these; ``cli`` maps them to exit codes. Keeping the mapping on the
+exception class (not in a table elsewhere) means a new error cannot forget its code.
+"""
+
+from __future__ import annotations
+
+
+class ExitCode:
+    """Process exit codes, documented in README.md ("Exit codes")."""
+
+    OK = 0
+    INTERNAL = 1          # a bug in tapvits: please report it (run again with --debug)
+    USAGE = 2             # bad options or arguments (click's own code)
+    INVALID_ARTIFACT = 3  # not a tapvits artifact, truncated, corrupt, or fails its spec
+    INCOMPATIBLE = 4      # a valid artifact that cannot be used here (newer version, wrong kind, fingerprint mismatch)
+    UNSATISFIABLE_BUDGET = 5
+    BELOW_THRESHOLD = 6   # an evaluation threshold failed
+    NOT_IMPLEMENTED = 7   # the stage or option is not built yet
+    DATA_UNAVAILABLE = 8  # a dataset source is missing or unreadable
+    INTERRUPTED = 130     # Ctrl-C / SIGINT
+
+
+class TapvitsError(Exception):
+    """Base class: a failure the user can act on, shown as one line."""
+
+    exit_code = ExitCode.INTERNAL
+
+
+class UsageError(TapvitsError):
+    """An option value that click could not check by itself."""
+
+    exit_code = ExitCode.USAGE
+
+
+class InvalidArtifactError(TapvitsError):
+    exit_code = ExitCode.INVALID_ARTIFACT
+
+
+class IncompatibleArtifactError(TapvitsError):
+    exit_code = ExitCode.INCOMPATIBLE
+
+
+class UnsatisfiableBudgetError(TapvitsError):
+    exit_code = ExitCode.UNSATISFIABLE_BUDGET
+
+
+class BelowThresholdError(TapvitsError):
+    exit_code = ExitCode.BELOW_THRESHOLD
+
+
+class NotImplementedStageError(TapvitsError):
+    exit_code = ExitCode.NOT_IMPLEMENTED
+
+
+class DataUnavailableError(TapvitsError):
+    exit_code = ExitCode.DATA_UNAVAILABLE

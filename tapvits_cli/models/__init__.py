@@ -1,0 +1,1 @@
+"""Model creation (timm), architecture specs and the prunable-unit families."""

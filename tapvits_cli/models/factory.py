@@ -1,0 +1,108 @@
+"""Create timm models by name and rebuild them from a :class:`ModelSpec`.
+
+Pure model logic: weights arrive as state dicts (``artifacts`` reads the files), and
+``--pretrained`` goes through timm's own hub download for users who are online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Sequence
+
+from tapvits_cli.errors import DataUnavailableError, UsageError
+from tapvits_cli.models.families import GENERIC, family_module, family_of
+from tapvits_cli.models.spec import ModelSpec
+
+
+def create_model(architecture: str, kwargs: Mapping[str, Any] | None = None, pretrained: bool = False):
+    """``timm.create_model`` with tapvits' errors: unknown names list close matches."""
+    import timm
+
+    if not timm.is_model(architecture):
+        stem = architecture.split("_")[0]
+        close = timm.list_models(f"{stem}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise UsageError(f"unknown timm architecture '{architecture}'{hint}")
+    try:
+        return timm.create_model(architecture, pretrained=pretrained, **dict(kwargs or {}))
+    except TypeError as exc:
+        raise UsageError(f"bad keyword arguments for {architecture}: {exc}") from None
+    except (OSError, RuntimeError) as exc:
+        if pretrained:
+            raise DataUnavailableError(f"cannot download pretrained weights for {architecture} ({exc})") from None
+        raise
+
+
+def describe_model(model, architecture: str, kwargs: Mapping[str, Any],
+                   class_names: Sequence[str] | None = None) -> ModelSpec:
+    """The spec that rebuilds ``model`` exactly, read off the live module."""
+    from tapvits_cli.data.preprocess import Preprocessing
+
+    family = family_of(model)
+    blocks = family_module(family).block_widths(model) if family != GENERIC else ()
+    num_classes = int(getattr(model, "num_classes", 0))
+    if class_names is not None and len(class_names) != num_classes:
+        raise UsageError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    return ModelSpec(
+        architecture=architecture,
+        kwargs=dict(kwargs),
+        family=family,
+        blocks=tuple(blocks),
+        preprocessing=Preprocessing.from_model(model).to_dict(),
+        num_classes=num_classes,
+        class_names=tuple(class_names) if class_names is not None else None,
+    )
+
+
+def build_model(spec: ModelSpec, state_dict: Mapping[str, Any] | None = None, device: str = "cpu"):
+    """Rebuild the architecture of ``spec`` (per-block widths included) and load weights.
+
+    With ``device="meta"`` no memory is allocated: that is how ``validate`` checks
+    tensor names and shapes of large artifacts cheaply.
+    """
+    import torch
+
+    with torch.device(device):
+        model = create_model(spec.architecture, spec.kwargs)
+        if spec.family != GENERIC:
+            family = family_module(spec.family)
+            if family_of(model) != spec.family:
+                raise UsageError(f"{spec.architecture} is not a '{spec.family}' model")
+            family.set_block_widths(model, spec.blocks)
+    if state_dict is not None:
+        model.load_state_dict(dict(state_dict), strict=True)
+    model.eval()
+    return model
+
+
+def load_foreign_weights(model, state: Mapping[str, Any], source: str) -> None:
+    """Load weights from outside tapvits, naming the first mismatches instead of a torch dump."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        details = [f"{label} {names[:3]}" for label, names in
+                   (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped)) if names]
+        raise UsageError(f"{source} does not fit this architecture ({'; '.join(details)})")
+    model.load_state_dict(dict(state), strict=True)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weights_sha256(state_dict: Mapping[str, Any]) -> str:
+    """Content hash of a state dict: names, dtypes, shapes and raw bytes, in name order.
+
+    Independent of the file container, so a model keeps its identity when re-saved
+    and a feature extractor can be fingerprinted by its weights alone.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny ViT and an in-process CLI runner.
+
+Tests run in parallel (pytest -n 2 on 2 cores), so each worker uses one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+# A DeiT-shaped ViT small enough to build and run in milliseconds, on digits' 8x8 images.
+TINY_VIT = "vit_tiny_patch16_224"
+TINY_VIT_KWARGS = {
+    "img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 10,
+    "embed_dim": 24, "depth": 2, "num_heads": 3, "mlp_ratio": 2.0,
+}
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def tapvits(capsys):
+    """Run ``tapvits ARGS`` in-process through the real entry point (exit-code mapping included)."""
+    from tapvits_cli.cli.main import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
+
+
+def model_args(kwargs: dict) -> list[str]:
+    args = []
+    for key, value in kwargs.items():
+        args += ["-a", f"{key}={value}"]
+    return args
+
+
+@pytest.fixture
+def tiny_model_file(tmp_path, tapvits):
+    path = tmp_path / "tiny.safetensors"
+    result = tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", path)
+    assert result.exit_code == 0, result.stderr
+    return path

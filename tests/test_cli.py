@@ -1,0 +1,120 @@
+"""The command-line contract: help, stdout/stderr discipline, exit codes, global options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tapvits_cli.errors import ExitCode
+from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
+
+SUBCOMMANDS = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval",
+               "run", "inspect", "validate", "create-model")
+
+
+def test_help_lists_every_subcommand_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from tapvits_cli.cli.main import main\n"
+        "rc = main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'timm', 'sklearn', 'h5py', 'safetensors', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name in SUBCOMMANDS:
+        assert f"  {name} " in out, name
+    assert "HEAVY=\n" in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "tapvits_cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "tapvits" in out.stdout
+
+
+def test_unbuilt_stage_fails_clearly(tapvits):
+    result = tapvits("score", "model.safetensors", "--budget", "0.7")
+    assert result.exit_code == ExitCode.NOT_IMPLEMENTED
+    assert result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0
+    assert "not implemented yet" in result.stderr
+
+
+def test_usage_error_exit_code(tapvits):
+    assert tapvits("create-model").exit_code == ExitCode.USAGE
+    assert tapvits("no-such-command").exit_code == ExitCode.USAGE
+
+
+def test_stdout_is_only_the_output_path(tmp_path, tapvits):
+    out = tmp_path / "m.safetensors"
+    result = tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", out)
+    assert result.exit_code == 0
+    assert result.stdout == f"{out}\n"
+
+
+def test_json_before_or_after_subcommand(tmp_path, tapvits):
+    for i, args in enumerate((["--json", "create-model"], ["create-model", "--json"])):
+        out = tmp_path / f"m{i}.safetensors"
+        result = tapvits(*args, TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", out)
+        assert result.exit_code == 0, result.stderr
+        document = result.json()
+        assert document["output"] == str(out) and document["kind"] == "model"
+
+
+def test_seed_makes_creation_repeatable(tmp_path, tapvits):
+    from tapvits_cli.artifacts.kinds import read_artifact
+
+    hashes = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        path = tmp_path / f"{name}.safetensors"
+        assert tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--seed", seed, "-o", path).exit_code == 0
+        hashes.append(read_artifact(path).metadata["model.weights_sha256"])
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_seed_from_environment(tmp_path, tapvits, monkeypatch):
+    from tapvits_cli.artifacts.kinds import read_artifact
+
+    monkeypatch.setenv("TAPVITS_SEED", "7")
+    path = tmp_path / "m.safetensors"
+    assert tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", path).exit_code == 0
+    assert read_artifact(path).header.params["seed"] == 7
+
+
+def test_debug_shows_traceback_only_when_asked(tmp_path, tapvits):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    quiet = tapvits("inspect", bad)
+    assert quiet.exit_code == ExitCode.INVALID_ARTIFACT and "Traceback" not in quiet.stderr
+    loud = tapvits("--debug", "inspect", bad)
+    assert loud.exit_code == ExitCode.INVALID_ARTIFACT and "Traceback" in loud.stderr
+
+
+def test_bad_model_arguments(tmp_path, tapvits):
+    result = tapvits("create-model", TINY_VIT, "-a", "img_size", "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == ExitCode.USAGE and "KEY=VALUE" in result.stderr
+    result = tapvits("create-model", "no_such_vit", "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == ExitCode.USAGE and "unknown timm architecture" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_no_color_and_no_tty_keep_stderr_plain(tmp_path):
+    env = {**os.environ, "NO_COLOR": "1"}
+    out = tmp_path / "m.safetensors"
+    args = [sys.executable, "-m", "tapvits_cli", "-v", "create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[" not in proc.stderr and "parameters" in proc.stderr
+    assert proc.stdout == f"{out}\n"
+
+
+def test_dataset_command_describes_a_reference(tapvits):
+    result = tapvits("--json", "dataset", "digits:split=test:classes=1,7:fold=0/2")
+    assert result.exit_code == 0, result.stderr
+    document = result.json()
+    assert document["reference"] == "digits:split=test:classes=1,7:fold=0/2"
+    assert set(document["class_counts"]) == {"1", "7"}
+    assert document["samples"] == sum(document["class_counts"].values())
+    assert len(document["fingerprint"]) == 64
+    bad = tapvits("dataset", "digits:colour=red")
+    assert bad.exit_code == ExitCode.USAGE and bad.stderr.count("\n") == 1

@@ -1,0 +1,343 @@
+"""The dataset layer: references, every source, selection semantics, fingerprints, preprocessing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from tapvits_cli.data import DatasetRef, open_dataset
+from tapvits_cli.data.sources import FASHION_MNIST_DIR
+from tapvits_cli.errors import DataUnavailableError, UsageError
+
+FASHION_DIR = os.environ.get("TAPVITS_FASHION_MNIST_DIR") or FASHION_MNIST_DIR
+HAS_FASHION = Path(FASHION_DIR, "t10k-images-idx3-ubyte.gz").exists()
+
+
+def _pool(n: int = 60, classes: int = 3, seed: int = 0, shape=(8, 8)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n, dtype=np.int64) % classes
+
+
+# --- references -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    "digits",
+    "digits:split=test",
+    "fashion-mnist:split=all:classes=0,3,5-7:fold=1/2:indices=0-99,200:sample=10:seed=3",
+    "pool.h5:split=train:fold=0/4",
+    "/data/with:colon/pool.npz:classes=2",
+])
+def test_reference_round_trip(text):
+    ref = DatasetRef.parse(text)
+    assert str(ref) == text
+    assert DatasetRef.parse(str(ref)) == ref
+
+
+def test_reference_normalises_and_keeps_colon_paths():
+    ref = DatasetRef.parse("digits:sample=5:classes=7,6,5,0,3,3:indices=10-12,0,1-4")
+    assert ref.classes == (0, 3, 5, 6, 7) and ref.indices == ((0, 4), (10, 12)) and ref.sample == 5
+    assert str(ref) == "digits:classes=0,3,5-7:indices=0-4,10-12:sample=5"
+    assert DatasetRef.parse(r"C:\data\pool.npz:split=test").source == r"C:\data\pool.npz"
+    assert DatasetRef.parse("digits:seed=0") == DatasetRef("digits")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("digits:foo=1", "unknown option"),
+    ("digits:fold=2/2", "K must be in 0..N-1"),
+    ("digits:fold=1", "expected K/N"),
+    ("digits:fold=0/1", ">= 2"),
+    ("digits:split=val", "train, test, all"),
+    ("digits:sample=0", ">= 1"),
+    ("digits:classes=3-1", "backwards"),
+    ("digits:indices=a", "0,3,5-7"),
+    ("digits:seed=-1", ">= 0"),
+    ("digits:seed=1:seed=2", "given twice"),
+    (":split=train", "source"),
+])
+def test_reference_errors(text, message):
+    with pytest.raises(UsageError, match=message) as info:
+        DatasetRef.parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_reference_from_mapping():
+    assert DatasetRef.from_mapping("digits:fold=0/2") == DatasetRef("digits", fold=(0, 2))
+    ref = DatasetRef.from_mapping({"source": "digits", "classes": [5, 1], "fold": "1/2", "sample": 10, "seed": 2})
+    assert ref == DatasetRef.parse("digits:classes=1,5:fold=1/2:sample=10:seed=2")
+    assert DatasetRef.from_mapping({"source": "digits", "classes": "0-2", "fold": [0, 3]}).fold == (0, 3)
+    with pytest.raises(UsageError, match=r"^devices\[0\]\.private\.foo: unknown key"):
+        DatasetRef.from_mapping({"source": "digits", "foo": 1}, path="devices[0].private")
+    with pytest.raises(UsageError, match=r"^devices\[0\]\.private\.fold: "):
+        DatasetRef.from_mapping({"source": "digits", "fold": "3/2"}, path="devices[0].private")
+    with pytest.raises(UsageError, match=r"^dataset\.source: required"):
+        DatasetRef.from_mapping({"split": "train"})
+    with pytest.raises(UsageError, match=r"^pool: dataset reference"):
+        DatasetRef.from_mapping("digits:bad=1", path="pool")
+    with pytest.raises(UsageError, match="sample"):
+        DatasetRef.from_mapping({"source": "digits", "sample": True})
+
+
+def test_unknown_sources(tmp_path):
+    with pytest.raises(DataUnavailableError, match="neither a built-in"):
+        open_dataset("fashion_mnist")
+    (tmp_path / "pool.csv").write_text("1,2\n")
+    with pytest.raises(UsageError, match="unsupported file type"):
+        open_dataset(str(tmp_path / "pool.csv"))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataUnavailableError, match="unreadable"):
+        open_dataset(str(tmp_path / "broken.npz"))
+
+
+# --- built-in sources --------------------------------------------------------------------------
+
+def test_digits_splits():
+    train, test, full = (open_dataset(f"digits:split={s}") for s in ("train", "test", "all"))
+    assert open_dataset("digits").ref.split == "train"
+    assert len(train) + len(test) == len(full) == 1797
+    assert train.image_shape == (1, 8, 8) and train.num_classes == 10 and train.class_names[3] == "3"
+    test_counts = np.bincount(test.labels, minlength=10)
+    assert np.all(np.abs(test_counts - np.bincount(full.labels) / 5) <= 1)  # stratified 20%
+    images = full.images(np.arange(len(full)))
+    assert images.dtype == np.float32 and images.min() == 0.0 and images.max() == 1.0
+    from sklearn.datasets import load_digits
+    np.testing.assert_allclose(images[5, 0], load_digits().images[5] / 16, rtol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_FASHION, reason=f"Fashion-MNIST files absent from {FASHION_DIR} "
+                                            "(apt-get install -y dataset-fashion-mnist)")
+def test_fashion_mnist():
+    import gzip
+    test = open_dataset("fashion-mnist:split=test")
+    assert len(test) == 10_000 and test.image_shape == (1, 28, 28) and test.num_classes == 10
+    assert test.class_names[0] == "T-shirt/top" and test.class_names[9] == "Ankle boot"
+    assert np.all(np.bincount(test.labels) == 1000)
+    with gzip.open(Path(FASHION_DIR, "t10k-images-idx3-ubyte.gz")) as f:
+        raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    np.testing.assert_array_equal(test.images([7])[0, 0], raw[7] / np.float32(255))
+    assert len(open_dataset("fashion-mnist:classes=9")) == 6000  # default split: train
+    full = open_dataset("fashion-mnist:split=all:indices=60007")
+    np.testing.assert_array_equal(full.images([0]), test.images([7]))  # all = train then test
+
+
+def test_fashion_mnist_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPVITS_FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(DataUnavailableError, match="install it with: apt-get install -y dataset-fashion-mnist"):
+        open_dataset("fashion-mnist")
+
+
+# --- file sources ------------------------------------------------------------------------------
+
+def test_npz_layouts(tmp_path):
+    x, y = _pool()
+    np.savez(tmp_path / "all.npz", x=x, y=y, class_names=np.array(["cat", "dog", "eel"]))
+    data = open_dataset(str(tmp_path / "all.npz"))
+    assert data.ref.split == "all" and len(data) == 60 and data.class_names == ("cat", "dog", "eel")
+    np.testing.assert_array_equal(data.images([3, 1])[:, 0], x[[3, 1]] / np.float32(255))
+    with pytest.raises(UsageError, match="no split 'train'"):
+        open_dataset(f"{tmp_path / 'all.npz'}:split=train")
+
+    rgb = np.random.default_rng(1).random((10, 6, 5, 3)).astype(np.float32)  # NHWC floats
+    np.savez(tmp_path / "split.npz", x_train=rgb[:7], y_train=np.array([0, 1, 4, 0, 1, 4, 0]),
+             x_test=rgb[7:], y_test=np.array([1, 1, 0]))
+    train = open_dataset(str(tmp_path / "split.npz"))
+    assert train.ref.split == "train" and train.image_shape == (3, 6, 5) and train.num_classes == 5
+    np.testing.assert_array_equal(train.images([2])[0], rgb[2].transpose(2, 0, 1))
+    both = open_dataset(f"{tmp_path / 'split.npz'}:split=all")
+    assert len(both) == 10 and both.labels.tolist()[7:] == [1, 1, 0]
+    np.testing.assert_array_equal(both.images([8])[0], rgb[8].transpose(2, 0, 1))
+
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 5, 5, 5)), y=np.zeros(4, int))
+    with pytest.raises(DataUnavailableError, match="shape"):
+        open_dataset(str(tmp_path / "bad.npz"))
+
+
+def test_hdf5_layouts(tmp_path):
+    x, y = _pool(n=200)
+    with h5py.File(tmp_path / "flat.h5", "w") as f:
+        f["images"], f["labels"] = x[:, None], y  # NCHW
+    with h5py.File(tmp_path / "groups.hdf5", "w") as f:
+        f["train/images"], f["train/labels"] = x[:150], y[:150]
+        f["test/images"], f["test/labels"] = x[150:], y[150:]
+        f["class_names"] = ["a", "b", "c"]
+    flat = open_dataset(str(tmp_path / "flat.h5"))
+    assert flat.ref.split == "all" and flat.image_shape == (1, 8, 8) and flat.class_names == ("0", "1", "2")
+    order = [190, 3, 4, 5, 120, 3]  # unsorted, repeated, sparse and dense reads
+    np.testing.assert_array_equal(flat.images(order)[:, 0], x[order] / np.float32(255))
+    groups = open_dataset(str(tmp_path / "groups.hdf5"))
+    assert groups.ref.split == "train" and len(groups) == 150 and groups.class_names == ("a", "b", "c")
+    test = open_dataset(f"{tmp_path / 'groups.hdf5'}:split=test")
+    np.testing.assert_array_equal(test.images([0])[0, 0], x[150] / np.float32(255))
+    both = open_dataset(f"{tmp_path / 'groups.hdf5'}:split=all")
+    np.testing.assert_array_equal(both.images(order), flat.images(order))
+    assert both.fingerprint() != flat.fingerprint()  # same pixels, but another source kind/split
+
+
+def _write_folder(root: Path, mode: str, per_class: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(2)
+    written = {}
+    for name in ("bird", "ant"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            shape = (5, 4) if mode == "L" else (5, 4, 3)
+            pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(pixels, mode).save(root / name / f"{i:02d}.png")
+            written[f"{name}/{i:02d}"] = pixels
+    (root / "ant" / "notes.txt").write_text("not an image")
+    return written
+
+
+def test_image_folder(tmp_path):
+    written = _write_folder(tmp_path / "flat", "RGB")
+    data = open_dataset(str(tmp_path / "flat"))
+    assert data.ref.split == "all" and data.class_names == ("ant", "bird") and data.image_shape == (3, 5, 4)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(data.images([4])[0], written["bird/01"].transpose(2, 0, 1) / np.float32(255))
+
+    _write_folder(tmp_path / "split" / "train", "L")
+    grey = _write_folder(tmp_path / "split" / "test", "L", per_class=1)
+    test = open_dataset(f"{tmp_path / 'split'}:split=test")
+    assert test.image_shape == (1, 5, 4) and len(test) == 2
+    np.testing.assert_array_equal(test.images([1])[0, 0], grey["bird/00"] / np.float32(255))
+    assert len(open_dataset(str(tmp_path / "split"))) == 6  # default: train
+    assert len(open_dataset(f"{tmp_path / 'split'}:split=all")) == 8
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataUnavailableError, match="no images"):
+        open_dataset(str(tmp_path / "empty"))
+
+
+# --- selection semantics ------------------------------------------------------------------------
+
+def test_classes_fold_indices_sample():
+    full = open_dataset("digits:split=all")
+    some = open_dataset("digits:split=all:classes=1,7")
+    assert set(some.labels) == {1, 7} and len(some) == np.isin(full.labels, [1, 7]).sum()
+    halves = [open_dataset(f"digits:split=all:fold={k}/2") for k in (0, 1)]
+    assert not set(halves[0].ids) & set(halves[1].ids)
+    assert sorted([*halves[0].ids, *halves[1].ids]) == list(full.ids)
+    counts = [np.bincount(h.labels, minlength=10) for h in halves]
+    assert np.all(np.abs(counts[0] - counts[1]) <= 1)  # stratified
+    # a sample's fold does not depend on which classes are kept
+    assert set(open_dataset("digits:split=all:classes=1,7:fold=0/2").ids) <= set(halves[0].ids)
+    assert not np.array_equal(open_dataset("digits:split=all:fold=0/2:seed=1").ids, halves[0].ids)
+
+    picked = open_dataset("digits:split=all:fold=1/2:indices=0-4,10")
+    np.testing.assert_array_equal(picked.ids, halves[1].ids[[0, 1, 2, 3, 4, 10]])
+    sample = open_dataset("digits:split=all:fold=1/2:sample=50:seed=7")  # seed 7 for the fold as well
+    half = open_dataset("digits:split=all:fold=1/2:seed=7")
+    assert len(sample) == 50 and np.all(np.diff(sample.ids) > 0) and set(sample.ids) <= set(half.ids)
+    np.testing.assert_array_equal(sample.ids, open_dataset("digits:split=all:fold=1/2:sample=50:seed=7").ids)
+    assert not np.array_equal(sample.ids, open_dataset("digits:split=all:fold=1/2:sample=50:seed=8").ids)
+
+    for text, message in [("digits:classes=10", "10 classes"), ("digits:indices=5000", "reaches position 5000"),
+                          ("digits:classes=0:sample=1000", "more than")]:
+        with pytest.raises(UsageError, match=message):
+            open_dataset(text)
+
+
+def test_positions_of():
+    data = open_dataset("digits:fold=1/3")
+    np.testing.assert_array_equal(data.positions_of(data.ids[[5, 2]]), [5, 2])
+    missing = np.setdiff1d(np.arange(1433), data.ids)[0]
+    with pytest.raises(ValueError, match="not in dataset"):
+        data.positions_of([missing])
+
+
+def test_fingerprint(tmp_path):
+    x, y = _pool()
+    np.savez(tmp_path / "pool.npz", x=x, y=y)
+    data = open_dataset(f"{tmp_path / 'pool.npz'}:fold=0/2")
+    fingerprint = data.fingerprint()
+    assert len(fingerprint) == 64 and data.fingerprint() == fingerprint
+    assert open_dataset(f"{tmp_path / 'pool.npz'}:fold=0/2").fingerprint() == fingerprint
+    assert open_dataset(f"{tmp_path / 'pool.npz'}:fold=1/2").fingerprint() != fingerprint
+    shutil.copy(tmp_path / "pool.npz", tmp_path / "moved.npz")  # paths are not content
+    assert open_dataset(f"{tmp_path / 'moved.npz'}:fold=0/2").fingerprint() == fingerprint
+    x[data.ids[3], 2, 2] ^= 1
+    np.savez(tmp_path / "pool.npz", x=x, y=y)
+    assert open_dataset(f"{tmp_path / 'pool.npz'}:fold=0/2").fingerprint() != fingerprint
+    x[data.ids[3], 2, 2] ^= 1
+    y[data.ids[0]] = (y[data.ids[0]] + 1) % 3
+    np.savez(tmp_path / "pool.npz", x=x, y=y)
+    assert open_dataset(f"{tmp_path / 'pool.npz'}:fold=0/2").fingerprint() != fingerprint
+    provenance = data.provenance()
+    assert provenance == {"reference": f"{tmp_path / 'pool.npz'}:split=all:fold=0/2", "samples": 30,
+                          "fingerprint": fingerprint, "image_shape": [1, 8, 8], "num_classes": 3}
+
+
+# --- preprocessing --------------------------------------------------------------------------------
+
+def test_preprocessing_values():
+    import torch
+    from tapvits_cli.data.preprocess import Preprocessing
+
+    grey = torch.rand(2, 1, 8, 8)
+    to_rgb = Preprocessing((3, 8, 8), (0.5, 0.25, 0.0), (0.5, 0.5, 1.0))
+    out = to_rgb(grey)
+    assert out.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(out[:, 0], (grey[:, 0] - 0.5) / 0.5)
+    torch.testing.assert_close(out[:, 2], grey[:, 0])
+
+    rgb = torch.zeros(1, 3, 4, 4)
+    rgb[:, 0] = 1.0
+    to_grey = Preprocessing((1, 4, 4), (0.0,), (1.0,))
+    torch.testing.assert_close(to_grey(rgb), torch.full((1, 1, 4, 4), 0.299))
+
+    for interpolation in ("bilinear", "bicubic", "nearest"):
+        resize = Preprocessing((1, 16, 12), (0.0,), (1.0,), interpolation)
+        assert resize(grey).shape == (2, 1, 16, 12)
+        small = Preprocessing((1, 4, 4), (0.0,), (1.0,), interpolation)(grey)
+        assert small.shape == (2, 1, 4, 4) and small.min() >= 0 and small.max() <= 1
+    constant = Preprocessing((1, 3, 5), (0.0,), (1.0,), "bicubic")(torch.full((1, 1, 8, 8), 0.25))
+    torch.testing.assert_close(constant, torch.full((1, 1, 3, 5), 0.25))
+
+    assert Preprocessing.from_dict({**to_rgb.to_dict(), "future_key": 1}) == to_rgb
+    with pytest.raises(ValueError):
+        Preprocessing((3, 8, 8), (0.5,), (0.5,))
+    with pytest.raises(ValueError, match="channels"):
+        to_grey(torch.rand(1, 2, 4, 4))
+
+
+def test_preprocessing_from_model():
+    import timm
+    import torch
+    from tapvits_cli.data.preprocess import Preprocessing
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10,
+                            embed_dim=16, depth=1, num_heads=2)
+    assert vit.pretrained_cfg["input_size"] == (3, 224, 224)  # timm keeps the architecture's cfg
+    prep = Preprocessing.from_model(vit)
+    assert prep.input_size == (1, 28, 28) and prep.mean == (0.5,) and prep.interpolation == "bicubic"
+    colour = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, in_chans=3, embed_dim=16,
+                               depth=1, num_heads=2)
+    assert Preprocessing.from_model(colour).input_size == (3, 32, 32)
+
+    data = open_dataset("digits:split=test")
+    assert vit(prep(torch.from_numpy(data.images([0, 1])))).shape == (2, 10)
+
+
+def test_batches_and_torch_dataset():
+    import torch
+    from tapvits_cli.data.preprocess import Preprocessing, TorchImageDataset, iterate_batches
+
+    data = open_dataset("digits:split=test:classes=0-2")
+    prep = Preprocessing((3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    batches = list(iterate_batches(data, prep, batch_size=32, positions=np.arange(40)))
+    assert [len(ids) for ids, _, _ in batches] == [32, 8]
+    ids, images, labels = batches[1]
+    np.testing.assert_array_equal(ids, data.ids[32:40])
+    assert images.shape == (8, 3, 16, 16) and labels.dtype == torch.int64
+    assert labels.tolist() == data.labels[32:40].tolist()
+
+    torch_data = TorchImageDataset(data, prep, positions=[3, 1, 4])
+    image, label = torch_data[1]
+    assert image.shape == (3, 16, 16) and label == int(data.labels[1])
+    loader = torch.utils.data.DataLoader(torch_data, batch_size=2)
+    first_images, first_labels = next(iter(loader))
+    torch.testing.assert_close(first_images[1], image)
+    assert first_labels.tolist() == data.labels[[3, 1]].tolist()

@@ -1,0 +1,126 @@
+"""Creating timm models, importing foreign weights, and model artifact round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tapvits_cli.artifacts.external import read_weights_file
+from tapvits_cli.artifacts.model import load_model, write_model
+from tapvits_cli.errors import ExitCode, InvalidArtifactError, UsageError
+from tapvits_cli.models.factory import create_model, describe_model
+from tapvits_cli.models.families import family_module, vit
+from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return create_model(TINY_VIT, TINY_VIT_KWARGS).eval()
+
+
+def inputs():
+    return torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny()
+    spec = describe_model(model, TINY_VIT, TINY_VIT_KWARGS, [str(i) for i in range(10)])
+    path = write_model(tmp_path / "m.safetensors", model, spec, params={"seed": 0})
+    loaded, loaded_spec, artifact = load_model(path)
+    assert loaded_spec == spec
+    assert torch.equal(loaded(inputs()), model(inputs()))
+    assert artifact.header.kind == "model"
+
+
+def test_spec_records_deit_tiny_shape_at_28px():
+    model = create_model(TINY_VIT, {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10})
+    spec = describe_model(model, TINY_VIT, {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10})
+    assert spec.family == "vit" and len(spec.blocks) == 12
+    assert spec.blocks[0].heads == 3 and spec.blocks[0].mlp_hidden == 768
+    assert spec.preprocessing["input_size"] == [1, 28, 28]
+
+
+def test_pruned_widths_rebuild_from_the_artifact(tmp_path):
+    """A model with narrower blocks reloads from its metadata alone (what `prune` relies on)."""
+    model = tiny()
+    widths = list(vit.block_widths(model))
+    widths[0] = type(widths[0])(heads=2, head_dim=widths[0].head_dim, mlp_hidden=30)
+    torch.manual_seed(3)
+    vit.set_block_widths(model, widths)
+    spec = describe_model(model, TINY_VIT, TINY_VIT_KWARGS)
+    assert spec.blocks[0].heads == 2 and spec.blocks[0].mlp_hidden == 30
+    path = write_model(tmp_path / "p.safetensors", model, spec, params={})
+    loaded, _, _ = load_model(path)
+    assert torch.equal(loaded(inputs()), model.eval()(inputs()))
+    assert loaded.blocks[0].attn.qkv.out_features == 3 * 2 * 8
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module_prefix"])
+def test_torch_checkpoint_import(tmp_path, tapvits, wrap):
+    source = tiny(seed=5)
+    state = source.state_dict()
+    if wrap == "state_dict":
+        state = {"state_dict": state, "epoch": 3}
+    elif wrap == "module_prefix":
+        state = {f"module.{k}": v for k, v in state.items()}
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save(state, checkpoint)
+    out = tmp_path / "m.safetensors"
+    result = tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--weights", checkpoint, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    loaded, _, artifact = load_model(out)
+    assert torch.equal(loaded(inputs()), source(inputs()))
+    assert artifact.header.inputs["weights"].kind == "file"
+
+
+def test_safetensors_weights_import(tmp_path, tapvits):
+    from safetensors.torch import save_file
+
+    source = tiny(seed=6)
+    weights = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(weights))
+    out = tmp_path / "m.safetensors"
+    assert tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--weights", weights, "-o", out).exit_code == 0
+    assert torch.equal(load_model(out)[0](inputs()), source(inputs()))
+
+
+def test_pickled_module_is_refused(tmp_path):
+    checkpoint = tmp_path / "whole_module.pth"
+    torch.save(tiny(), checkpoint)  # a pickled nn.Module, not a state dict
+    with pytest.raises(InvalidArtifactError, match="weights-only"):
+        read_weights_file(checkpoint)
+
+
+def test_weights_for_another_shape_are_refused(tmp_path, tapvits):
+    other = create_model(TINY_VIT, {**TINY_VIT_KWARGS, "embed_dim": 12})
+    checkpoint = tmp_path / "other.pth"
+    torch.save(other.state_dict(), checkpoint)
+    result = tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--weights", checkpoint,
+                     "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == ExitCode.USAGE and "does not fit" in result.stderr
+
+
+def test_unsupported_family_is_generic_and_not_prunable(tmp_path, tapvits):
+    out = tmp_path / "resnet.safetensors"
+    result = tapvits("--json", "create-model", "resnet18", "-a", "num_classes=3", "-o", out)
+    assert result.exit_code == 0 and result.json()["family"] == "generic"
+    loaded, spec, _ = load_model(out)
+    assert spec.blocks == () and loaded(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(UsageError, match="supported families: vit"):
+        family_module(spec.family)
+
+
+def test_pretrained_flag_reaches_timm_and_fails_cleanly_offline(tmp_path, tapvits, monkeypatch):
+    """Offline, --pretrained must fail with the data-unavailable code, not a traceback."""
+    import timm
+
+    calls = {}
+
+    def fake_create_model(name, pretrained=False, **kwargs):
+        calls["pretrained"] = pretrained
+        raise OSError("offline")
+
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    result = tapvits("create-model", TINY_VIT, "--pretrained", "-o", tmp_path / "m.safetensors")
+    assert calls == {"pretrained": True}
+    assert result.exit_code == ExitCode.DATA_UNAVAILABLE and "pretrained" in result.stderr

@@ -1,0 +1,157 @@
+"""Every artifact kind: a small valid example made by the tool, and each documented way to break it.
+
+protocol/README.md points here: these are the protocol's examples, checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tapvits_cli.artifacts.containers import open_file
+from tapvits_cli.artifacts.files import atomic_write
+from tapvits_cli.artifacts.kinds import all_kinds, read_artifact
+from tapvits_cli.errors import ExitCode, IncompatibleArtifactError
+
+
+def rewrite_metadata(src, dst, **changes):
+    """Copy a safetensors artifact with some metadata keys changed (None deletes)."""
+    meta = dict(open_file(src).metadata)
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+
+
+def assert_one_line_failure(result, code):
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tapvits: error:"), result.stderr
+
+
+def test_model_example_is_valid_and_inspectable(tiny_model_file, tapvits):
+    result = tapvits("validate", tiny_model_file)
+    assert result.exit_code == 0 and result.stdout == f"{tiny_model_file}: ok (model v1)\n"
+    human = tapvits("inspect", tiny_model_file)
+    assert human.exit_code == 0
+    for needle in ("model", "vit_tiny_patch16_224", "blocks", "mlp_hidden", "parameters"):
+        assert needle in human.stdout
+    document = tapvits("inspect", tiny_model_file, "--json").json()
+    assert document["kind"] == "model" and document["version"] == 1
+    assert document["figures"]["family"] == "vit"
+    assert document["tables"][0]["rows"] == [[0, 3, 8, 48], [1, 3, 8, 48]]
+    assert document["params"]["seed"] == 0
+    assert document["tensors"]["head.weight"]["shape"] == [10, 24]
+
+
+def test_truncated_file(tiny_model_file, tmp_path, tapvits):
+    data = tiny_model_file.read_bytes()
+    for cut in (4, 200, len(data) - 10):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        for command in ("validate", "inspect"):
+            result = tapvits(command, bad)
+            assert_one_line_failure(result, ExitCode.INVALID_ARTIFACT)
+    assert "truncated" in result.stderr
+
+
+def test_random_and_foreign_files(tmp_path, tapvits):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    random_file = tmp_path / "random.bin"
+    random_file.write_bytes(rng.bytes(4096))
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": __import__("torch").zeros(3)}, str(plain))  # safetensors, but not ours
+    json_file = tmp_path / "x.json"
+    json_file.write_text('{"hello": 1}')
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    for path in (random_file, plain, json_file, empty):
+        assert_one_line_failure(tapvits("validate", path), ExitCode.INVALID_ARTIFACT)
+    assert "not a tapvits artifact" in tapvits("validate", plain).stderr
+
+
+def test_newer_version_is_incompatible(tiny_model_file, tmp_path, tapvits):
+    newer = tmp_path / "newer.safetensors"
+    rewrite_metadata(tiny_model_file, newer, tapvits__version="2")
+    for command in ("validate", "inspect"):
+        result = tapvits(command, newer)
+        assert_one_line_failure(result, ExitCode.INCOMPATIBLE)
+    assert "v2" in result.stderr and "reads up to v1" in result.stderr
+
+
+def test_unknown_keys_are_ignored(tiny_model_file, tmp_path, tapvits):
+    extended = tmp_path / "extended.safetensors"
+    rewrite_metadata(tiny_model_file, extended, model__future_option="x", other__thing="y")
+    assert tapvits("validate", extended).exit_code == 0
+
+
+@pytest.mark.parametrize("key", ["tapvits.params", "model.blocks", "model.weights_sha256", "model.architecture"])
+def test_missing_required_key(tiny_model_file, tmp_path, tapvits, key):
+    broken = tmp_path / "broken.safetensors"
+    rewrite_metadata(tiny_model_file, broken, **{key.replace(".", "__"): None})
+    result = tapvits("validate", broken)
+    assert_one_line_failure(result, ExitCode.INVALID_ARTIFACT)
+    assert key in result.stderr
+
+
+def test_inconsistent_content(tiny_model_file, tmp_path, tapvits):
+    wrong_widths = tmp_path / "widths.safetensors"
+    blocks = json.loads(open_file(tiny_model_file).metadata["model.blocks"])
+    blocks[0]["mlp_hidden"] = 40
+    rewrite_metadata(tiny_model_file, wrong_widths, model__blocks=json.dumps(blocks))
+    assert_one_line_failure(tapvits("validate", wrong_widths), ExitCode.INVALID_ARTIFACT)
+
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray(tiny_model_file.read_bytes())
+    data[-3] ^= 0xFF  # a weight byte: structure intact, content corrupted
+    flipped.write_bytes(bytes(data))
+    result = tapvits("validate", flipped)
+    assert_one_line_failure(result, ExitCode.INVALID_ARTIFACT)
+    assert "weights_sha256" in result.stderr
+
+
+def test_unknown_kind_and_wrong_kind(tiny_model_file, tmp_path, tapvits):
+    alien = tmp_path / "alien.safetensors"
+    rewrite_metadata(tiny_model_file, alien, tapvits__kind="hologram")
+    result = tapvits("validate", alien)
+    assert_one_line_failure(result, ExitCode.INVALID_ARTIFACT)
+    assert "unknown artifact kind 'hologram'" in result.stderr
+    with pytest.raises(IncompatibleArtifactError, match="expected a gmm artifact, got a model"):
+        read_artifact(tiny_model_file, expect="gmm")
+
+
+def test_validate_many_files_reports_each(tiny_model_file, tmp_path, tapvits):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage!" * 8)
+    result = tapvits("validate", tiny_model_file, bad)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT
+    assert result.stdout == f"{tiny_model_file}: ok (model v1)\n"
+    document = tapvits("validate", "--json", tiny_model_file, bad).json()
+    assert [r["valid"] for r in document["results"]] == [True, False]
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_registered_kind_has_a_protocol_document():
+    from pathlib import Path
+
+    protocol = Path(__file__).resolve().parents[1] / "protocol"
+    index = (protocol / "README.md").read_text()
+    for name, spec in all_kinds().items():
+        assert (protocol / f"{name}.md").is_file(), name
+        assert f"| `{name}` | {spec.format} | {spec.version} |" in index
