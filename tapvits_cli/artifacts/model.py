@@ -108,3 +108,13 @@ SPEC = register(KindSpec(
     name=KIND, format="safetensors", version=VERSION, validate=_validate, summarize=_summarize,
     description="a (possibly pruned) timm model: weights plus the architecture that rebuilds it",
 ))
+
+
+def load_extractor(path: str | os.PathLike, device: str = "cpu"):
+    """A feature extractor from a model artifact, fingerprinted by its recorded weights hash."""
+    from tapvits_cli.data.preprocess import Preprocessing
+    from tapvits_cli.models.extract import make_extractor
+
+    model, spec, artifact = load_model(path, device=device)
+    return make_extractor(model, spec.architecture, spec.kwargs, artifact.metadata["model.weights_sha256"],
+                          Preprocessing.from_dict(spec.preprocessing))

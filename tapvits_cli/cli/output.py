@@ -7,9 +7,10 @@ progress bars go to a rich console on stderr; rich honours ``NO_COLOR`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from tapvits_cli.cli.options import CURRENT
 
@@ -37,3 +38,22 @@ def emit(result: Any, text: str | None = None) -> None:
     else:
         sys.stdout.write((text if text is not None else str(result)) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields ``advance(n)`` for stage logic to call.
+
+    Stage logic never prints: it takes an ``on_progress(n)`` callback and the CLI passes
+    the callable yielded here. When progress is off (not a terminal, ``-q`` or
+    ``--no-progress``) the callable does nothing.
+    """
+    if not show_progress() or CURRENT.verbosity < 0:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=stderr_console(), transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
