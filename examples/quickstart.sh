@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
-# Quickstart: what tapvits can do today, end to end on this machine, offline.
-# Run it through the project's environment:  bash .ci/env bash examples/quickstart.sh
-# (later stages extend this script into the full device -> cloud pipeline).
+# Quickstart on scikit-learn's digits, offline, a few minutes on 2 cores:
+#   bash .ci/env bash examples/quickstart.sh [OUTDIR]
+# A base ViT is trained here; one simulated device holds digits 0-4 and hands the
+# cloud only its GMM; the cloud selects matching public images, scores the model on them
+# and plans a 70% budget. (prune/eval/run come with later stages.)
 set -euo pipefail
 out="${1:-quickstart-out}"
 mkdir -p "$out"
+public="digits:split=train"                        # the cloud's public labelled pool
+private="digits:split=test:classes=0-4:fold=0/2"   # the device's private images (GMM half, ~90)
 
-# A DeiT-Tiny-shaped ViT for 28x28 grey images (Fashion-MNIST / digits upscaled), seeded.
-model=$(tapvits create-model vit_tiny_patch16_224 \
-  -a img_size=28 -a patch_size=4 -a in_chans=1 -a num_classes=10 \
-  --seed 0 -o "$out/base.safetensors")
+echo "== cloud: train a small DeiT-shaped ViT on the public pool" >&2
+base=$(tapvits finetune --model vit_tiny_patch16_224 -a img_size=8 -a patch_size=2 -a in_chans=1 \
+  -a embed_dim=64 -a depth=4 -a num_heads=4 --data "$public" --epochs 15 --batch-size 64 --lr 2e-3 \
+  -o "$out/base.safetensors")
+echo "== cloud: embed the public pool once" >&2
+pool=$(tapvits features "$public" --extractor "$base" -o "$out/pool.h5")
 
-tapvits inspect "$model" >&2        # header, lineage, per-block widths
-tapvits validate "$model"           # exits non-zero if the artifact breaks the protocol
-tapvits --json inspect "$model" | python -c 'import json,sys; d=json.load(sys.stdin); print("parameters:", d["figures"]["parameters"])'
+echo "== device: fit a GMM to its private features (only this file leaves the device)" >&2
+# ~90 samples: diagonal covariances (a full 32x32 one needs 66 samples per component).
+gmm=$(tapvits fit-gmm "$private" --extractor "$base" --covariance diag -o "$out/device.gmm.safetensors")
+
+echo "== cloud: select the device's metric and fine-tuning sets" >&2
+metric=$(tapvits select "$gmm" --pool "$pool" --strategy stratified --metric-size 64 --finetune-size 256 \
+  -o "$out/device.metric.h5")
+echo "== cloud: score neurons and heads, then plan a 70% parameter budget" >&2
+scores=$(tapvits score "$base" --metric-set "$metric" --budget 0.7 -o "$out/device.scores.safetensors")
+plan=$(tapvits allocate "$scores" --budget 0.7 -o "$out/device.plan.safetensors")
+
+tapvits inspect "$plan" >&2
+tapvits validate "$base" "$pool" "$gmm" "$metric" "$scores" "$plan"
+tapvits --json inspect "$metric" | python -c '
+import json, sys
+d = json.load(sys.stdin)
+rows = next(t for t in d["tables"] if t["title"] == "rows per public label")["rows"]
+hit = sum(r[1] for r in rows if r[0] in range(5)); total = sum(r[1] for r in rows)
+print(f"metric set: {hit}/{total} public images show digits 0-4, the device'"'"'s classes")'

@@ -58,3 +58,23 @@ def tiny_model_file(tmp_path, tapvits):
     result = tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", path)
     assert result.exit_code == 0, result.stderr
     return path
+
+
+@pytest.fixture
+def metric_set_file(tmp_path):
+    """A metric set over digits' train split: its first 96 ids (metric set) of 160 (fine-tuning set)."""
+    import numpy as np
+
+    from tapvits_cli.artifacts.metric_set import write_metric_set
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.selection import Selection
+
+    pool = open_dataset("digits")
+    positions = np.arange(0, 320, 2, dtype=np.int64)
+    selection = Selection(positions=positions, log_likelihood=-np.arange(len(positions), dtype=np.float64),
+                          component=np.zeros(len(positions), dtype=np.int32),
+                          columns={"ids": pool.ids[positions], "labels": pool.labels[positions]},
+                          metric_size=96, finetune_size=len(positions), strategy="topk")
+    path = tmp_path / "metric.h5"
+    write_metric_set(path, selection, pool.provenance(), "0" * 64, "1" * 64, params={"seed": 0})
+    return path

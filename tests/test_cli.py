@@ -33,7 +33,7 @@ def test_console_script_runs():
 
 
 def test_unbuilt_stage_fails_clearly(tapvits):
-    result = tapvits("score", "model.safetensors", "--budget", "0.7")
+    result = tapvits("run", "recipe.yaml")
     assert result.exit_code == ExitCode.NOT_IMPLEMENTED
     assert result.stdout == ""
     assert result.stderr.strip().count("\n") == 0

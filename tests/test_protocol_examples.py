@@ -155,3 +155,14 @@ def test_every_registered_kind_has_a_protocol_document():
     for name, spec in all_kinds().items():
         assert (protocol / f"{name}.md").is_file(), name
         assert f"| `{name}` | {spec.format} | {spec.version} |" in index
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "out.bin"
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)

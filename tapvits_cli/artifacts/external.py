@@ -45,3 +45,16 @@ def read_weights_file(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InvalidArtifactError(f"{file}: checkpoint does not hold a flat dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def packaged_file(package: str, relative: str, install_hint: str) -> Path:
+    """A data file shipped inside an installed Python package (e.g. pretrained weights)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailableError(f"the Python package '{package}' is not installed: {install_hint}")
+    file = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not file.is_file():
+        raise DataUnavailableError(f"{file}: missing from the installed package '{package}': {install_hint}")
+    return file

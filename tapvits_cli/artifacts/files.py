@@ -28,6 +28,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~_current_umask())  # mkstemp makes 0600; artifacts get ordinary permissions
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -36,6 +37,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -27,6 +27,12 @@ class Table:
         return {"title": self.title, "columns": self.columns, "rows": self.rows}
 
 
+def bar(fraction: float, width: int = 10) -> str:
+    """A text bar for a table cell, e.g. 0.7 -> ███████░░░ (inspect shows ratios per layer this way)."""
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "█" * filled + "░" * (width - filled)
+
+
 @dataclass
 class Summary:
     figures: dict[str, Any] = field(default_factory=dict)
@@ -45,7 +51,14 @@ class KindSpec:
 
 _REGISTRY: dict[str, KindSpec] = {}
 # Modules that register a kind on import; each stage issue adds its kinds here.
-_KIND_MODULES = ("tapvits_cli.artifacts.model",)
+_KIND_MODULES = (
+    "tapvits_cli.artifacts.model",
+    "tapvits_cli.artifacts.features",
+    "tapvits_cli.artifacts.gmm",
+    "tapvits_cli.artifacts.metric_set",
+    "tapvits_cli.artifacts.scores",
+    "tapvits_cli.artifacts.plan",
+)
 
 
 def register(spec: KindSpec) -> KindSpec:

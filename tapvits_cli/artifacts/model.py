@@ -14,7 +14,7 @@ from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, wri
 from tapvits_cli.artifacts.header import Header, LineageEntry
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import InvalidArtifactError, TapvitsError
-from tapvits_cli.models.spec import ModelSpec
+from tapvits_cli.models.spec import BlockWidths, ModelSpec
 
 KIND = "model"
 VERSION = 1
@@ -118,3 +118,23 @@ def load_extractor(path: str | os.PathLike, device: str = "cpu"):
     model, spec, artifact = load_model(path, device=device)
     return make_extractor(model, spec.architecture, spec.kwargs, artifact.metadata["model.weights_sha256"],
                           Preprocessing.from_dict(spec.preprocessing))
+
+
+def model_record(spec: ModelSpec, weights_sha256: str) -> dict[str, Any]:
+    """What a scores or plan artifact records of the model it was made for (``scores.model``, ``plan.model``)."""
+    return {"architecture": spec.architecture, "kwargs": dict(spec.kwargs), "family": spec.family,
+            "blocks": [b.to_dict() for b in spec.blocks], "weights_sha256": weights_sha256}
+
+
+def record_spec(record: Any, source: str) -> ModelSpec:
+    """The architecture part of a :func:`model_record` (enough to rebuild it on ``meta``); checks its shape."""
+    problem = InvalidArtifactError(f"{source}: the model record must be an object with architecture, kwargs, "
+                                   "family, blocks (heads, head_dim, mlp_hidden) and weights_sha256")
+    if not isinstance(record, dict) or not isinstance(record.get("weights_sha256"), str):
+        raise problem
+    try:
+        blocks = tuple(BlockWidths(int(b["heads"]), int(b["head_dim"]), int(b["mlp_hidden"])) for b in record["blocks"])
+        return ModelSpec(architecture=str(record["architecture"]), kwargs=dict(record["kwargs"]),
+                         family=str(record["family"]), blocks=blocks, preprocessing={}, num_classes=0)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise problem from None

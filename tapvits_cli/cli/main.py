@@ -14,29 +14,28 @@ import traceback
 import click
 
 from tapvits_cli import __version__
-from tapvits_cli.cli import create_model, dataset_cmd, inspect_cmd, validate_cmd
+from tapvits_cli.cli import (allocate, create_model, dataset_cmd, features, finetune, fit_gmm, inspect_cmd, score,
+                             select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options
 from tapvits_cli.errors import ExitCode, NotImplementedStageError, TapvitsError
 
 # Stages whose logic is not built yet: (name, one-line help, issue that delivers it).
 PLANNED_STAGES = (
-    ("fit-gmm", "On a device: fit a Gaussian mixture to features of private images.", 3),
-    ("features", "Embed a public pool into a resumable HDF5 feature table.", 3),
-    ("select", "Pick the public samples most likely under a device's GMM.", 3),
-    ("score", "Score every MLP neuron and attention head on a metric set.", 4),
-    ("allocate", "Turn layer importance and a budget into a pruning plan.", 4),
     ("prune", "Apply a plan: slice neurons and heads into a smaller model.", 5),
-    ("finetune", "Fine-tune (or train from scratch) a model artifact.", 5),
     ("eval", "Accuracy, MACs and latency of a model on a labelled set.", 5),
     ("run", "Run a YAML recipe: the whole pipeline, resumable.", 6),
 )
 
 
 class PipelineOrderGroup(click.Group):
-    """Lists subcommands in the order they were added (pipeline order), not alphabetically."""
+    """Lists subcommands in pipeline order (then tools), not alphabetically, built or planned alike."""
+
+    ORDER = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "run",
+             "create-model", "dataset", "inspect", "validate")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        rank = {name: i for i, name in enumerate(self.ORDER)}
+        return sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
 
 
 @click.group(cls=PipelineOrderGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -63,7 +62,8 @@ def _planned(name: str, summary: str, issue: int) -> click.Command:
 
 for _name, _summary, _issue in PLANNED_STAGES:
     cli.add_command(_planned(_name, _summary, _issue))
-for _module in (create_model, dataset_cmd, inspect_cmd, validate_cmd):
+for _module in (fit_gmm, select, score, allocate, finetune, features, create_model, dataset_cmd, inspect_cmd,
+                validate_cmd):
     cli.add_command(_module.command)
 
 

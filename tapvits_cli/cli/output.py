@@ -42,18 +42,24 @@ def emit(result: Any, text: str | None = None) -> None:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields ``advance(n)`` for stage logic to call.
+    """A rich progress bar on stderr; yields ``advance(n, status=None)`` for stage logic to call.
 
     Stage logic never prints: it takes an ``on_progress(n)`` callback and the CLI passes
-    the callable yielded here. When progress is off (not a terminal, ``-q`` or
+    the callable yielded here. ``status`` (e.g. the latest loss), when given, replaces the
+    text shown after the bar. When progress is off (not a terminal, ``-q`` or
     ``--no-progress``) the callable does nothing.
     """
     if not show_progress() or CURRENT.verbosity < 0:
-        yield lambda n=1: None
+        yield lambda n=1, status=None: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=stderr_console(), transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, status: str | None = None) -> None:
+            progress.update(task, advance=n, **({} if status is None else {"status": status}))
+
+        yield advance

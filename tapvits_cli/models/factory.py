@@ -106,3 +106,8 @@ def weights_sha256(state_dict: Mapping[str, Any]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def cost_model(spec: ModelSpec):
+    """Parameter and MAC accounting of ``spec``'s prunable family, built on the ``meta`` device (no weights)."""
+    return family_module(spec.family).cost_model(build_model(spec, device="meta"))

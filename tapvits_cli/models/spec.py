@@ -28,6 +28,10 @@ class BlockWidths:
     def to_dict(self) -> dict[str, int]:
         return {"heads": self.heads, "head_dim": self.head_dim, "mlp_hidden": self.mlp_hidden}
 
+    def units(self, kind: str) -> int:
+        """Prunable units of one type: ``attn`` heads or ``mlp`` neurons (see models/units.py)."""
+        return {"attn": self.heads, "mlp": self.mlp_hidden}[kind]
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -1,10 +1,19 @@
 """Model families: which timm models tapvits can prune, and how their blocks are shaped.
 
-Each family module provides ``is_member(model)``, ``block_widths(model)`` and
-``set_block_widths(model, widths)``; unit enumeration for scoring (issue 4) lives here
-too, so a new family (Swin) never touches the importance criteria. A model outside
-every family can still be loaded and used as a feature extractor: its family is
-``generic`` and it has no prunable blocks.
+Each family module provides:
+
+- ``is_member(model)``, ``block_widths(model)``, ``set_block_widths(model, widths)``;
+- ``unit_layers(model)`` → list of :class:`~tapvits_cli.models.units.UnitLayer`, per block
+  its attention heads and its MLP neurons: unit counts, the gate module whose input holds
+  the units' outputs (what scoring observes and masks), the weights each unit owns;
+- ``block_sequence(model)`` → :class:`~tapvits_cli.models.units.BlockSequence` (stem,
+  blocks, tail), so a KL probe of block l replays blocks l..L from a cached input;
+- ``cost_model(model)`` → :class:`~tapvits_cli.models.units.CostModel`, parameters and
+  MACs per unit (works on a ``meta``-device model).
+
+The importance criteria and the budget allocation use only these views, so a new family
+(Swin) never touches them. A model outside every family can still be loaded and used as
+a feature extractor: its family is ``generic`` and it has no prunable blocks.
 """
 
 from __future__ import annotations

@@ -1,9 +1,15 @@
-"""timm VisionTransformer (ViT/DeiT): block widths and their physical rebuild.
+"""timm VisionTransformer (ViT/DeiT): block widths, their physical rebuild, and unit views.
 
 timm's ``Attention`` keeps ``attn_dim = num_heads * head_dim`` separate from the
 embedding width, so a block with fewer heads is an ordinary ``Attention`` whose
 ``qkv`` and ``proj`` are narrower: no custom module is needed, and a pruned model
 stays a plain timm model.
+
+Units (see ``models/units.py``): an MLP neuron is a row of ``fc1`` (weight and bias) and
+a column of ``fc2``; its output is channel j of ``fc2``'s input. A head is its ``head_dim``
+rows of each of q, k and v in ``qkv`` (weight and bias) and the matching columns of
+``proj``; its output is its ``head_dim`` channels of ``proj``'s input (timm concatenates
+heads head-major). Zeroing those channels equals deleting the unit's weights.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from typing import Sequence
 
 from tapvits_cli.errors import NotImplementedStageError
 from tapvits_cli.models.spec import BlockWidths
+from tapvits_cli.models.units import (BlockSequence, CostModel, LayerCost, OwnedWeights, UnitLayer,
+                                      unit_params)
 
 
 def is_member(model) -> bool:
@@ -61,3 +69,84 @@ def set_block_widths(model, widths: Sequence[BlockWidths]) -> None:
                 raise NotImplementedStageError(f"block {index}: pruning an MLP with an inner norm is not supported yet")
             mlp.fc1 = nn.Linear(mlp.fc1.in_features, width.mlp_hidden, bias=mlp.fc1.bias is not None)
             mlp.fc2 = nn.Linear(width.mlp_hidden, mlp.fc2.out_features, bias=mlp.fc2.bias is not None)
+
+
+def _check_maskable(index: int, blk) -> None:
+    """Zeroing gate channels equals removal only without a norm or gate between units and gate."""
+    import torch.nn as nn
+
+    attn, mlp = blk.attn, blk.mlp
+    if getattr(attn, "gate", None) is not None or not isinstance(attn.norm, nn.Identity) \
+            or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        raise NotImplementedStageError(f"block {index}: scoring gated or inner-normed attention/MLP is not supported yet")
+
+
+def unit_layers(model) -> list[UnitLayer]:
+    """Per block, its attention heads then its MLP neurons (execution order)."""
+    layers = []
+    for index, blk in enumerate(model.blocks):
+        _check_maskable(index, blk)
+        attn, mlp = blk.attn, blk.mlp
+        heads, head_dim, hidden = attn.num_heads, attn.head_dim, mlp.fc1.out_features
+
+        def qkv_rows(t, heads=heads, head_dim=head_dim):   # (3*A, ...) -> (heads, 3*head_dim*...)
+            return t.reshape(3, heads, head_dim, -1).transpose(0, 1).reshape(heads, -1)
+
+        def proj_columns(t, heads=heads, head_dim=head_dim):   # (dim, A) -> (heads, dim*head_dim)
+            return t.reshape(t.shape[0], heads, head_dim).transpose(0, 1).reshape(heads, -1)
+
+        owned_heads = [OwnedWeights(attn.qkv.weight, qkv_rows), OwnedWeights(attn.proj.weight, proj_columns)]
+        if attn.qkv.bias is not None:
+            owned_heads.append(OwnedWeights(attn.qkv.bias, qkv_rows))
+        owned_neurons = [OwnedWeights(mlp.fc1.weight, lambda t, n=hidden: t.reshape(n, -1)),
+                         OwnedWeights(mlp.fc2.weight, lambda t: t.t())]
+        if mlp.fc1.bias is not None:
+            owned_neurons.append(OwnedWeights(mlp.fc1.bias, lambda t, n=hidden: t.reshape(n, 1)))
+        layers.append(UnitLayer(index, "attn", heads, head_dim, attn.proj, tuple(owned_heads), _tokens))
+        layers.append(UnitLayer(index, "mlp", hidden, 1, mlp.fc2, tuple(owned_neurons), _tokens))
+    return layers
+
+
+def _tokens(x):
+    """ViT gate inputs already are (samples, tokens, channels)."""
+    return x
+
+
+def block_sequence(model) -> BlockSequence:
+    """``forward_features`` + ``forward_head`` split at block boundaries (eval mode, no masks)."""
+    def stem(images):
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+    return BlockSequence(stem=stem, blocks=list(model.blocks), tail=lambda x: model.forward_head(model.norm(x)))
+
+
+def cost_model(model) -> CostModel:
+    """Parameters and MACs per unit, branch and the rest; works on a ``meta``-device model.
+
+    With T tokens (patches + prefix tokens), embedding width d, per image:
+    a head costs T·hd·3d (its q, k, v) + T·hd·d (its ``proj`` columns) + 2·T²·hd
+    (scores and weighted sum) MACs; an MLP neuron 2·T·d. The rest is the patch
+    embedding (patches · d · C·p_h·p_w) and the classifier (d · classes for the one pooled
+    vector); attention-pooling heads (``global_pool='map'``) are not counted.
+    """
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    layers, unit_total = [], 0
+    for layer in unit_layers(model):
+        blk = model.blocks[layer.block]
+        if layer.kind == "attn":
+            branch, dim = (blk.norm1, blk.attn, blk.ls1), blk.attn.qkv.in_features
+            macs = tokens * layer.channels * 4 * dim + 2 * tokens * tokens * layer.channels
+        else:
+            branch, dim = (blk.norm2, blk.mlp, blk.ls2), blk.mlp.fc1.in_features
+            macs = 2 * tokens * dim
+        per_unit = unit_params(layer)
+        branch_params = sum(p.numel() for module in branch for p in module.parameters()) - per_unit * layer.units
+        unit_total += per_unit * layer.units + branch_params
+        layers.append(LayerCost(layer.block, layer.kind, layer.units, per_unit, macs, branch_params))
+    conv = model.patch_embed.proj
+    fixed_macs = model.patch_embed.num_patches * conv.out_channels * (conv.in_channels // conv.groups) \
+        * conv.kernel_size[0] * conv.kernel_size[1]
+    if getattr(model.head, "weight", None) is not None:
+        fixed_macs += model.head.in_features * model.head.out_features
+    fixed_params = sum(p.numel() for p in model.parameters()) - unit_total
+    return CostModel(fixed_params=fixed_params, fixed_macs=fixed_macs, layers=tuple(layers))

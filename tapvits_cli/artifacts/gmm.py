@@ -1,0 +1,236 @@
+"""The ``gmm`` artifact: a device's mixture, its feature projection and provenance, nothing per sample.
+
+See protocol/gmm.md. This file is what leaves the device, so the writer takes only
+aggregate values (mixture parameters, counts, BIC, timings, the extractor fingerprint)
+and has no argument through which a sample, label or per-sample value could travel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
+from tapvits_cli.errors import InvalidArtifactError
+
+KIND = "gmm"
+VERSION = 1
+NAMESPACE = "gmm"
+_MIXTURE_TENSORS = ("weights", "means", "covariances", "precisions_cholesky")
+_PROJECTION_TENSORS = ("projection.mean", "projection.scale")
+_REQUIRED_KEYS = ("covariance_type", "components", "dim", "feature_dim", "samples", "bic", "fit_seconds",
+                  "extract_seconds", "extractor", "extractor_sha256", "privacy", "tensors_sha256")
+
+
+@dataclass(frozen=True)
+class GmmInfo:
+    """Everything a gmm artifact says besides the mixture parameters; all aggregate."""
+
+    samples: int
+    bic: Mapping[int, float]          # K → BIC, for every K that was fitted
+    fit_seconds: float
+    extract_seconds: float
+    extractor: Mapping[str, Any]      # models.extract.Extractor.fingerprint
+    privacy: Mapping[str, Any]        # {"min_samples", "min_samples_per_component", "noise_scale"}
+    converged: bool | None = None
+
+    @property
+    def extractor_sha256(self) -> str:
+        from tapvits_cli.models.extract import fingerprint_sha256
+
+        return fingerprint_sha256(self.extractor)
+
+
+def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[str, Any],
+              inputs: Mapping[str, LineageEntry] | None = None):
+    """Write a fitted :class:`~tapvits_cli.gmm.mixture.Mixture` and its provenance; returns the path."""
+    import torch
+
+    from tapvits_cli.models.factory import weights_sha256
+
+    tensors = {
+        "weights": mixture.weights, "means": mixture.means, "covariances": mixture.covariances,
+        "precisions_cholesky": mixture.precisions_cholesky,
+        "projection.mean": mixture.projection.mean, "projection.scale": mixture.projection.scale,
+    }
+    if mixture.projection.components is not None:
+        tensors["projection.components"] = mixture.projection.components
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)) for name, value in tensors.items()}
+    metadata = {
+        "covariance_type": mixture.covariance_type,
+        "components": str(mixture.components),
+        "dim": str(mixture.dim),
+        "feature_dim": str(mixture.feature_dim),
+        "samples": str(int(info.samples)),
+        "bic": compact_json({str(k): float(v) for k, v in sorted(info.bic.items())}),
+        "fit_seconds": repr(float(info.fit_seconds)),
+        "extract_seconds": repr(float(info.extract_seconds)),
+        "extractor": compact_json(dict(info.extractor)),
+        "extractor_sha256": info.extractor_sha256,
+        "privacy": compact_json(dict(info.privacy)),
+        "tensors_sha256": weights_sha256(tensors),
+    }
+    if info.converged is not None:
+        metadata["converged"] = "true" if info.converged else "false"
+    header = Header(kind=KIND, version=VERSION, inputs=dict(inputs or {}), params=dict(params))
+    return write_safetensors(path, tensors, header, {f"{NAMESPACE}.{k}": v for k, v in metadata.items()})
+
+
+def read_gmm(path: str | os.PathLike):
+    """``(mixture, info, artifact)`` from a gmm artifact, after every check of protocol/gmm.md."""
+    artifact = read_artifact(path, expect=KIND)
+    mixture, info, stored_cholesky = _parse(artifact)
+    _check(artifact, mixture, info, stored_cholesky)
+    return mixture, info, artifact
+
+
+# --- parsing and checks -------------------------------------------------------------------
+
+def _fail(artifact: ArtifactFile, message: str) -> InvalidArtifactError:
+    return InvalidArtifactError(f"{artifact.path}: {message}")
+
+
+def _int(artifact: ArtifactFile, key: str, minimum: int = 1) -> int:
+    value = artifact.metadata[f"{NAMESPACE}.{key}"]
+    if not value.isdigit() or int(value) < minimum:
+        raise _fail(artifact, f"'{NAMESPACE}.{key}' must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(artifact: ArtifactFile, key: str) -> float:
+    try:
+        value = float(artifact.metadata[f"{NAMESPACE}.{key}"])
+    except ValueError:
+        raise _fail(artifact, f"'{NAMESPACE}.{key}' is not a number") from None
+    if not np.isfinite(value) or value < 0:
+        raise _fail(artifact, f"'{NAMESPACE}.{key}' must be a finite number >= 0")
+    return value
+
+
+def _covariance_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
+    return {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[covariance_type]
+
+
+def _parse(artifact: ArtifactFile):
+    """Metadata and tensors into a Mixture and GmmInfo; structural checks only."""
+    from tapvits_cli.gmm.mixture import COVARIANCE_TYPES, Mixture, Projection
+
+    for key in _REQUIRED_KEYS:
+        if f"{NAMESPACE}.{key}" not in artifact.metadata:
+            raise _fail(artifact, f"required key '{NAMESPACE}.{key}' is missing")
+    covariance_type = artifact.metadata[f"{NAMESPACE}.covariance_type"]
+    if covariance_type not in COVARIANCE_TYPES:
+        raise _fail(artifact, f"unknown covariance type {covariance_type!r}")
+    k, d, feature_dim = _int(artifact, "components"), _int(artifact, "dim"), _int(artifact, "feature_dim")
+    expected = {"weights": (k,), "means": (k, d), "covariances": _covariance_shape(covariance_type, k, d),
+                "precisions_cholesky": _covariance_shape(covariance_type, k, d),
+                "projection.mean": (feature_dim,), "projection.scale": (feature_dim,)}
+    has_pca = "projection.components" in artifact.tensors
+    if has_pca:
+        expected["projection.components"] = (d, feature_dim)
+    elif d != feature_dim:
+        raise _fail(artifact, f"without projection.components, dim ({d}) must equal feature_dim ({feature_dim})")
+    for name, shape in expected.items():
+        info = artifact.tensors.get(name)
+        if info is None:
+            raise _fail(artifact, f"required tensor '{name}' is missing")
+        if info.dtype != "F64" or info.shape != shape:
+            raise _fail(artifact, f"tensor '{name}' must be F64 {list(shape)}, is {info.dtype} {list(info.shape)}")
+    from tapvits_cli.models.factory import weights_sha256
+
+    loaded = {name: t for name, t in load_safetensors(artifact).items() if name in expected}
+    if weights_sha256(loaded) != artifact.metadata[f"{NAMESPACE}.tensors_sha256"]:
+        raise _fail(artifact, f"tensors do not match '{NAMESPACE}.tensors_sha256' (corrupted)")
+    tensors = {name: t.numpy() for name, t in loaded.items()}
+    bic_raw, extractor, privacy = (artifact.json_field(f"{NAMESPACE}.{key}") for key in ("bic", "extractor", "privacy"))
+    try:
+        bic = {int(key): float(value) for key, value in bic_raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise _fail(artifact, f"'{NAMESPACE}.bic' must map K to a number") from None
+    if not isinstance(extractor, dict) or not isinstance(privacy, dict):
+        raise _fail(artifact, f"'{NAMESPACE}.extractor' and '{NAMESPACE}.privacy' must be JSON objects")
+    projection = Projection(tensors["projection.mean"], tensors["projection.scale"], tensors.get("projection.components"))
+    mixture = Mixture(tensors["weights"], tensors["means"], tensors["covariances"], covariance_type, projection)
+    converged = artifact.metadata.get(f"{NAMESPACE}.converged")
+    info = GmmInfo(samples=_int(artifact, "samples"), bic=bic, fit_seconds=_float(artifact, "fit_seconds"),
+                   extract_seconds=_float(artifact, "extract_seconds"), extractor=extractor, privacy=privacy,
+                   converged=None if converged is None else converged == "true")
+    return mixture, info, tensors["precisions_cholesky"]
+
+
+def _check(artifact: ArtifactFile, mixture, info: GmmInfo, stored_cholesky: np.ndarray) -> None:
+    """The content rules: a proper mixture, consistent factors, a matching fingerprint, BIC's choice."""
+    arrays = (mixture.weights, mixture.means, mixture.covariances, mixture.projection.mean, mixture.projection.scale)
+    if not all(np.isfinite(a).all() for a in arrays) or (
+            mixture.projection.components is not None and not np.isfinite(mixture.projection.components).all()):
+        raise _fail(artifact, "tensors contain NaN or infinite values")
+    if (mixture.weights < 0).any() or abs(mixture.weights.sum() - 1.0) > 1e-6:
+        raise _fail(artifact, f"component weights must be >= 0 and sum to 1 (sum {mixture.weights.sum():.8g})")
+    if (mixture.projection.scale <= 0).any():
+        raise _fail(artifact, "projection.scale must be positive")
+    covariances = np.asarray(mixture.covariances)
+    if mixture.covariance_type in ("full", "tied") and not np.allclose(covariances, np.swapaxes(covariances, -1, -2)):
+        raise _fail(artifact, "covariances are not symmetric")
+    try:
+        computed = mixture.precisions_cholesky
+    except ValueError:
+        raise _fail(artifact, "covariances are not positive definite") from None
+    if not np.allclose(stored_cholesky, computed, rtol=1e-6, atol=1e-9):
+        raise _fail(artifact, "precisions_cholesky does not match the covariances (corrupted)")
+    recorded_sha = artifact.metadata[f"{NAMESPACE}.extractor_sha256"]
+    if recorded_sha != info.extractor_sha256:
+        raise _fail(artifact, f"'{NAMESPACE}.extractor_sha256' does not match the hash of '{NAMESPACE}.extractor'")
+    if info.extractor.get("feature_dim") != mixture.feature_dim:
+        raise _fail(artifact, f"the extractor gives {info.extractor.get('feature_dim')}-dim features, "
+                              f"the projection expects {mixture.feature_dim}")
+    if mixture.components not in info.bic or info.bic[mixture.components] > min(info.bic.values()):
+        raise _fail(artifact, f"K={mixture.components} is not the lowest-BIC entry of '{NAMESPACE}.bic'")
+    for key in ("min_samples", "noise_scale"):
+        if not isinstance(info.privacy.get(key), (int, float)):
+            raise _fail(artifact, f"'{NAMESPACE}.privacy' lacks the number '{key}'")
+
+
+def _validate(artifact: ArtifactFile) -> None:
+    mixture, info, stored_cholesky = _parse(artifact)
+    _check(artifact, mixture, info, stored_cholesky)
+
+
+def _summarize(artifact: ArtifactFile) -> Summary:
+    mixture, info, _ = _parse(artifact)
+    extractor = info.extractor
+    figures = {
+        "components": mixture.components,
+        "dim": mixture.dim,
+        "feature_dim": mixture.feature_dim,
+        "covariance_type": mixture.covariance_type,
+        "pca": mixture.projection.components is not None,
+        "standardized": bool((mixture.projection.scale != 1.0).any()),
+        "samples": info.samples,
+        "chosen_by": f"lowest BIC over K in {sorted(info.bic)}",
+        "fit_seconds": round(info.fit_seconds, 3),
+        "extract_seconds": round(info.extract_seconds, 3),
+        "extractor": f"{extractor.get('architecture')} {extractor.get('feature_layer')} "
+                     f"(weights {str(extractor.get('weights_sha256'))[:12]})",
+        "extractor_sha256": info.extractor_sha256,
+        "privacy": dict(info.privacy),
+    }
+    if info.converged is not None:
+        figures["converged"] = info.converged
+    tables = [
+        Table("BIC per K", ["K", "BIC", "chosen"],
+              [[k, v, "*" if k == mixture.components else ""] for k, v in sorted(info.bic.items())]),
+        Table("component weights", ["component", "weight"],
+              [[i, float(w)] for i, w in enumerate(mixture.weights)]),
+    ]
+    return Summary(figures=figures, tables=tables)
+
+
+SPEC = register(KindSpec(
+    name=KIND, format="safetensors", version=VERSION, validate=_validate, summarize=_summarize,
+    description="a device's Gaussian mixture over extractor features, with its projection and provenance",
+))

