@@ -47,6 +47,16 @@ class ArtifactFile:
         prefix = namespace + "."
         return {k[len(prefix):]: v for k, v in self.metadata.items() if k.startswith(prefix)}
 
+    def fail(self, message: str) -> InvalidArtifactError:
+        """The error for a rule this file breaks, naming the file."""
+        return InvalidArtifactError(f"{self.path}: {message}")
+
+    def require_keys(self, namespace: str, keys) -> None:
+        """Every ``namespace.key`` must be present (the kind's required metadata)."""
+        for key in keys:
+            if f"{namespace}.{key}" not in self.metadata:
+                raise self.fail(f"required key '{namespace}.{key}' is missing")
+
     def json_field(self, key: str) -> Any:
         """A metadata value that the protocol stores as compact JSON."""
         if key not in self.metadata:

@@ -16,7 +16,6 @@ import numpy as np
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
-from tapvits_cli.errors import InvalidArtifactError
 
 KIND = "gmm"
 VERSION = 1
@@ -91,14 +90,10 @@ def read_gmm(path: str | os.PathLike):
 
 # --- parsing and checks -------------------------------------------------------------------
 
-def _fail(artifact: ArtifactFile, message: str) -> InvalidArtifactError:
-    return InvalidArtifactError(f"{artifact.path}: {message}")
-
-
 def _int(artifact: ArtifactFile, key: str, minimum: int = 1) -> int:
     value = artifact.metadata[f"{NAMESPACE}.{key}"]
     if not value.isdigit() or int(value) < minimum:
-        raise _fail(artifact, f"'{NAMESPACE}.{key}' must be an integer >= {minimum}, got {value!r}")
+        raise artifact.fail(f"'{NAMESPACE}.{key}' must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -106,9 +101,9 @@ def _float(artifact: ArtifactFile, key: str) -> float:
     try:
         value = float(artifact.metadata[f"{NAMESPACE}.{key}"])
     except ValueError:
-        raise _fail(artifact, f"'{NAMESPACE}.{key}' is not a number") from None
+        raise artifact.fail(f"'{NAMESPACE}.{key}' is not a number") from None
     if not np.isfinite(value) or value < 0:
-        raise _fail(artifact, f"'{NAMESPACE}.{key}' must be a finite number >= 0")
+        raise artifact.fail(f"'{NAMESPACE}.{key}' must be a finite number >= 0")
     return value
 
 
@@ -122,10 +117,10 @@ def _parse(artifact: ArtifactFile):
 
     for key in _REQUIRED_KEYS:
         if f"{NAMESPACE}.{key}" not in artifact.metadata:
-            raise _fail(artifact, f"required key '{NAMESPACE}.{key}' is missing")
+            raise artifact.fail(f"required key '{NAMESPACE}.{key}' is missing")
     covariance_type = artifact.metadata[f"{NAMESPACE}.covariance_type"]
     if covariance_type not in COVARIANCE_TYPES:
-        raise _fail(artifact, f"unknown covariance type {covariance_type!r}")
+        raise artifact.fail(f"unknown covariance type {covariance_type!r}")
     k, d, feature_dim = _int(artifact, "components"), _int(artifact, "dim"), _int(artifact, "feature_dim")
     expected = {"weights": (k,), "means": (k, d), "covariances": _covariance_shape(covariance_type, k, d),
                 "precisions_cholesky": _covariance_shape(covariance_type, k, d),
@@ -134,26 +129,26 @@ def _parse(artifact: ArtifactFile):
     if has_pca:
         expected["projection.components"] = (d, feature_dim)
     elif d != feature_dim:
-        raise _fail(artifact, f"without projection.components, dim ({d}) must equal feature_dim ({feature_dim})")
+        raise artifact.fail(f"without projection.components, dim ({d}) must equal feature_dim ({feature_dim})")
     for name, shape in expected.items():
         info = artifact.tensors.get(name)
         if info is None:
-            raise _fail(artifact, f"required tensor '{name}' is missing")
+            raise artifact.fail(f"required tensor '{name}' is missing")
         if info.dtype != "F64" or info.shape != shape:
-            raise _fail(artifact, f"tensor '{name}' must be F64 {list(shape)}, is {info.dtype} {list(info.shape)}")
+            raise artifact.fail(f"tensor '{name}' must be F64 {list(shape)}, is {info.dtype} {list(info.shape)}")
     from tapvits_cli.models.factory import weights_sha256
 
     loaded = {name: t for name, t in load_safetensors(artifact).items() if name in expected}
     if weights_sha256(loaded) != artifact.metadata[f"{NAMESPACE}.tensors_sha256"]:
-        raise _fail(artifact, f"tensors do not match '{NAMESPACE}.tensors_sha256' (corrupted)")
+        raise artifact.fail(f"tensors do not match '{NAMESPACE}.tensors_sha256' (corrupted)")
     tensors = {name: t.numpy() for name, t in loaded.items()}
     bic_raw, extractor, privacy = (artifact.json_field(f"{NAMESPACE}.{key}") for key in ("bic", "extractor", "privacy"))
     try:
         bic = {int(key): float(value) for key, value in bic_raw.items()}
     except (AttributeError, TypeError, ValueError):
-        raise _fail(artifact, f"'{NAMESPACE}.bic' must map K to a number") from None
+        raise artifact.fail(f"'{NAMESPACE}.bic' must map K to a number") from None
     if not isinstance(extractor, dict) or not isinstance(privacy, dict):
-        raise _fail(artifact, f"'{NAMESPACE}.extractor' and '{NAMESPACE}.privacy' must be JSON objects")
+        raise artifact.fail(f"'{NAMESPACE}.extractor' and '{NAMESPACE}.privacy' must be JSON objects")
     projection = Projection(tensors["projection.mean"], tensors["projection.scale"], tensors.get("projection.components"))
     mixture = Mixture(tensors["weights"], tensors["means"], tensors["covariances"], covariance_type, projection)
     converged = artifact.metadata.get(f"{NAMESPACE}.converged")
@@ -168,31 +163,31 @@ def _check(artifact: ArtifactFile, mixture, info: GmmInfo, stored_cholesky: np.n
     arrays = (mixture.weights, mixture.means, mixture.covariances, mixture.projection.mean, mixture.projection.scale)
     if not all(np.isfinite(a).all() for a in arrays) or (
             mixture.projection.components is not None and not np.isfinite(mixture.projection.components).all()):
-        raise _fail(artifact, "tensors contain NaN or infinite values")
+        raise artifact.fail("tensors contain NaN or infinite values")
     if (mixture.weights < 0).any() or abs(mixture.weights.sum() - 1.0) > 1e-6:
-        raise _fail(artifact, f"component weights must be >= 0 and sum to 1 (sum {mixture.weights.sum():.8g})")
+        raise artifact.fail(f"component weights must be >= 0 and sum to 1 (sum {mixture.weights.sum():.8g})")
     if (mixture.projection.scale <= 0).any():
-        raise _fail(artifact, "projection.scale must be positive")
+        raise artifact.fail("projection.scale must be positive")
     covariances = np.asarray(mixture.covariances)
     if mixture.covariance_type in ("full", "tied") and not np.allclose(covariances, np.swapaxes(covariances, -1, -2)):
-        raise _fail(artifact, "covariances are not symmetric")
+        raise artifact.fail("covariances are not symmetric")
     try:
         computed = mixture.precisions_cholesky
     except ValueError:
-        raise _fail(artifact, "covariances are not positive definite") from None
+        raise artifact.fail("covariances are not positive definite") from None
     if not np.allclose(stored_cholesky, computed, rtol=1e-6, atol=1e-9):
-        raise _fail(artifact, "precisions_cholesky does not match the covariances (corrupted)")
+        raise artifact.fail("precisions_cholesky does not match the covariances (corrupted)")
     recorded_sha = artifact.metadata[f"{NAMESPACE}.extractor_sha256"]
     if recorded_sha != info.extractor_sha256:
-        raise _fail(artifact, f"'{NAMESPACE}.extractor_sha256' does not match the hash of '{NAMESPACE}.extractor'")
+        raise artifact.fail(f"'{NAMESPACE}.extractor_sha256' does not match the hash of '{NAMESPACE}.extractor'")
     if info.extractor.get("feature_dim") != mixture.feature_dim:
-        raise _fail(artifact, f"the extractor gives {info.extractor.get('feature_dim')}-dim features, "
+        raise artifact.fail(f"the extractor gives {info.extractor.get('feature_dim')}-dim features, "
                               f"the projection expects {mixture.feature_dim}")
     if mixture.components not in info.bic or info.bic[mixture.components] > min(info.bic.values()):
-        raise _fail(artifact, f"K={mixture.components} is not the lowest-BIC entry of '{NAMESPACE}.bic'")
+        raise artifact.fail(f"K={mixture.components} is not the lowest-BIC entry of '{NAMESPACE}.bic'")
     for key in ("min_samples", "noise_scale"):
         if not isinstance(info.privacy.get(key), (int, float)):
-            raise _fail(artifact, f"'{NAMESPACE}.privacy' lacks the number '{key}'")
+            raise artifact.fail(f"'{NAMESPACE}.privacy' lacks the number '{key}'")
 
 
 def _validate(artifact: ArtifactFile) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from tapvits_cli.artifacts.containers import ArtifactFile, set_group_encoding, write_hdf5
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
-from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
+from tapvits_cli.errors import IncompatibleArtifactError
 from tapvits_cli.selection import STRATEGIES
 
 KIND = "metric-set"
@@ -87,10 +87,6 @@ def read_metric_set(path: str | os.PathLike) -> MetricSet:
     return metric_set
 
 
-def _fail(artifact: ArtifactFile, message: str) -> InvalidArtifactError:
-    return InvalidArtifactError(f"{artifact.path}: {message}")
-
-
 def _attr(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -100,17 +96,17 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
 
     for key in ("pool", "gmm_sha256", "extractor_sha256"):
         if f"{KIND}.{key}" not in artifact.metadata:
-            raise _fail(artifact, f"required key '{KIND}.{key}' is missing")
+            raise artifact.fail(f"required key '{KIND}.{key}' is missing")
     pool = artifact.json_field(f"{KIND}.pool")
     if not isinstance(pool, dict) or not set(_POOL_KEYS) <= set(pool):
-        raise _fail(artifact, f"'{KIND}.pool' must be a JSON object with {', '.join(_POOL_KEYS)}")
+        raise artifact.fail(f"'{KIND}.pool' must be a JSON object with {', '.join(_POOL_KEYS)}")
     with h5py.File(artifact.path, "r") as handle:
         group = handle.get(GROUP)
         if not isinstance(group, h5py.Group):
-            raise _fail(artifact, f"group '{GROUP}' is missing")
+            raise artifact.fail(f"group '{GROUP}' is missing")
         encoding = (_attr(group.attrs.get("encoding-type")), _attr(group.attrs.get("encoding-version")))
         if encoding[0] != ENCODING_TYPE or not str(encoding[1]).isdigit():
-            raise _fail(artifact, f"group '{GROUP}' must have encoding-type '{ENCODING_TYPE}' and an integer "
+            raise artifact.fail(f"group '{GROUP}' must have encoding-type '{ENCODING_TYPE}' and an integer "
                                   "encoding-version")
         if int(encoding[1]) > ENCODING_VERSION:
             raise IncompatibleArtifactError(f"{artifact.path}: metric-set encoding v{encoding[1]}, this tapvits "
@@ -119,16 +115,16 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
         for name, dtype in _COLUMNS.items():
             dataset = group.get(name)
             if not isinstance(dataset, h5py.Dataset):
-                raise _fail(artifact, f"dataset '{GROUP}/{name}' is missing")
+                raise artifact.fail(f"dataset '{GROUP}/{name}' is missing")
             if dataset.dtype != dtype or dataset.ndim != 1:
-                raise _fail(artifact, f"'{GROUP}/{name}' is {dataset.dtype} {dataset.shape}, the spec needs 1-D "
+                raise artifact.fail(f"'{GROUP}/{name}' is {dataset.dtype} {dataset.shape}, the spec needs 1-D "
                                       f"{np.dtype(dtype)}")
             columns[name] = dataset[:]
         sizes = {}
         for name in ("metric_size", "finetune_size"):
             value = group.attrs.get(name)
             if not isinstance(value, (int, np.integer)):
-                raise _fail(artifact, f"attribute '{GROUP}/{name}' must be an integer")
+                raise artifact.fail(f"attribute '{GROUP}/{name}' must be an integer")
             sizes[name] = int(value)
         strategy = _attr(group.attrs.get("strategy"))
     return MetricSet(ids=columns["ids"], log_likelihood=columns["log_likelihood"], component=columns["component"],
@@ -140,25 +136,25 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
 def _check(metric_set: MetricSet) -> None:
     artifact, ids = metric_set.artifact, metric_set.ids
     if metric_set.strategy not in STRATEGIES:
-        raise _fail(artifact, f"unknown strategy {metric_set.strategy!r}")
+        raise artifact.fail(f"unknown strategy {metric_set.strategy!r}")
     if not 1 <= metric_set.metric_size <= metric_set.finetune_size:
-        raise _fail(artifact, "metric_size must be >= 1 and <= finetune_size")
+        raise artifact.fail("metric_size must be >= 1 and <= finetune_size")
     lengths = {len(ids), len(metric_set.log_likelihood), len(metric_set.component), len(metric_set.labels)}
     if lengths != {metric_set.finetune_size}:
-        raise _fail(artifact, f"every column must have finetune_size ({metric_set.finetune_size}) rows")
+        raise artifact.fail(f"every column must have finetune_size ({metric_set.finetune_size}) rows")
     samples = metric_set.pool["samples"]
     if ids.min() < 0 or len(np.unique(ids)) != len(ids):
-        raise _fail(artifact, "ids must be distinct non-negative integers")
+        raise artifact.fail("ids must be distinct non-negative integers")
     if not isinstance(samples, int) or metric_set.finetune_size > samples:
-        raise _fail(artifact, f"{metric_set.finetune_size} rows selected from a pool of {samples} samples")
+        raise artifact.fail(f"{metric_set.finetune_size} rows selected from a pool of {samples} samples")
     if np.isnan(metric_set.log_likelihood).any() or (metric_set.log_likelihood == np.inf).any():
-        raise _fail(artifact, "log_likelihood must not be NaN or +inf")
+        raise artifact.fail("log_likelihood must not be NaN or +inf")
     if (metric_set.component < 0).any() or (metric_set.labels < 0).any():
-        raise _fail(artifact, "component and label must be >= 0")
+        raise artifact.fail("component and label must be >= 0")
     for part in (metric_set.log_likelihood[: metric_set.metric_size],
                  metric_set.log_likelihood[metric_set.metric_size:]):
         if (np.diff(part) > 0).any():
-            raise _fail(artifact, "rows must be ordered by decreasing log_likelihood within the metric set "
+            raise artifact.fail("rows must be ordered by decreasing log_likelihood within the metric set "
                                   "and within the rest")
 
 

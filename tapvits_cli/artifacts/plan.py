@@ -97,14 +97,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
 
 
 def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
-    source = str(artifact.path)
-
-    def fail(message: str) -> InvalidArtifactError:
-        return InvalidArtifactError(f"{source}: {message}")
-
-    for key in _REQUIRED_KEYS:
-        if f"{KIND}.{key}" not in artifact.metadata:
-            raise fail(f"required key '{KIND}.{key}' is missing")
+    source, fail = str(artifact.path), artifact.fail
+    artifact.require_keys(KIND, _REQUIRED_KEYS)
     strategy = artifact.metadata[f"{KIND}.strategy"]
     if strategy not in STRATEGIES:
         raise fail(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")

@@ -18,7 +18,6 @@ from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, wri
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, bar, read_artifact, register
 from tapvits_cli.artifacts.model import record_spec
-from tapvits_cli.errors import InvalidArtifactError
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
 
 KIND = "scores"
@@ -85,14 +84,8 @@ def read_scores(path: str | os.PathLike) -> Scores:
 
 
 def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Scores:
-    source = str(artifact.path)
-
-    def fail(message: str) -> InvalidArtifactError:
-        return InvalidArtifactError(f"{source}: {message}")
-
-    for key in _REQUIRED_KEYS:
-        if f"{KIND}.{key}" not in artifact.metadata:
-            raise fail(f"required key '{KIND}.{key}' is missing")
+    source, fail = str(artifact.path), artifact.fail
+    artifact.require_keys(KIND, _REQUIRED_KEYS)
     criterion = artifact.metadata[f"{KIND}.criterion"]
     if criterion not in CRITERIA:
         raise fail(f"unknown criterion '{criterion}' (known: {', '.join(CRITERIA)})")
