@@ -2,8 +2,8 @@
 # Quickstart on scikit-learn's digits, offline, a few minutes on 2 cores:
 #   bash .ci/env bash examples/quickstart.sh [OUTDIR]
 # A base ViT is trained here; one simulated device holds digits 0-4 and hands the
-# cloud only its GMM; the cloud selects matching public images, scores the model on them
-# and plans a 70% budget. (prune/eval/run come with later stages.)
+# cloud only its GMM; the cloud selects matching public images, scores the model on them,
+# plans a 70% budget and prunes the model to it. (eval/run come with later stages.)
 set -euo pipefail
 out="${1:-quickstart-out}"
 mkdir -p "$out"
@@ -27,9 +27,11 @@ metric=$(tapvits select "$gmm" --pool "$pool" --strategy stratified --metric-siz
 echo "== cloud: score neurons and heads, then plan a 70% parameter budget" >&2
 scores=$(tapvits score "$base" --metric-set "$metric" --budget 0.7 -o "$out/device.scores.safetensors")
 plan=$(tapvits allocate "$scores" --budget 0.7 -o "$out/device.plan.safetensors")
+echo "== cloud: prune the model to the plan" >&2
+pruned=$(tapvits prune "$base" "$plan" -o "$out/device.pruned.safetensors")
 
 tapvits inspect "$plan" >&2
-tapvits validate "$base" "$pool" "$gmm" "$metric" "$scores" "$plan"
+tapvits validate "$base" "$pool" "$gmm" "$metric" "$scores" "$plan" "$pruned"
 tapvits --json inspect "$metric" | python -c '
 import json, sys
 d = json.load(sys.stdin)

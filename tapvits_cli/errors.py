@@ -56,3 +56,9 @@ class NotImplementedStageError(TapvitsError):
 
 class DataUnavailableError(TapvitsError):
     exit_code = ExitCode.DATA_UNAVAILABLE
+
+
+class ExportError(TapvitsError):
+    """An export torch cannot trace, or whose graph disagrees with PyTorch: a bug, not a user error."""
+
+    exit_code = ExitCode.INTERNAL

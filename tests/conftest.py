@@ -78,3 +78,12 @@ def metric_set_file(tmp_path):
     path = tmp_path / "metric.h5"
     write_metric_set(path, selection, pool.provenance(), "0" * 64, "1" * 64, params={"seed": 0})
     return path
+
+
+@pytest.fixture
+def scores_file(tiny_model_file, metric_set_file, tmp_path, tapvits):
+    """Composite scores of the tiny model on the first 32 samples of ``metric_set_file``."""
+    out = tmp_path / "scores.safetensors"
+    assert tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--max-samples", "32",
+                   "-o", out).exit_code == 0
+    return out

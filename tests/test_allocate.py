@@ -103,14 +103,6 @@ def test_unreachable_budget_names_the_closest_value():
         allocate(cost, scores, importance, "params", 0.05, "uniform")   # below the embeddings, head and floors
 
 
-@pytest.fixture
-def scores_file(tiny_model_file, metric_set_file, tmp_path, tapvits):
-    out = tmp_path / "scores.safetensors"
-    assert tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--max-samples", "32",
-                   "-o", out).exit_code == 0
-    return out
-
-
 def test_plan_round_trip(scores_file, tiny_model_file, tmp_path, tapvits):
     from tapvits_cli.artifacts.scores import read_scores
 

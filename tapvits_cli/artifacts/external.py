@@ -1,4 +1,4 @@
-"""Reading weights that were not written by tapvits (timm/PyTorch checkpoints).
+"""Files that are not tapvits artifacts: weights from timm/PyTorch checkpoints, exports for other runtimes.
 
 Nothing is unpickled: torch files load with ``weights_only=True``, which refuses
 arbitrary objects. Common checkpoint wrappers (``state_dict``, ``model``,
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tapvits_cli.artifacts.files import sniff_format
+from tapvits_cli.artifacts.files import atomic_write, sniff_format
 from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
@@ -58,3 +58,10 @@ def packaged_file(package: str, relative: str, install_hint: str) -> Path:
     if not file.is_file():
         raise DataUnavailableError(f"{file}: missing from the installed package '{package}': {install_hint}")
     return file
+
+
+def write_export(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file for another runtime (``tapvits export``'s ONNX bytes) atomically; returns its path."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

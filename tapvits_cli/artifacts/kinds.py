@@ -58,6 +58,7 @@ _KIND_MODULES = (
     "tapvits_cli.artifacts.metric_set",
     "tapvits_cli.artifacts.scores",
     "tapvits_cli.artifacts.plan",
+    "tapvits_cli.artifacts.report",
 )
 
 

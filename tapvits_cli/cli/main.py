@@ -14,15 +14,13 @@ import traceback
 import click
 
 from tapvits_cli import __version__
-from tapvits_cli.cli import (allocate, create_model, dataset_cmd, features, finetune, fit_gmm, inspect_cmd, score,
-                             select, validate_cmd)
+from tapvits_cli.cli import (allocate, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
+                             inspect_cmd, prune, score, select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options
 from tapvits_cli.errors import ExitCode, NotImplementedStageError, TapvitsError
 
 # Stages whose logic is not built yet: (name, one-line help, issue that delivers it).
 PLANNED_STAGES = (
-    ("prune", "Apply a plan: slice neurons and heads into a smaller model.", 5),
-    ("eval", "Accuracy, MACs and latency of a model on a labelled set.", 5),
     ("run", "Run a YAML recipe: the whole pipeline, resumable.", 6),
 )
 
@@ -30,7 +28,7 @@ PLANNED_STAGES = (
 class PipelineOrderGroup(click.Group):
     """Lists subcommands in pipeline order (then tools), not alphabetically, built or planned alike."""
 
-    ORDER = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "run",
+    ORDER = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "export", "run",
              "create-model", "dataset", "inspect", "validate")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -62,8 +60,8 @@ def _planned(name: str, summary: str, issue: int) -> click.Command:
 
 for _name, _summary, _issue in PLANNED_STAGES:
     cli.add_command(_planned(_name, _summary, _issue))
-for _module in (fit_gmm, select, score, allocate, finetune, features, create_model, dataset_cmd, inspect_cmd,
-                validate_cmd):
+for _module in (fit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export,
+                create_model, dataset_cmd, inspect_cmd, validate_cmd):
     cli.add_command(_module.command)
 
 

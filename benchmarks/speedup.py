@@ -1,0 +1,127 @@
+"""Issue 5 benchmark: real CPU speedup of physically pruned ViTs, next to their MACs ratio.
+
+DeiT-Tiny and DeiT-Small shapes at 224×224 with random weights. For budgets 0.9 … 0.5 of
+the parameters and each allocation strategy (`kl`, `uniform`, `global`), a plan is made
+by the allocation code `tapvits allocate` runs (seeded random unit scores and layer
+importances: which units go does not change the cost, only how many per layer), the
+model is pruned by the code `tapvits prune` runs, and its latency is measured with the
+code `tapvits eval` runs (warm-up, then the median of repeated runs) at batch 1 and 32.
+Each pruned measurement is paired with a measurement of the unpruned model taken just
+before it, in the same process, so drift in the machine's load (it is shared) hits both. Target: latency speedup ≥ 0.9 × the MACs
+ratio at batch 32; batch 1 is reported as measured.
+
+    bash .ci/env python benchmarks/speedup.py [--models deit-tiny,deit-small] [--repeats 3]
+
+Writes benchmarks/results/speedup.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tapvits_cli.allocation.strategies import STRATEGIES, allocate
+from tapvits_cli.evaluation.metrics import count_macs, measure_latency
+from tapvits_cli.models.factory import count_parameters, create_model
+from tapvits_cli.models.families import vit
+from tapvits_cli.pruning import prune_model
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {"deit-tiny": "vit_tiny_patch16_224", "deit-small": "vit_small_patch16_224"}
+BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+INPUT = (3, 224, 224)
+
+
+def latency(model, batch: int, args) -> float:
+    return measure_latency(model, INPUT, batch, args.warmup, args.repeats, "cpu")["median_ms"]
+
+
+def plans(architecture: str, seed: int):
+    """(strategy, budget, keep) for every combination, from seeded random scores."""
+    with torch.device("meta"):
+        cost = vit.cost_model(create_model(architecture, {}))
+    rng = np.random.default_rng(seed)
+    scores = {(layer.block, layer.kind): rng.random(layer.units) for layer in cost.layers}
+    blocks = len(cost.layers) // 2
+    importance = {kind: rng.exponential(0.5, blocks) for kind in ("attn", "mlp")}
+    for strategy in STRATEGIES:
+        for budget in BUDGETS:
+            result = allocate(cost, scores, importance, "params", budget, strategy)
+            keep = {"attn": [None] * blocks, "mlp": [None] * blocks}
+            for layer, kept in zip(cost.layers, result.keep):
+                keep[layer.kind][layer.block] = kept
+            yield strategy, budget, keep
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="deit-tiny,deit-small")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    rows = []
+    for label in args.models.split(","):
+        architecture = MODELS[label]
+        base = create_model(architecture, {}).eval()
+        base_macs, base_params = count_macs(base, INPUT), count_parameters(base)
+        base_latency = {batch: latency(base, batch, args) for batch in (1, 32)}
+        print(f"{label}: {base_params:,} params, {base_macs / 1e9:.2f} GMACs, "
+              f"{base_latency[1]:.1f} ms @1, {base_latency[32]:.0f} ms @32", flush=True)
+        for strategy, budget, keep in plans(architecture, args.seed):
+            pruned = prune_model(base, keep).eval()
+            macs_ratio = base_macs / count_macs(pruned, INPUT)
+            row = {"model": label, "strategy": strategy, "budget": budget,
+                   "params_fraction": count_parameters(pruned) / base_params, "macs_ratio": macs_ratio}
+            for batch in (1, 32):
+                paired_base = latency(base, batch, args)
+                measured = latency(pruned, batch, args)
+                row[f"base_latency_ms@{batch}"] = paired_base
+                row[f"latency_ms@{batch}"] = measured
+                row[f"speedup@{batch}"] = paired_base / measured
+            row["speedup_over_macs@32"] = row["speedup@32"] / macs_ratio
+            rows.append(row)
+            print(f"  {strategy:<8} {budget:.1f}: params {row['params_fraction']:.3f}, MACs ×{macs_ratio:.2f}, "
+                  f"speedup ×{row['speedup@1']:.2f} @1, ×{row['speedup@32']:.2f} @32 "
+                  f"({row['speedup_over_macs@32']:.2f} of the MACs ratio)", flush=True)
+        base_latency_after = {batch: latency(base, batch, args) for batch in (1, 32)}
+        rows.append({"model": label, "strategy": "unpruned", "budget": 1.0, "params_fraction": 1.0, "macs_ratio": 1.0,
+                     "latency_ms@1": base_latency[1], "latency_ms@32": base_latency[32],
+                     "latency_ms_after@1": base_latency_after[1], "latency_ms_after@32": base_latency_after[32]})
+    pruned_rows = [r for r in rows if r["strategy"] != "unpruned"]
+    worst = min(r["speedup_over_macs@32"] for r in pruned_rows)
+    document = {"target": "speedup@32 >= 0.9 x MACs ratio", "worst_speedup_over_macs@32": worst, "met": worst >= 0.9,
+                "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
+                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+                            "torch": torch.__version__},
+                "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speedup.json").write_text(json.dumps(document, indent=2) + "\n")
+    lines = ["| model | strategy | budget | params | MACs ratio | latency@1 ms (paired base) | speedup@1 | "
+             "latency@32 ms (paired base) | speedup@32 | speedup/MACs@32 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["strategy"] == "unpruned":
+            lines.append(f"| {r['model']} | unpruned | 1.0 | 1.000 | 1.00 | {r['latency_ms@1']:.1f} (after: "
+                         f"{r['latency_ms_after@1']:.1f}) | 1.00 | {r['latency_ms@32']:.0f} (after: "
+                         f"{r['latency_ms_after@32']:.0f}) | 1.00 | |")
+        else:
+            lines.append(f"| {r['model']} | {r['strategy']} | {r['budget']:.1f} | {r['params_fraction']:.3f} | "
+                         f"{r['macs_ratio']:.2f} | {r['latency_ms@1']:.1f} ({r['base_latency_ms@1']:.1f}) | "
+                         f"{r['speedup@1']:.2f} | {r['latency_ms@32']:.0f} ({r['base_latency_ms@32']:.0f}) | "
+                         f"{r['speedup@32']:.2f} | {r['speedup_over_macs@32']:.2f} |")
+    text = "\n".join(lines) + f"\n\nworst speedup/MACs at batch 32: {worst:.2f} (target ≥ 0.9); " \
+                              f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up\n"
+    (RESULTS / "speedup.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
