@@ -3,7 +3,7 @@
 #   bash .ci/env bash examples/quickstart.sh [OUTDIR]
 # A base ViT is trained here; one simulated device holds digits 0-4 and hands the
 # cloud only its GMM; the cloud selects matching public images, scores the model on them,
-# plans a 70% budget and prunes the model to it. (eval/run come with later stages.)
+# plans a 70% budget, prunes, fine-tunes, and evaluates on the device's held-out half.
 set -euo pipefail
 out="${1:-quickstart-out}"
 mkdir -p "$out"
@@ -29,9 +29,15 @@ scores=$(tapvits score "$base" --metric-set "$metric" --budget 0.7 -o "$out/devi
 plan=$(tapvits allocate "$scores" --budget 0.7 -o "$out/device.plan.safetensors")
 echo "== cloud: prune the model to the plan" >&2
 pruned=$(tapvits prune "$base" "$plan" -o "$out/device.pruned.safetensors")
+echo "== cloud: fine-tune the pruned model on the device's public fine-tuning set, distilling the base" >&2
+device_model=$(tapvits finetune "$pruned" --data "$public" --metric-set "$metric" --teacher "$base" \
+  --epochs 5 --lr 1e-3 -o "$out/device.model.safetensors")
+echo "== device: evaluate on its held-out private half (never seen by any stage)" >&2
+report=$(tapvits eval "$device_model" --data "digits:split=test:classes=0-4:fold=1/2" \
+  --latency-repeats 5 -o "$out/device.report.json")
 
 tapvits inspect "$plan" >&2
-tapvits validate "$base" "$pool" "$gmm" "$metric" "$scores" "$plan" "$pruned"
+tapvits validate "$base" "$pool" "$gmm" "$metric" "$scores" "$plan" "$pruned" "$device_model" "$report"
 tapvits --json inspect "$metric" | python -c '
 import json, sys
 d = json.load(sys.stdin)
