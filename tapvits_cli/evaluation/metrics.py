@@ -78,11 +78,20 @@ def count_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:
     ``FlopCounterMode`` counts 2 FLOPs per multiply-add of matrix products, convolutions
     and attention (it ignores element-wise work such as norms, activations, softmax), so
     MACs = FLOPs / 2. The pass runs on a single zero image where the model lives.
+
+    On the CPU, ``scaled_dot_product_attention`` runs as the fused kernel
+    ``_scaled_dot_product_flash_attention_for_cpu``, which torch's counter (2.14) has no
+    formula for, so attention would silently count zero; torch's own attention formula is
+    mapped onto that kernel here. Where the counter already knows it, the count is the same.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def fused_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
     device = next(model.parameters()).device
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: fused_attention_flops})
     with torch.inference_mode(), counter:
         model.eval()(torch.zeros(1, *input_size, device=device))
     return counter.get_total_flops() // 2
