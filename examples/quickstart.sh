@@ -12,7 +12,7 @@ private="digits:split=test:classes=0-4:fold=0/2"   # the device's private images
 
 echo "== cloud: train a small DeiT-shaped ViT on the public pool" >&2
 base=$(tapvits finetune --model vit_tiny_patch16_224 -a img_size=8 -a patch_size=2 -a in_chans=1 \
-  -a embed_dim=64 -a depth=4 -a num_heads=4 --data "$public" --epochs 15 --batch-size 64 --lr 2e-3 \
+  -a embed_dim=64 -a depth=4 -a num_heads=4 --data "$public" --epochs 25 --batch-size 64 --lr 2e-3 \
   -o "$out/base.safetensors")
 echo "== cloud: embed the public pool once" >&2
 pool=$(tapvits features "$public" --extractor "$base" -o "$out/pool.h5")
@@ -22,7 +22,7 @@ echo "== device: fit a GMM to its private features (only this file leaves the de
 gmm=$(tapvits fit-gmm "$private" --extractor "$base" --covariance diag -o "$out/device.gmm.safetensors")
 
 echo "== cloud: select the device's metric and fine-tuning sets" >&2
-metric=$(tapvits select "$gmm" --pool "$pool" --strategy stratified --metric-size 64 --finetune-size 256 \
+metric=$(tapvits select "$gmm" --pool "$pool" --strategy topk --metric-size 64 --finetune-size 384 \
   -o "$out/device.metric.h5")
 echo "== cloud: score neurons and heads, then plan a 70% parameter budget" >&2
 scores=$(tapvits score "$base" --metric-set "$metric" --budget 0.7 -o "$out/device.scores.safetensors")
@@ -31,7 +31,7 @@ echo "== cloud: prune the model to the plan" >&2
 pruned=$(tapvits prune "$base" "$plan" -o "$out/device.pruned.safetensors")
 echo "== cloud: fine-tune the pruned model on the device's public fine-tuning set, distilling the base" >&2
 device_model=$(tapvits finetune "$pruned" --data "$public" --metric-set "$metric" --teacher "$base" \
-  --epochs 5 --lr 1e-3 -o "$out/device.model.safetensors")
+  --epochs 8 --lr 1e-3 -o "$out/device.model.safetensors")
 echo "== device: evaluate on its held-out private half (never seen by any stage)" >&2
 report=$(tapvits eval "$device_model" --data "digits:split=test:classes=0-4:fold=1/2" \
   --latency-repeats 5 -o "$out/device.report.json")

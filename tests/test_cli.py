@@ -32,14 +32,6 @@ def test_console_script_runs():
     assert out.returncode == 0 and "tapvits" in out.stdout
 
 
-def test_unbuilt_stage_fails_clearly(tapvits):
-    result = tapvits("run", "recipe.yaml")
-    assert result.exit_code == ExitCode.NOT_IMPLEMENTED
-    assert result.stdout == ""
-    assert result.stderr.strip().count("\n") == 0
-    assert "not implemented yet" in result.stderr
-
-
 def test_usage_error_exit_code(tapvits):
     assert tapvits("create-model").exit_code == ExitCode.USAGE
     assert tapvits("no-such-command").exit_code == ExitCode.USAGE

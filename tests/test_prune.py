@@ -12,7 +12,7 @@ from tapvits_cli.artifacts.model import load_model
 from tapvits_cli.artifacts.plan import read_plan
 from tapvits_cli.errors import ExitCode, NotImplementedStageError
 from tapvits_cli.models.factory import build_model, cost_model, count_parameters, create_model, describe_model
-from tapvits_cli.models.families import vit
+from tapvits_cli.models.families import family_module, family_of, vit
 from tapvits_cli.models.units import removing
 from tapvits_cli.pruning import prune_model
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS
@@ -33,16 +33,16 @@ def random_keep(model, seed=0):
 
 @contextlib.contextmanager
 def masked(model, keep):
-    """``model`` with every unit outside ``keep`` zeroed; an empty layer contributes nothing at all."""
+    """``model`` (any family) with every unit outside ``keep`` zeroed; an empty layer contributes nothing at
+    all (its gate's output bias neither, so the branch adds exactly 0)."""
     with contextlib.ExitStack() as stack:
-        for layer in vit.unit_layers(model):
+        for layer in family_module(family_of(model)).unit_layers(model):
             kept = keep[layer.kind][layer.block]
             mask = np.zeros(layer.units, dtype=bool)
             mask[kept] = True
             stack.enter_context(removing(layer, mask))
             if not len(kept):
-                branch = getattr(model.blocks[layer.block], layer.kind)
-                handle = branch.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+                handle = layer.gate.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
                 stack.callback(handle.remove)
         yield model
 

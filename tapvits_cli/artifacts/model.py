@@ -98,10 +98,23 @@ def _summarize(artifact: ArtifactFile) -> Summary:
     if spec.class_names:
         figures["class_names"] = list(spec.class_names)
     tables = []
+    if spec.token_merging is not None:
+        figures["token_merging"] = spec.token_merging.to_dict()
+        tables.append(Table("token merging", ["block", "amount", "tokens after"],
+                            [[i, amount, tokens] for i, (amount, tokens)
+                             in enumerate(zip(spec.token_merging.schedule, _token_counts(spec)))]))
     if spec.blocks:
         tables.append(Table("blocks", ["block", "heads", "head_dim", "mlp_hidden"],
                             [[i, b.heads, b.head_dim, b.mlp_hidden] for i, b in enumerate(spec.blocks)]))
     return Summary(figures=figures, tables=tables)
+
+
+def _token_counts(spec: ModelSpec) -> tuple[int, ...]:
+    """Tokens leaving each block of a token-merging model (its patch grid comes from a ``meta`` build)."""
+    from tapvits_cli.models.factory import build_model
+    from tapvits_cli.models.token_merging import token_grid
+
+    return spec.token_merging.token_counts(*token_grid(build_model(spec, device="meta")))
 
 
 SPEC = register(KindSpec(

@@ -15,18 +15,13 @@ import click
 
 from tapvits_cli import __version__
 from tapvits_cli.cli import (allocate, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
-                             inspect_cmd, prune, score, select, validate_cmd)
-from tapvits_cli.cli.options import CURRENT, global_options
-from tapvits_cli.errors import ExitCode, NotImplementedStageError, TapvitsError
-
-# Stages whose logic is not built yet: (name, one-line help, issue that delivers it).
-PLANNED_STAGES = (
-    ("run", "Run a YAML recipe: the whole pipeline, resumable.", 6),
-)
+                             inspect_cmd, prune, run, score, select, validate_cmd)
+from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
+from tapvits_cli.errors import ExitCode, TapvitsError
 
 
 class PipelineOrderGroup(click.Group):
-    """Lists subcommands in pipeline order (then tools), not alphabetically, built or planned alike."""
+    """Lists subcommands in pipeline order (then tools), not alphabetically."""
 
     ORDER = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "export", "run",
              "create-model", "dataset", "inspect", "validate")
@@ -48,25 +43,14 @@ def cli() -> None:
     """
 
 
-def _planned(name: str, summary: str, issue: int) -> click.Command:
-    @click.command(name, help=f"{summary} [not implemented yet]", short_help=f"{summary} [not yet]",
-                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    @global_options
-    def command() -> None:
-        raise NotImplementedStageError(f"'tapvits {name}' is not implemented yet (planned in issue {issue})")
-
-    return command
-
-
-for _name, _summary, _issue in PLANNED_STAGES:
-    cli.add_command(_planned(_name, _summary, _issue))
-for _module in (fit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export,
+for _module in (fit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export, run,
                 create_model, dataset_cmd, inspect_cmd, validate_cmd):
     cli.add_command(_module.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the group and map failures to exit codes."""
+    reset_settings()
     try:
         cli.main(args=argv, prog_name="tapvits", standalone_mode=False)
     except click.exceptions.Abort:

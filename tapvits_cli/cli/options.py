@@ -28,11 +28,17 @@ class Settings:
 CURRENT = Settings()
 
 
+def reset_settings() -> None:
+    """Back to the defaults; options then only record what was given (see ``_store``)."""
+    for name, value in vars(Settings()).items():
+        setattr(CURRENT, name, value)
+
+
 def _store(attribute: str) -> Callable:
     def callback(ctx: click.Context, param: click.Parameter, value):
         source = ctx.get_parameter_source(param.name)
-        if source in (ParameterSource.DEFAULT, None) and ctx.parent is not None:
-            return value  # the subcommand's default must not undo a group-level choice
+        if source in (ParameterSource.DEFAULT, None):
+            return value  # a default must not undo a choice made elsewhere (group level, -q vs -v, a run)
         if attribute == "verbosity" and param.name == "quiet":
             value = -1 if value else CURRENT.verbosity
         setattr(CURRENT, attribute, value)

@@ -56,7 +56,9 @@ def command(model: str, metric_set_path: str, pool: str | None, output: str, cri
 
     Per unit: activity, redundancy, task relevance and their composite (or a baseline
     criterion); per block and unit type: KL(intact ‖ probed) when the layer's lowest-scoring
-    fraction S is removed. Writes a scores artifact for `tapvits allocate`.
+    fraction S is removed. Writes a scores artifact for `tapvits allocate`. MODEL is a timm
+    ViT/DeiT (family vit) or Swin (family swin, blocks numbered across stages); any other
+    model is refused.
 
     Example: tapvits score base.safetensors --metric-set device.metric.h5 --budget 0.7
     -o device.scores.safetensors
@@ -73,7 +75,7 @@ def command(model: str, metric_set_path: str, pool: str | None, output: str, cri
     from tapvits_cli.data.preprocess import Preprocessing
     from tapvits_cli.importance.samples import SampleSet
     from tapvits_cli.importance.scoring import ScoreConfig, planned_steps, score_model
-    from tapvits_cli.models.families import GENERIC
+    from tapvits_cli.models.families import family_module
     from tapvits_cli.runtime import resolve_device, seed_everything
 
     if probe_fraction is not None and budget is not None:
@@ -94,8 +96,7 @@ def command(model: str, metric_set_path: str, pool: str | None, output: str, cri
             f"{metric_set.pool['fingerprint'][:12]}), but '{dataset.ref}' has fingerprint {dataset.fingerprint()[:12]}: "
             "pass the pool the metric set was selected from")
     network, spec, model_artifact = load_model(model, device=device)
-    if spec.family == GENERIC:
-        raise UsageError(f"{model} is a generic {spec.architecture} model: only prunable families can be scored")
+    family_module(spec.family, spec.architecture)   # a generic model is refused, naming the supported families
     ids = metric_set.metric_ids[:max_samples] if max_samples else metric_set.metric_ids
     positions = dataset.positions_of(ids)
     labels = dataset.labels[positions]

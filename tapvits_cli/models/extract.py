@@ -3,7 +3,8 @@
 The GMM a device uploads lives in the feature space of one extractor; the cloud may only
 score public images with *the same* extractor and preprocessing. :class:`Extractor`
 therefore carries a fingerprint (architecture, kwargs, weights hash, preprocessing,
-feature layer) that every artifact in feature space records and every consumer compares.
+feature layer, and token merging when the model has it: the same weights merging tokens
+give other features) that every artifact in feature space records and every consumer compares.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def make_extractor(model, architecture: str, kwargs: Mapping[str, Any], weights_
                    preprocessing=None) -> Extractor:
     """Wrap a loaded model; the fingerprint is what makes two extractors interchangeable."""
     from tapvits_cli.data.preprocess import Preprocessing
+    from tapvits_cli.models.token_merging import token_merging_of
 
     preprocessing = preprocessing or Preprocessing.from_model(model)
     model.eval()
@@ -54,6 +56,9 @@ def make_extractor(model, architecture: str, kwargs: Mapping[str, Any], weights_
         "feature_layer": FEATURE_LAYER,
         "feature_dim": int(model.num_features),
     }
+    merging = token_merging_of(model)
+    if merging is not None:
+        fingerprint["token_merging"] = merging.to_dict()
     return Extractor(model=model, preprocessing=preprocessing, fingerprint=fingerprint)
 
 

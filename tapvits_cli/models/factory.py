@@ -35,8 +35,9 @@ def create_model(architecture: str, kwargs: Mapping[str, Any] | None = None, pre
 
 def describe_model(model, architecture: str, kwargs: Mapping[str, Any],
                    class_names: Sequence[str] | None = None) -> ModelSpec:
-    """The spec that rebuilds ``model`` exactly, read off the live module."""
+    """The spec that rebuilds ``model`` exactly, read off the live module (token merging included)."""
     from tapvits_cli.data.preprocess import Preprocessing
+    from tapvits_cli.models.token_merging import token_merging_of
 
     family = family_of(model)
     blocks = family_module(family).block_widths(model) if family != GENERIC else ()
@@ -51,11 +52,12 @@ def describe_model(model, architecture: str, kwargs: Mapping[str, Any],
         preprocessing=Preprocessing.from_model(model).to_dict(),
         num_classes=num_classes,
         class_names=tuple(class_names) if class_names is not None else None,
+        token_merging=token_merging_of(model),
     )
 
 
 def build_model(spec: ModelSpec, state_dict: Mapping[str, Any] | None = None, device: str = "cpu"):
-    """Rebuild the architecture of ``spec`` (per-block widths included) and load weights.
+    """Rebuild the architecture of ``spec`` (per-block widths and token merging included) and load weights.
 
     With ``device="meta"`` no memory is allocated: that is how ``validate`` checks
     tensor names and shapes of large artifacts cheaply.
@@ -69,6 +71,10 @@ def build_model(spec: ModelSpec, state_dict: Mapping[str, Any] | None = None, de
             if family_of(model) != spec.family:
                 raise UsageError(f"{spec.architecture} is not a '{spec.family}' model")
             family.set_block_widths(model, spec.blocks)
+        if spec.token_merging is not None:
+            from tapvits_cli.models.token_merging import set_token_merging
+
+            set_token_merging(model, spec.token_merging)
     if state_dict is not None:
         model.load_state_dict(dict(state_dict), strict=True)
     model.eval()

@@ -7,7 +7,8 @@ into ``metadata_props`` (see protocol/README.md, "Exports").
 
 torch's TorchScript exporter (``dynamo=False``) is used: it traces timm ViTs, pruned
 or not, with no package beyond ``onnx`` and ``onnxruntime`` (the ``onnx`` extra), and
-its batch axis can be left symbolic.
+its batch axis can be left symbolic. Token-merging models export too (from opset 16): their
+per-block token counts are fixed by the input size, so the graph stays static but for the batch.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from tapvits_cli.artifacts.header import PREFIX, Header, LineageEntry
-from tapvits_cli.errors import DataUnavailableError, ExportError
+from tapvits_cli.errors import DataUnavailableError, ExportError, UsageError
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 DEFAULT_OPSET = 17
+MERGING_OPSET = 16   # token merging sums tokens with ScatterElements(reduction="add"), new in opset 16
 TOLERANCE = 1e-4
 EXPORT_VERSION = 1   # of the metadata_props layout below
 
@@ -60,7 +62,12 @@ def export_onnx(model, input_shape: Sequence[int], batch_size: int = 1, dynamic_
     """
     import torch
 
+    from tapvits_cli.models.token_merging import token_merging_of
+
     onnx, _ = require_onnx()
+    if token_merging_of(model) is not None and opset < MERGING_OPSET:
+        raise UsageError(f"a token-merging model needs ONNX opset {MERGING_OPSET} or later (summing scatter): "
+                         f"use --opset {MERGING_OPSET}")
     model.eval()
     example = torch.zeros(batch_size, *input_shape)
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None

@@ -2,17 +2,22 @@
 
 A spec is plain data (no torch): the timm architecture name and keyword arguments, the
 family that knows its prunable units, the per-block widths (which differ from the
-architecture's defaults once a model is pruned), its preprocessing and its classes.
+architecture's defaults once a model is pruned), its preprocessing, its classes and its
+token merging (``models/token_merging.py``, which needs torch: it is imported only for a
+spec that has one).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from tapvits_cli.artifacts.header import compact_json
 from tapvits_cli.errors import InvalidArtifactError
+
+if TYPE_CHECKING:
+    from tapvits_cli.models.token_merging import TokenMerging
 
 NAMESPACE = "model"
 
@@ -43,6 +48,7 @@ class ModelSpec:
     num_classes: int
     class_names: tuple[str, ...] | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+    token_merging: TokenMerging | None = None
 
     def to_metadata(self, parameters: int, weights_sha256: str) -> dict[str, str]:
         meta = {
@@ -57,6 +63,8 @@ class ModelSpec:
         }
         if self.class_names is not None:
             meta["model.class_names"] = compact_json(list(self.class_names))
+        if self.token_merging is not None:
+            meta["model.token_merging"] = compact_json(self.token_merging.to_dict())
         return meta
 
     @classmethod
@@ -81,6 +89,14 @@ class ModelSpec:
         if any(min(b.heads, b.head_dim, b.mlp_hidden) < 0 for b in blocks):
             raise InvalidArtifactError(f"{source}: model.blocks widths must not be negative")
         names = json.loads(meta["model.class_names"]) if "model.class_names" in meta else None
+        merging = None
+        if "model.token_merging" in meta:
+            from tapvits_cli.models.token_merging import TokenMerging
+
+            try:
+                merging = TokenMerging.from_dict(json.loads(meta["model.token_merging"]))
+            except ValueError as exc:
+                raise InvalidArtifactError(f"{source}: key 'model.token_merging' is malformed ({exc})") from None
         return cls(
             architecture=field_("architecture", str),
             kwargs=kwargs,
@@ -89,4 +105,5 @@ class ModelSpec:
             preprocessing=preprocessing,
             num_classes=field_("num_classes", int),
             class_names=tuple(str(n) for n in names) if names is not None else None,
+            token_merging=merging,
         )

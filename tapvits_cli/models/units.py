@@ -1,6 +1,6 @@
 """Prunable units as family-neutral views: what the importance criteria and budgets work on.
 
-A model family (``families/vit.py``, later Swin) describes each of its prunable layers as
+A model family (``families/vit.py``, ``families/swin.py``) describes each of its prunable layers as
 a :class:`UnitLayer`: how many units it has (MLP neurons, attention heads), the module
 whose *input* carries the units' outputs side by side (``gate``: unit-major channels,
 ``channels`` per unit), and the weights each unit owns. Zeroing a unit's channels at the

@@ -1,8 +1,8 @@
 """Physical pruning: a plan's kept units applied to a model, by the model's family.
 
 Criteria-free and file-free: the plan arrives as kept unit indices per block, the family
-module (``models/families``) slices its own layers, so Swin adds its ``prune_blocks``
-without touching this.
+module (``models/families``) slices its own layers (``prune_blocks`` of ``vit``, ``swin``),
+so a new family needs nothing here.
 """
 
 from __future__ import annotations

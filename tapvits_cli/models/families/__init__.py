@@ -12,8 +12,9 @@ Each family module provides:
   MACs per unit (works on a ``meta``-device model).
 
 The importance criteria and the budget allocation use only these views, so a new family
-(Swin) never touches them. A model outside every family can still be loaded and used as
-a feature extractor: its family is ``generic`` and it has no prunable blocks.
+never touches them. A model outside every family can still be loaded and used as a
+feature extractor: its family is ``generic`` and it has no prunable blocks; scoring or
+pruning it fails with the list of supported families.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.models.families import vit
+from tapvits_cli.models.families import swin, vit
 
-FAMILIES: dict[str, ModuleType] = {"vit": vit}
+FAMILIES: dict[str, ModuleType] = {"vit": vit, "swin": swin}
 GENERIC = "generic"
-SUPPORTED_DESCRIPTION = "vit (timm VisionTransformer: ViT, DeiT and other vit_*/deit_* models)"
+SUPPORTED_DESCRIPTION = ("vit (timm VisionTransformer: ViT, DeiT and other vit_*/deit_* models), "
+                         "swin (timm SwinTransformer: swin_* v1 models, not SwinV2)")
 
 
 def family_of(model) -> str:
@@ -36,10 +38,9 @@ def family_of(model) -> str:
     return GENERIC
 
 
-def family_module(name: str) -> ModuleType:
-    """The module of a prunable family; a clear error for anything else."""
+def family_module(name: str, architecture: str | None = None) -> ModuleType:
+    """The module of a prunable family; a clear error for anything else (naming ``architecture`` if given)."""
     if name not in FAMILIES:
-        raise UsageError(
-            f"model family '{name}' cannot be pruned; supported families: {SUPPORTED_DESCRIPTION}"
-        )
+        subject = f"{architecture} (model family '{name}')" if architecture else f"model family '{name}'"
+        raise UsageError(f"{subject} cannot be scored or pruned; supported families: {SUPPORTED_DESCRIPTION}")
     return FAMILIES[name]

@@ -13,6 +13,7 @@ heads head-major). Zeroing those channels equals deleting the unit's weights.
 
 A branch that keeps no unit at all is removed with its norm and layer scale: the block
 holds an :class:`EmptyBranch` there and computes ``x + 0`` for it (width 0 in the spec).
+The slicing itself is shared with Swin (``branches.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 
-from tapvits_cli.errors import NotImplementedStageError
+from tapvits_cli.models.families.branches import (EmptyBranch, check_prunable, head_weights, keep_heads,
+                                                  keep_neurons, mlp_hidden, neuron_weights, remove_branch,
+                                                  resize_heads, resize_mlp)
 from tapvits_cli.models.spec import BlockWidths
-from tapvits_cli.models.units import (BlockSequence, CostModel, LayerCost, OwnedWeights, UnitLayer,
-                                      unit_params)
+from tapvits_cli.models.units import BlockSequence, CostModel, LayerCost, UnitLayer, unit_params
 
 
 def is_member(model) -> bool:
@@ -38,48 +39,11 @@ def is_member(model) -> bool:
     )
 
 
-class EmptyBranch(nn.Module):
-    """A removed attention or MLP branch: contributes zeros to the residual stream, owns no weight.
-
-    ``head_dim`` keeps the architecture's head width of a removed attention branch, so the
-    spec still says what a head of this block was.
-    """
-
-    def __init__(self, head_dim: int = 0):
-        super().__init__()
-        self.head_dim = head_dim
-
-    def forward(self, x, *args, **kwargs):
-        return torch.zeros_like(x)
-
-
 def block_widths(model) -> tuple[BlockWidths, ...]:
-    def mlp_hidden(mlp):
-        return 0 if isinstance(mlp, EmptyBranch) else mlp.fc1.out_features
-
     return tuple(
         BlockWidths(heads=getattr(blk.attn, "num_heads", 0), head_dim=blk.attn.head_dim, mlp_hidden=mlp_hidden(blk.mlp))
         for blk in model.blocks
     )
-
-
-def _remove_branch(blk, kind: str) -> None:
-    """Replace a block's attention or MLP branch (its norm and layer scale too) by an :class:`EmptyBranch`."""
-    if kind == "attn":
-        blk.norm1, blk.attn, blk.ls1 = nn.Identity(), EmptyBranch(blk.attn.head_dim), nn.Identity()
-    else:
-        blk.norm2, blk.mlp, blk.ls2 = nn.Identity(), EmptyBranch(), nn.Identity()
-
-
-def _check_prunable(index: int, blk) -> None:
-    """Narrower q/k/v and fc1 equal the masked model only without a norm or gate across units."""
-    attn, mlp = blk.attn, blk.mlp
-    if isinstance(attn, EmptyBranch) or isinstance(mlp, EmptyBranch):
-        raise NotImplementedStageError(f"block {index} already lost a whole branch; pruning or scoring such a "
-                                       "model again is not supported yet")
-    if getattr(attn, "gate", None) is not None or not isinstance(attn.norm, nn.Identity) \
-            or not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-        raise NotImplementedStageError(f"block {index}: gated or inner-normed attention/MLP is not supported yet")
 
 
 def set_block_widths(model, widths: Sequence[BlockWidths]) -> None:
@@ -95,19 +59,16 @@ def set_block_widths(model, widths: Sequence[BlockWidths]) -> None:
         if width.head_dim != attn.head_dim:
             raise ValueError(f"block {index}: head_dim {width.head_dim} differs from the architecture's {attn.head_dim}")
         if width.heads != attn.num_heads or width.mlp_hidden != mlp.fc1.out_features:
-            _check_prunable(index, blk)
+            check_prunable(index, attn, mlp)
         if width.heads == 0:
-            _remove_branch(blk, "attn")
+            remove_branch(blk, "attn", attn.head_dim)
         elif width.heads != attn.num_heads:
-            dim, attn_dim = attn.qkv.in_features, width.heads * width.head_dim
-            attn.qkv = nn.Linear(dim, 3 * attn_dim, bias=attn.qkv.bias is not None)
-            attn.proj = nn.Linear(attn_dim, attn.proj.out_features, bias=attn.proj.bias is not None)
-            attn.num_heads, attn.attn_dim = width.heads, attn_dim
+            resize_heads(attn, width.heads, width.head_dim)
+            attn.attn_dim = width.heads * width.head_dim
         if width.mlp_hidden == 0:
-            _remove_branch(blk, "mlp")
+            remove_branch(blk, "mlp")
         elif width.mlp_hidden != mlp.fc1.out_features:
-            mlp.fc1 = nn.Linear(mlp.fc1.in_features, width.mlp_hidden, bias=mlp.fc1.bias is not None)
-            mlp.fc2 = nn.Linear(width.mlp_hidden, mlp.fc2.out_features, bias=mlp.fc2.bias is not None)
+            resize_mlp(mlp, width.mlp_hidden)
 
 
 def prune_blocks(model, attn_keep: Sequence, mlp_keep: Sequence) -> None:
@@ -119,61 +80,30 @@ def prune_blocks(model, attn_keep: Sequence, mlp_keep: Sequence) -> None:
     list removes the branch (see :class:`EmptyBranch`).
     """
     for index, (blk, heads, neurons) in enumerate(zip(model.blocks, attn_keep, mlp_keep)):
-        _check_prunable(index, blk)
         attn, mlp = blk.attn, blk.mlp
+        check_prunable(index, attn, mlp)
         heads = torch.as_tensor(heads, dtype=torch.long, device=attn.qkv.weight.device)
         neurons = torch.as_tensor(neurons, dtype=torch.long, device=mlp.fc1.weight.device)
         if len(heads) == 0:
-            _remove_branch(blk, "attn")
+            remove_branch(blk, "attn", attn.head_dim)
         elif len(heads) < attn.num_heads:
-            channels = (heads[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=heads.device)).reshape(-1)
-            rows = (torch.arange(3, device=heads.device)[:, None] * attn.attn_dim + channels).reshape(-1)
-            attn.qkv = _sliced(attn.qkv, rows=rows)
-            attn.proj = _sliced(attn.proj, columns=channels)
-            attn.num_heads, attn.attn_dim = len(heads), len(channels)
+            keep_heads(attn, heads, attn.head_dim)
+            attn.attn_dim = len(heads) * attn.head_dim
         if len(neurons) == 0:
-            _remove_branch(blk, "mlp")
+            remove_branch(blk, "mlp")
         elif len(neurons) < mlp.fc1.out_features:
-            mlp.fc1, mlp.fc2 = _sliced(mlp.fc1, rows=neurons), _sliced(mlp.fc2, columns=neurons)
-
-
-def _sliced(linear, rows=None, columns=None):
-    """A new ``nn.Linear`` holding the selected output rows (with their bias) or input columns."""
-    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
-    if rows is not None:
-        weight, bias = weight.index_select(0, rows), None if bias is None else bias.index_select(0, rows)
-    if columns is not None:
-        weight = weight.index_select(1, columns)
-    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    sliced.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        sliced.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
-    return sliced
+            keep_neurons(mlp, neurons)
 
 
 def unit_layers(model) -> list[UnitLayer]:
     """Per block, its attention heads then its MLP neurons (execution order)."""
     layers = []
     for index, blk in enumerate(model.blocks):
-        _check_prunable(index, blk)
         attn, mlp = blk.attn, blk.mlp
-        heads, head_dim, hidden = attn.num_heads, attn.head_dim, mlp.fc1.out_features
-
-        def qkv_rows(t, heads=heads, head_dim=head_dim):   # (3*A, ...) -> (heads, 3*head_dim*...)
-            return t.reshape(3, heads, head_dim, -1).transpose(0, 1).reshape(heads, -1)
-
-        def proj_columns(t, heads=heads, head_dim=head_dim):   # (dim, A) -> (heads, dim*head_dim)
-            return t.reshape(t.shape[0], heads, head_dim).transpose(0, 1).reshape(heads, -1)
-
-        owned_heads = [OwnedWeights(attn.qkv.weight, qkv_rows), OwnedWeights(attn.proj.weight, proj_columns)]
-        if attn.qkv.bias is not None:
-            owned_heads.append(OwnedWeights(attn.qkv.bias, qkv_rows))
-        owned_neurons = [OwnedWeights(mlp.fc1.weight, lambda t, n=hidden: t.reshape(n, -1)),
-                         OwnedWeights(mlp.fc2.weight, lambda t: t.t())]
-        if mlp.fc1.bias is not None:
-            owned_neurons.append(OwnedWeights(mlp.fc1.bias, lambda t, n=hidden: t.reshape(n, 1)))
-        layers.append(UnitLayer(index, "attn", heads, head_dim, attn.proj, tuple(owned_heads), _tokens))
-        layers.append(UnitLayer(index, "mlp", hidden, 1, mlp.fc2, tuple(owned_neurons), _tokens))
+        check_prunable(index, attn, mlp)
+        layers.append(UnitLayer(index, "attn", attn.num_heads, attn.head_dim, attn.proj,
+                                tuple(head_weights(attn, attn.head_dim)), _tokens))
+        layers.append(UnitLayer(index, "mlp", mlp.fc1.out_features, 1, mlp.fc2, tuple(neuron_weights(mlp)), _tokens))
     return layers
 
 
@@ -183,7 +113,17 @@ def _tokens(x):
 
 
 def block_sequence(model) -> BlockSequence:
-    """``forward_features`` + ``forward_head`` split at block boundaries (eval mode, no masks)."""
+    """``forward_features`` + ``forward_head`` split at block boundaries (eval mode, no masks).
+
+    A replay from block l cannot carry merged token sizes, so a token-merging model is refused.
+    """
+    from tapvits_cli.errors import UsageError
+    from tapvits_cli.models.token_merging import token_merging_of
+
+    if token_merging_of(model) is not None:
+        raise UsageError("layer importance replays blocks without token merging: score the model before merging "
+                         "(tapvits prune MODEL --merge none -o unmerged.safetensors writes such a copy)")
+
     def stem(images):
         return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 

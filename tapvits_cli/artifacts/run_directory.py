@@ -1,0 +1,211 @@
+"""The files of a ``tapvits run``: recipes in, the run directory and the stage cache out.
+
+Layout and ``run.json`` are specified in protocol/run.md. The run directory is the
+only record of what finished: a step counts as done when ``run.json`` holds its key and
+the file it wrote still has the recorded SHA-256, so a file edited or truncated by hand
+is made again rather than trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from tapvits_cli.artifacts.files import atomic_write, sha256_file
+from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
+
+STATE_FILE = "run.json"
+LOCK_FILE = ".lock"
+RECIPE_FILE = "recipe.yaml"
+COMMANDS_FILE = "commands.sh"
+SUMMARY_FILE = "summary.json"
+STATE_VERSION = 1
+_MAX_EXTENDS = 16
+
+
+def read_recipe_document(path: str | os.PathLike) -> dict:
+    """The YAML document of a recipe with its ``extends`` chain merged in (base first).
+
+    ``extends`` names the base recipe relative to the file that names it; a chain is
+    followed up to 16 levels and a cycle is an error.
+    """
+    import yaml
+
+    from tapvits_cli.pipeline.recipe import merge
+
+    chain: list[dict] = []
+    current = Path(path)
+    seen: set[Path] = set()
+    while True:
+        resolved = current.resolve()
+        if resolved in seen or len(chain) >= _MAX_EXTENDS:
+            raise UsageError(f"recipe {current}: 'extends' forms a cycle or is nested deeper than {_MAX_EXTENDS}")
+        seen.add(resolved)
+        try:
+            text = current.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"recipe {current}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"recipe {current}: cannot be read ({exc})") from None
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UsageError(f"recipe {current}:{where}: not valid YAML ({problem})") from None
+        if not isinstance(document, dict):
+            raise UsageError(f"recipe {current}: must be a YAML mapping of keys (see protocol/recipe.md)")
+        chain.append(document)
+        parent = document.get("extends")
+        if parent is None:
+            break
+        if not isinstance(parent, str):
+            raise UsageError(f"recipe {current}: 'extends' must be a file name")
+        current = current.parent / parent
+    merged: dict = {}
+    for document in reversed(chain):
+        merged = merge(merged, {k: v for k, v in document.items() if k != "extends"})
+    return merged
+
+
+def parse_yaml_value(text: str) -> Any:
+    """A ``--set`` value as YAML reads it (0.5 → float, true → bool, [a, b] → list)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise UsageError(f"--set value {text!r} is not a YAML scalar or flow list/mapping") from None
+
+
+class RunDirectory:
+    """One run's directory: its state (``run.json``), recorded recipe and commands, and the stage cache."""
+
+    def __init__(self, root: str | os.PathLike, cache: str | os.PathLike | None = None):
+        self.root = Path(root)
+        self.cache = Path(cache) if cache is not None else None
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._lock = self._acquire_lock()
+        self.state = self._read_state()
+
+    def _acquire_lock(self):
+        """Hold an exclusive lock for this process's lifetime: two runs in one directory would clobber its state."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / LOCK_FILE, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UsageError(f"{self.root}: another tapvits run is using this run directory") from None
+        return handle
+
+    def close(self) -> None:
+        self._lock.close()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _read_state(self) -> dict:
+        path = self.root / STATE_FILE
+        if not path.exists():
+            return {"version": STATE_VERSION, "steps": {}}
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise InvalidArtifactError(f"{path}: unreadable run state; remove it to start the run afresh") from None
+        if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+            raise InvalidArtifactError(f"{path}: not a tapvits run state; remove it to start the run afresh")
+        if int(state.get("version", 0)) > STATE_VERSION:
+            raise IncompatibleArtifactError(f"{path}: run state v{state['version']} is newer than this tapvits "
+                                            f"reads (v{STATE_VERSION}); upgrade tapvits")
+        return state
+
+    def _write_state(self) -> None:
+        with atomic_write(self.root / STATE_FILE) as tmp:
+            tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        """SHA-256 of a file, remembered while its size and modification time stay the same."""
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(path)
+        return self._hashes[key]
+
+    def finished(self, step_id: str, output: str, key: str) -> bool:
+        """True when ``step_id`` ran with ``key`` and its output is still the file it wrote."""
+        record = self.state["steps"].get(step_id)
+        target = self.path(output)
+        return bool(record and record.get("key") == key and target.is_file()
+                    and self.sha256(target) == record.get("sha256"))
+
+    def record(self, step_id: str, output: str, key: str, seconds: float, source: str) -> None:
+        """Mark a step done (``source``: ran, or cache) and save the state at once."""
+        self.state["steps"][step_id] = {
+            "key": key, "output": output, "sha256": self.sha256(self.path(output)), "seconds": round(seconds, 3),
+            "source": source, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self._write_state()
+
+    def forget(self, step_id: str) -> None:
+        if self.state["steps"].pop(step_id, None) is not None:
+            self._write_state()
+
+    def seconds(self, step_id: str) -> float | None:
+        record = self.state["steps"].get(step_id)
+        return None if record is None else record.get("seconds")
+
+    # -- the stage cache -----------------------------------------------------------------------
+
+    def _cached(self, key: str, output: str) -> Path | None:
+        return None if self.cache is None else self.cache / f"{key}{''.join(Path(output).suffixes)}"
+
+    def restore_from_cache(self, key: str, output: str) -> float | None:
+        """Copy a cached result of the same step key into place; its original run time, or None when absent."""
+        cached = self._cached(key, output)
+        if cached is None or not cached.is_file():
+            return None
+        with atomic_write(self.path(output)) as tmp:
+            shutil.copyfile(cached, tmp)
+        try:
+            return float(json.loads(cached.with_name(f"{key}.json").read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0   # a cache entry without its record still holds a valid result
+
+    def store_in_cache(self, key: str, output: str, seconds: float) -> None:
+        cached = self._cached(key, output)
+        if cached is not None and not cached.exists():
+            with atomic_write(cached.with_name(f"{key}.json")) as tmp:
+                tmp.write_text(json.dumps({"seconds": round(seconds, 3), "output": output}) + "\n")
+            with atomic_write(cached) as tmp:
+                shutil.copyfile(self.path(output), tmp)
+
+    # -- records beside the artifacts ----------------------------------------------------------
+
+    def write_recipe(self, document: Mapping[str, Any]) -> Path:
+        import yaml
+
+        with atomic_write(self.root / RECIPE_FILE) as tmp:
+            tmp.write_text("# The resolved recipe this run carried out (extends and --set applied).\n"
+                           + yaml.safe_dump(dict(document), sort_keys=False))
+        return self.root / RECIPE_FILE
+
+    def write_commands(self, command_lines: list[str]) -> Path:
+        with atomic_write(self.root / COMMANDS_FILE) as tmp:
+            tmp.write_text("#!/usr/bin/env bash\n# The subcommands this run executes, in order "
+                           "(run from the directory tapvits run was started in).\nset -euo pipefail\n"
+                           + "\n".join(command_lines) + "\n")
+        return self.root / COMMANDS_FILE
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        with atomic_write(self.root / SUMMARY_FILE) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        return self.root / SUMMARY_FILE

@@ -1,0 +1,269 @@
+"""``tapvits run RECIPE``: the whole pipeline from a YAML recipe, resumable and cached.
+
+Every step is the subcommand itself, invoked in-process with the arguments a user
+would type (``commands.sh`` in the run directory lists them), so a recipe and a shell
+pipeline cannot drift apart. Which options a stage section accepts is read off the
+subcommand's own options, minus those the run sets itself (inputs, outputs, budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import shlex
+from pathlib import Path
+from typing import Any, Mapping
+
+import click
+
+from tapvits_cli.cli import allocate, eval_cmd, features, finetune, fit_gmm, prune, score, select
+from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.output import emit, log, stderr_console
+from tapvits_cli.errors import BelowThresholdError, TapvitsError, UsageError
+
+STAGE_COMMANDS: dict[str, click.Command] = {
+    "fit-gmm": fit_gmm.command, "features": features.command, "select": select.command, "score": score.command,
+    "allocate": allocate.command, "prune": prune.command, "finetune": finetune.command, "eval": eval_cmd.command,
+}
+GLOBAL_OPTIONS = {"json", "debug", "verbose", "quiet", "seed", "device", "progress", "help"}
+# Options the run sets itself: inputs and outputs it names, the recipe's budget and thresholds.
+MANAGED = {
+    "fit-gmm": {"output", "extractor"},
+    "features": {"output", "extractor", "restart"},
+    "select": {"pool", "output", "extractor", "batch-size"},
+    "score": {"metric-set", "pool", "output", "budget"},
+    "allocate": {"output", "budget", "budget-macs", "model"},
+    "prune": {"output"},
+    "finetune": {"model", "arg", "data", "metric-set", "output", "teacher", "checkpoint-dir", "no-checkpoint", "resume"},
+    "eval": {"data", "output", "min-top1"},
+}
+RUN_ONLY_KEYS = {"finetune": {"distill"}}   # recipe keys that are not options of the subcommand
+
+
+def _long_name(option: click.Option) -> str:
+    return max((o for o in option.opts if o.startswith("--")), key=len, default=option.opts[0]).lstrip("-")
+
+
+def _stage_options(stage: str) -> dict[str, click.Option]:
+    """The recipe keys of a stage section, each with the option it stands for."""
+    command = STAGE_COMMANDS["finetune" if stage == "train" else stage]
+    return {_long_name(p): p for p in command.params
+            if isinstance(p, click.Option) and _long_name(p) not in GLOBAL_OPTIONS | MANAGED[command.name]}
+
+
+def _flags(stage: str) -> dict[str, tuple[str, str | None]]:
+    return {key: (f"--{key}", option.secondary_opts[0] if option.secondary_opts else None)
+            for key, option in _stage_options(stage).items() if option.is_flag}
+
+
+def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
+    """Recipe stage options checked with the subcommand's own option types."""
+    from tapvits_cli.pipeline.recipe import suggest
+
+    allowed = _stage_options(stage)
+    extra = RUN_ONLY_KEYS.get(stage, set())
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in extra:
+            if not isinstance(value, bool):
+                raise UsageError(f"recipe: '{path}.{key}' must be true or false")
+            checked[key] = value
+            continue
+        if key not in allowed:
+            managed = MANAGED["finetune" if stage == "train" else stage]
+            reason = (" is set by the run itself" if key in managed or key in GLOBAL_OPTIONS else
+                      f" is not an option of `tapvits {'finetune' if stage == 'train' else stage}`"
+                      f"{suggest(key, list(allowed) + sorted(extra))}")
+            raise UsageError(f"recipe: '{path}.{key}'{reason}")
+        option = allowed[key]
+        if option.is_flag:
+            if not isinstance(value, bool):
+                raise UsageError(f"recipe: '{path}.{key}' is a flag: true or false, not {value!r}")
+            checked[key] = value
+            continue
+        if isinstance(value, (dict, bool)) or value is None:
+            raise UsageError(f"recipe: '{path}.{key}' needs a value like the option --{key} takes, not {value!r}")
+        values = value if option.multiple and isinstance(value, list) else [value]
+        texts = [",".join(str(v) for v in item) if isinstance(item, list) else str(item) for item in values]
+        for text in texts:
+            try:
+                option.type.convert(text, option, None)
+            except click.BadParameter as exc:
+                raise UsageError(f"recipe: '{path}.{key}': {exc.message}") from None
+        checked[key] = texts if option.multiple else texts[0]
+    return checked
+
+
+@contextlib.contextmanager
+def _nested_settings():
+    """A stage invocation sets the global options for itself; the run's own stay as they were."""
+    saved = copy.copy(CURRENT)
+    try:
+        yield
+    finally:
+        for field, value in vars(saved).items():
+            setattr(CURRENT, field, value)
+
+
+def _invoke(step, root: str) -> None:
+    argv = step.argv(root)
+    if CURRENT.progress is not None:
+        argv.append("--progress" if CURRENT.progress else "--no-progress")
+    if CURRENT.verbosity < 1:
+        argv.append("--quiet")   # the run reports each step itself; -v shows the stages' own logs
+    with _nested_settings(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            STAGE_COMMANDS[step.stage].main(args=argv, prog_name=f"tapvits {step.stage}", standalone_mode=False)
+        except click.ClickException as exc:
+            raise UsageError(f"{step.id}: {exc.format_message()}") from None
+        except TapvitsError as exc:
+            exc.args = (f"{step.id}: {exc}",)
+            raise
+
+
+def _command_line(step, root: str) -> str:
+    return " ".join(shlex.quote(token) for token in ["tapvits", step.stage, *step.argv(root)])
+
+
+@click.command("run", short_help="Run a YAML recipe: the whole pipeline, resumable.")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Where the artifacts go [default: runs/NAME].")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, repeatable: --set budget=0.5 --set stages.score.criterion=magnitude.")
+@click.option("--cache", type=click.Path(file_okay=False),
+              help="A stage cache shared between runs: a step whose key is there is copied, not rerun.")
+@click.option("--force", is_flag=True, help="Rerun every step, even unchanged ones.")
+@click.option("--dry-run", is_flag=True, help="Print the subcommands the recipe runs, and run nothing.")
+@global_options
+def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], cache: str | None, force: bool,
+            dry_run: bool) -> None:
+    """Carry out RECIPE: base model, pool features, and per device fit-gmm → select →
+    score → allocate → prune → finetune → eval.
+
+    Artifacts go to the run directory with the resolved recipe (recipe.yaml), the
+    subcommands (commands.sh), the step records (run.json) and the summary
+    (summary.json). A step whose subcommand, options, input artifacts and datasets are
+    unchanged is skipped, so a rerun after an interruption or an edit redoes only what
+    changed. Prints the run directory (the summary with --json); a table goes to stderr.
+    Exits with code 6 when a threshold of the recipe fails (the summary is written first).
+
+    Example: tapvits run recipes/quickstart.yaml --set budget=0.5 --run-dir runs/half
+    """
+    from tapvits_cli.artifacts.run_directory import RunDirectory, parse_yaml_value, read_recipe_document
+    from tapvits_cli.pipeline.recipe import apply_setting, parse_recipe, to_document
+    from tapvits_cli.pipeline.steps import build_steps
+
+    document = read_recipe_document(recipe_path)
+    for setting in settings:
+        document = apply_setting(document, setting, parse_yaml_value)
+    recipe = parse_recipe(document, Path(recipe_path).stem, check_stage)
+    steps = build_steps(recipe, {stage: _flags(stage) for stage in STAGE_COMMANDS})
+    root = run_dir or f"runs/{recipe.name}"
+    if dry_run:
+        emit({"steps": [{"id": s.id, "command": _command_line(s, root)} for s in steps]},
+             "\n".join(_command_line(s, root) for s in steps))
+        return
+    _check_external_inputs(steps)
+    directory = RunDirectory(root, cache)
+    try:
+        directory.write_recipe(to_document(recipe))
+        directory.write_commands([_command_line(s, root) for s in steps])
+        summary = _execute(recipe, steps, directory, root, force)
+        directory.write_summary(summary)
+    finally:
+        directory.close()
+    _show(summary)
+    emit(summary, root)
+    if summary["failures"]:
+        raise BelowThresholdError("; ".join(summary["failures"]))
+
+
+def _check_external_inputs(steps) -> None:
+    for step in steps:
+        for token in step.inputs:
+            if token.external and not Path(token.path).is_file():
+                raise UsageError(f"recipe: {step.id} needs {token.path}, which does not exist")
+
+
+def _execute(recipe, steps, directory, root: str, force: bool) -> dict:
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.pipeline.runner import execute
+
+    fingerprints: dict[str, str] = {}
+
+    def fingerprint(reference: str) -> str:
+        if reference not in fingerprints:
+            fingerprints[reference] = open_dataset(reference).fingerprint()
+        return fingerprints[reference]
+
+    total = len(steps)
+    position = {step.id: index for index, step in enumerate(steps, start=1)}
+
+    def on_event(event: str, step, outcome) -> None:
+        if event == "start":
+            log(f"[{position[step.id]}/{total}] {step.id}: {_command_line(step, root)}")
+        elif outcome.source != "ran":
+            log(f"[{position[step.id]}/{total}] {step.id}: unchanged, "
+                f"{'reused from the cache' if outcome.source == 'cache' else 'skipped'}", level=1)
+
+    outcomes = execute(steps, directory, lambda step: _invoke(step, root), fingerprint, force, on_event)
+    return _summary(recipe, steps, outcomes, directory, fingerprint)
+
+
+def _summary(recipe, steps, outcomes, directory, fingerprint) -> dict:
+    from tapvits_cli.artifacts.metric_set import read_metric_set
+    from tapvits_cli.artifacts.model import read_model_spec
+    from tapvits_cli.artifacts.report import read_report
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.pipeline.summary import DeviceResult, summarize
+
+    by_id = {outcome.step.id: outcome for outcome in outcomes}
+    base_path = recipe.base_model.artifact or str(directory.path("base/model.safetensors"))
+    base_artifact, _ = read_model_spec(base_path)
+    base_parameters = int(base_artifact.metadata["model.parameters"])
+    results = []
+    for device in recipe.devices:
+        where = f"devices/{device.name}"
+        own = [o for o in outcomes if o.step.device == device.name]
+        report = read_report(directory.path(f"{where}/report.json")) if f"{where}/eval" in by_id else None
+        metric_set = read_metric_set(directory.path(f"{where}/metric.h5"))
+        results.append(DeviceResult(
+            name=device.name, report=report, selected_labels=metric_set.labels, metric_size=metric_set.metric_size,
+            private_labels=open_dataset(device.private).labels if device.private else None,
+            stage_seconds={o.step.stage: o.seconds for o in own}, stage_sources={o.step.stage: o.source for o in own}))
+    shared = {o.step.id: o.seconds for o in outcomes if o.step.device is None}
+    summary = summarize(recipe.name, recipe.budget, results, base_parameters, recipe.thresholds, shared)
+    summary["steps"] = {"total": len(outcomes), **{source: sum(o.source == source for o in outcomes)
+                                                  for source in ("ran", "skipped", "cache")}}
+    return summary
+
+
+def _show(summary: dict) -> None:
+    if CURRENT.verbosity < 0:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"run {summary['recipe']}: budget {summary['budget']:.0%} of "
+                        f"{summary['base_parameters']:,} parameters", title_justify="left")
+    for column in ("device", "top-1", "params kept", "MACs (M)", "ms @1", "ms @32", "precision", "time (s)"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+
+    def number(row, key, fmt):
+        return format(row[key], fmt) if row.get(key) is not None else "–"
+
+    for row in summary["devices"]:
+        macs = f"{row['macs'] / 1e6:.2f}" if "macs" in row else "–"
+        table.add_row(row["device"], number(row, "top1", ".2%"), number(row, "params_kept", ".1%"), macs,
+                      number(row, "latency_ms_at_1", ".2f"), number(row, "latency_ms_at_32", ".1f"),
+                      number(row, "finetune_precision", ".1%"), f"{sum(row['stage_seconds'].values()):.1f}")
+    if summary["mean"]:
+        table.add_row("mean (by samples)", f"{summary['mean']['top1']:.2%}", f"{summary['mean']['params_kept']:.1%}",
+                      "", "", "", "", "", style="bold")
+    console = stderr_console()
+    console.width = max(console.width, 120)   # the table stays readable in CI logs and pipes
+    console.print(table)
+    steps = summary["steps"]
+    console.print(f"steps: {steps['ran']} ran, {steps['skipped']} unchanged, {steps['cache']} from the cache")
+    for failure in summary["failures"]:
+        console.print(f"[red]threshold failed[/red]: {failure}")

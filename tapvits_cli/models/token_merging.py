@@ -1,0 +1,280 @@
+"""Token merging for timm ViTs: ToMe's bipartite soft matching and CAIT-style neighbour merging.
+
+Why: every token a block merges away makes all later attention (quadratically) and MLP
+work cheaper, on top of what pruning heads and neurons saves, with no weight changed.
+
+A :class:`TokenMerging` is plain data (method, amount per block, proportional attention)
+that a model artifact stores under ``model.token_merging`` (protocol/model.md);
+:func:`set_token_merging` installs it on a built model, so everything that loads the
+artifact (eval, finetune, export, feature extraction) runs the merged model.
+
+Where and what (the same for both methods):
+
+- In each block, tokens merge between the attention and the MLP (as in ToMe): the
+  attention sees the block's incoming tokens, the MLP and all later blocks the merged ones.
+- Prefix tokens (class token, distillation and register tokens) are never merged and stay
+  first, in their order.
+- A merged token is the size-weighted mean of the tokens it absorbs and carries its size,
+  the number of patches it stands for. With proportional attention every later attention
+  adds log(size) to each key's logit, so a token standing for s patches weighs as much as
+  s identical tokens would (merging identical tokens changes nothing).
+- Similarity is the cosine similarity of the tokens' attention keys, averaged over heads
+  (ToMe: keys summarise what a token contains). A block whose attention branch was pruned
+  away has no keys; it compares the tokens entering it (the residual stream) instead.
+
+Methods (``schedule[l]`` is block l's amount):
+
+- ``bipartite`` (ToMe): remove ``schedule[l]`` tokens. The patch tokens, in their current
+  order, alternate into sets A (even positions) and B (odd); each A token proposes its
+  most similar B token and the ``schedule[l]`` most similar proposals merge (several A
+  tokens may join one B token). At most half of the patch tokens go per block. Output
+  order: prefix, the unmerged A tokens in their order, then the B tokens.
+- ``neighbour`` (CAIT-style, keeps a grid for dense tasks): merge ``schedule[l]`` pairs of
+  adjacent grid lines. The lines are columns when the current grid is at least as wide as
+  tall, else rows (a square grid alternates). Candidate pairs are the disjoint adjacent
+  pairs (0, 1), (2, 3), … of lines; per image, the pairs whose tokens are most similar
+  (mean over the line) merge: token (i, 2j) with token (i, 2j+1) for every row i (for
+  columns). A token only ever absorbs its direct neighbour in the current grid, the result
+  is an H×(W−k) (or (H−k)×W) grid in row-major order, and each token covers a rectangle
+  of patches. At most half of the lines go per block.
+
+Everything is vectorised over the batch and the tokens: a merge is one ``scatter_add`` of
+every token into its output slot, and the slots come from matrix products, ``topk`` and
+``cumsum``. Token counts per block depend on the input size only, so they are fixed when
+the merging is installed (:meth:`TokenMerging.steps`), which also keeps ONNX graphs static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tapvits_cli.errors import UsageError
+from tapvits_cli.models.families import family_of
+from tapvits_cli.models.families.vit import EmptyBranch
+
+METHODS = ("bipartite", "neighbour")
+
+
+@dataclass(frozen=True)
+class MergeStep:
+    """What one block's merge does, fixed by the input size: ``amount`` (tokens or line pairs),
+    the tokens it leaves (prefix included), the patch grid it starts from and its axis (neighbour)."""
+
+    amount: int
+    tokens_out: int
+    grid: tuple[int, int]
+    axis: str   # "columns" or "rows" for neighbour merging, "" for bipartite
+
+
+@dataclass(frozen=True)
+class TokenMerging:
+    """A model's token-merging setting: method, per-block amount, proportional attention."""
+
+    method: str
+    schedule: tuple[int, ...]
+    proportional_attention: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UsageError(f"unknown token-merging method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if any(not isinstance(amount, int) or isinstance(amount, bool) or amount < 0 for amount in self.schedule):
+            raise UsageError(f"token-merging amounts must be integers >= 0, got {list(self.schedule)}")
+
+    @classmethod
+    def uniform(cls, method: str, amount: int, blocks: int, layers: Sequence[int] | None = None,
+                proportional_attention: bool = True) -> "TokenMerging":
+        """``amount`` in each block of ``layers`` (default: every block), 0 elsewhere."""
+        chosen = set(range(blocks) if layers is None else layers)
+        outside = sorted(layer for layer in chosen if not 0 <= layer < blocks)
+        if outside:
+            raise UsageError(f"token-merging layers {outside} do not exist: the model has blocks 0-{blocks - 1}")
+        return cls(method, tuple(amount if block in chosen else 0 for block in range(blocks)), proportional_attention)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "schedule": list(self.schedule),
+                "proportional_attention": self.proportional_attention}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "TokenMerging":
+        """The inverse of :meth:`to_dict`; ``ValueError`` for anything malformed."""
+        if not isinstance(record, Mapping) or set(record) - {"method", "schedule", "proportional_attention"} \
+                or not isinstance(record.get("schedule"), list) \
+                or not isinstance(record.get("proportional_attention", True), bool):
+            raise ValueError("expected {method, schedule: [integers], proportional_attention: boolean}")
+        try:
+            return cls(str(record.get("method")), tuple(record["schedule"]),
+                       record.get("proportional_attention", True))
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+
+    def steps(self, grid: tuple[int, int], prefix: int) -> tuple[MergeStep, ...]:
+        """Per block, what its merge does on a ``grid`` of patches after ``prefix`` tokens.
+
+        Raises :class:`UsageError` when a block would merge more than half of its patch
+        tokens (bipartite) or of its grid lines (neighbour).
+        """
+        height, width = grid
+        steps = []
+        for block, amount in enumerate(self.schedule):
+            if self.method == "bipartite":
+                patches = height * width
+                if amount > patches // 2:
+                    raise UsageError(f"block {block}: bipartite merging removes at most half of the {patches} patch "
+                                     f"tokens left ({patches // 2}), not {amount}: lower the amount")
+                steps.append(MergeStep(amount, prefix + patches - amount, (height, width), ""))
+                height, width = 1, patches - amount   # no grid after a bipartite merge: a row of tokens
+                continue
+            axis = "columns" if width >= height else "rows"
+            lines = width if axis == "columns" else height
+            if amount > lines // 2:
+                raise UsageError(f"block {block}: neighbour merging joins at most {lines // 2} pairs of the {lines} "
+                                 f"{axis} of the {height}x{width} grid, not {amount}: lower the amount")
+            steps.append(MergeStep(amount, prefix + (height * (width - amount) if axis == "columns"
+                                                     else (height - amount) * width), (height, width), axis))
+            width, height = (width - amount, height) if axis == "columns" else (width, height - amount)
+        return tuple(steps)
+
+    def token_counts(self, grid: tuple[int, int], prefix: int) -> tuple[int, ...]:
+        """Tokens leaving each block (what its MLP and the next block see), prefix tokens included."""
+        return tuple(step.tokens_out for step in self.steps(grid, prefix))
+
+
+def bipartite_destinations(metric: torch.Tensor, amount: int, prefix: int) -> torch.Tensor:
+    """(B, N) output slot of every token for ToMe's bipartite matching that removes ``amount`` tokens."""
+    patches = F.normalize(metric[:, prefix:], dim=-1)
+    side_a, side_b = patches[:, 0::2], patches[:, 1::2]
+    count_a, count_b = side_a.shape[1], side_b.shape[1]
+    similarity, partner = (side_a @ side_b.transpose(1, 2)).max(dim=-1)            # (B, A)
+    chosen = similarity.topk(amount, dim=-1).indices                                  # (B, amount)
+    merged = (torch.arange(count_a, device=metric.device) == chosen[:, :, None]).any(dim=1)   # (B, A)
+    first_b = prefix + count_a - amount                                               # B tokens follow the kept A ones
+    slot_a = torch.where(merged, first_b + partner, prefix - 1 + (~merged).long().cumsum(dim=-1))
+    slot_b = first_b + torch.arange(count_b, device=metric.device).expand_as(slot_a[:, :count_b])
+    interleaved = torch.stack([slot_a[:, :count_b], slot_b], dim=-1).flatten(1)      # back to A, B, A, B… order
+    prefix_slots = torch.arange(prefix, device=metric.device).expand_as(metric[:, :prefix, 0])
+    return torch.cat([prefix_slots, interleaved, slot_a[:, count_b:]], dim=1)
+
+
+def neighbour_destinations(metric: torch.Tensor, amount: int, prefix: int, grid: tuple[int, int],
+                           axis: str) -> torch.Tensor:
+    """(B, N) output slot of every token when ``amount`` pairs of adjacent columns (or rows) merge."""
+    height, width = grid
+    patches = F.normalize(metric[:, prefix:], dim=-1).unflatten(1, (height, width))   # (B, H, W, C)
+    lines = patches if axis == "columns" else patches.transpose(1, 2)                  # lines along dim 2
+    count = lines.shape[2]
+    pairs = count // 2
+    similarity = (lines[:, :, 0:2 * pairs:2] * lines[:, :, 1:2 * pairs:2]).sum(-1).mean(1)   # (B, pairs)
+    absorbed_lines = 2 * similarity.topk(amount, dim=-1).indices + 1                     # right/lower line of a pair
+    absorbed = (torch.arange(count, device=metric.device) == absorbed_lines[:, :, None]).any(dim=1)   # (B, lines)
+    new_line = torch.arange(count, device=metric.device) - absorbed.long().cumsum(dim=-1)   # (B, lines)
+    rows = torch.arange(height, device=metric.device)[:, None]
+    columns = torch.arange(width, device=metric.device)[None, :]
+    if axis == "columns":
+        slots = rows * (width - amount) + new_line[:, None, :]
+    else:
+        slots = new_line[:, :, None] * width + columns
+    prefix_slots = torch.arange(prefix, device=metric.device).expand_as(metric[:, :prefix, 0])
+    return torch.cat([prefix_slots, prefix + slots.flatten(1)], dim=1)
+
+
+def merge_tokens(x: torch.Tensor, size: torch.Tensor | None, slots: torch.Tensor,
+                 count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted means of the tokens sharing an output slot: ``(B, count, C)`` tokens and their sizes.
+
+    ``size`` (B, N) is how many patches each token stands for (None: all 1).
+    """
+    weights = torch.ones_like(x[:, :, :1]) if size is None else size[:, :, None]
+    index = slots[:, :, None]
+    totals = torch.zeros_like(x[:, :count]).scatter_add(1, index.expand_as(x), x * weights)
+    sizes = torch.zeros_like(weights[:, :count]).scatter_add(1, index, weights)
+    return totals / sizes, sizes[:, :, 0]
+
+
+def attention_with_keys(attn, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention.forward`` (fused path) plus log(size) on every key's logit; also the keys averaged over heads."""
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = None if size is None else size.log()[:, None, None, :].to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+class MergingBlocks(nn.Sequential):
+    """A ViT's ``blocks`` run with token merging: the same block modules under the same
+    names (``blocks.0…``), so state dicts and weight hashes do not change."""
+
+    def __init__(self, blocks: Sequence[nn.Module], merging: TokenMerging, steps: Sequence[MergeStep], prefix: int):
+        super().__init__(*blocks)
+        self.merging, self.steps, self.prefix = merging, tuple(steps), prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = None
+        for block, step in zip(self, self.steps):
+            x, size = self._block(block, x, size, step)
+        return x
+
+    def _block(self, block, x, size, step: MergeStep):
+        if isinstance(block.attn, EmptyBranch):
+            metric = x   # no heads, no keys: compare the tokens entering the block
+        else:
+            out, metric = attention_with_keys(block.attn, block.norm1(x),
+                                              size if self.merging.proportional_attention else None)
+            x = x + block.drop_path1(block.ls1(out))
+        if step.amount:
+            metric = metric.detach()
+            slots = (bipartite_destinations(metric, step.amount, self.prefix) if self.merging.method == "bipartite"
+                     else neighbour_destinations(metric, step.amount, self.prefix, step.grid, step.axis))
+            x, size = merge_tokens(x, size, slots, step.tokens_out)
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), size
+
+
+def token_merging_of(model) -> TokenMerging | None:
+    """The merging installed on ``model`` (None when it runs every token through every block)."""
+    blocks = getattr(model, "blocks", None)
+    return blocks.merging if isinstance(blocks, MergingBlocks) else None
+
+
+def token_grid(model) -> tuple[tuple[int, int], int]:
+    """``((rows, columns) of patches, prefix tokens)`` a ViT's blocks receive."""
+    return tuple(model.patch_embed.grid_size), int(model.num_prefix_tokens)
+
+
+def set_token_merging(model, merging: TokenMerging | None) -> None:
+    """Install ``merging`` on ``model`` in place (None removes it); works on pruned blocks.
+
+    Only the ``vit`` family (timm VisionTransformer) supports it; the amounts must fit the
+    model's patch grid (:meth:`TokenMerging.steps`).
+    """
+    if merging is None:
+        if isinstance(getattr(model, "blocks", None), MergingBlocks):
+            model.blocks = nn.Sequential(*model.blocks)
+        return
+    check_supported(model)
+    blocks = list(model.blocks)
+    if len(merging.schedule) != len(blocks):
+        raise UsageError(f"the token-merging schedule has {len(merging.schedule)} entries for a model with "
+                         f"{len(blocks)} blocks")
+    grid, prefix = token_grid(model)
+    model.blocks = MergingBlocks(blocks, merging, merging.steps(grid, prefix), prefix)
+
+
+def check_supported(model) -> None:
+    """:class:`UsageError` unless ``model`` is a ViT with a fixed patch grid (Swin and generic models are not)."""
+    family = family_of(model)
+    if family != "vit":
+        raise UsageError(f"token merging is supported for the vit family (timm VisionTransformer: ViT, DeiT) only, "
+                         f"not for this {family} model")
+    if getattr(model, "dynamic_img_size", False) or not isinstance(model.patch_drop, nn.Identity):
+        raise UsageError("token merging needs a fixed patch grid: models with dynamic_img_size or patch dropout "
+                         "are not supported")

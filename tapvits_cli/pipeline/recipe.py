@@ -1,0 +1,235 @@
+"""Recipes: the whole pipeline as one checked YAML document (protocol/recipe.md).
+
+A recipe is validated strictly, because a mistyped key that is silently ignored runs a
+different experiment than the one written down: every unknown key, wrong type or
+missing value is an error that names its path (``stages.score.critrion``) and, where one
+exists, the key that was probably meant. Stage sections hold the options of the
+subcommand of the same name; which ones are allowed, and how their values are checked,
+comes from the subcommands themselves (the caller passes ``check_stage``), so the two
+can never disagree.
+
+Variants are overrides of a base recipe (``extends:`` plus ``--set``), merged before
+validation: a variant states only what differs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from tapvits_cli.errors import UsageError
+
+VERSION = 1
+STAGES = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval")
+TOP_LEVEL = ("version", "extends", "name", "seed", "device", "public", "base_model", "extractor", "devices",
+             "budget", "stages", "thresholds")
+THRESHOLDS = ("min-top1", "min-mean-top1")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# check_stage(stage, options, path) → the options, checked and normalised; raises UsageError.
+StageCheck = Callable[[str, Mapping[str, Any], str], dict]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """An existing model artifact, or a timm architecture trained on the public pool."""
+
+    artifact: str | None = None
+    model: str | None = None
+    args: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)   # `tapvits finetune` options
+
+
+@dataclass(frozen=True)
+class Device:
+    """A real device (its GMM file) or a simulated one (its private train split)."""
+
+    name: str
+    gmm: str | None = None
+    private: str | None = None
+    test: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    seed: int
+    device: str
+    public: str
+    base_model: BaseModel
+    extractor: str
+    devices: tuple[Device, ...]
+    budget: float
+    stages: Mapping[str, Mapping[str, Any] | None]   # None: the stage is switched off
+    thresholds: Mapping[str, float]
+
+    @property
+    def prunes(self) -> bool:
+        return self.budget < 1.0
+
+    def stage_enabled(self, stage: str) -> bool:
+        return self.stages.get(stage, {}) is not None
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
+    """``override`` laid over ``base``: mappings merge key by key, anything else replaces,
+    and ``null`` removes the key (JSON Merge Patch, RFC 7386), so a variant can drop a
+    base's keyword argument that its own architecture does not take."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_setting(document: Mapping[str, Any], setting: str, parse_value: Callable[[str], Any]) -> dict:
+    """``document`` with ``a.b.c=VALUE`` applied (VALUE read as a YAML scalar or flow value)."""
+    path, sep, text = setting.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise UsageError(f"--set '{setting}': expected KEY.PATH=VALUE, e.g. stages.score.criterion=magnitude")
+    value: Any = parse_value(text)
+    for key in reversed(keys):
+        value = {key: value}
+    return merge(document, value)
+
+
+def suggest(key: str, allowed) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _require_mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise UsageError(f"recipe: '{path}' must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _check_keys(mapping: Mapping[str, Any], allowed, path: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise UsageError(f"recipe: unknown key '{where}'{suggest(str(key), allowed)}; "
+                             f"allowed: {', '.join(allowed)}")
+
+
+def _typed(mapping: Mapping[str, Any], key: str, kind, path: str, default: Any = ...):
+    if key not in mapping or mapping[key] is None:
+        if default is ...:
+            raise UsageError(f"recipe: '{path}{key}' is required")
+        return default
+    value = mapping[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise UsageError(f"recipe: '{path}{key}' must be {' or '.join(k.__name__ for k in kinds)}, not a boolean")
+    if not isinstance(value, kinds):
+        raise UsageError(f"recipe: '{path}{key}' must be {' or '.join(k.__name__ for k in kinds)}, "
+                         f"not {type(value).__name__} ({value!r})")
+    return value
+
+
+def parse_recipe(document: Mapping[str, Any], default_name: str, check_stage: StageCheck) -> Recipe:
+    """A validated :class:`Recipe` from a merged YAML document (``extends`` already resolved)."""
+    document = _require_mapping(document, "(top level)")
+    _check_keys(document, TOP_LEVEL, "")
+    version = _typed(document, "version", int, "")
+    if version > VERSION:
+        raise UsageError(f"recipe: version {version} is newer than this tapvits reads ({VERSION}); upgrade tapvits")
+    if version < 1:
+        raise UsageError("recipe: 'version' must be 1")
+    name = _typed(document, "name", str, "", default_name)
+    if not _NAME.match(name):
+        raise UsageError(f"recipe: 'name' {name!r} must be letters, digits, '_', '.' or '-'")
+    device = _typed(document, "device", str, "", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"recipe: 'device' must be auto, cpu or cuda, not {device!r}")
+    budget = float(_typed(document, "budget", (int, float), "", 1.0))
+    if not 0.0 < budget <= 1.0:
+        raise UsageError(f"recipe: 'budget' must be a fraction of the parameters in (0, 1], not {budget}")
+    stages_doc = _require_mapping(document.get("stages") or {}, "stages")
+    _check_keys(stages_doc, STAGES, "stages")
+    stages: dict[str, Mapping[str, Any] | None] = {}
+    for stage in STAGES:
+        section = stages_doc.get(stage, {})
+        if section is False:
+            if stage not in ("finetune", "eval"):
+                raise UsageError(f"recipe: 'stages.{stage}' cannot be switched off (only finetune and eval can)")
+            stages[stage] = None
+            continue
+        stages[stage] = check_stage(stage, _require_mapping(section or {}, f"stages.{stage}"), f"stages.{stage}")
+    thresholds_doc = _require_mapping(document.get("thresholds") or {}, "thresholds")
+    _check_keys(thresholds_doc, THRESHOLDS, "thresholds")
+    thresholds = {}
+    for key in thresholds_doc:
+        value = float(_typed(thresholds_doc, key, (int, float), "thresholds."))
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"recipe: 'thresholds.{key}' must lie in [0, 1], not {value}")
+        thresholds[key] = value
+    devices = _parse_devices(document.get("devices"))
+    if thresholds and not any(d.test for d in devices):
+        raise UsageError("recipe: thresholds need at least one device with a 'test' split to evaluate on")
+    return Recipe(
+        name=name, seed=_typed(document, "seed", int, "", 0), device=device,
+        public=_typed(document, "public", str, ""), base_model=_parse_base(document.get("base_model"), check_stage),
+        extractor=_typed(document, "extractor", str, "", "base"), devices=devices, budget=budget,
+        stages=stages, thresholds=thresholds)
+
+
+def _parse_base(value: Any, check_stage: StageCheck) -> BaseModel:
+    base = _require_mapping(value, "base_model") if value is not None else None
+    if base is None:
+        raise UsageError("recipe: 'base_model' is required (artifact: FILE, or train: {model: NAME, ...})")
+    _check_keys(base, ("artifact", "train"), "base_model")
+    if ("artifact" in base) == ("train" in base):
+        raise UsageError("recipe: 'base_model' needs exactly one of 'artifact' and 'train'")
+    if "artifact" in base:
+        return BaseModel(artifact=_typed(base, "artifact", str, "base_model."))
+    train = dict(_require_mapping(base["train"], "base_model.train"))
+    model = _typed(train, "model", str, "base_model.train.")
+    args = dict(_require_mapping(train.get("args") or {}, "base_model.train.args"))
+    options = {k: v for k, v in train.items() if k not in ("model", "args")}
+    return BaseModel(model=model, args=args, train=check_stage("train", options, "base_model.train"))
+
+
+def _parse_devices(value: Any) -> tuple[Device, ...]:
+    if not isinstance(value, list) or not value:
+        raise UsageError("recipe: 'devices' must be a non-empty list")
+    devices, names = [], set()
+    for index, entry in enumerate(value):
+        path = f"devices[{index}]"
+        entry = _require_mapping(entry, path)
+        _check_keys(entry, ("name", "gmm", "private", "test"), path)
+        name = _typed(entry, "name", str, f"{path}.")
+        if not _NAME.match(name):
+            raise UsageError(f"recipe: '{path}.name' {name!r} must be letters, digits, '_', '.' or '-'")
+        if name in names:
+            raise UsageError(f"recipe: device name '{name}' is used twice")
+        names.add(name)
+        if ("gmm" in entry) == ("private" in entry):
+            raise UsageError(f"recipe: '{path}' needs exactly one of 'gmm' (a real device's GMM file) and "
+                             "'private' (a simulated device's private dataset reference)")
+        devices.append(Device(name=name, gmm=_typed(entry, "gmm", str, f"{path}.", None),
+                              private=_typed(entry, "private", str, f"{path}.", None),
+                              test=_typed(entry, "test", str, f"{path}.", None)))
+    return tuple(devices)
+
+
+def to_document(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data (written beside the run's artifacts)."""
+    base = recipe.base_model
+    base_doc = ({"artifact": base.artifact} if base.artifact else
+                {"train": {"model": base.model, "args": dict(base.args), **dict(base.train)}})
+    return {
+        "version": VERSION, "name": recipe.name, "seed": recipe.seed, "device": recipe.device,
+        "public": recipe.public, "base_model": base_doc, "extractor": recipe.extractor,
+        "devices": [{k: v for k, v in vars(d).items() if v is not None} for d in recipe.devices],
+        "budget": recipe.budget,
+        "stages": {stage: (False if options is None else dict(options)) for stage, options in recipe.stages.items()},
+        "thresholds": dict(recipe.thresholds),
+    }

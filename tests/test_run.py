@@ -1,0 +1,210 @@
+"""Recipes and `tapvits run`: strict validation, skipping unchanged steps, resuming, thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tapvits_cli.errors import ExitCode
+
+from conftest import TINY_VIT, TINY_VIT_KWARGS
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+# A whole pipeline in seconds: a 2-block ViT, two simulated digits devices.
+TINY_RECIPE = {
+    "version": 1,
+    "name": "tiny",
+    "device": "cpu",
+    "public": "digits:split=train",
+    "base_model": {"train": {"model": TINY_VIT, "args": {k: v for k, v in TINY_VIT_KWARGS.items() if k != "num_classes"},
+                             "epochs": 2, "batch-size": 64, "lr": 0.003}},
+    "devices": [
+        {"name": "low", "private": "digits:split=test:classes=0-4:fold=0/2",
+         "test": "digits:split=test:classes=0-4:fold=1/2"},
+        {"name": "high", "private": "digits:split=test:classes=5-9:fold=0/2",
+         "test": "digits:split=test:classes=5-9:fold=1/2"},
+    ],
+    "budget": 0.7,
+    "stages": {
+        "fit-gmm": {"covariance": "diag", "components": "2-3", "pca-dim": 8},
+        "select": {"metric-size": 32, "finetune-size": 128},
+        "score": {"hsic-batch": 16},
+        "finetune": {"epochs": 1, "distill": True},
+        "eval": {"no-latency": True},
+    },
+}
+
+
+def write_recipe(directory: Path, document: dict, name: str = "recipe.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(tapvits, recipe):
+    result = tapvits("run", recipe, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("tapvits ")
+
+
+BAD_RECIPES = [
+    ({"budgt": 0.5}, "unknown key 'budgt' (did you mean 'budget'?)"),
+    ({"stages": {"score": {"critrion": "magnitude"}}}, "'stages.score.critrion' is not an option of `tapvits score` "
+                                                        "(did you mean 'criterion'?)"),
+    ({"stages": {"score": {"criterion": "loudest"}}}, "'stages.score.criterion': 'loudest' is not one of"),
+    ({"stages": {"select": {"metric-size": "many"}}}, "'stages.select.metric-size': 'many' is not a valid integer"),
+    ({"stages": {"select": {"pool": "x.h5"}}}, "'stages.select.pool' is set by the run itself"),
+    ({"stages": {"finetune": {"distill": "yes"}}}, "'stages.finetune.distill' must be true or false"),
+    ({"stages": {"eval": {"no-latency": 1}}}, "'stages.eval.no-latency' is a flag"),
+    ({"stages": {"score": False}}, "'stages.score' cannot be switched off"),
+    ({"budget": "high"}, "'budget' must be int or float"),
+    ({"budget": 1.5}, "'budget' must be a fraction"),
+    ({"version": 2}, "version 2 is newer"),
+    ({"thresholds": {"min-top-1": 0.5}}, "unknown key 'thresholds.min-top-1'"),
+    ({"devices": [{"name": "a", "test": "digits:split=test"}]}, "needs exactly one of 'gmm'"),
+    ({"devices": [{"name": "a", "private": "digits"}, {"name": "a", "private": "digits"}]}, "'a' is used twice"),
+    ({"devices": []}, "'devices' must be a non-empty list"),
+    ({"base_model": {"train": {"model": TINY_VIT, "epoch": 3}}},
+     "'base_model.train.epoch' is not an option of `tapvits finetune` (did you mean 'epochs'?)"),
+    ({"base_model": {"artifact": "m.safetensors", "train": {"model": TINY_VIT}}}, "exactly one of 'artifact' and 'train'"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_RECIPES, ids=[m[:30] for _, m in BAD_RECIPES])
+def test_bad_recipes_fail_naming_the_key(tmp_path, tapvits, change, message):
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, **change})
+    result = tapvits("run", recipe, "--dry-run")
+    assert result.exit_code == ExitCode.USAGE, result.stderr
+    assert message in result.stderr
+    assert result.stdout == "" and result.stderr.strip().count("\n") == 0
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, tapvits):
+    path = tmp_path / "broken.yaml"
+    path.write_text("version: 1\nstages:\n  score: {criterion: composite\n")
+    result = tapvits("run", path, "--dry-run")
+    assert result.exit_code == ExitCode.USAGE
+    assert "not valid YAML" in result.stderr and "line" in result.stderr
+
+
+def test_variants_override_a_base_recipe(tmp_path, tapvits):
+    write_recipe(tmp_path, TINY_RECIPE, "base.yaml")
+    variant = write_recipe(tmp_path, {"extends": "base.yaml", "name": "magnitude",
+                                      "stages": {"score": {"criterion": "magnitude"}}}, "variant.yaml")
+    result = tapvits("--json", "run", variant, "--dry-run", "--set", "budget=0.5")
+    assert result.exit_code == 0, result.stderr
+    commands = {step["id"]: step["command"] for step in result.json()["steps"]}
+    score = commands["devices/low/score"]
+    assert "--criterion magnitude" in score and "--budget 0.5" in score
+    assert "--hsic-batch 16" in score                      # kept from the base recipe
+    assert commands["devices/low/select"].startswith("tapvits select runs/magnitude/devices/low/gmm.safetensors")
+    cycle = write_recipe(tmp_path, {"extends": "cycle.yaml"}, "cycle.yaml")
+    assert "cycle" in tapvits("run", cycle, "--dry-run").stderr
+
+
+def test_a_variant_removes_a_base_key_with_null(tmp_path, tapvits):
+    write_recipe(tmp_path, TINY_RECIPE, "base.yaml")
+    variant = write_recipe(tmp_path, {"extends": "base.yaml", "name": "nodepth",
+                                      "base_model": {"train": {"args": {"depth": None, "mlp_ratio": 3}}}},
+                           "variant.yaml")
+    result = tapvits("--json", "run", variant, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    base = {step["id"]: step["command"] for step in result.json()["steps"]}["base"]
+    assert "depth=" not in base and "mlp_ratio=3" in base and "embed_dim=" in base
+
+
+def _run(tapvits, recipe, run_dir, *extra):
+    result = tapvits("--json", "run", recipe, "--run-dir", run_dir, *extra)
+    return result, (result.json() if result.stdout.strip() else None)
+
+
+def test_run_skips_unchanged_steps_and_resumes(tmp_path, tapvits, monkeypatch):
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    first, summary = _run(tapvits, recipe, tmp_path / "run")
+    assert first.exit_code == 0, first.stderr
+    steps = summary["steps"]["total"]
+    assert summary["steps"]["ran"] == steps == 2 + 2 * 7
+    assert {row["device"] for row in summary["devices"]} == {"low", "high"}
+    for row in summary["devices"]:
+        assert 0.0 <= row["top1"] <= 1.0 and row["params_kept"] == pytest.approx(0.7, abs=0.01)
+        assert row["finetune_precision"] > 0.5        # GMM selection finds the device's classes
+    for name in ("recipe.yaml", "commands.sh", "run.json", "summary.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["devices"] == summary["devices"]
+
+    again, unchanged = _run(tapvits, recipe, tmp_path / "run")
+    assert again.exit_code == 0 and unchanged["steps"]["skipped"] == steps
+    assert [r["top1"] for r in unchanged["devices"]] == [r["top1"] for r in summary["devices"]]
+
+    # A changed fine-tuning parameter reruns fine-tuning and evaluation only.
+    changed, result = _run(tapvits, recipe, tmp_path / "run", "--set", "stages.finetune.lr=0.0002")
+    assert changed.exit_code == 0
+    assert result["steps"]["ran"] == 4 and result["steps"]["skipped"] == steps - 4
+    for row in result["devices"]:
+        assert row["stage_sources"]["finetune"] == "ran" and row["stage_sources"]["prune"] == "skipped"
+
+    # A damaged output is made again, not trusted.
+    (tmp_path / "run" / "devices" / "low" / "plan.safetensors").write_bytes(b"damaged")
+    _, repaired = _run(tapvits, recipe, tmp_path / "run")
+    assert repaired["devices"][0]["stage_sources"]["allocate"] == "ran"
+
+    # Interrupted in the second device's fine-tuning; a rerun finishes the rest, same results.
+    from tapvits_cli.cli import run as run_module
+
+    original = run_module._invoke
+
+    def interrupt(step, root):
+        if step.id == "devices/high/finetune":
+            raise KeyboardInterrupt
+        original(step, root)
+
+    fresh = tmp_path / "interrupted"
+    monkeypatch.setattr(run_module, "_invoke", interrupt)
+    stopped, _ = _run(tapvits, recipe, fresh)
+    assert stopped.exit_code == ExitCode.INTERRUPTED
+    monkeypatch.setattr(run_module, "_invoke", original)
+    resumed, finished = _run(tapvits, recipe, fresh)
+    assert resumed.exit_code == 0
+    assert finished["steps"]["ran"] == 2 and finished["steps"]["skipped"] == steps - 2
+    assert [r["top1"] for r in finished["devices"]] == [r["top1"] for r in summary["devices"]]
+
+
+def test_threshold_failure_exits_6_after_writing_the_summary(tmp_path, tapvits):
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "devices": TINY_RECIPE["devices"][:1],
+                                     "thresholds": {"min-top1": 1.0}})
+    cache = tmp_path / "cache"
+    result, summary = _run(tapvits, recipe, tmp_path / "a", "--cache", cache)
+    assert result.exit_code == ExitCode.BELOW_THRESHOLD
+    assert summary["passed"] is False and "min-top1 1.0" in summary["failures"][0]
+    assert summary["devices"][0]["passed"] is False
+    assert "min-top1" in result.stderr.splitlines()[-1]
+    # Another run directory with the same cache copies every step instead of running it.
+    result, summary = _run(tapvits, recipe, tmp_path / "b", "--cache", cache, "--set", "thresholds.min-top1=0")
+    assert result.exit_code == 0, result.stderr
+    assert summary["steps"]["cache"] == summary["steps"]["total"] and summary["passed"]
+
+
+def test_two_runs_cannot_share_a_run_directory(tmp_path, tapvits):
+    from tapvits_cli.artifacts.run_directory import RunDirectory
+
+    holder = RunDirectory(tmp_path / "run")
+    try:
+        result = tapvits("run", write_recipe(tmp_path, TINY_RECIPE), "--run-dir", tmp_path / "run")
+        assert result.exit_code == ExitCode.USAGE and "another tapvits run" in result.stderr
+    finally:
+        holder.close()
+
+
+def test_score_probes_at_the_budget_unless_probes_are_skipped(tmp_path, tapvits):
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    default = tapvits("--json", "run", recipe, "--dry-run").json()["steps"]
+    assert "--budget 0.7" in next(s["command"] for s in default if s["id"] == "devices/low/score")
+    skipped = tapvits("--json", "run", recipe, "--dry-run", "--set", "stages.score.no-layer-importance=true",
+                      "--set", "stages.allocate.strategy=uniform").json()["steps"]
+    score = next(s["command"] for s in skipped if s["id"] == "devices/low/score")
+    assert "--no-layer-importance" in score and "--budget" not in score
