@@ -195,17 +195,22 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5.5), dpi=120)
+    figure, axes = plt.subplots(figsize=(9, 6), dpi=120)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    markers = "osD^v<>pPX*h"
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pPX*hH8d"
     for index, method in enumerate(methods):
         points = sorted((r["params_kept"], r["mean_top1"]) for r in rows if r["method"] == method)
         xs, ys = zip(*points)
-        style = {"linewidth": 2.5, "color": "black"} if method == "tap" else {"linewidth": 1}
+        style = {"linewidth": 2.5, "color": "black"} if method == "tap" else \
+            {"linewidth": 1, "color": colours[index % len(colours)]}
+        if BASE_OF.get(method) == "swin":
+            style["linestyle"] = "--"
         axes.plot(xs, [y * 100 for y in ys], marker=markers[index % len(markers)], label=method, **style)
+        if len(points) == 1 and xs[0] == 1.0:   # an unpruned method: its level as a reference across the plot
+            axes.axhline(ys[0] * 100, color=style["color"], linewidth=0.6, linestyle=":")
     axes.set_xlabel("kept parameters (fraction of the base model)")
     axes.set_ylabel("device top-1 on held-out half, sample-weighted mean (%)")
-    axes.set_title("Fashion-MNIST, 5 two-class devices")
+    axes.set_title("Fashion-MNIST, 5 two-class devices (dashed: Swin base; dotted: unpruned levels)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()

@@ -126,17 +126,20 @@ def measure(models: Mapping[str, str], args) -> list[dict]:
     return rows
 
 
+def run_conditions(args) -> dict:
+    """How the latencies were taken (threads, rounds, the machine and its load): recorded beside every result."""
+    return {"threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
+            "speedup_definition": "fastest unpruned round / fastest round of the measured variant, rounds interleaved",
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+                        "torch": torch.__version__}}
+
+
 def write_results(rows: list[dict], args, name: str, target: float) -> None:
     """``results/NAME.json`` and ``.md``; ``target`` is the least acceptable speedup / MACs ratio at batch 32."""
     pruned_rows = [r for r in rows if r["strategy"] != "unpruned"]
     worst = min(r["speedup_over_macs@32"] for r in pruned_rows)
     document = {"target": f"speedup@32 >= {target} x MACs ratio", "worst_speedup_over_macs@32": worst,
-                "met": worst >= target,
-                "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
-                "speedup_definition": "fastest unpruned round / fastest pruned round, rounds interleaved",
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-                            "torch": torch.__version__},
-                "rows": rows}
+                "met": worst >= target, **run_conditions(args), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
     lines = ["| model | strategy | budget | params | MACs ratio | latency@1 ms (base) | speedup@1 | "

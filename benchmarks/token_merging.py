@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
 
-from speedup import INPUT, interleaved_latency, plans   # the issue-5 benchmark's plans and timing
+from speedup import INPUT, interleaved_latency, plans, run_conditions   # the issue-5 benchmark's plans and timing
 from tapvits_cli.evaluation.metrics import count_macs
 from tapvits_cli.models.factory import count_parameters, create_model
 from tapvits_cli.models.token_merging import TokenMerging, set_token_merging
@@ -89,12 +87,7 @@ def main() -> None:
     document = {"target": f"pruned + merging speedup@{BATCH} >= {TARGET} x unpruned (CAIT, DeiT-Small)",
                 "best_speedup_per_method": best, "met": all(value >= TARGET for value in best.values()),
                 f"unpruned_latency_ms@{BATCH}": unpruned_ms, "model": ARCHITECTURE, "input": list(INPUT),
-                "batch": BATCH, "budget": BUDGET, "strategy": STRATEGY,
-                "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
-                "speedup_definition": "fastest unpruned round / fastest variant round, rounds interleaved",
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-                            "torch": torch.__version__},
-                "rows": rows}
+                "batch": BATCH, "budget": BUDGET, "strategy": STRATEGY, **run_conditions(args), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "token_merging.json").write_text(json.dumps(document, indent=2) + "\n")
     lines = [f"| variant | params | MACs ratio | tokens after the last block | latency@{BATCH} ms (unpruned) | "

@@ -45,7 +45,7 @@ def write_recipe(directory: Path, document: dict, name: str = "recipe.yaml") -> 
     return path
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted(RECIPES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(RECIPES)))
 def test_shipped_recipes_are_valid(tapvits, recipe):
     result = tapvits("run", recipe, "--dry-run")
     assert result.exit_code == 0, result.stderr
