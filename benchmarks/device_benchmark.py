@@ -215,6 +215,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path)
+    plt.close(figure)   # the plot is redrawn after every run: free each figure
 
 
 def schedule(methods: list[str], budgets: list[float]) -> list[tuple[str, float]]:
