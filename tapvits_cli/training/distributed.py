@@ -45,5 +45,10 @@ def process_group(device_choice: str) -> Iterator[Processes]:
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         yield Processes(dist.get_rank(), dist.get_world_size(), device)
+        # Leave together: a rank that tore its gloo connections down while rank 0 was still
+        # writing the artifact sometimes died in gloo's threads (SIGABRT, "terminate called
+        # without an active exception"), failing the whole torchrun. Not after an error: the
+        # other ranks may never arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
