@@ -169,8 +169,12 @@ def verdicts(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], devices: list[str], base_models: dict, lines: list[str]) -> str:
     head = ["method", "budget", "mean top-1", *devices, "params kept", "MACs (M)", "ms @1", "ms @32",
             "selection precision", "score s", "finetune s"]
-    out = [f"Base model ({base}{', used by ' + ', '.join(sorted(m for m, b in BASE_OF.items() if b == base)) if base != 'vit' else ''}): "
-           f"{info['parameters']:,} parameters, Fashion-MNIST test top-1 {info['top1']:.2%} ({info['samples']:,} images)"
+    def users(base: str) -> str:
+        methods = sorted(method for method, its_base in BASE_OF.items() if its_base == base)
+        return f", used by {', '.join(methods)}" if methods else ""
+
+    out = [f"Base model ({base}{users(base)}): {info['parameters']:,} parameters, Fashion-MNIST test top-1 "
+           f"{info['top1']:.2%} ({info['samples']:,} images)"
            + (f", trained in {info['training_seconds'] / 60:.1f} min" if info.get("training_seconds") else "") + "."
            for base, info in base_models.items()]
     out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

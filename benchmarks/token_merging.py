@@ -30,7 +30,8 @@ import torch
 from speedup import INPUT, interleaved_latency, plans, run_conditions   # the issue-5 benchmark's plans and timing
 from tapvits_cli.evaluation.metrics import count_macs
 from tapvits_cli.models.factory import count_parameters, create_model
-from tapvits_cli.models.token_merging import TokenMerging, set_token_merging
+from tapvits_cli.models.spec import TokenMerging
+from tapvits_cli.models.token_merging import set_token_merging
 from tapvits_cli.pruning import prune_model
 
 RESULTS = Path(__file__).parent / "results"

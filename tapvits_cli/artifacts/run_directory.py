@@ -67,8 +67,9 @@ def read_recipe_document(path: str | os.PathLike) -> dict:
         if not isinstance(parent, str):
             raise UsageError(f"recipe {current}: 'extends' must be a file name")
         current = current.parent / parent
-    merged: dict = {}
-    for document in reversed(chain):
+    # The root recipe as written; each variant is then laid over it (its nulls remove base keys).
+    merged = {k: v for k, v in chain[-1].items() if k != "extends"}
+    for document in reversed(chain[:-1]):
         merged = merge(merged, {k: v for k, v in document.items() if k != "extends"})
     return merged
 

@@ -28,10 +28,15 @@ class Settings:
 CURRENT = Settings()
 
 
+def restore_settings(snapshot: Settings) -> None:
+    """Make ``CURRENT`` (the object every module holds) equal to ``snapshot`` again."""
+    for name, value in vars(snapshot).items():
+        setattr(CURRENT, name, value)
+
+
 def reset_settings() -> None:
     """Back to the defaults; options then only record what was given (see ``_store``)."""
-    for name, value in vars(Settings()).items():
-        setattr(CURRENT, name, value)
+    restore_settings(Settings())
 
 
 def _store(attribute: str) -> Callable:

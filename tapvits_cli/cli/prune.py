@@ -11,8 +11,8 @@ import click
 from tapvits_cli.cli.options import global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
+from tapvits_cli.models.spec import MERGE_METHODS
 
-MERGE_METHODS = ("bipartite", "neighbour")   # models.token_merging.METHODS, without importing torch
 
 
 def parse_blocks(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -91,7 +91,8 @@ def command(model_path: str, plan_path: str | None, output: str, merge: str | No
     from tapvits_cli.artifacts.model import load_model, write_model
     from tapvits_cli.artifacts.plan import read_plan
     from tapvits_cli.models.factory import count_parameters, describe_model
-    from tapvits_cli.models.token_merging import TokenMerging, check_supported, set_token_merging, token_grid
+    from tapvits_cli.models.spec import TokenMerging
+    from tapvits_cli.models.token_merging import set_token_merging, token_grid
     from tapvits_cli.pruning import prune_model
 
     _check_merge_options(plan_path, merge, merge_amount, merge_layers, merge_schedule, proportional_attention)
@@ -111,7 +112,6 @@ def command(model_path: str, plan_path: str | None, output: str, merge: str | No
     if merge == "none":
         set_token_merging(result, None)
     elif merge is not None:
-        check_supported(result)
         proportional = proportional_attention is not False
         merging = (TokenMerging(merge, merge_schedule, proportional) if merge_schedule is not None else
                    TokenMerging.uniform(merge, merge_amount, len(spec.blocks), merge_layers, proportional))

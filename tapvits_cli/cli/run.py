@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import click
 
 from tapvits_cli.cli import allocate, eval_cmd, features, finetune, fit_gmm, prune, score, select
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, global_options, restore_settings
 from tapvits_cli.cli.output import emit, log, stderr_console
 from tapvits_cli.errors import BelowThresholdError, TapvitsError, UsageError
 
@@ -102,8 +102,7 @@ def _nested_settings():
     try:
         yield
     finally:
-        for field, value in vars(saved).items():
-            setattr(CURRENT, field, value)
+        restore_settings(saved)
 
 
 def _invoke(step, root: str) -> None:
@@ -208,10 +207,10 @@ def _execute(recipe, steps, directory, root: str, force: bool) -> dict:
                 f"{'reused from the cache' if outcome.source == 'cache' else 'skipped'}", level=1)
 
     outcomes = execute(steps, directory, lambda step: _invoke(step, root), fingerprint, force, on_event)
-    return _summary(recipe, steps, outcomes, directory, fingerprint)
+    return _summary(recipe, outcomes, directory)
 
 
-def _summary(recipe, steps, outcomes, directory, fingerprint) -> dict:
+def _summary(recipe, outcomes, directory) -> dict:
     from tapvits_cli.artifacts.metric_set import read_metric_set
     from tapvits_cli.artifacts.model import read_model_spec
     from tapvits_cli.artifacts.report import read_report
