@@ -30,6 +30,8 @@ def _pool(n: int = 60, classes: int = 3, seed: int = 0, shape=(8, 8)) -> tuple[n
     "digits",
     "digits:split=test",
     "fashion-mnist:split=all:classes=0,3,5-7:fold=1/2:indices=0-99,200:sample=10:seed=3",
+    "fashion-mnist:split=test:dirichlet=0.5:part=2/5:fold=0/2",
+    "digits:classes=0-4:dirichlet=1.0:part=0/3:seed=7",
     "pool.h5:split=train:fold=0/4",
     "/data/with:colon/pool.npz:classes=2",
 ])
@@ -58,6 +60,11 @@ def test_reference_normalises_and_keeps_colon_paths():
     ("digits:indices=a", "0,3,5-7"),
     ("digits:seed=-1", ">= 0"),
     ("digits:seed=1:seed=2", "given twice"),
+    ("digits:dirichlet=0.5", "go together"),
+    ("digits:part=0/5", "go together"),
+    ("digits:dirichlet=0:part=0/5", "number > 0"),
+    ("digits:dirichlet=abc:part=0/5", "number > 0"),
+    ("digits:dirichlet=0.5:part=5/5", "K must be in 0..N-1"),
     (":split=train", "source"),
 ])
 def test_reference_errors(text, message):
@@ -238,6 +245,39 @@ def test_classes_fold_indices_sample():
                           ("digits:classes=0:sample=1000", "more than")]:
         with pytest.raises(UsageError, match=message):
             open_dataset(text)
+
+
+def test_dirichlet_parts():
+    """Dirichlet devices: disjoint, covering, seeded, skewed by small alpha, independent of `classes`."""
+    labels = open_dataset("digits:split=all").labels
+    parts = [open_dataset(f"digits:split=all:dirichlet=0.5:part={k}/4").ids for k in range(4)]
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) == len(np.unique(joined))              # disjoint, and they cover the split
+    again = open_dataset("digits:split=all:dirichlet=0.5:part=1/4").ids
+    np.testing.assert_array_equal(again, parts[1])
+    other_seed = open_dataset("digits:split=all:dirichlet=0.5:part=1/4:seed=1").ids
+    assert not np.array_equal(other_seed, parts[1])
+
+    def skew(alpha: float) -> float:
+        """Mean over parts of the largest class's share: 0.1 would be IID over 10 classes."""
+        shares = []
+        for k in range(5):
+            part_labels = labels[open_dataset(f"digits:split=all:dirichlet={alpha}:part={k}/5").ids]
+            shares.append(np.bincount(part_labels, minlength=10).max() / len(part_labels))
+        return float(np.mean(shares))
+
+    assert skew(0.1) > 0.4 and skew(100.0) < 0.2     # measured 0.46 and about 0.12
+    # what a class contributes to a part does not depend on the other classes kept
+    some = open_dataset("digits:split=all:classes=2,3:dirichlet=0.5:part=0/4").ids
+    np.testing.assert_array_equal(some, parts[0][np.isin(labels[parts[0]], [2, 3])])
+    # the draw: per class, Dirichlet shares cut the seeded order into runs
+    shares = np.random.default_rng([0, 5]).dirichlet([0.5] * 4, 10)
+    for c in range(10):
+        counts = [int((labels[p] == c).sum()) for p in parts]
+        cuts = np.floor(np.cumsum(shares[c])[:-1] * (labels == c).sum()).astype(int)
+        np.testing.assert_array_equal(np.diff([0, *cuts, (labels == c).sum()]), counts)
+    halves = [open_dataset(f"digits:split=all:dirichlet=0.5:part=1/4:fold={k}/2").ids for k in range(2)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(halves)), parts[1])
 
 
 def test_positions_of():

@@ -8,7 +8,8 @@ import pytest
 
 from tapvits_cli.artifacts.metric_set import read_metric_set
 from tapvits_cli.errors import ExitCode, UsageError
-from tapvits_cli.selection import StreamingSelection, proportional_quotas, select
+from tapvits_cli.selection import (RATIO_STRATEGIES, STRATEGIES, StreamingSelection, class_coverage,
+                                   component_coverage, proportional_quotas, select, selection_coverage)
 
 POOL = "digits:split=test"  # 364 public images of all ten digits
 DEVICE = "digits:classes=0,1"  # the device's private training images: two digits
@@ -34,24 +35,52 @@ def test_topk_is_a_full_sort_with_ties_broken_by_position():
                                       expected)
 
 
-@pytest.mark.parametrize("strategy", ["topk", "stratified", "random"])
+def ratio_scores(loglik: np.ndarray, seed: int = 1) -> np.ndarray:
+    """A density-ratio-like score with ties of its own, not monotone in the log-likelihood."""
+    return np.round(loglik - np.random.default_rng(seed).normal(size=len(loglik)), 1)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_streaming_in_chunks_changes_nothing(strategy):
     loglik, component = scores()
+    score = ratio_scores(loglik) if strategy in RATIO_STRATEGIES else None
     weights = [0.5, 0.3, 0.15, 0.05]
-    whole = select(loglik, component, weights, 64, 640, strategy, seed=3)
+    whole = select(loglik, component, weights, 64, 640, strategy, seed=3, score=score)
     for chunk_rows in (1, 13, 1000):
         np.testing.assert_array_equal(select(loglik, component, weights, 64, 640, strategy, seed=3,
-                                             chunk_rows=chunk_rows), whole)
+                                             chunk_rows=chunk_rows, score=score), whole)
 
 
-@pytest.mark.parametrize("strategy", ["topk", "stratified", "random"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_metric_set_is_the_head_of_the_finetuning_set(strategy):
     loglik, component = scores()
-    chosen = select(loglik, component, [0.5, 0.3, 0.15, 0.05], 64, 640, strategy, seed=1)
+    score = ratio_scores(loglik) if strategy in RATIO_STRATEGIES else loglik
+    chosen = select(loglik, component, [0.5, 0.3, 0.15, 0.05], 64, 640, strategy, seed=1,
+                    score=score if strategy in RATIO_STRATEGIES else None)
     assert len(chosen) == 640 == len(np.unique(chosen))
     assert in_order(loglik[chosen[:64]]) and in_order(loglik[chosen[64:]])
-    if strategy != "random":  # the metric set is the best part of the fine-tuning set
-        assert loglik[chosen[:64]].min() >= np.median(loglik[chosen])
+    if strategy != "random":  # the metric set is the best part of the fine-tuning set, by the strategy's score
+        assert score[chosen[:64]].min() >= np.median(score[chosen])
+
+
+def test_ratio_ranks_by_the_score_not_the_likelihood():
+    loglik, component = scores()
+    score = ratio_scores(loglik)
+    chosen = select(loglik, component, [0.25] * 4, 64, 640, "ratio", score=score)
+    expected = np.lexsort((np.arange(len(score)), -score))
+    assert set(chosen) == set(expected[:640]) and set(chosen[:64]) == set(expected[:64])
+    assert set(chosen) != set(select(loglik, component, [0.25] * 4, 64, 640, "topk"))
+    # ratio-stratified: the quotas of stratified, filled by the score
+    weights = [0.5, 0.3, 0.15, 0.05]
+    chosen = select(loglik, component, weights, 64, 640, "ratio-stratified", score=score)
+    quotas = proportional_quotas(weights, 640, np.bincount(component, minlength=4))
+    np.testing.assert_array_equal(np.bincount(component[chosen], minlength=4), quotas)
+    for c in range(4):
+        members = np.flatnonzero(component == c)
+        best = members[np.lexsort((members, -score[members]))[:quotas[c]]]
+        assert set(chosen[component[chosen] == c]) == set(best)
+    with pytest.raises(ValueError, match="density ratio: pass score"):
+        select(loglik, component, weights, 64, 640, "ratio")
 
 
 def test_stratified_quotas_follow_the_weights_and_the_supply():
@@ -101,6 +130,108 @@ def test_random_is_seeded_and_blind_to_likelihood():
     assert set(first) != set(other)
     top = set(select(loglik, component, [0.25] * 4, 64, 500, "topk"))
     assert len(top & set(first)) < 0.3 * 500  # about 10% expected by chance
+
+
+# --- coverage ---------------------------------------------------------------------------------
+
+def test_component_coverage_on_constructed_selections():
+    weights = [0.5, 0.3, 0.2]
+    follows = component_coverage(np.repeat([0, 1, 2], [50, 30, 20]), weights)
+    assert follows["coverage"] == pytest.approx(1.0) and follows["worst_ratio"] == pytest.approx(1.0)
+    assert follows["missing"] == 0 and follows["shares"] == pytest.approx(weights)
+    one = component_coverage(np.zeros(100, dtype=np.int32), weights)   # the whole set in component 0
+    assert one["coverage"] == pytest.approx(0.5) and one["worst_ratio"] == 0.0 and one["missing"] == 2
+    smallest = component_coverage(np.full(100, 2), weights)
+    assert smallest["coverage"] == pytest.approx(0.2)                   # poor: the weight of what it took
+    skewed = component_coverage(np.repeat([0, 1, 2], [80, 15, 5]), weights)
+    assert skewed["coverage"] == pytest.approx(0.5 + 0.15 + 0.05) and skewed["worst_ratio"] == pytest.approx(0.25)
+    assert one["coverage"] < skewed["coverage"] < follows["coverage"]
+    both = selection_coverage(np.repeat([0, 1, 2], [10, 45, 45]), weights, metric_size=10)
+    assert both["metric"]["coverage"] == pytest.approx(0.5) and both["finetune"]["coverage"] == pytest.approx(0.6)
+    assert both["weights"] == weights
+    with pytest.raises(ValueError, match="components must lie"):
+        component_coverage(np.array([3]), weights)
+    with pytest.raises(ValueError, match="distribution"):
+        component_coverage(np.array([0]), [0.5, 0.2])
+
+
+def test_class_coverage_sees_what_precision_cannot():
+    private = np.repeat([2, 4, 6], [500, 300, 200])
+    one_class = np.full(640, 2)                          # precision 1.0, two classes missing
+    assert class_coverage(one_class, private) == {"class_recall": pytest.approx(1 / 3), "min_class_ratio": 0.0}
+    matching = np.repeat([2, 4, 6, 9], [250, 150, 100, 140])   # device shares, plus other classes
+    figures = class_coverage(matching, private)
+    assert figures["class_recall"] == 1.0 and figures["min_class_ratio"] == pytest.approx(1.0)
+    thin = np.repeat([2, 4, 6], [600, 390, 10])          # class 6: 1% of the set, 20% of the device
+    assert class_coverage(thin, private)["min_class_ratio"] == pytest.approx(0.01 / 0.2)
+
+
+def dense_and_broad_pool(seed: int = 0):
+    """A 4-D public pool of five classes; the device holds class 0 (dense) and class 1 (broad)."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0, 0, 0, 0], [6, 0, 0, 0], [0, 6, 0, 0], [0, 0, 6, 0], [6, 6, 6, 0]], dtype=float)
+    spread = np.array([0.15, 1.0, 0.6, 0.6, 0.6])
+    labels = np.repeat(np.arange(5), 1500)
+    features = centres[labels] + rng.normal(size=(len(labels), 4)) * spread[labels, None]
+    private = np.repeat([0, 1], 300)
+    private_features = centres[private] + rng.normal(size=(600, 4)) * spread[private, None]
+    return features, labels, private_features
+
+
+def device_mixture(private_features: np.ndarray, components: int, pca_dim: int | None = None):
+    """A device's mixture built directly (the device side is not under test here)."""
+    from sklearn.mixture import GaussianMixture
+
+    from tapvits_cli.gmm.mixture import Mixture, Projection
+
+    mean = private_features.mean(axis=0)
+    axes = None if pca_dim is None else np.linalg.svd(private_features - mean, full_matrices=False)[2][:pca_dim]
+    projection = Projection(mean, np.ones(private_features.shape[1]), axes)
+    model = GaussianMixture(components, random_state=0).fit(projection.apply(private_features))
+    return Mixture(model.weights_, model.means_, model.covariances_, "full", projection)
+
+
+def test_density_ratio_covers_a_dense_and_a_broad_class():
+    """Top-k by likelihood fills the set with the dense class; the density ratio against a
+    public-pool mixture takes both of the device's classes, and still almost nothing else."""
+    from tapvits_cli.selection.density_ratio import fit_public_mixture, sample_positions
+
+    features, labels, private_features = dense_and_broad_pool()
+    device = device_mixture(private_features, 2)
+    positions = sample_positions(len(features), 5000, seed=0)
+    public = fit_public_mixture(features[positions], device, components=8, seed=0)
+    assert public.samples == 5000 and public.mixture.components == 8
+    loglik, component = device.log_likelihood(features)
+    ratio = loglik - public.mixture.log_likelihood(features)[0]
+    sets = {strategy: select(loglik, component, device.weights, 200, 1200, strategy,
+                             score=ratio if strategy in RATIO_STRATEGIES else None)
+            for strategy in ("topk", "stratified", "ratio", "ratio-stratified")}
+    share = {strategy: np.bincount(labels[chosen], minlength=5) / len(chosen) for strategy, chosen in sets.items()}
+    assert share["topk"][1] < 0.05                  # the broad class is all but missing
+    for strategy in ("ratio", "ratio-stratified"):
+        assert share[strategy][0] >= 0.3 and share[strategy][1] >= 0.3, (strategy, share[strategy])
+        assert share[strategy][:2].sum() >= 0.95      # precision stays high
+        metric = np.bincount(labels[sets[strategy][:200]], minlength=5) / 200
+        assert metric[0] >= 0.2 and metric[1] >= 0.2   # and so does the metric set
+        coverage = selection_coverage(component[sets[strategy]], device.weights, 200)
+        assert coverage["finetune"]["coverage"] >= 0.8, coverage
+    assert selection_coverage(component[sets["topk"]], device.weights, 200)["finetune"]["coverage"] <= 0.6
+
+
+def test_public_mixture_uses_the_device_projection_and_a_feasible_k():
+    from tapvits_cli.selection.density_ratio import fit_public_mixture, rows_at, sample_positions
+
+    features, _, private_features = dense_and_broad_pool()
+    device = device_mixture(private_features, 2, pca_dim=3)
+    small = fit_public_mixture(features[:100], device, components=20)
+    assert small.mixture.projection is device.projection and small.mixture.dim == 3
+    assert small.mixture.components == 100 // (2 * (3 + 1))        # lowered to what 100 rows support
+    positions = sample_positions(len(features), 300, seed=4)
+    assert len(positions) == 300 and (np.diff(positions) > 0).all()
+    np.testing.assert_array_equal(positions, sample_positions(len(features), 300, seed=4))
+    np.testing.assert_array_equal(sample_positions(50, 300, seed=4), np.arange(50))
+    chunks = ((None, features[i:i + 700], None) for i in range(0, len(features), 700))
+    np.testing.assert_array_equal(rows_at(chunks, positions), features[positions])
 
 
 def test_impossible_sizes_are_refused():
@@ -207,6 +338,53 @@ def test_selection_prefers_the_devices_classes(table_file, tmp_path, tapvits, ti
     assert precision["topk"] - precision["random"] >= 0.3
 
 
+def test_ratio_strategies_from_the_command_line(gmm_file, table_file, tmp_path, tapvits, tiny_model_file):
+    from tapvits_cli.artifacts.features import open_feature_table
+    from tapvits_cli.artifacts.gmm import read_gmm
+    from tapvits_cli.cli.select import DEFAULT_STRATEGY, STRATEGY_NAMES
+    from tapvits_cli.selection.density_ratio import fit_public_mixture, sample_positions
+
+    assert STRATEGY_NAMES == list(STRATEGIES) and DEFAULT_STRATEGY in STRATEGIES
+    out = tmp_path / "ratio.h5"
+    result = select_cli(tapvits, gmm_file, table_file, out, "--strategy", "ratio", "--public-components", "3",
+                        "--public-sample", "200", "--chunk-rows", "64", "--json")
+    assert result.exit_code == 0, result.stderr
+    body = result.json()
+    assert body["public_mixture"]["components"] == 3 and body["public_mixture"]["samples"] == 200
+    metric_set = read_metric_set(out)
+    assert metric_set.strategy == "ratio" and metric_set.score is not None
+    assert metric_set.public_mixture == body["public_mixture"]
+    # the same ranking recomputed by hand: the public mixture on the same seeded 200 rows
+    mixture, _, _ = read_gmm(gmm_file)
+    with open_feature_table(table_file) as table:
+        ids, features, _ = next(table.iter_chunks(table.rows))
+    public = fit_public_mixture(features[sample_positions(len(ids), 200, 0)], mixture, 3, 0)
+    loglik, component = mixture.log_likelihood(features)
+    ratio = loglik - public.mixture.log_likelihood(features)[0]
+    expected = np.lexsort((np.arange(len(ids)), -ratio))
+    assert set(metric_set.ids) == set(ids[expected[:100]]) and set(metric_set.metric_ids) == set(ids[expected[:40]])
+    np.testing.assert_allclose(np.sort(metric_set.score), np.sort(ratio[expected[:100]]), rtol=1e-9)
+    # coverage: recorded, recomputable from the component column, shown by inspect and select
+    coverage = selection_coverage(metric_set.component, mixture.weights, 40)
+    assert metric_set.coverage["finetune"]["coverage"] == pytest.approx(coverage["finetune"]["coverage"])
+    assert body["coverage"]["metric"]["coverage"] == pytest.approx(coverage["metric"]["coverage"])
+    assert tapvits("validate", out).exit_code == 0
+    figures = tapvits("inspect", "--json", out).json()["figures"]
+    assert figures["coverage_finetune"] == pytest.approx(coverage["finetune"]["coverage"], abs=1e-4)
+    assert figures["public_mixture"]["components"] == 3
+    # the dataset pool embeds only the sampled rows for the public mixture, then gives the same selection
+    stratified_table, stratified_data = tmp_path / "rs-table.h5", tmp_path / "rs-data.h5"
+    options = ("--strategy", "ratio-stratified", "--public-components", "3", "--public-sample", "200")
+    assert select_cli(tapvits, gmm_file, table_file, stratified_table, *options).exit_code == 0
+    result = select_cli(tapvits, gmm_file, POOL, stratified_data, "--extractor", tiny_model_file, *options)
+    assert result.exit_code == 0, result.stderr
+    a, b = read_metric_set(stratified_table), read_metric_set(stratified_data)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-6)
+    quotas = proportional_quotas(mixture.weights, 100, np.bincount(component, minlength=mixture.components))
+    np.testing.assert_array_equal(np.bincount(a.component, minlength=mixture.components), quotas)
+
+
 def test_a_gmm_from_another_extractor_is_refused(gmm_file, tmp_path, tapvits):
     from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
 
@@ -273,6 +451,10 @@ def test_broken_metric_sets_are_rejected(gmm_file, table_file, tmp_path, tapvits
         (lambda h: h["selection"].attrs.__setitem__("metric_size", 101), ExitCode.INVALID_ARTIFACT, "metric_size"),
         (lambda h: h.__delitem__("selection/label"), ExitCode.INVALID_ARTIFACT, "selection/label"),
         (lambda h: h["selection"].attrs.__setitem__("encoding-version", "2"), ExitCode.INCOMPATIBLE, "v2"),
+        (lambda h: h.attrs.__setitem__("metric-set.coverage", h.attrs["metric-set.coverage"].replace(
+            '"coverage":', '"coverage":0.5,"was":', 1)), ExitCode.INVALID_ARTIFACT, "does not match"),
+        (lambda h: h["selection"].create_dataset("score", data=np.zeros(3)), ExitCode.INVALID_ARTIFACT,
+         "finetune_size"),
         (lambda h: h.attrs.__setitem__("tapvits.version", "2"), ExitCode.INCOMPATIBLE, "v2"),
     ]
     for edit, code, needle in cases:

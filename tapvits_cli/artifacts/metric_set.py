@@ -44,6 +44,9 @@ class MetricSet:
     gmm_sha256: str
     extractor_sha256: str
     artifact: ArtifactFile
+    score: np.ndarray | None = None                  # the ratio strategies' density ratio, per row
+    coverage: Mapping[str, Any] | None = None        # selection.coverage.selection_coverage(...)
+    public_mixture: Mapping[str, Any] | None = None  # what the ratio strategies fitted on the pool
 
     @property
     def metric_ids(self) -> np.ndarray:
@@ -56,14 +59,23 @@ class MetricSet:
 
 def write_metric_set(path: str | os.PathLike, selection, pool: Mapping[str, Any], gmm_sha256: str,
                      extractor_sha256: str, params: Mapping[str, Any],
-                     inputs: Mapping[str, LineageEntry] | None = None):
-    """Write a :class:`~tapvits_cli.selection.Selection` whose columns hold ``ids`` and ``labels``."""
+                     inputs: Mapping[str, LineageEntry] | None = None, coverage: Mapping[str, Any] | None = None,
+                     public_mixture: Mapping[str, Any] | None = None):
+    """Write a :class:`~tapvits_cli.selection.Selection` whose columns hold ``ids`` and ``labels``.
+
+    ``coverage`` (``selection.selection_coverage``) and ``public_mixture`` (what a ratio
+    strategy fitted) are optional attributes; a selection with a ``score`` writes its column.
+    """
     header = Header(kind=KIND, version=VERSION, inputs=dict(inputs or {}), params=dict(params))
     metadata = {
         f"{KIND}.pool": compact_json({key: pool[key] for key in _POOL_KEYS}),
         f"{KIND}.gmm_sha256": gmm_sha256,
         f"{KIND}.extractor_sha256": extractor_sha256,
     }
+    if coverage is not None:
+        metadata[f"{KIND}.coverage"] = compact_json(dict(coverage))
+    if public_mixture is not None:
+        metadata[f"{KIND}.public_mixture"] = compact_json(dict(public_mixture))
     columns = {"ids": selection.columns["ids"], "log_likelihood": selection.log_likelihood,
                "component": selection.component, "label": selection.columns["labels"]}
 
@@ -75,6 +87,8 @@ def write_metric_set(path: str | os.PathLike, selection, pool: Mapping[str, Any]
         group.attrs["strategy"] = selection.strategy
         for name, dtype in _COLUMNS.items():
             group.create_dataset(name, data=np.asarray(columns[name], dtype=dtype))
+        if getattr(selection, "score", None) is not None:
+            group.create_dataset("score", data=np.asarray(selection.score, dtype=np.float64))
 
     return write_hdf5(path, header, metadata, fill)
 
@@ -120,6 +134,11 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
                 raise artifact.fail(f"'{GROUP}/{name}' is {dataset.dtype} {dataset.shape}, the spec needs 1-D "
                                       f"{np.dtype(dtype)}")
             columns[name] = dataset[:]
+        score = group.get("score")
+        if score is not None:
+            if not isinstance(score, h5py.Dataset) or score.dtype != np.float64 or score.ndim != 1:
+                raise artifact.fail(f"'{GROUP}/score' must be a 1-D float64 dataset")
+            score = score[:]
         sizes = {}
         for name in ("metric_size", "finetune_size"):
             value = group.attrs.get(name)
@@ -127,10 +146,17 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
                 raise artifact.fail(f"attribute '{GROUP}/{name}' must be an integer")
             sizes[name] = int(value)
         strategy = _attr(group.attrs.get("strategy"))
+    optional = {}
+    for key in ("coverage", "public_mixture"):
+        if f"{KIND}.{key}" in artifact.metadata:
+            optional[key] = artifact.json_field(f"{KIND}.{key}")
+            if not isinstance(optional[key], dict):
+                raise artifact.fail(f"'{KIND}.{key}' must be a JSON object")
     return MetricSet(ids=columns["ids"], log_likelihood=columns["log_likelihood"], component=columns["component"],
                      labels=columns["label"], strategy=str(strategy), pool=pool,
                      gmm_sha256=artifact.metadata[f"{KIND}.gmm_sha256"],
-                     extractor_sha256=artifact.metadata[f"{KIND}.extractor_sha256"], artifact=artifact, **sizes)
+                     extractor_sha256=artifact.metadata[f"{KIND}.extractor_sha256"], artifact=artifact, score=score,
+                     **optional, **sizes)
 
 
 def _check(metric_set: MetricSet) -> None:
@@ -140,8 +166,13 @@ def _check(metric_set: MetricSet) -> None:
     if not 1 <= metric_set.metric_size <= metric_set.finetune_size:
         raise artifact.fail("metric_size must be >= 1 and <= finetune_size")
     lengths = {len(ids), len(metric_set.log_likelihood), len(metric_set.component), len(metric_set.labels)}
+    if metric_set.score is not None:
+        lengths.add(len(metric_set.score))
+        if np.isnan(metric_set.score).any():
+            raise artifact.fail("score must not be NaN")
     if lengths != {metric_set.finetune_size}:
         raise artifact.fail(f"every column must have finetune_size ({metric_set.finetune_size}) rows")
+    _check_coverage(metric_set)
     samples = metric_set.pool["samples"]
     if ids.min() < 0 or len(np.unique(ids)) != len(ids):
         raise artifact.fail("ids must be distinct non-negative integers")
@@ -156,6 +187,27 @@ def _check(metric_set: MetricSet) -> None:
         if (np.diff(part) > 0).any():
             raise artifact.fail("rows must be ordered by decreasing log_likelihood within the metric set "
                                   "and within the rest")
+
+
+def _check_coverage(metric_set: MetricSet) -> None:
+    """The recorded coverage must be what the component column and the recorded weights give."""
+    from tapvits_cli.selection import selection_coverage
+
+    coverage, artifact = metric_set.coverage, metric_set.artifact
+    if coverage is None:
+        return
+    weights = coverage.get("weights")
+    if not isinstance(weights, list) or not weights or not all(isinstance(w, (int, float)) for w in weights):
+        raise artifact.fail(f"'{KIND}.coverage' must hold the mixture weights as a list of numbers")
+    try:
+        expected = selection_coverage(metric_set.component, weights, metric_set.metric_size)
+    except ValueError as exc:
+        raise artifact.fail(f"'{KIND}.coverage': {exc}") from None
+    for part in ("metric", "finetune"):
+        recorded = coverage.get(part)
+        if not isinstance(recorded, dict) or not np.isclose(recorded.get("coverage", np.nan),
+                                                            expected[part]["coverage"], atol=1e-9):
+            raise artifact.fail(f"'{KIND}.coverage.{part}' does not match the selection's components and weights")
 
 
 def _validate(artifact: ArtifactFile) -> None:
@@ -177,15 +229,32 @@ def _summarize(artifact: ArtifactFile) -> Summary:
         "gmm_sha256": metric_set.gmm_sha256,
         "extractor_sha256": metric_set.extractor_sha256,
     }
-    components = max(int(metric_set.component.max()) + 1, 1)
+    coverage = metric_set.coverage
+    if coverage is not None:
+        for part in ("metric", "finetune"):
+            figures[f"coverage_{part}"] = round(coverage[part]["coverage"], 4)
+            figures[f"worst_component_ratio_{part}"] = round(coverage[part]["worst_ratio"], 4)
+    if metric_set.public_mixture is not None:
+        figures["public_mixture"] = dict(metric_set.public_mixture)
+    if metric_set.score is not None:
+        figures["score_metric"] = [float(metric_set.score[: metric_set.metric_size].min()),
+                                   float(metric_set.score[: metric_set.metric_size].max())]
+    weights = coverage["weights"] if coverage is not None else None
+    components = max(int(metric_set.component.max()) + 1, len(weights or []), 1)
     in_metric = np.bincount(metric_set.component[: metric_set.metric_size], minlength=components)
     in_finetune = np.bincount(metric_set.component, minlength=components)
     labels = np.unique(metric_set.labels)
     label_metric = np.bincount(np.searchsorted(labels, metric_set.labels[: metric_set.metric_size]), minlength=len(labels))
     label_finetune = np.bincount(np.searchsorted(labels, metric_set.labels), minlength=len(labels))
-    tables = [
+    component_table = (
         Table("rows per component", ["component", "metric set", "fine-tuning set"],
-              [[c, int(in_metric[c]), int(in_finetune[c])] for c in range(components)]),
+              [[c, int(in_metric[c]), int(in_finetune[c])] for c in range(components)]) if weights is None else
+        Table("rows per component (share of the set vs the mixture weight)",
+              ["component", "weight", "metric set", "share", "fine-tuning set", "share"],
+              [[c, round(weights[c], 4), int(in_metric[c]), round(in_metric[c] / metric_set.metric_size, 4),
+                int(in_finetune[c]), round(in_finetune[c] / metric_set.finetune_size, 4)] for c in range(components)]))
+    tables = [
+        component_table,
         Table("rows per public label", ["label", "metric set", "fine-tuning set"],
               [[int(label), int(m), int(f)] for label, m, f in zip(labels, label_metric, label_finetune)]),
     ]

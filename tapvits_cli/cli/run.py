@@ -230,7 +230,8 @@ def _summary(recipe, outcomes, directory) -> dict:
         results.append(DeviceResult(
             name=device.name, report=report, selected_labels=metric_set.labels, metric_size=metric_set.metric_size,
             private_labels=open_dataset(device.private).labels if device.private else None,
-            stage_seconds={o.step.stage: o.seconds for o in own}, stage_sources={o.step.stage: o.source for o in own}))
+            stage_seconds={o.step.stage: o.seconds for o in own}, stage_sources={o.step.stage: o.source for o in own},
+            coverage=metric_set.coverage))
     shared = {o.step.id: o.seconds for o in outcomes if o.step.device is None}
     summary = summarize(recipe.name, recipe.budget, results, base_parameters, recipe.thresholds, shared)
     summary["steps"] = {"total": len(outcomes), **{source: sum(o.source == source for o in outcomes)
@@ -245,7 +246,8 @@ def _show(summary: dict) -> None:
 
     table = Table(title=f"run {summary['recipe']}: budget {summary['budget']:.0%} of "
                         f"{summary['base_parameters']:,} parameters", title_justify="left")
-    for column in ("device", "top-1", "params kept", "MACs (M)", "ms @1", "ms @32", "precision", "time (s)"):
+    for column in ("device", "top-1", "params kept", "MACs (M)", "ms @1", "ms @32", "precision", "coverage",
+                   "class recall", "time (s)"):
         table.add_column(column, justify="left" if column == "device" else "right")
 
     def number(row, key, fmt):
@@ -255,10 +257,11 @@ def _show(summary: dict) -> None:
         macs = f"{row['macs'] / 1e6:.2f}" if "macs" in row else "–"
         table.add_row(row["device"], number(row, "top1", ".2%"), number(row, "params_kept", ".1%"), macs,
                       number(row, "latency_ms_at_1", ".2f"), number(row, "latency_ms_at_32", ".1f"),
-                      number(row, "finetune_precision", ".1%"), f"{sum(row['stage_seconds'].values()):.1f}")
+                      number(row, "finetune_precision", ".1%"), number(row, "finetune_coverage", ".2f"),
+                      number(row, "finetune_class_recall", ".0%"), f"{sum(row['stage_seconds'].values()):.1f}")
     if summary["mean"]:
         table.add_row("mean (by samples)", f"{summary['mean']['top1']:.2%}", f"{summary['mean']['params_kept']:.1%}",
-                      "", "", "", "", "", style="bold")
+                      "", "", "", "", "", "", "", style="bold")
     console = stderr_console()
     console.width = max(console.width, 120)   # the table stays readable in CI logs and pipes
     console.print(table)

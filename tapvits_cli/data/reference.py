@@ -17,7 +17,7 @@ from tapvits_cli.errors import UsageError
 
 BUILTINS = ("digits", "fashion-mnist")
 SPLITS = ("train", "test", "all")
-OPTIONS = ("split", "classes", "fold", "indices", "sample", "seed")
+OPTIONS = ("split", "classes", "dirichlet", "part", "fold", "indices", "sample", "seed")
 
 _OPTION = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -85,9 +85,24 @@ def _fold(value: object) -> tuple[int, int]:
     return k, n
 
 
+def _concentration(value: object) -> float:
+    """A Dirichlet concentration α > 0 (finite), from YAML (number) or the command line (text)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number > 0, got {value!r}")
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number > 0, got {value!r}") from None
+    if not 0 < alpha < float("inf"):
+        raise ValueError(f"expected a number > 0, got {value!r}")
+    return alpha
+
+
 _CONVERT: dict[str, Callable[[object], object]] = {
     "split": _split,
     "classes": _classes,
+    "dirichlet": _concentration,
+    "part": _fold,
     "fold": _fold,
     "indices": _ranges,
     "sample": lambda v: _natural(v, minimum=1),
@@ -97,17 +112,21 @@ _CONVERT: dict[str, Callable[[object], object]] = {
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """A dataset source and the selection applied to it: split → classes → fold → indices → sample.
+    """A dataset source and the selection applied to it:
+    split → classes → dirichlet part → fold → indices → sample.
 
     ``split=None`` means the source's default; :func:`open_dataset` resolves it, so a
     dataset's provenance always names its split. ``classes`` is a sorted tuple of labels,
-    ``fold`` is ``(K, N)`` and ``indices`` sorted, merged, inclusive ``(low, high)`` ranges,
-    so equal selections compare equal however they were written.
+    ``fold`` and ``part`` are ``(K, N)`` and ``indices`` sorted, merged, inclusive
+    ``(low, high)`` ranges, so equal selections compare equal however they were written.
+    ``dirichlet`` (α) and ``part`` come together: part K of a non-IID split into N parts.
     """
 
     source: str
     split: str | None = None
     classes: tuple[int, ...] | None = None
+    dirichlet: float | None = None
+    part: tuple[int, int] | None = None
     fold: tuple[int, int] | None = None
     indices: Ranges | None = None
     sample: int | None = None
@@ -123,6 +142,10 @@ class DatasetRef:
                     object.__setattr__(self, key, _CONVERT[key](value))
                 except ValueError as exc:
                     raise UsageError(f"dataset reference {self.source!r}: {key}: {exc}") from None
+        if (self.dirichlet is None) != (self.part is None):
+            raise UsageError(f"dataset reference {self.source!r}: dirichlet=ALPHA and part=K/N go together "
+                             f"(part K of a Dirichlet split into N parts), got only "
+                             f"{'dirichlet' if self.part is None else 'part'}")
 
     @classmethod
     def parse(cls, text: str) -> "DatasetRef":
@@ -187,7 +210,9 @@ class DatasetRef:
                 value = format_ranges(_ranges(list(value)))
             elif field.name == "indices":
                 value = format_ranges(value)
-            elif field.name == "fold":
+            elif field.name in ("fold", "part"):
                 value = f"{value[0]}/{value[1]}"
+            elif field.name == "dirichlet":
+                value = repr(float(value))
             parts.append(f"{field.name}={value}")
         return ":".join(parts)

@@ -15,6 +15,8 @@ from tapvits_cli.errors import UsageError
 
 _FOLD_STREAM = 1
 _SAMPLE_STREAM = 2
+_DIRICHLET_STREAM = 5      # the class proportions of every part
+_DIRICHLET_ORDER_STREAM = 6  # the order in which a class's samples are dealt to the parts
 
 
 def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -33,18 +35,49 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return assignment
 
 
+def dirichlet_assignment(labels: np.ndarray, selected: np.ndarray, num_classes: int, alpha: float, parts: int,
+                         seed: int) -> np.ndarray:
+    """The part (0..parts-1) of every ``selected`` position: a non-IID split, as federated splitters do.
+
+    For every class of the source (0..num_classes-1, whether selected or not, so a part's
+    proportions do not depend on ``classes``), the shares of the parts are drawn from
+    Dirichlet(α, …, α) (``default_rng([seed, 5]).dirichlet([α] * parts, num_classes)``);
+    the class's selected samples, ordered by a seeded key per sample of the split
+    (``default_rng([seed, 6]).random(len(labels))``), are cut into consecutive runs at
+    ``floor(cumsum(shares)[:-1] · n_class)``, run k going to part k. Small α gives parts
+    dominated by few classes; large α approaches an IID split.
+    """
+    rng = np.random.default_rng([seed, _DIRICHLET_STREAM])
+    shares = rng.dirichlet(np.full(parts, alpha), num_classes)
+    keys = np.random.default_rng([seed, _DIRICHLET_ORDER_STREAM]).random(len(labels))
+    selected_labels = labels[selected]
+    order = np.lexsort((keys[selected], selected_labels))
+    sorted_labels = selected_labels[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
+    counts = np.bincount(selected_labels, minlength=num_classes)
+    # cut points per class: run k holds ranks [cut_k, cut_{k+1})
+    cuts = np.floor(np.cumsum(shares, axis=1)[:, :-1] * counts[:, None]).astype(np.int64)
+    part_sorted = (rank[:, None] >= cuts[sorted_labels]).sum(axis=1)
+    assignment = np.empty(len(selected), dtype=np.int64)
+    assignment[order] = part_sorted
+    return assignment
+
+
 def expand_ranges(ranges: Ranges) -> np.ndarray:
     return np.concatenate([np.arange(low, high + 1, dtype=np.int64) for low, high in ranges])
 
 
 def select_ids(ref: DatasetRef, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Sorted positions in the split that ``ref`` keeps: classes → fold → indices → sample."""
+    """Sorted positions in the split that ``ref`` keeps: classes → dirichlet part → fold → indices → sample."""
     ids = np.arange(len(labels), dtype=np.int64)
     if ref.classes is not None:
         if ref.classes[-1] >= num_classes:
             raise UsageError(f"dataset reference {str(ref)!r}: classes: the source has {num_classes} classes "
                              f"(0-{num_classes - 1})")
         ids = ids[np.isin(labels, ref.classes)]
+    if ref.part is not None:
+        k, n = ref.part
+        ids = ids[dirichlet_assignment(labels, ids, num_classes, ref.dirichlet, n, ref.seed) == k]
     if ref.fold is not None:
         k, n = ref.fold
         ids = ids[fold_assignment(labels, n, ref.seed)[ids] == k]

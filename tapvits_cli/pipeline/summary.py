@@ -3,7 +3,9 @@
 Pure: the caller reads the reports and metric sets and passes their contents in.
 Selection precision is the share of the selected public images whose label is one the
 device's private data holds; it exists only for simulated devices, whose private labels
-the benchmark may look at (a real device's labels never leave it).
+the benchmark may look at (a real device's labels never leave it), and so do class
+recall and the smallest class's ratio (``selection.coverage.class_coverage``). Component
+coverage is label-free: the metric set records it for every device.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from tapvits_cli.selection.coverage import class_coverage
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class DeviceResult:
     private_labels: np.ndarray | None         # labels of a simulated device's private split
     stage_seconds: Mapping[str, float]
     stage_sources: Mapping[str, str]
+    coverage: Mapping[str, Any] | None = None   # the metric set's component coverage, when it records one
 
 
 def _latency(report: Mapping[str, Any], batch: int) -> float | None:
@@ -43,6 +48,14 @@ def device_row(result: DeviceResult, base_parameters: int) -> dict[str, Any]:
     if result.selected_labels is not None and result.private_labels is not None:
         row["metric_precision"] = _precision(result.selected_labels[: result.metric_size], result.private_labels)
         row["finetune_precision"] = _precision(result.selected_labels, result.private_labels)
+        for part, labels in (("metric", result.selected_labels[: result.metric_size]),
+                             ("finetune", result.selected_labels)):
+            for key, value in class_coverage(labels, result.private_labels).items():
+                row[f"{part}_{key}"] = value
+    if result.coverage is not None:
+        for part in ("metric", "finetune"):
+            row[f"{part}_coverage"] = result.coverage[part]["coverage"]
+            row[f"{part}_worst_component_ratio"] = result.coverage[part]["worst_ratio"]
     row["stage_seconds"] = {stage: round(seconds, 2) for stage, seconds in result.stage_seconds.items()}
     row["stage_sources"] = dict(result.stage_sources)
     return row

@@ -5,16 +5,24 @@ are the metric set and whose first ``finetune_size`` entries (all of them) are t
 fine-tuning set, so the metric set is always inside the fine-tuning set. Within each of
 the two parts, rows are ordered by decreasing log-likelihood, ties by pool position.
 
-* ``topk`` (the paper): the most likely samples.
+Each row is ranked by a *score*: its log-likelihood under the device's mixture, or for
+the ``ratio`` strategies the density ratio log p_device(x) − log p_public(x) against a
+mixture the cloud fitted on the public pool (:mod:`.density_ratio`), which stops dense
+public regions from winning by density alone.
+
+* ``topk`` (the paper): the highest log-likelihood.
 * ``stratified``: a quota per mixture component in proportion to its weight
   (:func:`proportional_quotas`), the most likely samples inside each component, so one
-  broad component cannot swallow the whole set.
+  broad component cannot swallow the whole set; the metric set has quotas too.
+* ``ratio``: the highest density ratio.
+* ``ratio-stratified``: the quotas of ``stratified``, filled inside each component by
+  density ratio.
 * ``random``: a seeded uniform sample; the ablation floor.
 
 A pool is never held whole: :class:`StreamingSelection` keeps a running best
-``finetune_size`` rows (per component for ``stratified``), merged with each chunk by
-partial partitioning, so memory is bounded by one chunk plus K × ``finetune_size`` rows
-and the result equals a full sort of the pool (exact ties included).
+``finetune_size`` rows (per component for the stratified strategies), merged with each
+chunk by partial partitioning, so memory is bounded by one chunk plus K × ``finetune_size``
+rows and the result equals a full sort of the pool (exact ties included).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import numpy as np
 
 from tapvits_cli.errors import UsageError
 
-STRATEGIES = ("topk", "stratified", "random")
+STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "random")
+RATIO_STRATEGIES = ("ratio", "ratio-stratified")          # need a public mixture: a score besides the likelihood
+STRATIFIED_STRATEGIES = ("stratified", "ratio-stratified")  # per-component quotas
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class Selection:
     metric_size: int
     finetune_size: int
     strategy: str
+    score: np.ndarray | None = None  # float64 ranking score of the ratio strategies (the density ratio)
 
 
 def proportional_quotas(weights, total: int, available) -> np.ndarray:
@@ -78,18 +89,18 @@ def proportional_quotas(weights, total: int, available) -> np.ndarray:
     return quotas
 
 
-def _order(loglik: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Indices sorting rows by decreasing log-likelihood, ties by increasing position."""
-    return np.lexsort((positions, -loglik))
+def _order(score: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Indices sorting rows by decreasing score, ties by increasing position."""
+    return np.lexsort((positions, -score))
 
 
-def _best(loglik: np.ndarray, positions: np.ndarray, limit: int) -> np.ndarray:
-    """Indices of the ``limit`` best rows (same order as :func:`_order`) without a full sort."""
-    if len(loglik) <= limit:
-        return np.arange(len(loglik))
-    threshold = np.partition(loglik, len(loglik) - limit)[len(loglik) - limit]
-    above = np.flatnonzero(loglik > threshold)
-    tied = np.flatnonzero(loglik == threshold)
+def _best(score: np.ndarray, positions: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of the ``limit`` highest-scoring rows (ties: lower position) without a full sort."""
+    if len(score) <= limit:
+        return np.arange(len(score))
+    threshold = np.partition(score, len(score) - limit)[len(score) - limit]
+    above = np.flatnonzero(score > threshold)
+    tied = np.flatnonzero(score == threshold)
     tied = tied[np.argsort(positions[tied], kind="stable")[: limit - len(above)]]
     return np.concatenate([above, tied])
 
@@ -120,12 +131,22 @@ class StreamingSelection:
             self._draw_rank = np.empty(finetune_size, dtype=np.int64)
             self._draw_rank[np.searchsorted(self._chosen, draw)] = np.arange(finetune_size)
 
-    def update(self, loglik: np.ndarray, component: np.ndarray, **columns: np.ndarray) -> None:
-        """Add the next chunk's scores (and equally long ``columns`` such as ids, labels)."""
+    def update(self, loglik: np.ndarray, component: np.ndarray, score: np.ndarray | None = None,
+               **columns: np.ndarray) -> None:
+        """Add the next chunk's log-likelihoods, components, ranking ``score`` (the ratio
+        strategies need it; the others rank by log-likelihood) and equally long ``columns``
+        such as ids, labels."""
         n = len(loglik)
         loglik = np.where(np.isnan(loglik), -np.inf, np.asarray(loglik, dtype=np.float64))
         component = np.asarray(component, dtype=np.int32)
-        if len(component) != n or any(len(v) != n for v in columns.values()):
+        if self.strategy in RATIO_STRATEGIES:
+            if score is None:
+                raise ValueError(f"strategy '{self.strategy}' ranks by a density ratio: pass score")
+            score = np.asarray(score, dtype=np.float64)
+            score = np.where(np.isnan(score), -np.inf, score)
+        else:
+            score = loglik
+        if len(component) != n or len(score) != n or any(len(v) != n for v in columns.values()):
             raise ValueError("every array of a chunk must have the same length")
         if n and (component.min() < 0 or component.max() >= len(self.weights)):
             raise ValueError(f"components must lie in 0..{len(self.weights) - 1}")
@@ -134,15 +155,15 @@ class StreamingSelection:
         if self._seen > self.pool_size:
             raise ValueError(f"the pool streamed more than the announced {self.pool_size} rows")
         self._counts += np.bincount(component, minlength=len(self.weights))
-        chunk = {"position": positions, "loglik": loglik, "component": component, **columns}
+        chunk = {"position": positions, "loglik": loglik, "score": score, "component": component, **columns}
         if self.strategy == "random":
             spot = np.searchsorted(self._chosen, positions).clip(max=len(self._chosen) - 1)
             chunk = {k: v[self._chosen[spot] == positions] for k, v in chunk.items()}
         rows = chunk if self._kept is None else {k: np.concatenate([self._kept[k], chunk[k]]) for k in chunk}
-        if self.strategy == "topk":
-            rows = {k: v[_best(rows["loglik"], rows["position"], self.finetune_size)] for k, v in rows.items()}
-        elif self.strategy == "stratified":
-            keep = [members[_best(rows["loglik"][members], rows["position"][members], self.finetune_size)]
+        if self.strategy in ("topk", "ratio"):
+            rows = {k: v[_best(rows["score"], rows["position"], self.finetune_size)] for k, v in rows.items()}
+        elif self.strategy in STRATIFIED_STRATEGIES:
+            keep = [members[_best(rows["score"][members], rows["position"][members], self.finetune_size)]
                     for members in (np.flatnonzero(rows["component"] == c) for c in range(len(self.weights)))]
             rows = {k: v[np.concatenate(keep)] for k, v in rows.items()}
         self._kept = rows
@@ -151,9 +172,9 @@ class StreamingSelection:
         if self._seen != self.pool_size:
             raise ValueError(f"the pool streamed {self._seen} rows, {self.pool_size} were announced")
         rows = self._kept
-        if self.strategy == "topk":
-            in_metric = np.zeros(len(rows["loglik"]), dtype=bool)
-            in_metric[_best(rows["loglik"], rows["position"], self.metric_size)] = True
+        if self.strategy in ("topk", "ratio"):
+            in_metric = np.zeros(len(rows["score"]), dtype=bool)
+            in_metric[_best(rows["score"], rows["position"], self.metric_size)] = True
             in_finetune = np.ones_like(in_metric)
         elif self.strategy == "random":
             rank = self._draw_rank[np.searchsorted(self._chosen, rows["position"])]
@@ -161,7 +182,7 @@ class StreamingSelection:
         else:
             finetune_quota = proportional_quotas(self.weights, self.finetune_size, self._counts)
             metric_quota = proportional_quotas(self.weights, self.metric_size, finetune_quota)
-            order = np.lexsort((rows["position"], -rows["loglik"], rows["component"]))
+            order = np.lexsort((rows["position"], -rows["score"], rows["component"]))
             sorted_component = rows["component"][order]
             first = np.searchsorted(sorted_component, sorted_component)
             rank = np.empty(len(order), dtype=np.int64)
@@ -173,32 +194,36 @@ class StreamingSelection:
         order = np.concatenate([metric[_order(rows["loglik"][metric], rows["position"][metric])],
                                 rest[_order(rows["loglik"][rest], rows["position"][rest])]])
         rows = {k: v[order] for k, v in rows.items()}
-        columns = {k: v for k, v in rows.items() if k not in ("position", "loglik", "component")}
+        columns = {k: v for k, v in rows.items() if k not in ("position", "loglik", "score", "component")}
         return Selection(positions=rows["position"], log_likelihood=rows["loglik"], component=rows["component"],
                          columns=columns, metric_size=self.metric_size, finetune_size=self.finetune_size,
-                         strategy=self.strategy)
+                         strategy=self.strategy,
+                         score=rows["score"] if self.strategy in RATIO_STRATEGIES else None)
 
 
-def select_from_scores(scored_chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-                       pool_size: int, mixture_weights, metric_size: int, finetune_size: int,
-                       strategy: str = "topk", seed: int = 0) -> Selection:
-    """Select from ``(ids, loglik, component, labels)`` chunks (what ``gmm.score_in_chunks`` yields)."""
+def select_from_scores(scored_chunks: Iterable[tuple[np.ndarray, ...]], pool_size: int, mixture_weights,
+                       metric_size: int, finetune_size: int, strategy: str = "topk", seed: int = 0) -> Selection:
+    """Select from ``(ids, loglik, component, labels)`` chunks (what ``gmm.score_in_chunks`` yields),
+    or ``(ids, loglik, component, labels, score)`` chunks (``density_ratio.score_ratio_in_chunks``)."""
     selection = StreamingSelection(strategy, pool_size, metric_size, finetune_size, mixture_weights, seed)
-    for ids, loglik, component, labels in scored_chunks:
-        selection.update(loglik, component, ids=np.asarray(ids, dtype=np.int64),
+    for ids, loglik, component, labels, *score in scored_chunks:
+        selection.update(loglik, component, score[0] if score else None, ids=np.asarray(ids, dtype=np.int64),
                          labels=np.asarray(labels, dtype=np.int64))
     return selection.result()
 
 
 def select(loglik, component, mixture_weights, metric_size: int, finetune_size: int,
-           strategy: str = "topk", seed: int = 0, chunk_rows: int | None = None) -> np.ndarray:
+           strategy: str = "topk", seed: int = 0, chunk_rows: int | None = None, score=None) -> np.ndarray:
     """Ordered pool positions for in-memory scores: the first ``metric_size`` are the metric set.
 
+    ``score`` is the ranking score of the ratio strategies (e.g. a density ratio);
     ``chunk_rows`` streams the arrays in chunks of that size (the result is the same).
     """
     loglik, component = np.asarray(loglik), np.asarray(component)
+    score = None if score is None else np.asarray(score)
     selection = StreamingSelection(strategy, len(loglik), metric_size, finetune_size, mixture_weights, seed)
     step = chunk_rows or max(1, len(loglik))
     for start in range(0, len(loglik), step):
-        selection.update(loglik[start:start + step], component[start:start + step])
+        part = slice(start, start + step)
+        selection.update(loglik[part], component[part], None if score is None else score[part])
     return selection.result().positions
