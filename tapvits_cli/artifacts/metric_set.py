@@ -237,7 +237,7 @@ def _summarize(artifact: ArtifactFile) -> Summary:
     if metric_set.public_mixture is not None:
         figures["public_mixture"] = dict(metric_set.public_mixture)
     if metric_set.score is not None:
-        figures["score_metric"] = [float(metric_set.score[: metric_set.metric_size].min()),
+        figures["density_ratio_metric"] = [float(metric_set.score[: metric_set.metric_size].min()),
                                    float(metric_set.score[: metric_set.metric_size].max())]
     weights = coverage["weights"] if coverage is not None else None
     components = max(int(metric_set.component.max()) + 1, len(weights or []), 1)
