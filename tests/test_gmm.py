@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from tapvits_cli.artifacts.containers import open_file
 from tapvits_cli.artifacts.gmm import GmmInfo, read_gmm, write_gmm
 from tapvits_cli.errors import ExitCode, UsageError
-from tapvits_cli.gmm.fit import check_feasible, fit_mixture, min_samples_per_component
+from tapvits_cli.gmm.fit import check_feasible, fit_mixture
+from tapvits_cli.gmm.privacy import min_support
 from tapvits_cli.gmm.mixture import Mixture, score_in_chunks
 
 PRIVATE = "digits:classes=0,1"  # 287 training images of two digits
@@ -76,9 +77,9 @@ def test_projection_standardises_then_projects():
 
 
 def test_refusal_rule():
-    assert min_samples_per_component("full", 32) == 66
-    assert min_samples_per_component("tied", 32) == 33
-    assert min_samples_per_component("diag", 32) == min_samples_per_component("spherical", 32) == 10
+    assert min_support("full", 32) == 66
+    assert min_support("tied", 32) == 33
+    assert min_support("diag", 32) == min_support("spherical", 32) == 10
     feasible, dropped = check_feasible(300, 64, range(2, 11), "full", 32)
     assert feasible == [2, 3, 4] and sorted(dropped) == [5, 6, 7, 8, 9, 10]
     assert "needs 330 samples" in dropped[5]
@@ -122,24 +123,28 @@ def test_fit_gmm_end_to_end(gmm_file, tiny_model_file, tapvits):
     assert info.samples == 287 and info.extractor == extractor.fingerprint
     assert artifact.metadata["gmm.extractor_sha256"] == extractor.fingerprint_sha256
     assert min(info.bic, key=info.bic.get) == mixture.components
-    assert sorted(info.bic) == list(range(2, 11))  # 18 samples per component at d=8: every K fits
+    # n / K >= 18 for every K, but above K=5 some component holds fewer than 18 samples: rejected
+    assert sorted(info.bic) == [2, 3, 4, 5]
+    assert (mixture.weights * info.samples >= 18).all()
     assert info.fit_seconds > 0 and info.extract_seconds > 0
-    assert info.privacy == {"min_samples": 50, "min_samples_per_component": 18, "noise_scale": 0.0}
+    assert info.privacy == {"min_samples": 50, "min_samples_per_component": 18, "noise_scale": 0.0,
+                            "min_variance_ratio": 0.001, "min_distance_ratio": 0.1}
     header = artifact.header
     assert header.params["pca_dim"] == 8 and header.params["covariance"] == "full" and header.params["seed"] == 0
     assert header.params["components"] == list(range(2, 11))
     assert header.inputs["extractor"].name == "tiny.safetensors" and header.inputs["extractor"].kind == "model"
     assert header.inputs["data"].name == "private" and header.inputs["data"].kind == "dataset"
 
-    assert tapvits("validate", gmm_file).stdout == f"{gmm_file}: ok (gmm v1)\n"
+    assert tapvits("validate", gmm_file).stdout == f"{gmm_file}: ok (gmm v2)\n"
     document = tapvits("inspect", "--json", gmm_file).json()
     figures = document["figures"]
     assert (figures["components"], figures["dim"], figures["feature_dim"]) == (mixture.components, 8, 24)
     assert figures["samples"] == 287 and figures["covariance_type"] == "full" and figures["pca"] is True
-    bic_table, weights_table = document["tables"]
+    bic_table, components_table = document["tables"]
     assert [row[0] for row in bic_table["rows"]] == sorted(info.bic)
     assert [row[0] for row in bic_table["rows"] if row[2] == "*"] == [mixture.components]
-    assert sum(row[1] for row in weights_table["rows"]) == pytest.approx(1.0)
+    assert sum(row[1] for row in components_table["rows"]) == pytest.approx(1.0)
+    assert all(row[2] >= 18 for row in components_table["rows"])  # effective support
     assert "BIC per K" in tapvits("inspect", gmm_file).stdout
 
 
@@ -155,16 +160,24 @@ def test_json_result_and_options(tmp_path, tapvits, tiny_model_file):
     assert "projection.components" not in artifact.tensors and (mixture.projection.scale == 1).all()
     default = tmp_path / "default.safetensors"
     assert fit_cli(tapvits, tiny_model_file, default).exit_code == 0
-    assert read_gmm(default)[0].projection.components is None  # 24-dim features: nothing for PCA to reduce
+    assert read_gmm(default)[0].dim == 23  # one dimension per 12 of the 287 samples, below the 24 features
+    small = tmp_path / "small.safetensors"
+    assert fit_cli(tapvits, tiny_model_file, small, "--covariance", "diag", data="digits:classes=0,1:sample=60").exit_code == 0
+    assert read_gmm(small)[0].dim == 5
 
 
 def test_cli_refusals(tmp_path, tapvits, tiny_model_file):
     out = tmp_path / "g.safetensors"
-    few = fit_cli(tapvits, tiny_model_file, out, data="digits:classes=0,1:sample=60")
+    few = fit_cli(tapvits, tiny_model_file, out, "--no-pca", data="digits:classes=0,1:sample=60")
     assert few.exit_code == ExitCode.USAGE and few.stdout == ""
     assert "60 samples are too few for a full-covariance mixture in d=24 dims" in few.stderr
     assert "--pca-dim 14 or less" in few.stderr
-    advice = fit_cli(tapvits, tiny_model_file, out, "--pca-dim", "14", data="digits:classes=0,1:sample=60")
+    # Feasible on average (30 per component), but the fitted K=2 gives one component 22 samples
+    uneven = fit_cli(tapvits, tiny_model_file, out, "--pca-dim", "14", data="digits:classes=0,1:sample=60")
+    assert uneven.exit_code == ExitCode.USAGE and not out.exists()
+    assert "breaks a per-component privacy guarantee" in uneven.stderr and "below 30" in uneven.stderr
+    assert "--pca-dim 7" in uneven.stderr
+    advice = fit_cli(tapvits, tiny_model_file, out, "--pca-dim", "7", data="digits:classes=0,1:sample=60")
     assert advice.exit_code == 0, advice.stderr
     floor = fit_cli(tapvits, tiny_model_file, out, data="digits:classes=0,1:sample=40")
     assert floor.exit_code == ExitCode.USAGE and "floor of 50" in floor.stderr
@@ -206,6 +219,17 @@ def rewrite(src, dst, tensors=None, drop=(), **metadata):
     return dst
 
 
+def _collapse_first(covariances):
+    """Component 0 squeezed onto the regulariser, as EM does around a single sample (full covariances)."""
+    import torch
+    from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
+
+    collapsed = covariances.clone()
+    collapsed[0] = torch.from_numpy(1e-6 * np.eye(collapsed.shape[-1]))
+    cholesky = torch.from_numpy(_compute_precision_cholesky(collapsed.numpy(), "full"))
+    return {"covariances": collapsed, "precisions_cholesky": cholesky}
+
+
 def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
     import torch
 
@@ -221,6 +245,10 @@ def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
         "does not match the hash of 'gmm.extractor'": dict(gmm__extractor=json.dumps({**fingerprint, "weights_sha256": "0" * 64})),
         "not the lowest-BIC entry": dict(gmm__bic=json.dumps({str(k): 1.0, "1": 0.0})),
         "'gmm.samples' is missing": dict(gmm__samples=None),
+        "effective support": dict(gmm__samples="20"),  # too few samples behind each component
+        "has a variance": dict(tensors=_collapse_first(tensors["covariances"])),
+        "privacy.dp' must hold": dict(gmm__privacy=json.dumps({"min_samples": 50, "noise_scale": 0, "dp": {"epsilon": 1}})),
+        "'gmm.unit_norm' must be": dict(gmm__unit_norm="yes"),
     }
     for expected, change in cases.items():
         broken = rewrite(gmm_file, tmp_path / "broken.safetensors", **change)
@@ -234,7 +262,7 @@ def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
     flipped.write_bytes(bytes(data))
     result = tapvits("validate", flipped)
     assert result.exit_code == ExitCode.INVALID_ARTIFACT and "gmm.tensors_sha256" in result.stderr
-    newer = rewrite(gmm_file, tmp_path / "newer.safetensors", tapvits__version="2")
+    newer = rewrite(gmm_file, tmp_path / "newer.safetensors", tapvits__version="3")
     assert tapvits("validate", newer).exit_code == ExitCode.INCOMPATIBLE
     extended = rewrite(gmm_file, tmp_path / "extended.safetensors", gmm__future="x")
     assert tapvits("validate", extended).exit_code == 0

@@ -18,7 +18,7 @@ from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 
 KIND = "gmm"
-VERSION = 1
+VERSION = 2
 NAMESPACE = "gmm"
 _MIXTURE_TENSORS = ("weights", "means", "covariances", "precisions_cholesky")
 _PROJECTION_TENSORS = ("projection.mean", "projection.scale")
@@ -35,7 +35,7 @@ class GmmInfo:
     fit_seconds: float
     extract_seconds: float
     extractor: Mapping[str, Any]      # models.extract.Extractor.fingerprint
-    privacy: Mapping[str, Any]        # {"min_samples", "min_samples_per_component", "noise_scale"}
+    privacy: Mapping[str, Any]        # floors and noise used; "dp" when differentially private
     converged: bool | None = None
 
     @property
@@ -76,6 +76,8 @@ def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[s
     }
     if info.converged is not None:
         metadata["converged"] = "true" if info.converged else "false"
+    if mixture.projection.unit_norm:
+        metadata["unit_norm"] = "true"
     header = Header(kind=KIND, version=VERSION, inputs=dict(inputs or {}), params=dict(params))
     return write_safetensors(path, tensors, header, {f"{NAMESPACE}.{k}": v for k, v in metadata.items()})
 
@@ -149,7 +151,11 @@ def _parse(artifact: ArtifactFile):
         raise artifact.fail(f"'{NAMESPACE}.bic' must map K to a number") from None
     if not isinstance(extractor, dict) or not isinstance(privacy, dict):
         raise artifact.fail(f"'{NAMESPACE}.extractor' and '{NAMESPACE}.privacy' must be JSON objects")
-    projection = Projection(tensors["projection.mean"], tensors["projection.scale"], tensors.get("projection.components"))
+    unit_norm = artifact.metadata.get(f"{NAMESPACE}.unit_norm", "false")
+    if unit_norm not in ("true", "false"):
+        raise artifact.fail(f"'{NAMESPACE}.unit_norm' must be 'true' or 'false', got {unit_norm!r}")
+    projection = Projection(tensors["projection.mean"], tensors["projection.scale"], tensors.get("projection.components"),
+                            unit_norm=unit_norm == "true")
     mixture = Mixture(tensors["weights"], tensors["means"], tensors["covariances"], covariance_type, projection)
     converged = artifact.metadata.get(f"{NAMESPACE}.converged")
     info = GmmInfo(samples=_int(artifact, "samples"), bic=bic, fit_seconds=_float(artifact, "fit_seconds"),
@@ -183,11 +189,43 @@ def _check(artifact: ArtifactFile, mixture, info: GmmInfo, stored_cholesky: np.n
     if info.extractor.get("feature_dim") != mixture.feature_dim:
         raise artifact.fail(f"the extractor gives {info.extractor.get('feature_dim')}-dim features, "
                               f"the projection expects {mixture.feature_dim}")
-    if mixture.components not in info.bic or info.bic[mixture.components] > min(info.bic.values()):
-        raise artifact.fail(f"K={mixture.components} is not the lowest-BIC entry of '{NAMESPACE}.bic'")
     for key in ("min_samples", "noise_scale"):
-        if not isinstance(info.privacy.get(key), (int, float)):
+        if not _is_number(info.privacy.get(key)):
             raise artifact.fail(f"'{NAMESPACE}.privacy' lacks the number '{key}'")
+    dp = info.privacy.get("dp")
+    if dp is not None:
+        _check_dp_record(artifact, dp, info)
+    elif mixture.components not in info.bic or info.bic[mixture.components] > min(info.bic.values()):
+        raise artifact.fail(f"K={mixture.components} is not the lowest-BIC entry of '{NAMESPACE}.bic'")
+    _check_guarantees(artifact, mixture, info)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _check_dp_record(artifact: ArtifactFile, dp, info: GmmInfo) -> None:
+    """A differentially private fit states its (ε, δ) and ρ, and computed no BIC (that would spend budget)."""
+    from tapvits_cli.gmm.dp import epsilon_for
+
+    if not isinstance(dp, dict) or not all(_is_number(dp.get(key)) for key in ("epsilon", "delta", "rho")):
+        raise artifact.fail(f"'{NAMESPACE}.privacy.dp' must hold the numbers epsilon, delta and rho")
+    if not (dp["epsilon"] > 0 and 0 < dp["delta"] < 1 and dp["rho"] > 0):
+        raise artifact.fail(f"'{NAMESPACE}.privacy.dp' needs epsilon > 0, 0 < delta < 1 and rho > 0")
+    if abs(epsilon_for(dp["rho"], dp["delta"]) - dp["epsilon"]) > 1e-9 * max(1.0, dp["epsilon"]):
+        raise artifact.fail(f"'{NAMESPACE}.privacy.dp': rho {dp['rho']} does not give epsilon {dp['epsilon']} "
+                            f"at delta {dp['delta']}")
+    if info.bic:
+        raise artifact.fail(f"a differentially private '{NAMESPACE}.bic' must be empty")
+
+
+def _check_guarantees(artifact: ArtifactFile, mixture, info: GmmInfo) -> None:
+    """The per-component guarantees that the parameters alone show (protocol/gmm.md)."""
+    from tapvits_cli.gmm.privacy import audit_parameters, min_support
+
+    violations = audit_parameters(mixture, info.samples).violations(min_support(mixture.covariance_type, mixture.dim))
+    if violations:
+        raise artifact.fail(f"breaks a per-component privacy guarantee: {violations[0]}")
 
 
 def _validate(artifact: ArtifactFile) -> None:
@@ -196,6 +234,8 @@ def _validate(artifact: ArtifactFile) -> None:
 
 
 def _summarize(artifact: ArtifactFile) -> Summary:
+    from tapvits_cli.gmm.privacy import audit_parameters
+
     mixture, info, _ = _parse(artifact)
     extractor = info.extractor
     figures = {
@@ -206,7 +246,9 @@ def _summarize(artifact: ArtifactFile) -> Summary:
         "pca": mixture.projection.components is not None,
         "standardized": bool((mixture.projection.scale != 1.0).any()),
         "samples": info.samples,
-        "chosen_by": f"lowest BIC over K in {sorted(info.bic)}",
+        "chosen_by": (f"lowest BIC over K in {sorted(info.bic)}" if "dp" not in info.privacy
+                      else "fixed K (differentially private fit)"),
+        "unit_norm": mixture.projection.unit_norm,
         "fit_seconds": round(info.fit_seconds, 3),
         "extract_seconds": round(info.extract_seconds, 3),
         "extractor": f"{extractor.get('architecture')} {extractor.get('feature_layer')} "
@@ -219,8 +261,9 @@ def _summarize(artifact: ArtifactFile) -> Summary:
     tables = [
         Table("BIC per K", ["K", "BIC", "chosen"],
               [[k, v, "*" if k == mixture.components else ""] for k, v in sorted(info.bic.items())]),
-        Table("component weights", ["component", "weight"],
-              [[i, float(w)] for i, w in enumerate(mixture.weights)]),
+        Table("components", ["component", "weight", "effective support", "variance ratio"],
+              [[row["component"], row["weight"], row["effective_support"], row["variance_ratio"]]
+               for row in audit_parameters(mixture, info.samples).rows()]),
     ]
     return Summary(figures=figures, tables=tables)
 

@@ -63,3 +63,22 @@ def extractor_lineage(value: str):
         return LineageEntry(sha256_file(_builtin_weights_file(value)), "file", value)
     path = _check_path(value)
     return LineageEntry(sha256_file(path), "model", path.name)
+
+
+def embed_dataset(extractor, dataset, batch_size: int, device: str, description: str):
+    """All features of ``dataset`` as one (n, D) float32 array, with a progress bar.
+
+    For the device's private sets (``fit-gmm``, ``audit-gmm``), which are small enough to
+    hold; the public pool streams to disk through ``features`` instead.
+    """
+    import numpy as np
+
+    from tapvits_cli.cli.output import progress_bar
+    from tapvits_cli.models.extract import extract_features
+
+    batches = []
+    with progress_bar(description, total=len(dataset)) as advance:
+        for ids, features, _labels in extract_features(extractor, dataset, batch_size, device):
+            batches.append(features)
+            advance(len(ids))
+    return np.concatenate(batches)

@@ -14,7 +14,7 @@ import traceback
 import click
 
 from tapvits_cli import __version__
-from tapvits_cli.cli import (allocate, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
+from tapvits_cli.cli import (allocate, audit_gmm, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
                              inspect_cmd, prune, run, score, select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
 from tapvits_cli.errors import ExitCode, TapvitsError
@@ -23,7 +23,7 @@ from tapvits_cli.errors import ExitCode, TapvitsError
 class PipelineOrderGroup(click.Group):
     """Lists subcommands in pipeline order (then tools), not alphabetically."""
 
-    ORDER = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "export", "run",
+    ORDER = ("fit-gmm", "audit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "export", "run",
              "create-model", "dataset", "inspect", "validate")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -43,7 +43,7 @@ def cli() -> None:
     """
 
 
-for _module in (fit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export, run,
+for _module in (fit_gmm, audit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export, run,
                 create_model, dataset_cmd, inspect_cmd, validate_cmd):
     cli.add_command(_module.command)
 

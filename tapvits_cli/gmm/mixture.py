@@ -24,12 +24,16 @@ class Projection:
     """Feature map applied before the mixture: ``((x - mean) / scale) @ components.T``.
 
     ``scale`` is all ones when standardisation is off; ``components`` (d, D) holds the PCA
-    axes, or is ``None`` for the identity (then d = D).
+    axes, or is ``None`` for the identity (then d = D). With ``unit_norm`` every feature
+    vector is first divided by its L2 norm: the differentially private fit needs features
+    of bounded norm, and a bound chosen without looking at the private data can only be
+    had this way.
     """
 
     mean: np.ndarray
     scale: np.ndarray
     components: np.ndarray | None = None
+    unit_norm: bool = False
 
     @property
     def feature_dim(self) -> int:
@@ -54,6 +58,8 @@ class Projection:
             raise ValueError(f"expected features of shape (n, {self.feature_dim}), got {features.shape}")
         linear, offset = self._affine
         x = features.astype(np.float64, copy=False)
+        if self.unit_norm:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
         projected = x @ linear if linear.ndim == 2 else x * linear
         projected += offset
         return projected
