@@ -133,6 +133,9 @@ def test_run_skips_unchanged_steps_and_resumes(tmp_path, tapvits, monkeypatch):
     for row in summary["devices"]:
         assert 0.0 <= row["top1"] <= 1.0 and row["params_kept"] == pytest.approx(0.7, abs=0.01)
         assert row["finetune_precision"] > 0.5        # GMM selection finds the device's classes
+        for part in ("metric", "finetune"):              # coverage figures beside precision
+            assert 0.0 < row[f"{part}_coverage"] <= 1.0 and 0.0 <= row[f"{part}_worst_component_ratio"]
+            assert 0.0 < row[f"{part}_class_recall"] <= 1.0 and 0.0 <= row[f"{part}_min_class_ratio"]
     for name in ("recipe.yaml", "commands.sh", "run.json", "summary.json"):
         assert (tmp_path / "run" / name).is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["devices"] == summary["devices"]
