@@ -330,3 +330,192 @@ def test_no_private_sample_can_be_read_back(tmp_path, tapvits, tiny_model_file, 
     between = np.linalg.norm(projected[:, None] - projected[None], axis=-1)
     np.fill_diagonal(between, np.inf)
     assert to_means > 0.5 * np.median(between.min(axis=1))
+
+
+# --- per-component guarantees ---------------------------------------------------------------
+
+def _device_sets():
+    """Small device sets of real images: digits and Fashion-MNIST pixels, a few classes each."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    sets = [digits.data[np.isin(digits.target, classes)][:size]
+            for classes, size in (([0, 1, 2, 3], 74), ([7, 8, 9], 54), ([4, 5], 120), ([1, 7], 300))]
+    try:
+        from tapvits_cli.data import open_dataset
+
+        fashion = open_dataset("fashion-mnist:split=test:classes=0,6:sample=200")
+        sets.append(fashion.images(np.arange(len(fashion))).reshape(len(fashion), -1).astype(np.float64))
+    except Exception:  # Fashion-MNIST missing: .ci/run installs it, a bare checkout may not have it
+        pass
+    return sets
+
+
+@pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
+def test_every_written_component_keeps_the_guarantees(covariance):
+    from tapvits_cli.gmm.fit import default_pca_dim
+    from tapvits_cli.gmm.privacy import (MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO, audit_against_data,
+                                         median_neighbour_distance)
+
+    written = 0
+    for features in _device_sets():
+        for seed, components in ((0, range(2, 11)), (1, range(1, 6)), (2, [3, 6, 9])):
+            dim = default_pca_dim(len(features), features.shape[1])
+            try:
+                mixture = fit_mixture(features, components, covariance, dim, seed=seed, min_samples=40).mixture
+            except UsageError as refusal:
+                assert "privacy guarantee" in str(refusal) or "too few" in str(refusal)
+                continue
+            written += 1
+            projected = mixture.projection.apply(features)
+            audit = audit_against_data(mixture, len(features), projected, median_neighbour_distance(projected))
+            support = min_support(covariance, mixture.dim)
+            assert (audit.effective_support >= support).all() and (audit.assigned >= support).all()
+            assert (audit.variance_ratio >= MIN_VARIANCE_RATIO).all()
+            assert (audit.distance_ratio >= MIN_DISTANCE_RATIO).all()
+            assert audit.violations(support) == []
+    assert written >= 8
+
+
+def test_a_component_on_one_sample_is_rejected():
+    """EM left alone puts a component on an isolated sample; the search must reject that K."""
+    from sklearn.mixture import GaussianMixture
+
+    from tapvits_cli.gmm.privacy import audit_parameters
+
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(size=(60, 3)), rng.normal(loc=8.0, size=(60, 3)), [[40.0, -40.0, 40.0]]])
+    raw = GaussianMixture(3, covariance_type="diag", random_state=0).fit(features)
+    assert raw.weights_.min() * len(features) < 1.5  # the failure this guards against is real here
+    result = fit_mixture(features, [2, 3], "diag", pca_dim=None, standardize=False, seed=0)
+    assert 3 in result.dropped and "rejected after fitting" in result.dropped[3]
+    assert result.chosen_k == 2 and audit_parameters(result.mixture, len(features)).violations(10) == []
+    with pytest.raises(UsageError, match="breaks a per-component privacy guarantee"):
+        fit_mixture(features, [3], "diag", pca_dim=None, standardize=False, seed=0)
+
+
+def test_membership_auc_and_distance_ratios():
+    from tapvits_cli.gmm.privacy import distance_ratios, median_neighbour_distance, membership_auc
+
+    assert membership_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert membership_auc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
+    grid = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])  # one duplicate, skipped
+    assert median_neighbour_distance(grid) == 1.0
+    np.testing.assert_allclose(distance_ratios(np.array([[1.0, 0.0], [0.5, 0.5]]), grid, 1.0), [0.0, np.sqrt(0.5)])
+    with pytest.raises(ValueError, match="same features"):
+        median_neighbour_distance(np.ones((5, 3)))
+
+
+# --- audit-gmm ------------------------------------------------------------------------------
+
+def test_audit_gmm_reports_support_distances_and_membership(gmm_file, tiny_model_file, tmp_path, tapvits):
+    result = tapvits("audit-gmm", gmm_file, "--private", PRIVATE, "--extractor", tiny_model_file,
+                     "--held-out", "digits:split=test:classes=0,1", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    mixture, info, _ = read_gmm(gmm_file)
+    assert report["ok"] is True and report["violations"] == [] and report["min_support"] == 18
+    assert len(report["components"]) == mixture.components
+    assert sum(row["assigned"] for row in report["components"]) == info.samples
+    assert all(row["distance_ratio"] >= 0.1 and row["effective_support"] >= 18 for row in report["components"])
+    assert 0.0 <= report["membership_auc"] <= 1.0 and report["held_out_samples"] == 73
+    gate = tapvits("audit-gmm", gmm_file, "--private", PRIVATE, "--extractor", tiny_model_file,
+                   "--held-out", "digits:split=test:classes=0,1", "--max-auc", "0.5")
+    assert gate.exit_code == ExitCode.BELOW_THRESHOLD and "membership-inference AUC" in gate.stderr
+    other = tapvits("audit-gmm", gmm_file, "--private", "digits:classes=2,3", "--extractor", tiny_model_file)
+    assert other.exit_code == ExitCode.INCOMPATIBLE and "not fitted on" in other.stderr
+
+
+def test_audit_gmm_fails_a_mean_placed_on_a_private_sample(gmm_file, tiny_model_file, tmp_path, tapvits):
+    """A producer that skipped the guarantees: every file-level check passes, the audit does not."""
+    from dataclasses import replace
+
+    from tapvits_cli.artifacts.model import load_extractor
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.models.extract import extract_features
+
+    mixture, info, artifact = read_gmm(gmm_file)
+    features = np.concatenate([f for _, f, _ in extract_features(load_extractor(tiny_model_file),
+                                                                  open_dataset(PRIVATE))])
+    means = mixture.means.copy()
+    means[0] = mixture.projection.apply(features[:1])[0]  # component 0's mean is sample 0
+    leaky = write_gmm(tmp_path / "leaky.safetensors", replace(mixture, means=means), info, artifact.header.params,
+                      artifact.header.inputs)
+    assert tapvits("validate", leaky).exit_code == 0  # nothing in the file alone shows it
+    result = tapvits("audit-gmm", leaky, "--private", PRIVATE, "--extractor", tiny_model_file, "--json")
+    assert result.exit_code == ExitCode.BELOW_THRESHOLD and "leaky.safetensors: component" in result.stderr
+    report = result.json()
+    assert report["ok"] is False and report["components"][0]["distance_ratio"] < 1e-6
+    assert any(line.startswith("component 0's mean lies") for line in report["violations"])
+
+
+# --- differential privacy -------------------------------------------------------------------
+
+def test_zcdp_accounting():
+    from tapvits_cli.gmm.dp import epsilon_for, gaussian_sigma, rho_for
+
+    for epsilon, delta in ((1.0, 1e-5), (3.0, 1e-6), (10.0, 1e-5)):
+        rho = rho_for(epsilon, delta)
+        assert epsilon_for(rho, delta) == pytest.approx(epsilon, rel=1e-12)
+        assert epsilon_for(rho * 1.01, delta) > epsilon  # the largest rho that stays within epsilon
+    assert rho_for(1.0, 1e-5) == pytest.approx(0.020820, abs=1e-6)   # (sqrt(ln 1e5 + 1) - sqrt(ln 1e5))^2
+    assert gaussian_sigma(2.0, 0.5) == pytest.approx(2.0) and gaussian_sigma(1.0, 2.0) == pytest.approx(0.5)
+    for epsilon, delta in ((0.0, 1e-5), (float("inf"), 1e-5), (1.0, 0.0), (1.0, 1.0)):
+        with pytest.raises(UsageError):
+            rho_for(epsilon, delta)
+
+
+def test_released_noise_matches_the_mechanism():
+    """The noisy mean released for the projection has the standard deviation the formula gives."""
+    from tapvits_cli.gmm.dp import gaussian_sigma, private_projection
+
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(50, 6))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    releases = np.stack([private_projection(unit, 3, 0.02, 0.1, np.random.default_rng(i))[0].mean for i in range(600)])
+    empirical = (releases - unit.mean(axis=0)).std(axis=0) * len(unit)
+    np.testing.assert_allclose(empirical, gaussian_sigma(2.0, 0.02), rtol=0.1)   # 2 / sqrt(0.04) = 10
+    np.testing.assert_allclose(releases.mean(axis=0), unit.mean(axis=0), atol=4 * 10 / 50 / np.sqrt(600))
+
+
+def test_private_fit_finds_separated_clusters_and_records_its_budget():
+    from sklearn.metrics import adjusted_rand_score
+
+    from tapvits_cli.gmm.dp import BUDGET_SHARES, fit_private_mixture, gaussian_sigma
+
+    features = clusters(3, 1000, 10, seed=1) + 100.0  # unit-normalising keeps the clusters apart
+    truth = np.repeat(np.arange(3), 1000)
+    fit = fit_private_mixture(features, 3, "diag", dim=4, epsilon=10.0, seed=0, min_component_support=10)
+    assert fit.mixture.projection.unit_norm and fit.epsilon == pytest.approx(10.0)
+    assert adjusted_rand_score(truth, fit.mixture.log_likelihood(features)[1]) > 0.95
+    release_rho = fit.rho * BUDGET_SHARES["em"] / (3 * fit.iterations)
+    assert fit.sigmas["em_sums"] == pytest.approx(gaussian_sigma(2 * fit.clip_norm, release_rho))
+    assert fit.sigmas["em_second_moments"] == pytest.approx(gaussian_sigma(2 * fit.clip_norm ** 2, release_rho))
+    full = fit_private_mixture(features, 3, "full", dim=4, epsilon=10.0, seed=0, min_component_support=10)
+    assert adjusted_rand_score(truth, full.mixture.log_likelihood(features)[1]) > 0.95
+    noisy = fit_private_mixture(features, 3, "diag", dim=4, epsilon=0.05, seed=0)
+    assert adjusted_rand_score(truth, noisy.mixture.log_likelihood(features)[1]) < 0.95  # privacy costs fidelity
+
+
+def test_fit_gmm_with_differential_privacy(tmp_path, tapvits, tiny_model_file):
+    out = tmp_path / "dp.safetensors"
+    result = fit_cli(tapvits, tiny_model_file, out, "--dp-epsilon", "3", "--components", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["dp"]["epsilon"] == pytest.approx(3.0) and result.json()["bic"] == {}
+    mixture, info, artifact = read_gmm(out)
+    assert mixture.projection.unit_norm and artifact.metadata["gmm.unit_norm"] == "true"
+    assert mixture.covariance_type == "diag" and info.bic == {}
+    assert info.privacy["dp"]["accounting"] == "zCDP" and info.privacy["dp"]["delta"] == 1e-5
+    assert artifact.header.params["dp_epsilon"] == 3.0
+    assert tapvits("validate", out).exit_code == 0
+    assert "differentially private" in tapvits("inspect", out).stdout
+    refusals = {
+        ("--components", "2-4"): (ExitCode.USAGE, "fits one K"),
+        ("--covariance", "tied"): (ExitCode.NOT_IMPLEMENTED, "supports --covariance diag or full"),
+        ("--noise-scale", "0.5"): (ExitCode.USAGE, "exclusive"),
+        ("--dp-delta", "2"): (ExitCode.USAGE, "--dp-delta"),
+    }
+    for extra, (code, message) in refusals.items():
+        refused = fit_cli(tapvits, tiny_model_file, tmp_path / "refused.safetensors", "--dp-epsilon", "3", *extra)
+        assert refused.exit_code == code and message in refused.stderr, (extra, refused.stderr)
+        assert not (tmp_path / "refused.safetensors").exists()

@@ -9,8 +9,9 @@ artifact records it):
 2. Private projection: the mean and the second-moment matrix of the unit vectors are
    released with Gaussian noise (the symmetric noise matrix of "Analyze Gauss", Dwork,
    Talwar, Thakurta & Zhang, STOC 2014); the top d eigenvectors of the noisy covariance
-   are the PCA axes. Projected samples have norm at most R = 1 + ‖mean‖ and are clipped
-   to R, so the bound holds whatever the released mean is.
+   are the PCA axes. Projected samples are clipped to the norm R = min(1 + ‖mean‖,
+   3 √(Σ λ̂)) (λ̂ the released eigenvalues): computed from released values only, so the
+   bound holds whatever they are, and usually far tighter than the sure 1 + ‖mean‖.
 3. DP-EM (Park, Foulds, Chaudhuri & Welling, "DP-EM: Differentially Private Expectation
    Maximization", AISTATS 2017): from a data-independent start, each iteration releases
    the per-component sufficient statistics — soft counts Σᵢ rᵢₖ, sums Σᵢ rᵢₖzᵢ and second
@@ -45,6 +46,10 @@ DEFAULT_ITERATIONS = 10
 # Share of ρ per release: the projection's mean and second moment, then EM, split evenly
 # over its iterations and, within one, over counts, sums and second moments.
 BUDGET_SHARES = {"projection_mean": 0.05, "projection_second_moment": 0.15, "em": 0.80}
+# Projected samples are clipped to this many times their root-mean-square radius, as the
+# noisy eigenvalues give it, when that is tighter than the sure bound 1 + ‖mean‖: the sure
+# bound is loose when the features share a direction, and noise grows with R².
+CLIP_RMS_MULTIPLE = 3.0
 # Component variances are floored at this fraction of the noisy data variance (post-processing),
 # which keeps every written component well above the variance guarantee of gmm.privacy.
 VARIANCE_FLOOR = 0.05
@@ -131,6 +136,24 @@ def _m_step(counts, sums, seconds, covariance_type: str, radius: float, floor: n
     return weights, means, (vectors * values[:, None, :]) @ np.swapaxes(vectors, 1, 2)
 
 
+def simplex_start(k: int, eigenvalues: np.ndarray) -> np.ndarray:
+    """(K, d) initial means: a centred regular simplex in the top K−1 axes, scaled by √λ.
+
+    Axes beyond d are dropped (the vertices then overlap in projection but stay distinct
+    while K − 1 <= d); a single component starts at the centre.
+    """
+    dim = len(eigenvalues)
+    vertices = np.eye(k) - 1.0 / k                       # centred simplex in R^K, rank K−1
+    basis = np.linalg.svd(vertices, full_matrices=False)[2][: k - 1]  # its (K−1)-dim span
+    coordinates = vertices @ basis.T                      # (K, K−1), all at the same distance from 0
+    if k > 1:
+        coordinates /= np.linalg.norm(coordinates, axis=1, keepdims=True)
+    means = np.zeros((k, dim))
+    used = min(k - 1, dim)
+    means[:, :used] = coordinates[:, :used] * np.sqrt(eigenvalues[:used])
+    return means
+
+
 def fit_private_mixture(features: np.ndarray, k: int, covariance_type: str, dim: int, epsilon: float,
                         delta: float = DEFAULT_DELTA, iterations: int = DEFAULT_ITERATIONS, seed: int = 0,
                         min_component_support: int = 1) -> PrivateFit:
@@ -157,7 +180,7 @@ def fit_private_mixture(features: np.ndarray, k: int, covariance_type: str, dim:
 
     projection, eigenvalues, sigmas = private_projection(
         unit, dim, rho * BUDGET_SHARES["projection_mean"], rho * BUDGET_SHARES["projection_second_moment"], rng)
-    radius = 1.0 + float(np.linalg.norm(projection.mean))
+    radius = min(1.0 + float(np.linalg.norm(projection.mean)), CLIP_RMS_MULTIPLE * math.sqrt(eigenvalues.sum()))
     z = _clip_rows(projection.apply(features), radius)
 
     rho_release = rho * BUDGET_SHARES["em"] / (3 * iterations)
@@ -167,11 +190,15 @@ def fit_private_mixture(features: np.ndarray, k: int, covariance_type: str, dim:
     sigmas.update(em_counts=sigma_count, em_sums=sigma_sum, em_second_moments=sigma_second)
     floor = VARIANCE_FLOOR * eigenvalues
 
-    # A data-independent start: means drawn from the noisy spread, shared noisy variances.
+    # A start that looks at no private sample, only at released values: the means at the
+    # vertices of a regular simplex laid along the top noisy principal axes (spread over
+    # the directions that carry the most variance, where separated groups differ), each
+    # with 1/K of the noisy variance (the full variance makes every component cover all). Random starts, which EM on plain data survives by restarts
+    # that here would each cost budget, left clusters merged (measured).
     weights = np.full(k, 1.0 / k)
-    means = rng.normal(size=(k, dim)) * np.sqrt(eigenvalues)
-    covariances = (np.tile(eigenvalues, (k, 1)) if covariance_type == "diag"
-                   else np.tile(np.diag(eigenvalues), (k, 1, 1)))
+    means = simplex_start(k, eigenvalues)
+    covariances = (np.tile(eigenvalues / k, (k, 1)) if covariance_type == "diag"
+                   else np.tile(np.diag(eigenvalues / k), (k, 1, 1)))
     for _ in range(iterations):
         responsibilities = Mixture(weights, means, covariances, covariance_type, projection).estimator.predict_proba(z)
         counts = responsibilities.sum(axis=0) + rng.normal(scale=sigma_count, size=k)
