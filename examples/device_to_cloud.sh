@@ -6,7 +6,9 @@
 # `send`, which logs every crossing in WORKDIR/transfers.log:
 #   cloud -> device: the feature extractor (the base model), later the device's pruned model;
 #   device -> cloud: the GMM, and nothing else.
-# The device fits its GMM on its private half of digits' test split, the cloud does the rest
+# The device fits its GMM on its private half of digits' test split and audits it (support of
+# every component, distance of every mean to the private samples, membership inference
+# against its held-out half) before sending it; the cloud does the rest
 # (select, score, allocate, prune, finetune) on the public train split, and the device
 # evaluates the model it gets back on its held-out half. The script ends by checking that the
 # GMM was the only file to go device -> cloud and that every cloud artifact was made from
@@ -64,8 +66,11 @@ pool=$(cloud tapvits features "$public" --extractor "$base" -o pool.h5)
 send cloud device "$base" extractor.safetensors
 
 echo "== device: fit a GMM to features of its private images (offline)" >&2
-# ~90 samples: diagonal covariances (a full 32x32 one needs 66 samples per component).
+# ~90 samples: diagonal covariances in 7 dims (one per 12 samples); fit-gmm refuses a mixture
+# whose components would describe individual private images.
 gmm=$(device tapvits fit-gmm "$private" --extractor extractor.safetensors --covariance diag -o gmm.safetensors)
+echo "== device: audit the GMM against its private data before it leaves (exit 6 on a breach)" >&2
+device tapvits audit-gmm "$gmm" --private "$private" --held-out "$held_out" --extractor extractor.safetensors >&2
 send device cloud "$gmm"
 
 echo "== cloud: select, score, allocate, prune and fine-tune for that GMM" >&2

@@ -18,8 +18,11 @@ echo "== cloud: embed the public pool once" >&2
 pool=$(tapvits features "$public" --extractor "$base" -o "$out/pool.h5")
 
 echo "== device: fit a GMM to its private features (only this file leaves the device)" >&2
-# ~90 samples: diagonal covariances (a full 32x32 one needs 66 samples per component).
+# ~90 samples: diagonal covariances in 7 dims (one per 12 samples).
 gmm=$(tapvits fit-gmm "$private" --extractor "$base" --covariance diag -o "$out/device.gmm.safetensors")
+echo "== device: audit the GMM against its private data (per-component support, distances, membership)" >&2
+tapvits audit-gmm "$gmm" --private "$private" --held-out "digits:split=test:classes=0-4:fold=1/2" \
+  --extractor "$base" >&2
 
 echo "== cloud: select the device's metric and fine-tuning sets" >&2
 metric=$(tapvits select "$gmm" --pool "$pool" --strategy topk --metric-size 64 --finetune-size 384 \
