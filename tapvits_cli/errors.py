@@ -6,6 +6,8 @@ exception class (not in a table elsewhere) means a new error cannot forget its c
 
 from __future__ import annotations
 
+import errno
+
 
 class ExitCode:
     """Process exit codes, documented in README.md ("Exit codes")."""
@@ -19,6 +21,7 @@ class ExitCode:
     BELOW_THRESHOLD = 6   # an evaluation threshold failed
     NOT_IMPLEMENTED = 7   # the stage or option is not built yet
     DATA_UNAVAILABLE = 8  # a dataset source is missing or unreadable
+    ENVIRONMENT = 9       # the machine refused: disk full, read-only file system, permission denied
     INTERRUPTED = 130     # Ctrl-C / SIGINT
 
 
@@ -62,3 +65,32 @@ class ExportError(TapvitsError):
     """An export torch cannot trace, or whose graph disagrees with PyTorch: a bug, not a user error."""
 
     exit_code = ExitCode.INTERNAL
+
+
+class EnvironmentFailure(TapvitsError):
+    """The machine, not the input, stopped the command: no space, a read-only or forbidden path.
+
+    Raised with what was kept (nothing half-written is ever trusted later), so the user
+    frees space or fixes permissions and reruns the same command.
+    """
+
+    exit_code = ExitCode.ENVIRONMENT
+
+
+# errno values that mean "the environment refused", not a bug or a bad input
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT})
+
+
+def environment_failure(exc: OSError, doing: str) -> EnvironmentFailure | None:
+    """An :class:`EnvironmentFailure` for ``exc`` when its errno (or HDF5's message) says so."""
+    import os
+    import re
+
+    code = exc.errno
+    if code is None:  # HDF5 reports the system error inside its message: "errno = 28"
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found[1]) if found else None
+    if code not in ENVIRONMENT_ERRNOS:
+        return None
+    return EnvironmentFailure(f"{doing}: {os.strerror(code)}")
+

@@ -9,10 +9,17 @@ Embedding a large pool takes hours, so writing is resumable: the table grows in
 ``<output>.partial`` (complete header, datasets pre-sized, ``features.rows_done``
 advanced after each flushed batch) and is renamed onto the output only once every row is
 written. A partial file never validates, and a finished table never exists half-written.
+
+A write that fails half-way must not leave state that a resume trusts. So the partial
+file claims its whole disk space when it is created (a full disk fails then, before any
+work, instead of inside HDF5 mid-batch, which crashed the process), each batch's rows are
+written and flushed before ``rows_done`` moves, and ``features.features_sha256`` (the
+hash of the committed rows) lets a resume and every reader check the rows themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +32,7 @@ from tapvits_cli.artifacts.containers import ArtifactFile, set_group_encoding
 from tapvits_cli.artifacts.files import atomic_write
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
-from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
+from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, environment_failure
 
 KIND = "features"
 VERSION = 1
@@ -83,7 +90,13 @@ def open_feature_writer(output: str | os.PathLike, extractor, dataset, params: M
     if partial.exists():
         _check_resumable(partial, header, metadata)
     else:
-        _create_partial(partial, header, metadata, dataset.ids, dataset.labels, extractor.feature_dim)
+        try:
+            _create_partial(partial, header, metadata, dataset.ids, dataset.labels, extractor.feature_dim)
+        except OSError as exc:
+            refused = environment_failure(exc, f"creating {partial} ({len(dataset)} rows)")
+            if refused is None:
+                raise
+            raise refused from None
     return FeatureTableWriter(Path(output), partial)
 
 
@@ -93,15 +106,18 @@ def _create_partial(partial: Path, header: Header, metadata: Mapping[str, str], 
     import h5py
 
     rows = len(ids)
+    early = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    early.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)   # every chunk on disk now, not on first write
     with atomic_write(partial) as tmp, h5py.File(tmp, "w") as handle:
-        for key, value in {**header.to_strings(), **metadata, _meta("rows_done"): "0"}.items():
+        for key, value in {**header.to_strings(), **metadata, _meta("rows_done"): "0",
+                           _meta("features_sha256"): hashlib.sha256().hexdigest()}.items():
             handle.attrs[key] = value
         group = handle.create_group(GROUP)
         set_group_encoding(group, ENCODING_TYPE, ENCODING_VERSION)
         group.create_dataset("ids", data=np.asarray(ids, dtype=np.int64), chunks=(_chunk_rows(rows, 8),))
         group.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), chunks=(_chunk_rows(rows, 8),))
         group.create_dataset("features", shape=(rows, dim), dtype=np.float32,
-                             chunks=(_chunk_rows(rows, 4 * dim), dim), fillvalue=0.0)
+                             chunks=(_chunk_rows(rows, 4 * dim), dim), fillvalue=0.0, dcpl=early, fill_time="alloc")
 
 
 def _chunk_rows(rows: int, row_bytes: int) -> int:
@@ -154,10 +170,21 @@ class FeatureTableWriter:
             group = self._file[GROUP]
             self._ids, self._labels, self._features = group["ids"], group["labels"], group["features"]
             self.rows_done = int(self._file.attrs[_meta("rows_done")])
+            recorded = str(self._file.attrs[_meta("features_sha256")])
         except (OSError, KeyError, ValueError) as exc:
+            self.close()
             raise InvalidArtifactError(f"{partial}: unreadable partial feature table ({exc}); "
                                        "run with --restart to discard it") from None
         self.rows, self.dim = self._features.shape
+        self._digest = hashlib.sha256()
+        for start in range(0, self.rows_done, VALIDATE_CHUNK_BYTES // (4 * self.dim) or 1):
+            stop = min(start + (VALIDATE_CHUNK_BYTES // (4 * self.dim) or 1), self.rows_done)
+            self._digest.update(np.ascontiguousarray(self._features[start:stop], dtype="<f4").tobytes())
+        if self._digest.hexdigest() != recorded:
+            self.close()
+            raise InvalidArtifactError(f"{partial}: its {self.rows_done} committed rows do not match "
+                                       f"features.features_sha256 (a write failed half-way, or the file was "
+                                       f"changed); run with --restart to discard it")
 
     def __enter__(self) -> "FeatureTableWriter":
         return self
@@ -188,9 +215,18 @@ class FeatureTableWriter:
             if bad.any():
                 raise InvalidArtifactError(f"the extractor produced non-finite features for sample id "
                                            f"{int(ids[bad][0])}; refusing to write them")
-            self._features[start:stop] = features
-            self._file.attrs[_meta("rows_done")] = str(stop)
-            self._file.flush()
+            try:
+                self._features[start:stop] = features
+                self._file.flush()                      # the rows reach the disk first,
+                self._digest.update(np.ascontiguousarray(features, dtype="<f4").tobytes())
+                self._file.attrs[_meta("features_sha256")] = self._digest.hexdigest()
+                self._file.attrs[_meta("rows_done")] = str(stop)
+                self._file.flush()                      # then the commit that says they are there
+            except (OSError, RuntimeError) as exc:
+                refused = environment_failure(exc, f"writing {self.partial}") if isinstance(exc, OSError) else None
+                raise (refused or InvalidArtifactError(
+                    f"{self.partial}: writing rows {start}-{stop - 1} failed ({str(exc).splitlines()[0]}); "
+                    f"rerun to resume from the last committed row")) from None
             self.rows_done = stop
             if on_progress is not None:
                 on_progress(1)
@@ -219,6 +255,7 @@ class FeatureTable:
     rows: int
     dim: int
     _handle: Any = field(default=None, repr=False)
+    features_sha256: str | None = None   # absent in tables written before tapvits recorded it
 
     def __enter__(self) -> "FeatureTable":
         return self
@@ -239,14 +276,25 @@ class FeatureTable:
 
     def iter_chunks(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(ids int64 (n,), features float32 (n, dim), labels int64 (n,))`` over consecutive
-        row ranges of ``chunk_rows`` rows (the last may be shorter), in table order."""
+        row ranges of ``chunk_rows`` rows (the last may be shorter), in table order.
+
+        The rows are hashed on the way: after the last chunk, a table whose features do not
+        match ``features.features_sha256`` raises, so a consumer that reads the whole table
+        before writing (``select``) never writes from corrupted rows.
+        """
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         group = self._group()
         ids, features, labels = group["ids"], group["features"], group["labels"]
+        digest = hashlib.sha256()
         for start in range(0, self.rows, chunk_rows):
             stop = min(start + chunk_rows, self.rows)
-            yield ids[start:stop], features[start:stop], labels[start:stop]
+            rows = features[start:stop]
+            digest.update(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+            yield ids[start:stop], rows, labels[start:stop]
+        if self.features_sha256 is not None and digest.hexdigest() != self.features_sha256:
+            raise InvalidArtifactError(f"{self.artifact.path}: features do not match features.features_sha256 "
+                                       "(corrupted)")
 
     def labels(self) -> np.ndarray:
         """Every row's label (8 bytes a row: small next to the features)."""
@@ -290,7 +338,8 @@ def _structure(artifact: ArtifactFile) -> FeatureTable:
     except BaseException:
         handle.close()
         raise
-    return FeatureTable(artifact, extractor, meta["extractor_sha256"], dataset, rows, dim, handle)
+    return FeatureTable(artifact, extractor, meta["extractor_sha256"], dataset, rows, dim, handle,
+                        meta.get("features_sha256"))
 
 
 def _check_group(handle, path: Path, rows: int, dim: int) -> None:

@@ -17,7 +17,7 @@ from tapvits_cli import __version__
 from tapvits_cli.cli import (allocate, audit_gmm, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
                              inspect_cmd, prune, run, score, select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
-from tapvits_cli.errors import ExitCode, TapvitsError
+from tapvits_cli.errors import ExitCode, TapvitsError, environment_failure
 
 
 class PipelineOrderGroup(click.Group):
@@ -48,6 +48,19 @@ for _module in (fit_gmm, audit_gmm, features, select, score, allocate, prune, fi
     cli.add_command(_module.command)
 
 
+def click_error_line(exc: click.ClickException) -> str:
+    """click's own error (a missing argument, a bad option value) as one line, with the help hint.
+
+    click prints usage, hint and message on three lines; the README promises one line,
+    ``tapvits: error: …``, for every error, so the usage is left out (``--help`` shows it).
+    """
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the group and map failures to exit codes."""
     reset_settings()
@@ -56,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("tapvits: interrupted", err=True)
         return ExitCode.INTERRUPTED
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:   # bare `tapvits`: the help, not an error line
         exc.show()
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"tapvits: error: {click_error_line(exc)}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -69,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("tapvits: interrupted", err=True)
         return ExitCode.INTERRUPTED
+    except OSError as exc:
+        # Writes anywhere (artifacts, caches, run directories) can meet a full disk or a
+        # read-only or forbidden path: the environment's fault, with its own exit code.
+        if CURRENT.debug:
+            traceback.print_exc()
+        refused = environment_failure(exc, exc.filename or "writing")
+        if refused is None:
+            click.echo(f"tapvits: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                       err=True)
+            return ExitCode.INTERNAL
+        click.echo(f"tapvits: error: {refused}", err=True)
+        return refused.exit_code
     except Exception as exc:  # a bug: one line unless --debug
         if CURRENT.debug:
             traceback.print_exc()
