@@ -114,3 +114,27 @@ def test_a_damaged_partial_table_is_not_resumed(tmp_path, tapvits, tiny_model_fi
     assert not pool.exists()
     redone = tapvits("features", "digits", "--extractor", tiny_model_file, "--batch-size", "100", "--restart", "-o", pool)
     assert redone.exit_code == 0 and tapvits("validate", pool).exit_code == 0
+
+
+def test_a_damaged_cache_entry_is_discarded(tmp_path):
+    from tapvits_cli.artifacts.run_directory import RunDirectory
+
+    run = RunDirectory(tmp_path / "run", cache=tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    run.path("model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+    run.path("model.safetensors").write_bytes(b"weights" * 100)
+    run.store_in_cache("k1", "model.safetensors", 2.5)
+    run.path("model.safetensors").unlink()
+    assert run.restore_from_cache("k1", "model.safetensors") == 2.5
+    assert run.path("model.safetensors").read_bytes() == b"weights" * 100
+    cached = tmp_path / "cache" / "k1.safetensors"
+    flip_last_tensor_bit(cached)
+    run.path("model.safetensors").unlink()
+    assert run.restore_from_cache("k1", "model.safetensors") is None
+    assert not cached.exists() and not (tmp_path / "cache" / "k1.record.json").exists()
+    assert not run.path("model.safetensors").exists()
+    # an entry of the first cache layout (no hash) is adopted once, then verified like the rest
+    (tmp_path / "cache" / "k2.safetensors").write_bytes(b"old entry")
+    (tmp_path / "cache" / "k2.json").write_text('{"seconds": 7.0, "output": "model.safetensors"}')
+    assert run.restore_from_cache("k2", "model.safetensors") == 7.0
+    assert (tmp_path / "cache" / "k2.record.json").exists() and not (tmp_path / "cache" / "k2.json").exists()

@@ -186,10 +186,18 @@ def test_threshold_failure_exits_6_after_writing_the_summary(tmp_path, tapvits):
     assert summary["passed"] is False and "min-top1 1.0" in summary["failures"][0]
     assert summary["devices"][0]["passed"] is False
     assert "min-top1" in result.stderr.splitlines()[-1]
-    # Another run directory with the same cache copies every step instead of running it.
+    # Another run directory with the same cache copies every step instead of running it...
     result, summary = _run(tapvits, recipe, tmp_path / "b", "--cache", cache, "--set", "thresholds.min-top1=0")
     assert result.exit_code == 0, result.stderr
     assert summary["steps"]["cache"] == summary["steps"]["total"] and summary["passed"]
+    # ...except an entry that no longer matches its recorded hash: deleted, and its step runs again.
+    entry = next(p.with_name(p.name.replace(".record.json", ".json")) for p in cache.glob("*.record.json")
+                 if json.loads(p.read_text())["output"].endswith("report.json"))
+    entry.write_bytes(entry.read_bytes().replace(b'"top1"', b'"top2"', 1))   # a damaged entry, still JSON
+    result, summary = _run(tapvits, recipe, tmp_path / "c", "--cache", cache, "--set", "thresholds.min-top1=0")
+    assert result.exit_code == 0, result.stderr
+    assert summary["steps"]["ran"] == 1 and summary["steps"]["cache"] == summary["steps"]["total"] - 1
+    assert json.loads(entry.read_text())["top1"] == summary["devices"][0]["top1"]   # the rerun re-cached it
 
 
 def test_two_runs_cannot_share_a_run_directory(tmp_path, tapvits):

@@ -35,7 +35,7 @@ def read_recipe_document(path: str | os.PathLike) -> dict:
     """
     import yaml
 
-    from tapvits_cli.pipeline.recipe import merge
+    from tapvits_cli.pipeline.recipe import load_yaml, merge
 
     chain: list[dict] = []
     current = Path(path)
@@ -52,7 +52,7 @@ def read_recipe_document(path: str | os.PathLike) -> dict:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"recipe {current}: cannot be read ({exc})") from None
         try:
-            document = yaml.safe_load(text)
+            document = load_yaml(text)   # a key given twice is an error, not "the last one wins"
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -82,6 +82,9 @@ def parse_yaml_value(text: str) -> Any:
         return yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         raise UsageError(f"--set value {text!r} is not a YAML scalar or flow list/mapping") from None
+
+
+CACHE_RECORD_SUFFIX = ".record.json"
 
 
 class RunDirectory:
@@ -169,25 +172,65 @@ class RunDirectory:
     def _cached(self, key: str, output: str) -> Path | None:
         return None if self.cache is None else self.cache / f"{key}{''.join(Path(output).suffixes)}"
 
+    def _record(self, key: str) -> Path:
+        """The entry's record; its own name, since an output may itself end in ``.json`` (reports)."""
+        return self.cache / f"{key}{CACHE_RECORD_SUFFIX}"
+
     def restore_from_cache(self, key: str, output: str) -> float | None:
-        """Copy a cached result of the same step key into place; its original run time, or None when absent."""
+        """Copy a verified cached result of the same step key into place; its original run time, or None.
+
+        An entry is trusted only when its file hashes to the SHA-256 its record holds: a
+        damaged entry (a bit flip, a half-copied file, a record lost) is deleted and the
+        step runs again, instead of feeding every later step.
+        """
         cached = self._cached(key, output)
         if cached is None or not cached.is_file():
             return None
+        record_path = self._record(key)
+        self._adopt_unhashed_entry(key, cached)
+        try:
+            record = json.loads(record_path.read_text())
+            seconds, recorded = float(record["seconds"]), str(record["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if recorded is None or sha256_file(cached) != recorded:
+            cached.unlink(missing_ok=True)
+            record_path.unlink(missing_ok=True)
+            return None
         with atomic_write(self.path(output)) as tmp:
             shutil.copyfile(cached, tmp)
+        if sha256_file(self.path(output)) != recorded:   # the copy itself went wrong
+            self.path(output).unlink()
+            return None
+        return seconds
+
+    def _adopt_unhashed_entry(self, key: str, cached: Path) -> None:
+        """Give an entry of tapvits 0.1's first cache layout (``KEY.json`` with no hash) its record.
+
+        Those entries were trusted as they were; hashing them once now keeps hours of cached
+        base models and pool features usable, and from here on they are verified like any other.
+        """
+        legacy = cached.with_name(f"{key}.json")
+        if self._record(key).exists() or legacy == cached or not legacy.is_file():
+            return
         try:
-            return float(json.loads(cached.with_name(f"{key}.json").read_text())["seconds"])
+            seconds = float(json.loads(legacy.read_text())["seconds"])
         except (OSError, ValueError, KeyError, TypeError):
-            return 0.0   # a cache entry without its record still holds a valid result
+            return
+        with atomic_write(self._record(key)) as tmp:
+            tmp.write_text(json.dumps({"seconds": seconds, "output": str(cached.name),
+                                       "sha256": sha256_file(cached)}) + "\n")
+        legacy.unlink(missing_ok=True)
 
     def store_in_cache(self, key: str, output: str, seconds: float) -> None:
+        """Copy a step's output into the cache; the record, written last, commits the entry with its hash."""
         cached = self._cached(key, output)
         if cached is not None and not cached.exists():
-            with atomic_write(cached.with_name(f"{key}.json")) as tmp:
-                tmp.write_text(json.dumps({"seconds": round(seconds, 3), "output": output}) + "\n")
             with atomic_write(cached) as tmp:
                 shutil.copyfile(self.path(output), tmp)
+            with atomic_write(self._record(key)) as tmp:
+                tmp.write_text(json.dumps({"seconds": round(seconds, 3), "output": output,
+                                           "sha256": self.sha256(self.path(output))}) + "\n")
 
     # -- records beside the artifacts ----------------------------------------------------------
 
