@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from tapvits_cli.cli.options import global_options
+from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
 
-_FRACTION = click.FloatRange(0, 1, min_open=True)
+_FRACTION = FiniteFloat(0, 1, min_open=True)
 
 
-@click.command("allocate", short_help="Turn layer importance and a budget into a pruning plan.")
+@click.command("allocate", cls=WritingCommand, short_help="Turn layer importance and a budget into a pruning plan.")
 @click.argument("scores_path", metavar="SCORES", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Plan artifact to write (.safetensors).")
 @click.option("--budget", type=_FRACTION, metavar="F", help="Keep this fraction of the whole model's parameters.")
@@ -21,13 +21,13 @@ _FRACTION = click.FloatRange(0, 1, min_open=True)
 @click.option("--strategy", type=click.Choice(["kl", "uniform", "global"]), default="kl", show_default=True,
               help="kl: softmax of the KL layer importance (METHOD.md); uniform: one ratio everywhere; "
                    "global: one ranking of normalised unit scores across layers.")
-@click.option("--min-keep", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--min-keep", type=FiniteFloat(0, 1), default=0.1, show_default=True,
               help="Floor: every layer keeps at least this fraction of its units (and at least one).")
 @click.option("--allow-branch-removal", is_flag=True,
               help="A layer whose share falls below half its floor loses its whole attention or MLP branch.")
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=1.1, show_default=True,
+@click.option("--temperature", type=FiniteFloat(0, min_open=True), default=1.1, show_default=True,
               help="τ of the kl strategy's softmax over layer importances.")
-@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.005, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(0, 1), default=0.005, show_default=True,
               help="Largest accepted relative gap to the budget; beyond it the exit code is 5.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
               help="The scored model artifact, to check the plan is made for it (its architecture is already "

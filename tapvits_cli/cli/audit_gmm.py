@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, FiniteFloat, global_options
 from tapvits_cli.errors import BelowThresholdError, IncompatibleArtifactError, UsageError
 
 
@@ -16,7 +16,7 @@ from tapvits_cli.errors import BelowThresholdError, IncompatibleArtifactError, U
 @click.option("-e", "--extractor", "extractor_name", required=True, metavar="EXTRACTOR", help=EXTRACTOR_HELP)
 @click.option("--held-out", "held_out_ref", metavar="DATA", default=None,
               help="Private samples of the same device that the fit did not see: adds the membership-inference AUC.")
-@click.option("--max-auc", type=click.FloatRange(0.5, 1.0), default=None,
+@click.option("--max-auc", type=FiniteFloat(0.5, 1.0), default=None,
               help="Fail (exit 6) when the membership-inference AUC exceeds this (needs --held-out).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images embedded per forward pass.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import UsageError
 
@@ -22,10 +22,25 @@ def parse_model_args(pairs: tuple[str, ...]) -> dict:
             kwargs[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise UsageError(f"model argument '{pair}': value is not a YAML scalar or list") from None
+        if not _finite(kwargs[key.strip()]):
+            raise UsageError(f"model argument '{pair}': NaN and infinity are not allowed")
     return kwargs
 
 
-@click.command("create-model", short_help="Create a model artifact from a timm architecture (random, file or pretrained weights).")
+def _finite(value) -> bool:
+    """No NaN or infinity anywhere in a YAML value (``.nan`` and ``.inf`` are valid YAML floats)."""
+    import math
+
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+@click.command("create-model", cls=WritingCommand, short_help="Create a model artifact from a timm architecture (random, file or pretrained weights).")
 @click.argument("architecture")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model artifact to write (.safetensors).")
 @click.option("-a", "--arg", "model_args", multiple=True, metavar="KEY=VALUE",

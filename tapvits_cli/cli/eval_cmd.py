@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, progress_bar, stderr_console
-from tapvits_cli.errors import BelowThresholdError, IncompatibleArtifactError, UsageError
+from tapvits_cli.errors import BelowThresholdError, IncompatibleArtifactError, InvalidArtifactError, UsageError
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -21,7 +21,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-@click.command("eval", short_help="Accuracy, MACs and latency of a model on a labelled set.")
+@click.command("eval", cls=WritingCommand, short_help="Accuracy, MACs and latency of a model on a labelled set.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", required=True, metavar="REF",
               help="Labelled dataset reference, e.g. fashion-mnist:split=test.")
@@ -34,7 +34,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
               help="Timed runs per batch size (the median and p90 are reported).")
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed runs before timing.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), metavar="X",
+@click.option("--min-top1", type=FiniteFloat(0, 1), metavar="X",
               help="Exit with code 6 when top-1 accuracy is below X (the report is written anyway).")
 @global_options
 def command(model_path: str, data: str, output: str, batch_size: int, latency_batches: str, latency_repeats: int,
@@ -73,6 +73,10 @@ def command(model_path: str, data: str, output: str, batch_size: int, latency_ba
 
     with progress_bar("eval", len(dataset)) as advance:
         accuracy = evaluate(model, dataset, preprocessing, batch_size, device, on_progress=advance)
+    if not accuracy.finite:
+        raise InvalidArtifactError(f"{model_path}: the model's outputs are not finite (NaN or infinity) for "
+                                   f"{accuracy.nonfinite} of {accuracy.samples} samples of {dataset.ref}, loss "
+                                   f"{accuracy.loss}: its weights are damaged or overflow; no report written")
     names = spec.class_names or dataset.class_names
     body = {
         "model": {"architecture": spec.architecture, "weights_sha256": artifact.metadata["model.weights_sha256"]},

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.models.onnx_export import DEFAULT_OPSET, TOLERANCE   # light: torch and onnx load inside functions
 
 
-@click.command("export", short_help="Export a model artifact to ONNX, checked with onnxruntime.")
+@click.command("export", cls=WritingCommand, short_help="Export a model artifact to ONNX, checked with onnxruntime.")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (.onnx).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log, progress_bar
 
 
-@click.command("features", short_help="Embed a public pool into a resumable HDF5 feature table.")
+@click.command("features", cls=WritingCommand, short_help="Embed a public pool into a resumable HDF5 feature table.")
 @click.argument("data")
 @click.option("-e", "--extractor", "extractor_name", required=True, metavar="EXTRACTOR", help=EXTRACTOR_HELP)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Feature table to write (.h5).")

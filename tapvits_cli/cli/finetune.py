@@ -7,7 +7,7 @@ from dataclasses import replace
 import click
 
 from tapvits_cli.cli.create_model import parse_model_args
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log, progress_bar
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
 
@@ -15,7 +15,7 @@ DEFAULT_DISTILL_WEIGHT = 0.5
 CHECKPOINT_SUFFIX = ".ckpt"
 
 
-@click.command("finetune", short_help="Fine-tune a model artifact (optionally distilling a teacher), or train one from scratch.")
+@click.command("finetune", cls=WritingCommand, short_help="Fine-tune a model artifact (optionally distilling a teacher), or train one from scratch.")
 @click.argument("model_file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "architecture", metavar="NAME",
               help="Train from random initialisation: a timm architecture name (instead of MODEL_FILE).")
@@ -29,20 +29,20 @@ CHECKPOINT_SUFFIX = ".ckpt"
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps (the schedule spans them).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Global batch size, summed over torchrun processes.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Learning rate at the end of the cosine decay.")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not on biases and norms).")
-@click.option("--warmup", type=float, default=0.1, show_default=True, help="Linear warm-up, as a fraction of all steps.")
+@click.option("--lr", type=FiniteFloat(), default=5e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--min-lr", type=FiniteFloat(), default=1e-6, show_default=True, help="Learning rate at the end of the cosine decay.")
+@click.option("--weight-decay", type=FiniteFloat(), default=0.05, show_default=True, help="AdamW weight decay (not on biases and norms).")
+@click.option("--warmup", type=FiniteFloat(), default=0.1, show_default=True, help="Linear warm-up, as a fraction of all steps.")
 @click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up in steps (overrides --warmup).")
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True)
+@click.option("--label-smoothing", type=FiniteFloat(), default=0.1, show_default=True)
 @click.option("--augment", default="", metavar="LIST",
               help="Batch augmentation: crop (pad by 1/8 of the image, crop back), crop=PIXELS, flip (not for digits).")
-@click.option("--grad-clip", type=float, help="Clip the global gradient norm to this value.")
+@click.option("--grad-clip", type=FiniteFloat(), help="Clip the global gradient norm to this value.")
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False),
               help="Model artifact to distil from (e.g. the unpruned model).")
-@click.option("--distill-weight", type=float,
+@click.option("--distill-weight", type=FiniteFloat(),
               help=f"λ in (1−λ)·CE + λ·T²·KL(teacher‖student) [default with --teacher: {DEFAULT_DISTILL_WEIGHT}].")
-@click.option("--temperature", type=float, default=4.0, show_default=True, help="Distillation temperature T.")
+@click.option("--temperature", type=FiniteFloat(), default=4.0, show_default=True, help="Distillation temperature T.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False),
               help=f"Keep a checkpoint here after every epoch [default: OUTPUT{CHECKPOINT_SUFFIX}, deleted on success].")
 @click.option("--no-checkpoint", is_flag=True, help="Write no checkpoint (an interrupted run starts over).")

@@ -7,7 +7,7 @@ import re
 import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import UsageError
 
@@ -32,7 +32,7 @@ def parse_components(ctx: click.Context, param: click.Parameter, value: str | No
     return sorted(ks)
 
 
-@click.command("fit-gmm", short_help="On a device: fit a Gaussian mixture to features of private images.")
+@click.command("fit-gmm", cls=WritingCommand, short_help="On a device: fit a Gaussian mixture to features of private images.")
 @click.argument("data")
 @click.option("-e", "--extractor", "extractor_name", required=True, metavar="EXTRACTOR", help=EXTRACTOR_HELP)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GMM artifact to write (.safetensors).")
@@ -48,16 +48,16 @@ def parse_components(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--covariance", type=click.Choice(COVARIANCES), default=None,
               help="Covariance type of each component (scikit-learn's covariance_type)  "
                    "[default: full; diag with --dp-epsilon]")
-@click.option("--reg-covar", type=click.FloatRange(min=0), default=1e-6, show_default=True,
+@click.option("--reg-covar", type=FiniteFloat(min=0), default=1e-6, show_default=True,
               help="Added to each covariance diagonal, keeps components from collapsing.")
 @click.option("--min-samples", type=click.IntRange(min=1), default=50, show_default=True,
               help="Refuse to fit on fewer private samples than this (privacy floor).")
-@click.option("--noise-scale", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--noise-scale", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="Add seeded Gaussian noise of this many component standard deviations to each mean.")
-@click.option("--dp-epsilon", type=float, default=None,
+@click.option("--dp-epsilon", type=FiniteFloat(), default=None,
               help="Fit with (epsilon, delta)-differential privacy: unit-norm features, private PCA, DP-EM "
                    "(protocol/gmm.md); smaller is more private.")
-@click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
+@click.option("--dp-delta", type=FiniteFloat(), default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
 @click.option("--dp-iterations", type=click.IntRange(min=1), default=10, show_default=True,
               help="EM iterations of the differentially private fit (each spends part of the budget).")
 @click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="EM iterations per fit.")

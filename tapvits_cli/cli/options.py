@@ -1,17 +1,25 @@
-"""Global options, accepted before or after the subcommand name.
+"""Global options, and the checks every subcommand's own options share.
 
 ``tapvits --seed 3 inspect F`` and ``tapvits inspect F --seed 3`` mean the same. A value
 given on the subcommand wins over one given on the group; both win over the
 ``TAPVITS_*`` environment variable, which wins over the default.
+
+The shared checks live here so that a rule about options holds for every subcommand at
+once: :class:`FiniteFloat` (no NaN or infinity in any float option) and
+:class:`WritingCommand` (``-o`` never names an input or a directory).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import click
 from click.core import ParameterSource
+
+from tapvits_cli.errors import UsageError
 
 
 @dataclass
@@ -73,3 +81,82 @@ def global_options(func: Callable) -> Callable:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and ±infinity, optionally bounded like ``click.FloatRange``.
+
+    ``float()`` accepts ``nan`` and ``inf``, and NaN passes every range check (each
+    comparison with it is false), so without this a NaN budget or threshold silently
+    turns into an artifact that later stages reject, or a gate that never fails. Recipes
+    check stage options with the same type, so they refuse the same values.
+    """
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False,
+                 max_open: bool = False) -> None:
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.name = "float" if min is None and max is None else "float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+def _named_files(value: Any) -> Iterator[str]:
+    """Paths of existing files that a parameter value names: itself, or the source of a dataset reference."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _named_files(item)
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        return
+    text = os.fspath(value)
+    candidates = [text]
+    if ":" in text:
+        from tapvits_cli.data.reference import DatasetRef
+
+        try:
+            candidates.append(DatasetRef.parse(text).source)
+        except UsageError:
+            pass
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            yield candidate
+
+
+def check_output_path(output: str, inputs: dict[str, Any]) -> None:
+    """Refuse an ``-o`` that names a directory or any file given in ``inputs`` (option name → value).
+
+    Writing first and failing later would destroy the input (``eval m.safetensors -o
+    m.safetensors`` turned the model into a report) or leave a file where a directory was
+    meant (``-o runs/x/`` wrote a file ``x``). Files are compared by identity
+    (``os.path.samefile``), so a symlink or hard link to an input counts as that input.
+    """
+    if output.endswith(("/", os.sep)) or os.path.isdir(output):
+        raise UsageError(f"-o/--output {output!r} names a directory: give the file to write, e.g. {output.rstrip('/' + os.sep) or '.'}/NAME")
+    if not os.path.exists(output):
+        return
+    for name, value in inputs.items():
+        for path in _named_files(value):
+            if os.path.samefile(path, output):
+                raise UsageError(f"-o/--output {output!r} is the input {name} ({path}); writing it would destroy "
+                                 "the input: choose another output path")
+
+
+class WritingCommand(click.Command):
+    """A subcommand that writes ``-o/--output``: the output is checked against every other
+    parameter (by :func:`check_output_path`) after parsing, before any work starts."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        output = ctx.params.get("output")
+        if output is not None:
+            shown = {param.name: param.human_readable_name if isinstance(param, click.Argument)
+                     else max(param.opts, key=len) for param in self.params}
+            check_output_path(output, {shown.get(name, name): value for name, value in ctx.params.items()
+                                       if name != "output" and value is not None})
+        return super().invoke(ctx)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tapvits_cli.cli.options import global_options
+from tapvits_cli.cli.options import WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
 from tapvits_cli.models.spec import MERGE_METHODS
@@ -37,7 +37,7 @@ def parse_schedule(ctx: click.Context, param: click.Parameter, value: str | None
     return tuple(int(item) for item in value.split(","))
 
 
-@click.command("prune", short_help="Apply a plan: slice neurons and heads into a smaller model; set token merging.")
+@click.command("prune", cls=WritingCommand, short_help="Apply a plan: slice neurons and heads into a smaller model; set token merging.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.argument("plan_path", metavar="[PLAN]", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Pruned model artifact to write (.safetensors).")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log, progress_bar
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
 
@@ -14,17 +15,17 @@ DEFAULT_PROBE_FRACTION = 0.3   # = 1 − the usual 0.7 budget
 
 
 def parse_weights(text: str, option: str) -> tuple[float, float, float]:
-    """``"0.8,0.1,0.1"`` → (α, β, γ): three non-negative numbers with a positive sum."""
+    """``"0.8,0.1,0.1"`` → (α, β, γ): three finite non-negative numbers with a positive sum."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3 or min(values) < 0 or sum(values) <= 0:
-        raise UsageError(f"{option} needs three non-negative numbers α,β,γ with a positive sum, e.g. 0.8,0.1,0.1; got '{text}'")
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise UsageError(f"{option} needs three finite non-negative numbers α,β,γ with a positive sum, e.g. 0.8,0.1,0.1; got '{text}'")
     return values
 
 
-@click.command("score", short_help="Score every MLP neuron and attention head on a metric set.")
+@click.command("score", cls=WritingCommand, short_help="Score every MLP neuron and attention head on a metric set.")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--metric-set", "metric_set_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Metric set from `tapvits select`; its first metric_size samples are scored.")
@@ -38,9 +39,9 @@ def parse_weights(text: str, option: str) -> tuple[float, float, float]:
               help="Composite weights of activity, (1 − redundancy), relevance for MLP neurons.")
 @click.option("--attn-weights", default="0.1,0.1,0.8", show_default=True, metavar="α,β,γ",
               help="Composite weights for attention heads.")
-@click.option("--probe-fraction", type=click.FloatRange(0, 1, min_open=True), metavar="S",
+@click.option("--probe-fraction", type=FiniteFloat(0, 1, min_open=True), metavar="S",
               help=f"Fraction of each layer's lowest-scoring units removed by its KL probe [default: {DEFAULT_PROBE_FRACTION}].")
-@click.option("--budget", type=click.FloatRange(0, 1, max_open=True), metavar="B",
+@click.option("--budget", type=FiniteFloat(0, 1, max_open=True), metavar="B",
               help="The budget the plan will be made for: probe with S = 1 − B (exclusive with --probe-fraction).")
 @click.option("--no-layer-importance", is_flag=True, help="Skip the KL probes (the kl allocation strategy then cannot be used).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
-from tapvits_cli.cli.options import CURRENT, global_options
+from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log, progress_bar
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
 
@@ -38,7 +38,7 @@ def _require_same_extractor(gmm: str, gmm_info, pool: str, sha256: str, fingerpr
         )
 
 
-@click.command("select", short_help="Pick the public samples most likely under a device's GMM.")
+@click.command("select", cls=WritingCommand, short_help="Pick the public samples most likely under a device's GMM.")
 @click.argument("gmm", type=click.Path(exists=True, dir_okay=False))
 @click.option("--pool", required=True,
               help="The public pool: a feature table from `tapvits features`, or a dataset reference (with --extractor).")

@@ -72,14 +72,27 @@ def _check_dtype(dtype: np.dtype, what: str) -> None:
                                    "floats in [0, 1])")
 
 
-def _to_float(raw: np.ndarray, channels_last: bool) -> np.ndarray:
+def _to_float(raw: np.ndarray, channels_last: bool, what: str, rows: np.ndarray) -> np.ndarray:
+    """Stored pixels of ``rows`` as float32 (n, C, H, W) in [0, 1].
+
+    Float pixels are checked to be finite here, the one place every stored float pixel
+    passes through (fingerprints, training, evaluation, embedding), so a NaN or an
+    infinity in a dataset file is refused as bad input instead of turning every loss,
+    feature and weight it touches into NaN.
+    """
     if raw.ndim == 3:
         raw = raw[:, None]
     elif channels_last:
         raw = raw.transpose(0, 3, 1, 2)
     if raw.dtype in _SCALE:
         return np.ascontiguousarray(np.divide(raw, _SCALE[raw.dtype], dtype=np.float32))
-    return np.ascontiguousarray(raw, dtype=np.float32)
+    with np.errstate(over="ignore"):   # float64 beyond float32's range becomes inf: refused below, not warned about
+        images = np.ascontiguousarray(raw, dtype=np.float32)
+    bad = ~np.isfinite(images.reshape(len(images), -1)).all(axis=1)
+    if bad.any():
+        raise UsageError(f"{what}: image {int(rows[np.argmax(bad)])} holds NaN or infinite pixels "
+                         f"({int(bad.sum())} of the {len(images)} images read); store finite values in [0, 1]")
+    return images
 
 
 def _labels(raw: np.ndarray, what: str) -> np.ndarray:
@@ -96,11 +109,11 @@ def _default_names(labels: list[np.ndarray]) -> tuple[str, ...]:
 class _ArrayRows:
     """Rows of an array held in memory (built-ins, .npz), converted only when read."""
 
-    def __init__(self, raw: np.ndarray, channels_last: bool) -> None:
-        self.raw, self.channels_last = raw, channels_last
+    def __init__(self, raw: np.ndarray, channels_last: bool, what: str) -> None:
+        self.raw, self.channels_last, self.what = raw, channels_last, what
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        return _to_float(self.raw[rows], self.channels_last)
+        return _to_float(self.raw[rows], self.channels_last, self.what, rows)
 
 
 class _H5Rows:
@@ -127,7 +140,7 @@ class _H5Rows:
                     chunks.append(f[key][low:high][local - low])
                 else:
                     chunks.append(f[key][local])
-        return _to_float(np.concatenate(chunks), self.channels_last)
+        return _to_float(np.concatenate(chunks), self.channels_last, self.path, rows)
 
 
 class _FileRows:
@@ -152,7 +165,7 @@ class _FileRows:
                 if image.size != self.size:
                     image = image.resize(self.size, Image.BILINEAR)
                 out[i] = np.asarray(image).reshape(height, width, channels)
-        return _to_float(out, channels_last=True)
+        return _to_float(out, True, "image folder", rows)
 
 
 @lru_cache(maxsize=1)
@@ -172,7 +185,7 @@ def _digits(split: str | None) -> Source:
         test = fold_assignment(labels, _DIGITS_TEST_FOLDS, _DIGITS_TEST_SEED) == 0
         keep = np.flatnonzero(test if split == "test" else ~test)
         images, labels = images[keep], labels[keep]
-    return Source("digits", split, labels, tuple(str(i) for i in range(10)), (1, 8, 8), _ArrayRows(images, False))
+    return Source("digits", split, labels, tuple(str(i) for i in range(10)), (1, 8, 8), _ArrayRows(images, False, "digits"))
 
 
 @lru_cache(maxsize=4)
@@ -204,7 +217,7 @@ def _fashion_mnist(split: str | None) -> Source:
     labels = [_read_idx(str(root / f"{p}-labels-idx1-ubyte.gz")) for p in prefixes]
     images_all = images[0] if len(images) == 1 else np.concatenate(images)
     return Source("fashion-mnist", split, np.concatenate(labels).astype(np.int64), FASHION_MNIST_CLASSES,
-                  (1, 28, 28), _ArrayRows(images_all, False))
+                  (1, 28, 28), _ArrayRows(images_all, False, "fashion-mnist"))
 
 
 def _resolve_split(available: list[str], split: str | None, what: str) -> list[str]:
@@ -230,7 +243,7 @@ def _npz(path: Path, split: str | None) -> Source:
     labels = [all_labels[available.index(s)] for s in parts]
     shape, channels_last = _check_parts([(a.shape, a.dtype) for a in raw], labels, what)
     images = raw[0] if len(raw) == 1 else np.concatenate(raw)
-    return Source("npz", _name(parts), np.concatenate(labels), names, shape, _ArrayRows(images, channels_last))
+    return Source("npz", _name(parts), np.concatenate(labels), names, shape, _ArrayRows(images, channels_last, what))
 
 
 def _hdf5(path: Path, split: str | None) -> Source:

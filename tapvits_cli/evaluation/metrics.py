@@ -31,6 +31,13 @@ class Accuracy:
     loss: float                    # mean cross-entropy (natural log), no label smoothing
     class_samples: np.ndarray      # per label 0..C-1, int64
     class_correct: np.ndarray      # per label, top-1 hits, int64
+    nonfinite: int = 0             # samples whose logits hold NaN or infinity (their loss and ranks mean nothing)
+
+    @property
+    def finite(self) -> bool:
+        """Whether every figure is a number: a damaged or overflowing model yields NaN logits, a NaN loss,
+        and top-k ranks that mean nothing, which a report must not present as a measurement."""
+        return self.nonfinite == 0 and bool(np.isfinite(self.loss))
 
     def per_class(self) -> list[tuple[int, int, int, float]]:
         """``(label, samples, correct, accuracy)`` for each class present in the data."""
@@ -41,13 +48,18 @@ class Accuracy:
 
 def evaluate(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing, batch_size: int,
              device: str, on_progress: Callable[[int], None] = lambda n: None) -> Accuracy:
-    """One pass over ``dataset``: top-1, top-k, mean loss and per-class accuracy."""
+    """One pass over ``dataset``: top-1, top-k, mean loss and per-class accuracy.
+
+    Samples with non-finite logits are counted (``Accuracy.nonfinite``), not hidden: the
+    caller decides that such a model cannot be reported on.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     model = model.to(device).eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     hits1 = torch.zeros((), dtype=torch.int64, device=device)
     hitsk = torch.zeros((), dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     class_samples = class_correct = None
     k = 1
     with torch.inference_mode():
@@ -59,6 +71,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocess
                 class_samples = torch.zeros(classes, dtype=torch.int64, device=device)
                 class_correct = torch.zeros(classes, dtype=torch.int64, device=device)
             labels = labels.long()
+            nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             top = logits.topk(k, dim=1).indices
             correct = top[:, 0] == labels
@@ -69,7 +82,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocess
             on_progress(len(labels))
     n = len(dataset)
     return Accuracy(samples=n, top1=hits1.item() / n, top5=hitsk.item() / n, top5_k=k, loss=loss_sum.item() / n,
-                    class_samples=class_samples.cpu().numpy(), class_correct=class_correct.cpu().numpy())
+                    class_samples=class_samples.cpu().numpy(), class_correct=class_correct.cpu().numpy(),
+                    nonfinite=int(nonfinite.item()))
 
 
 def count_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> int:

@@ -15,6 +15,7 @@ validation: a variant states only what differs.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -86,6 +87,46 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, except that a mapping key given twice is an error.
+
+    Plain YAML loaders keep the last of two equal keys, so a recipe that sets ``budget``
+    twice silently runs with the second value, whichever the author meant. The error is a
+    ``yaml.YAMLError`` that marks the second key, so callers report it like any YAML
+    error, with its line. Keys brought in by a merge key (``<<: *base``) may still be
+    overridden: that is what merging is for.
+    """
+    import yaml
+
+    return yaml.load(text, Loader=_strict_loader())
+
+
+@functools.lru_cache(maxsize=1)
+def _strict_loader():
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        earlier = first_line.get(key)
+                    except TypeError:   # an unhashable key: the base loader refuses it itself
+                        continue
+                    if earlier is not None:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"duplicate key {key!r}, first given on line {earlier}", key_node.start_mark)
+                    first_line[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def apply_setting(document: Mapping[str, Any], setting: str, parse_value: Callable[[str], Any]) -> dict:

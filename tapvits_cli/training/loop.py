@@ -33,7 +33,7 @@ import torch
 
 from tapvits_cli.data.dataset import Dataset
 from tapvits_cli.data.preprocess import Preprocessing, TorchImageDataset
-from tapvits_cli.errors import UsageError
+from tapvits_cli.errors import InvalidArtifactError, UsageError
 from tapvits_cli.training.augment import Augmentation, augment_batch
 from tapvits_cli.training.distill import training_loss
 from tapvits_cli.training.sampling import GlobalBatchSampler
@@ -137,6 +137,31 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _summed_over_processes(loss: torch.Tensor, world_size: int) -> float:
+    """The step's loss summed over all processes, so that every process takes the same decision on it."""
+    total = loss.detach().clone()
+    if world_size > 1:
+        torch.distributed.all_reduce(total)
+    return total.item()
+
+
+def _require_finite(loss: float, step: int, epoch: int) -> None:
+    """Stop a run whose loss is NaN or infinite: every later step, checkpoint and the saved model would be too.
+
+    At the first step no update has happened yet, so a non-finite loss comes from the
+    model (or teacher) itself; later it means the optimisation diverged. Only values all
+    processes share are checked under torchrun (the first step's all-reduced loss, the
+    epoch totals), so that they all stop together instead of waiting on each other.
+    """
+    if math.isfinite(loss):
+        return
+    if step == 1:
+        raise InvalidArtifactError(f"the training loss is {loss} at the first step, before any update: the model "
+                                   "(or the teacher) gives non-finite outputs on this data; no model written")
+    raise UsageError(f"training diverged: the loss became {loss} by step {step} (epoch {epoch + 1}); lower --lr or "
+                     "set --grad-clip; no model written")
+
+
 def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing, config: TrainConfig, *,
           positions=None, teacher: torch.nn.Module | None = None, start_state: dict | None = None,
           device: str | torch.device = "cpu", num_workers: int = 0, log_every: int = 50,
@@ -220,8 +245,13 @@ def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing
             step += 1
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(-1) == labels).sum()
+            logged = loss.item() if step % log_every == 0 else None
+            if step == 1:
+                _require_finite(_summed_over_processes(loss, world_size), step, epoch)
+            elif logged is not None and world_size == 1:   # one process: stop at once, not at the epoch's end
+                _require_finite(logged, step, epoch)
             if on_step is not None:
-                on_step(step, loss.item() if step % log_every == 0 else None)
+                on_step(step, logged)
         totals = torch.stack([loss_sum, correct])
         if world_size > 1:
             torch.distributed.all_reduce(totals)
@@ -229,6 +259,7 @@ def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing
         seconds = time.perf_counter() - started
         images = batches * config.batch_size
         run_images, run_seconds = run_images + images, run_seconds + seconds
+        _require_finite(loss_total, step, epoch)   # before a checkpoint could keep the damage
         history.append({"epoch": epoch + 1, "step": step, "loss": loss_total / (batches * world_size),
                         "accuracy": correct_total / images, "lr": scheduler.get_last_lr()[0],
                         "images_per_second": images / seconds if seconds > 0 else 0.0})
