@@ -385,3 +385,24 @@ def test_strict_yaml_allows_merge_key_overrides():
     assert load_yaml("base: &b {x: 1, y: 2}\nvariant:\n  <<: *b\n  x: 3\n")["variant"] == {"x": 3, "y": 2}
     with pytest.raises(Exception, match="duplicate key 'x'"):
         load_yaml("variant:\n  x: 1\n  x: 3\n")
+
+
+@pytest.mark.parametrize("setting", ["budget=.nan", "stages.allocate.tolerance=.inf", "thresholds.min-top1=.nan",
+                                     "stages.finetune.lr=.nan"])
+def test_recipe_refuses_non_finite_values(setting, tapvits, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("  - {name: d0, private:", "  - {name: d0, test: \"digits:split=test\", private:"))
+    assert tapvits("run", recipe, "--dry-run").exit_code == ExitCode.OK
+    result = tapvits("run", recipe, "--dry-run", "--set", setting)
+    assert result.exit_code == ExitCode.USAGE, result.stdout
+    assert setting.split("=")[0].split(".")[-1] in _one_error_line(result.stderr)
+
+
+def test_recipe_model_arguments_keep_nan_a_float():
+    from tapvits_cli.cli.create_model import parse_model_args
+    from tapvits_cli.errors import UsageError
+    from tapvits_cli.pipeline.steps import _yaml_scalar
+
+    assert [_yaml_scalar(v) for v in (0.5, float("nan"), float("inf"), -float("inf"))] == ["0.5", ".nan", ".inf", "-.inf"]
+    with pytest.raises(UsageError, match="NaN and infinity"):
+        parse_model_args((f"mlp_ratio={_yaml_scalar(float('nan'))}",))

@@ -9,6 +9,7 @@ writes). Dataset references enter the key through their content fingerprint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -162,4 +163,6 @@ def _yaml_scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_yaml_scalar(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):   # str() gives "nan", which YAML reads as text
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
     return str(value)
