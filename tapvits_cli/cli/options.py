@@ -138,7 +138,8 @@ def check_output_path(output: str, inputs: dict[str, Any]) -> None:
     (``os.path.samefile``), so a symlink or hard link to an input counts as that input.
     """
     if output.endswith(("/", os.sep)) or os.path.isdir(output):
-        raise UsageError(f"-o/--output {output!r} names a directory: give the file to write, e.g. {output.rstrip('/' + os.sep) or '.'}/NAME")
+        folder = output.rstrip("/" + os.sep) or "."
+        raise UsageError(f"-o/--output {output!r} names a directory: give the file to write, e.g. {folder}/NAME")
     if not os.path.exists(output):
         return
     for name, value in inputs.items():
