@@ -11,18 +11,37 @@ def seed_everything(seed: int) -> None:
     scikit-learn estimators take ``random_state`` explicitly; stages pass the same seed.
     """
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if torch_available():
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def torch_available() -> bool:
+    """Whether torch can be imported: the device install (ONNX extractors) runs without it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def resolve_device(choice: str) -> str:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error."""
-    import torch
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a clear error.
 
+    Without torch (the device install) only the CPU exists.
+    """
     from tapvits_cli.errors import UsageError
+
+    if not torch_available():
+        if choice == "cuda":
+            raise UsageError("--device cuda needs torch, which this install lacks (the device install runs on CPU)")
+        return "cpu"
+    import torch
 
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

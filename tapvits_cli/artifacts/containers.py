@@ -109,18 +109,31 @@ def _safetensors_layout(path: Path) -> tuple[dict[str, str], dict[str, TensorInf
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], header: Header,
                       metadata: Mapping[str, str]) -> Path:
-    """Write torch tensors plus the header and the kind's namespaced string metadata."""
-    from safetensors.torch import save_file
+    """Write torch tensors, or NumPy arrays, plus the header and the kind's namespaced string metadata.
 
-    payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    NumPy arrays are written without importing torch: the device side has no torch.
+    """
+    import numpy as np
+
+    if all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save_file
+
+        payload = {name: np.require(t, requirements="C") for name, t in tensors.items()}   # keeps 0-d arrays 0-d
+    else:
+        from safetensors.torch import save_file
+
+        payload = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     with atomic_write(path) as tmp:
         save_file(payload, str(tmp), metadata={**header.to_strings(), **metadata})
     return Path(path)
 
 
-def load_safetensors(artifact: ArtifactFile) -> dict[str, Any]:
-    """Load every tensor of an already-opened artifact onto the CPU."""
-    from safetensors.torch import load_file
+def load_safetensors(artifact: ArtifactFile, numpy: bool = False) -> dict[str, Any]:
+    """Load every tensor of an already-opened artifact onto the CPU (as NumPy arrays with ``numpy``)."""
+    if numpy:
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
 
     try:
         return load_file(str(artifact.path))

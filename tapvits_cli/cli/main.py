@@ -20,6 +20,10 @@ from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
 from tapvits_cli.errors import ExitCode, TapvitsError, environment_failure
 
 
+# What the cloud install adds to the device install (pyproject.toml, extra "cloud").
+CLOUD_PACKAGES = ("torch", "timm", "torchvision")
+
+
 class PipelineOrderGroup(click.Group):
     """Lists subcommands in pipeline order (then tools), not alphabetically."""
 
@@ -77,6 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if CURRENT.debug:
+            traceback.print_exc()
+        if missing not in CLOUD_PACKAGES:
+            click.echo(f"tapvits: internal error: ModuleNotFoundError: {exc} (run with --debug for the traceback)",
+                       err=True)
+            return ExitCode.INTERNAL
+        args = argv if argv is not None else sys.argv[1:]
+        command = next((arg for arg in args if arg in cli.commands), "this command")
+        click.echo(f"tapvits: error: `tapvits {command}` needs {missing}, which the device install lacks: "
+                   f'pip install "tapvits[cloud]"', err=True)
+        return ExitCode.DATA_UNAVAILABLE
     except TapvitsError as exc:
         if CURRENT.debug:
             traceback.print_exc()

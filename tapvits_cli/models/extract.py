@@ -84,3 +84,23 @@ def extract_features(extractor: Extractor, dataset, batch_size: int = 256, devic
                                                    positions=positions, device=device):
             features = pooled_features(model, images).float().cpu().numpy()
             yield ids, features, labels.cpu().numpy()
+
+
+def feature_graph(extractor: Extractor):
+    """A module from stored images (n, C', H', W') in [0, 1] to pooled features (n, D).
+
+    Preprocessing and network in one graph: exported to ONNX it is all a device needs,
+    so it cannot preprocess differently from the cloud (models.onnx_extractor).
+    """
+    import torch
+
+    class FeatureGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = extractor.model.eval()
+
+        def forward(self, images):
+            return pooled_features(self.model, extractor.preprocessing(images))
+
+    return FeatureGraph().eval()
+

@@ -54,7 +54,8 @@ def provenance(model_metadata: Mapping[str, str], source: LineageEntry, params: 
 
 
 def export_onnx(model, input_shape: Sequence[int], batch_size: int = 1, dynamic_batch: bool = True,
-                opset: int = DEFAULT_OPSET, metadata: Mapping[str, str] | None = None) -> bytes:
+                opset: int = DEFAULT_OPSET, metadata: Mapping[str, str] | None = None,
+                output_name: str = OUTPUT_NAME) -> bytes:
     """The serialised ONNX model of ``model`` (eval mode) for images of ``(C, H, W)`` ``input_shape``.
 
     With ``dynamic_batch`` the batch axis is named ``batch`` and any batch size runs;
@@ -70,13 +71,13 @@ def export_onnx(model, input_shape: Sequence[int], batch_size: int = 1, dynamic_
                          f"use --opset {MERGING_OPSET}")
     model.eval()
     example = torch.zeros(batch_size, *input_shape)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    axes = {INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the legacy-exporter notice and timm's trace-time asserts are noise here
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
+                              input_names=[INPUT_NAME], output_names=[output_name], dynamic_axes=axes)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise ExportError(f"torch could not export the model to ONNX opset {opset} ({reason})") from None
@@ -93,7 +94,7 @@ class CheckResult:
 
 
 def check_onnx(model, onnx_bytes: bytes, input_shape: Sequence[int], batch_sizes: Sequence[int],
-               seed: int = 0, tolerance: float = TOLERANCE) -> CheckResult:
+               seed: int = 0, tolerance: float = TOLERANCE, output_name: str = OUTPUT_NAME) -> CheckResult:
     """Run the ONNX graph with onnxruntime (CPU) on seeded random batches and compare with PyTorch.
 
     A difference above ``tolerance`` means the exporter or runtime changed the
@@ -110,7 +111,7 @@ def check_onnx(model, onnx_bytes: bytes, input_shape: Sequence[int], batch_sizes
         images = torch.randn(batch, *input_shape, generator=generator)
         with torch.no_grad():
             expected = model.eval()(images).float().numpy()
-        actual = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
+        actual = session.run([output_name], {INPUT_NAME: images.numpy()})[0]
         if actual.shape != expected.shape:
             raise ExportError(f"the ONNX graph returns shape {actual.shape} for batch {batch}, "
                               f"PyTorch {expected.shape}")

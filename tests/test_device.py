@@ -1,0 +1,128 @@
+"""The device side without torch: an ONNX features graph, fit-gmm and audit-gmm on onnxruntime.
+
+The no-torch runs happen in a subprocess whose import system refuses torch, timm and
+torchvision, as on a device that installed only the base package.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tapvits_cli.errors import ExitCode
+
+# Runs `tapvits ARGS` in a process where importing torch, timm or torchvision fails.
+NO_TORCH = """
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "timm", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Refuse())
+from tapvits_cli.cli.main import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in ("torch", "timm") for m in sys.modules), "torch was imported"
+sys.exit(code)
+"""
+
+
+def tapvits_without_torch(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def torch_features(extractor, dataset) -> np.ndarray:
+    from tapvits_cli.models.extract import extract_features
+
+    return np.concatenate([f for _, f, _ in extract_features(extractor, dataset, 64)])
+
+
+def onnx_features(path, dataset) -> np.ndarray:
+    from tapvits_cli.models.onnx_extractor import load_onnx_extractor
+
+    return np.concatenate([f for _, f, _ in load_onnx_extractor(path).iterate(dataset, 64)])
+
+
+@pytest.fixture
+def onnx_extractor_file(tmp_path, tapvits, tiny_model_file):
+    path = tmp_path / "extractor.onnx"
+    result = tapvits("export", tiny_model_file, "--features", "-o", path)
+    assert result.exit_code == 0, result.stderr
+    return path
+
+
+def test_onnx_features_match_the_torch_extractor_on_digits(onnx_extractor_file, tiny_model_file):
+    from tapvits_cli.artifacts.model import load_extractor
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.models.onnx_extractor import load_onnx_extractor
+
+    dataset = open_dataset("digits:classes=0-4:sample=150")
+    torch_extractor = load_extractor(tiny_model_file)
+    onnx_extractor = load_onnx_extractor(onnx_extractor_file)
+    assert onnx_extractor.fingerprint == torch_extractor.fingerprint and onnx_extractor.raw_input == (1, 8, 8)
+    np.testing.assert_allclose(onnx_features(onnx_extractor_file, dataset), torch_features(torch_extractor, dataset),
+                               atol=1e-4, rtol=0)
+
+
+def test_fashion_mnist_through_efficientnet_lite0_at_224(tmp_path, tapvits):
+    from tapvits_cli.cli.extractor import resolve_extractor
+    from tapvits_cli.data import open_dataset
+
+    path = tmp_path / "lite0.onnx"
+    result = tapvits("export", "efficientnet-lite0", "--features", "--raw-input", "1,28,28", "-o", path)
+    assert result.exit_code == 0, result.stderr
+    dataset = open_dataset("fashion-mnist:split=test:classes=0,1:sample=12")
+    torch_extractor = resolve_extractor("efficientnet-lite0", "cpu")
+    assert torch_extractor.preprocessing.input_size == (3, 224, 224)
+    np.testing.assert_allclose(onnx_features(path, dataset), torch_features(torch_extractor, dataset),
+                               atol=1e-4, rtol=0)
+
+
+def test_fit_gmm_without_torch_gives_the_torch_paths_gmm(tmp_path, tapvits, tiny_model_file, onnx_extractor_file):
+    from tapvits_cli.artifacts.gmm import read_gmm
+
+    private = "digits:classes=0,1"
+    onnx_gmm, torch_gmm = tmp_path / "onnx.gmm.safetensors", tmp_path / "torch.gmm.safetensors"
+    device = tapvits_without_torch("fit-gmm", private, "--extractor", onnx_extractor_file, "--covariance", "diag",
+                                   "-o", onnx_gmm)
+    assert device.returncode == 0, device.stderr
+    assert tapvits("fit-gmm", private, "--extractor", tiny_model_file, "--covariance", "diag",
+                   "-o", torch_gmm).exit_code == 0
+    (a, a_info, a_file), (b, b_info, _) = read_gmm(onnx_gmm), read_gmm(torch_gmm)
+    assert a_info.extractor_sha256 == b_info.extractor_sha256 and a.components == b.components
+    np.testing.assert_allclose(a.means, b.means, atol=1e-3)
+    assert a_file.header.inputs["extractor"].kind == "file"
+    audit = tapvits_without_torch("audit-gmm", onnx_gmm, "--private", private, "--extractor", onnx_extractor_file,
+                                  "--held-out", "digits:split=test:classes=0,1", "-q")
+    assert audit.returncode == 0, audit.stderr
+    assert tapvits_without_torch("validate", onnx_gmm).returncode == 0
+
+
+def test_cloud_commands_without_torch_name_the_install(tmp_path, tiny_model_file, onnx_extractor_file):
+    result = tapvits_without_torch("export", tiny_model_file, "-o", tmp_path / "m.onnx")
+    assert result.returncode == ExitCode.DATA_UNAVAILABLE
+    assert result.stderr == ('tapvits: error: `tapvits export` needs torch, which the device install lacks: '
+                             'pip install "tapvits[cloud]"\n')
+    wrong = tapvits_without_torch("fit-gmm", "fashion-mnist:split=test:classes=0,1:sample=60", "--extractor",
+                                  onnx_extractor_file, "-o", tmp_path / "g.safetensors")
+    assert wrong.returncode == ExitCode.USAGE and "--raw-input 1,28,28" in wrong.stderr
+    logits = tmp_path / "logits.onnx"
+    logits.write_bytes(b"not a graph")
+    unreadable = tapvits_without_torch("fit-gmm", "digits", "--extractor", logits, "-o", tmp_path / "g.safetensors")
+    assert unreadable.returncode == ExitCode.INVALID_ARTIFACT and unreadable.stderr.count("\n") == 1
+
+
+def test_numpy_and_torch_hash_tensors_alike():
+    import torch
+
+    from tapvits_cli.artifacts.files import tensors_sha256
+    from tapvits_cli.models.factory import weights_sha256
+
+    rng = np.random.default_rng(0)
+    arrays = {"b": rng.normal(size=(3, 4)), "a": rng.normal(size=5).astype(np.float32),
+              "c": np.arange(6, dtype=np.int64).reshape(2, 3), "s": np.float64(2.0).reshape(())}
+    assert tensors_sha256(arrays) == weights_sha256({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    changed = {**arrays, "c": arrays["c"].reshape(3, 2)}   # same bytes, other shape: another hash
+    assert tensors_sha256(changed) != tensors_sha256(arrays)
