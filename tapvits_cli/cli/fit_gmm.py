@@ -127,7 +127,7 @@ def command(data: str, extractor_name: str, output: str, pca_dim: int | None, no
                "min_distance_ratio": MIN_DISTANCE_RATIO}
     if private:
         mixture, bic, converged, fit_seconds, privacy["dp"] = _fit_private(
-            features, components[0], covariance, dim, min_samples, dp_epsilon, dp_delta, dp_iterations)
+            features, components[0], covariance, dim, dp_epsilon, dp_delta, dp_iterations)
     else:
         mixture, bic, converged, fit_seconds = _fit_by_bic(
             features, components, covariance, dim, standardize, reg_covar, min_samples, noise_scale, max_iter, n_init)
@@ -168,7 +168,7 @@ def _fit_by_bic(features, components, covariance, dim, standardize, reg_covar, m
     return result.mixture, result.bic_per_k, result.converged, result.fit_seconds
 
 
-def _fit_private(features, k, covariance, dim, min_samples, epsilon, delta, iterations):
+def _fit_private(features, k, covariance, dim, epsilon, delta, iterations):
     """The (epsilon, delta)-DP fit; the guarantees it can check without the data are checked."""
     import time
 
