@@ -21,6 +21,10 @@ TINY_VIT_KWARGS = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fuzz: the long property-based fuzz run of test_corpus.py (run with -m fuzz)")
+
+
 @dataclass
 class CliResult:
     exit_code: int

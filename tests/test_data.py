@@ -97,7 +97,7 @@ def test_unknown_sources(tmp_path):
     with pytest.raises(UsageError, match="unsupported file type"):
         open_dataset(str(tmp_path / "pool.csv"))
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataUnavailableError, match="unreadable"):
+    with pytest.raises(UsageError, match="unreadable"):
         open_dataset(str(tmp_path / "broken.npz"))
 
 
@@ -160,7 +160,7 @@ def test_npz_layouts(tmp_path):
     np.testing.assert_array_equal(both.images([8])[0], rgb[8].transpose(2, 0, 1))
 
     np.savez(tmp_path / "bad.npz", x=np.zeros((4, 5, 5, 5)), y=np.zeros(4, int))
-    with pytest.raises(DataUnavailableError, match="shape"):
+    with pytest.raises(UsageError, match="shape"):
         open_dataset(str(tmp_path / "bad.npz"))
 
 

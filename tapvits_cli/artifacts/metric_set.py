@@ -56,6 +56,18 @@ class MetricSet:
     def finetune_ids(self) -> np.ndarray:
         return self.ids[: self.finetune_size]
 
+    def positions_in(self, pool, ids: np.ndarray) -> np.ndarray:
+        """Positions of ``ids`` (some of this set's) in ``pool``, the dataset whose fingerprint it records.
+
+        Only the pool can tell whether an id exists, so this rule is checked where the pool
+        is opened (``score``, ``finetune``): once the fingerprint matches, an id the pool
+        lacks means the metric set itself is corrupt (exit 3), not that the pool is another.
+        """
+        try:
+            return pool.positions_of(ids)
+        except ValueError as exc:
+            raise self.artifact.fail(f"ids outside its pool: {exc}") from None
+
 
 def write_metric_set(path: str | os.PathLike, selection, pool: Mapping[str, Any], gmm_sha256: str,
                      extractor_sha256: str, params: Mapping[str, Any],

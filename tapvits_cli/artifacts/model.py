@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
 from tapvits_cli.artifacts.header import Header, LineageEntry
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
-from tapvits_cli.errors import InvalidArtifactError, TapvitsError
+from tapvits_cli.errors import InvalidArtifactError
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
 
 KIND = "model"
@@ -32,25 +32,43 @@ def write_model(path: str | os.PathLike, model, spec: ModelSpec, params: Mapping
 
 
 def read_model_spec(path: str | os.PathLike) -> tuple[ArtifactFile, ModelSpec]:
-    """Header and architecture only, without loading any weight."""
+    """Header and architecture only, without loading any weight (nor checking the architecture)."""
     artifact = read_artifact(path, expect=KIND)
     return artifact, ModelSpec.from_metadata(artifact.metadata, str(path))
+
+
+def verify_model(path: str | os.PathLike) -> tuple[ArtifactFile, ModelSpec, dict]:
+    """``(artifact, spec, state dict)`` after every rule ``validate`` applies to a model.
+
+    For consumers that need the model's identity but not a module (``allocate --model``):
+    they refuse exactly what ``validate`` refuses.
+    """
+    artifact, spec = read_model_spec(path)
+    return artifact, spec, _verified_state(artifact, spec)
+
+
+def _verified_state(artifact: ArtifactFile, spec: ModelSpec) -> dict:
+    check_architecture(artifact, spec)
+    state = load_safetensors(artifact)
+    check_weights(artifact, state)
+    return state
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu"):
     """``(module, spec, artifact)`` from a model artifact, in eval mode, its content verified.
 
-    The weights must hash to ``model.weights_sha256`` and be finite: a consumer that
-    trusted the recorded hash would carry a bit flip into every artifact made from the
-    model, each re-hashed and valid-looking (hashing costs ~0.3 s per 100 MB, measured).
+    Every rule of ``validate`` runs first (:func:`verify_model`): the architecture is rebuilt
+    on the ``meta`` device and checked against the tensors and the metadata before any
+    memory is allocated, then the weights must hash to ``model.weights_sha256`` and be
+    finite: a consumer that trusted the recorded hash would carry a bit flip into every
+    artifact made from the model, each re-hashed and valid-looking (hashing costs ~0.3 s
+    per 100 MB, measured).
     """
     from tapvits_cli.models.factory import build_model
 
-    artifact, spec = read_model_spec(path)
-    state = load_safetensors(artifact)
-    check_weights(artifact, state)
+    artifact, spec, state = verify_model(path)
     try:
-        model = build_model(spec, state)
+        model = build_model(spec, state, source=str(path))
     except RuntimeError as exc:
         raise InvalidArtifactError(f"{path}: weights do not fit the recorded architecture ({_first_line(exc)})") from None
     return model.to(device), spec, artifact
@@ -76,18 +94,25 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _validate(artifact: ArtifactFile) -> None:
-    """Architecture rebuilds on the meta device, tensor names/shapes match, weights hash matches."""
+# The largest input side a model without a fixed input size may declare: a larger one is a
+# corrupt artifact (100000 x 100000 would ask for 40 GB per image before anything runs).
+MAX_INPUT_SIDE = 8192
+
+
+def check_architecture(artifact: ArtifactFile, spec: ModelSpec):
+    """The rules that tie a model's metadata to the architecture it rebuilds; returns the ``meta`` skeleton.
+
+    ``validate`` and every reader (:func:`verify_model`) run these same checks, before any
+    weight is read or memory allocated: the architecture rebuilds, the stored tensors
+    have its names, shapes and dtype-independent count (``model.parameters``), and the
+    metadata agrees with it (:func:`check_metadata_fits`).
+    """
     from tapvits_cli.models.factory import build_model
 
-    spec = ModelSpec.from_metadata(artifact.metadata, str(artifact.path))
     for key in ("model.parameters", "model.weights_sha256"):
         if key not in artifact.metadata:
             raise InvalidArtifactError(f"{artifact.path}: required key '{key}' is missing")
-    try:
-        skeleton = build_model(spec, device="meta")
-    except TapvitsError as exc:
-        raise InvalidArtifactError(f"{artifact.path}: architecture cannot be rebuilt ({exc})") from None
+    skeleton = build_model(spec, device="meta", source=str(artifact.path), max_tensors=len(artifact.tensors))
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     stored = {name: info.shape for name, info in artifact.tensors.items()}
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
@@ -101,11 +126,53 @@ def _validate(artifact: ArtifactFile) -> None:
     parameters = sum(p.numel() for p in skeleton.parameters())
     if str(parameters) != artifact.metadata["model.parameters"]:
         raise InvalidArtifactError(f"{artifact.path}: model.parameters says {artifact.metadata['model.parameters']}, architecture has {parameters}")
-    check_weights(artifact, load_safetensors(artifact))
+    check_metadata_fits(artifact, spec, skeleton)
+    return skeleton
+
+
+def check_metadata_fits(artifact: ArtifactFile, spec: ModelSpec, module) -> None:
+    """Blocks, classes and preprocessing must describe ``module`` (the rebuilt architecture).
+
+    Each disagreement used to surface later as a crash or a silently wrong result: a head
+    of 10 classes under ``num_classes`` 5, or a preprocessing that feeds 3 channels to a
+    1-channel model or resizes every image to 100000 x 100000.
+    """
+    from tapvits_cli.data.preprocess import Preprocessing
+    from tapvits_cli.models.families import GENERIC, family_module
+
+    fail = artifact.fail
+    if spec.family != GENERIC and tuple(family_module(spec.family).block_widths(module)) != tuple(spec.blocks):
+        raise fail("model.blocks does not describe the rebuilt architecture's blocks")
+    head = int(getattr(module, "num_classes", 0))
+    if spec.num_classes != head:
+        raise fail(f"model.num_classes is {spec.num_classes}, the architecture's head has {head} classes")
+    if spec.class_names is not None and len(spec.class_names) != spec.num_classes:
+        raise fail(f"model.class_names has {len(spec.class_names)} names for {spec.num_classes} classes")
+    try:
+        preprocessing = Preprocessing.from_dict(spec.preprocessing)
+    except (ValueError, TypeError) as exc:
+        raise fail(f"model.preprocessing is malformed ({_first_line(exc)})") from None
+    needs = Preprocessing.from_model(module).input_size
+    channels, height, width = preprocessing.input_size
+    if channels != needs[0]:
+        raise fail(f"model.preprocessing gives {channels} input channels, the architecture takes {needs[0]}")
+    fixed = getattr(getattr(module, "patch_embed", None), "img_size", None) is not None \
+        and getattr(module.patch_embed, "strict_img_size", True)
+    if fixed and (height, width) != tuple(needs[1:]):
+        raise fail(f"model.preprocessing input is {height}x{width}, the architecture takes {needs[1]}x{needs[2]}")
+    if max(height, width) > MAX_INPUT_SIDE:
+        raise fail(f"model.preprocessing input {height}x{width} exceeds {MAX_INPUT_SIDE} pixels a side")
+
+
+def _validate(artifact: ArtifactFile) -> None:
+    """Every rule of protocol/model.md: :func:`check_architecture`, then the weights (:func:`check_weights`)."""
+    _verified_state(artifact, ModelSpec.from_metadata(artifact.metadata, str(artifact.path)))
 
 
 def _summarize(artifact: ArtifactFile) -> Summary:
+    """What ``inspect`` shows: the metadata, after the architecture checks (not the weights' hash)."""
     spec = ModelSpec.from_metadata(artifact.metadata, str(artifact.path))
+    check_architecture(artifact, spec)
     figures = {
         "architecture": spec.architecture,
         "family": spec.family,
@@ -123,19 +190,19 @@ def _summarize(artifact: ArtifactFile) -> Summary:
         figures["token_merging"] = spec.token_merging.to_dict()
         tables.append(Table("token merging", ["block", "amount", "tokens after"],
                             [[i, amount, tokens] for i, (amount, tokens)
-                             in enumerate(zip(spec.token_merging.schedule, _token_counts(spec)))]))
+                             in enumerate(zip(spec.token_merging.schedule, _token_counts(spec, str(artifact.path))))]))
     if spec.blocks:
         tables.append(Table("blocks", ["block", "heads", "head_dim", "mlp_hidden"],
                             [[i, b.heads, b.head_dim, b.mlp_hidden] for i, b in enumerate(spec.blocks)]))
     return Summary(figures=figures, tables=tables)
 
 
-def _token_counts(spec: ModelSpec) -> tuple[int, ...]:
+def _token_counts(spec: ModelSpec, source: str) -> tuple[int, ...]:
     """Tokens leaving each block of a token-merging model (its patch grid comes from a ``meta`` build)."""
     from tapvits_cli.models.factory import build_model
     from tapvits_cli.models.token_merging import token_grid
 
-    return spec.token_merging.token_counts(*token_grid(build_model(spec, device="meta")))
+    return spec.token_merging.token_counts(*token_grid(build_model(spec, device="meta", source=source)))
 
 
 SPEC = register(KindSpec(

@@ -136,7 +136,7 @@ def _validate(artifact: ArtifactFile) -> None:
     from tapvits_cli.models.factory import cost_model
 
     plan = _parse(artifact, load_safetensors(artifact))
-    cost = cost_model(plan.base_spec)
+    cost = cost_model(plan.base_spec, source=str(artifact.path))
     counts = [len(plan.keep[layer.kind][layer.block]) for layer in cost.layers]
     expected = {"params": cost.params(counts), "macs": cost.macs(counts)}
     full = {"params": cost.params(cost.units), "macs": cost.macs(cost.units)}

@@ -48,7 +48,7 @@ def command(scores_path: str, output: str, budget: float | None, budget_macs: fl
     from tapvits_cli.allocation.strategies import allocate
     from tapvits_cli.artifacts.files import sha256_file
     from tapvits_cli.artifacts.header import LineageEntry
-    from tapvits_cli.artifacts.model import read_model_spec
+    from tapvits_cli.artifacts.model import verify_model
     from tapvits_cli.artifacts.plan import write_plan
     from tapvits_cli.artifacts.scores import read_scores
     from tapvits_cli.models.factory import cost_model
@@ -62,7 +62,7 @@ def command(scores_path: str, output: str, budget: float | None, budget_macs: fl
                          "use --strategy uniform or global, or score again with the KL probes")
     inputs = {"scores": LineageEntry(sha256_file(scores_path), "scores", Path(scores_path).name)}
     if model_path:
-        artifact, spec = read_model_spec(model_path)
+        artifact, spec, _ = verify_model(model_path)   # every rule validate applies, weights included
         if artifact.metadata.get("model.weights_sha256") != scores.model_sha256 or spec.blocks != scores.blocks:
             raise IncompatibleArtifactError(f"{scores_path} was computed on another model (weights "
                                             f"{scores.model_sha256[:12]}) than {model_path}: score this model first")

@@ -213,10 +213,7 @@ def _metric_set_positions(path: str, dataset):
         raise IncompatibleArtifactError(
             f"{path} selects from '{metric_set.pool['reference']}', not from '{dataset.ref}' (dataset fingerprints "
             f"differ); pass --data {metric_set.pool['reference']}")
-    try:
-        return dataset.positions_of(metric_set.finetune_ids)
-    except ValueError as exc:
-        raise IncompatibleArtifactError(f"{path}: {exc}") from None
+    return metric_set.positions_in(dataset, metric_set.finetune_ids)
 
 
 def _check_teacher(path: str, spec, num_classes: int, preprocessing) -> None:

@@ -99,7 +99,7 @@ def command(model: str, metric_set_path: str, pool: str | None, output: str, cri
     network, spec, model_artifact = load_model(model, device=device)
     family_module(spec.family, spec.architecture)   # a generic model is refused, naming the supported families
     ids = metric_set.metric_ids[:max_samples] if max_samples else metric_set.metric_ids
-    positions = dataset.positions_of(ids)
+    positions = metric_set.positions_in(dataset, ids)
     labels = dataset.labels[positions]
     if criterion == "taylor" and labels.max(initial=0) >= spec.num_classes:
         raise UsageError(f"the taylor criterion needs pool labels below the model's {spec.num_classes} classes; "

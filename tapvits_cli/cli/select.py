@@ -25,7 +25,10 @@ def _is_artifact(pool: str) -> bool:
     try:
         open_file(pool)
     except InvalidArtifactError:
-        return False  # e.g. an .npz or a plain HDF5 dataset file
+        # e.g. an .npz or a plain HDF5 dataset file; but a damaged artifact (a truncated feature
+        # table) still names its kind near the start: it is refused as an artifact, exit 3
+        with open(pool, "rb") as handle:
+            return b"tapvits.kind" in handle.read(1 << 16)
     return True
 
 

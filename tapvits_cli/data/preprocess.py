@@ -10,6 +10,7 @@ Imports torch at module level: import this module only where torch is needed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -38,8 +39,9 @@ class Preprocessing:
         channels = self.input_size[0] if len(self.input_size) == 3 else -1
         if min(self.input_size, default=0) < 1 or channels < 1:
             raise ValueError(f"input_size must be (C, H, W) of positive integers, got {self.input_size}")
-        if len(self.mean) != channels or len(self.std) != channels or min(self.std) <= 0:
-            raise ValueError(f"mean and std need {channels} values (std > 0), got {self.mean} and {self.std}")
+        if len(self.mean) != channels or len(self.std) != channels or min(self.std) <= 0 \
+                or not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError(f"mean and std need {channels} finite values (std > 0), got {self.mean} and {self.std}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from tapvits_cli.data.reference import BUILTINS
 from tapvits_cli.data.selection import fold_assignment
-from tapvits_cli.errors import DataUnavailableError, UsageError
+from tapvits_cli.errors import DataUnavailableError, UsageError, environment_failure
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -50,7 +50,7 @@ class Source:
 
     def __post_init__(self) -> None:
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise DataUnavailableError(f"{self.kind} dataset ({self.split}): labels must lie in "
+            raise UsageError(f"{self.kind} dataset ({self.split}): labels must lie in "
                                        f"0..{len(self.class_names) - 1}")
 
 
@@ -62,14 +62,14 @@ def _layout(shape: tuple[int, ...], what: str) -> tuple[tuple[int, int, int], bo
         return (shape[1], shape[2], shape[3]), False
     if len(shape) == 4 and shape[3] in (1, 3):
         return (shape[3], shape[1], shape[2]), True
-    raise DataUnavailableError(f"{what}: images of shape {tuple(shape)} are not (N,H,W), (N,C,H,W) or (N,H,W,C) "
-                               "with C = 1 or 3")
+    raise UsageError(f"{what}: images of shape {tuple(shape)} are not (N,H,W), (N,C,H,W) or (N,H,W,C) "
+                     "with C = 1 or 3")
 
 
 def _check_dtype(dtype: np.dtype, what: str) -> None:
     if dtype not in _SCALE and not np.issubdtype(dtype, np.floating):
-        raise DataUnavailableError(f"{what}: pixels of type {dtype} are not supported (use uint8, uint16 or "
-                                   "floats in [0, 1])")
+        raise UsageError(f"{what}: pixels of type {dtype} are not supported (use uint8, uint16 or "
+                         "floats in [0, 1])")
 
 
 def _to_float(raw: np.ndarray, channels_last: bool, what: str, rows: np.ndarray) -> np.ndarray:
@@ -97,7 +97,7 @@ def _to_float(raw: np.ndarray, channels_last: bool, what: str, rows: np.ndarray)
 
 def _labels(raw: np.ndarray, what: str) -> np.ndarray:
     if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.integer):
-        raise DataUnavailableError(f"{what}: labels must be a 1-D integer array, got {raw.dtype} {raw.shape}")
+        raise UsageError(f"{what}: labels must be a 1-D integer array, got {raw.dtype} {raw.shape}")
     return raw.astype(np.int64)
 
 
@@ -129,17 +129,20 @@ class _H5Rows:
         import h5py
 
         chunks, offset = [], 0
-        with h5py.File(self.path, "r") as f:
-            for key, count in self.parts:
-                local = rows[(rows >= offset) & (rows < offset + count)] - offset
-                offset += count
-                if len(local) == 0:
-                    continue
-                low, high = int(local[0]), int(local[-1]) + 1
-                if high - low <= 2 * len(local):  # dense enough: one slice beats point selection
-                    chunks.append(f[key][low:high][local - low])
-                else:
-                    chunks.append(f[key][local])
+        try:
+            with h5py.File(self.path, "r") as f:
+                for key, count in self.parts:
+                    local = rows[(rows >= offset) & (rows < offset + count)] - offset
+                    offset += count
+                    if len(local) == 0:
+                        continue
+                    low, high = int(local[0]), int(local[-1]) + 1
+                    if high - low <= 2 * len(local):  # dense enough: one slice beats point selection
+                        chunks.append(f[key][low:high][local - low])
+                    else:
+                        chunks.append(f[key][local])
+        except (OSError, KeyError, ValueError) as exc:   # a file damaged, or changed, after it was opened
+            raise _unreadable(exc, f"{self.path}: unreadable, truncated or corrupt images") from None
         return _to_float(np.concatenate(chunks), self.channels_last, self.path, rows)
 
 
@@ -160,11 +163,16 @@ class _FileRows:
         channels = 1 if self.mode == "L" else 3
         out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
         for i, row in enumerate(rows):
-            with Image.open(self.files[row]) as image:
-                image = image.convert(self.mode)
-                if image.size != self.size:
-                    image = image.resize(self.size, Image.BILINEAR)
-                out[i] = np.asarray(image).reshape(height, width, channels)
+            try:
+                with Image.open(self.files[row]) as image:
+                    image = image.convert(self.mode)
+                    if image.size != self.size:
+                        image = image.resize(self.size, Image.BILINEAR)
+                    out[i] = np.asarray(image).reshape(height, width, channels)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                # PIL reports a corrupt or truncated file as OSError (UnidentifiedImageError among
+                # them), SyntaxError or ValueError: a bad input, named, not a crash
+                raise _unreadable(exc, f"{self.files[row]}: unreadable image, truncated or corrupt") from None
         return _to_float(out, True, "image folder", rows)
 
 
@@ -270,7 +278,7 @@ def _check_parts(arrays: list[tuple[tuple[int, ...], np.dtype]], labels: list[np
     for (shape, dtype), part_labels, layout in zip(arrays, labels, layouts):
         _check_dtype(dtype, what)
         if layout != layouts[0] or shape[0] != len(part_labels):
-            raise DataUnavailableError(f"{what}: images and labels disagree in shape or length")
+            raise UsageError(f"{what}: images and labels disagree in shape or length")
     return layouts[0]
 
 
@@ -330,5 +338,16 @@ def open_source(source: str, split: str | None) -> Source:
                          "of class subfolders)")
     try:
         return opener(path.resolve(), split)  # absolute: readers must survive a change of directory
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataUnavailableError(f"dataset source {source!r}: unreadable ({exc})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise _unreadable(exc, f"dataset source {source!r}: unreadable, truncated or corrupt") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _unreadable(exc: BaseException, what: str) -> Exception:
+    """A dataset file that cannot be read: the environment's refusal (exit 9, e.g. permission denied),
+    else a bad input (exit 2; ``8`` is kept for a source that is missing altogether)."""
+    refused = environment_failure(exc, what.split(":")[0]) if isinstance(exc, OSError) else None
+    return refused or UsageError(f"{what} ({_first_line(exc)})")

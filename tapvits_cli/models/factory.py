@@ -6,10 +6,11 @@ Pure model logic: weights arrive as state dicts (``artifacts`` reads the files),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any, Mapping, Sequence
 
-from tapvits_cli.errors import DataUnavailableError, UsageError
+from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError, UsageError
 from tapvits_cli.models.families import GENERIC, family_module, family_of
 from tapvits_cli.models.spec import ModelSpec
 
@@ -56,29 +57,85 @@ def describe_model(model, architecture: str, kwargs: Mapping[str, Any],
     )
 
 
-def build_model(spec: ModelSpec, state_dict: Mapping[str, Any] | None = None, device: str = "cpu"):
+def build_model(spec: ModelSpec, state_dict: Mapping[str, Any] | None = None, device: str = "cpu",
+                source: str = "the recorded architecture", max_tensors: int | None = None):
     """Rebuild the architecture of ``spec`` (per-block widths and token merging included) and load weights.
 
-    With ``device="meta"`` no memory is allocated: that is how ``validate`` checks
-    tensor names and shapes of large artifacts cheaply.
+    With ``device="meta"`` no memory is allocated: that is how ``validate`` and every
+    reader check tensor names and shapes cheaply before anything is allocated. A spec
+    always comes from an artifact (``source`` names it), so an architecture that cannot be
+    rebuilt (unknown name, bad keyword arguments, widths that contradict the depth, a
+    token-merging schedule that does not fit) is an invalid artifact, never a crash.
+
+    Nor a hang: timm builds whatever depth the keyword arguments ask for, so a corrupt
+    ``depth`` of 100000 would spend many minutes building blocks. The depth keywords must
+    agree with the recorded blocks first, and ``max_tensors`` (what the file stores) stops
+    the construction as soon as it registers far more tensors than the file could fill.
     """
     import torch
 
-    with torch.device(device):
-        model = create_model(spec.architecture, spec.kwargs)
-        if spec.family != GENERIC:
-            family = family_module(spec.family)
-            if family_of(model) != spec.family:
-                raise UsageError(f"{spec.architecture} is not a '{spec.family}' model")
-            family.set_block_widths(model, spec.blocks)
-        if spec.token_merging is not None:
-            from tapvits_cli.models.token_merging import set_token_merging
+    _check_declared_depth(spec, source)
+    try:
+        with torch.device(device), _tensor_limit(max_tensors, source):
+            model = create_model(spec.architecture, spec.kwargs)
+            if spec.family != GENERIC:
+                family = family_module(spec.family)
+                if family_of(model) != spec.family:
+                    raise UsageError(f"{spec.architecture} is not a '{spec.family}' model")
+                family.set_block_widths(model, spec.blocks)
+            if spec.token_merging is not None:
+                from tapvits_cli.models.token_merging import set_token_merging
 
-            set_token_merging(model, spec.token_merging)
+                set_token_merging(model, spec.token_merging)
+    except InvalidArtifactError:
+        raise
+    except (UsageError, DataUnavailableError, ValueError, TypeError, KeyError, AttributeError, AssertionError,
+            OverflowError, RuntimeError, MemoryError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArtifactError(f"{source}: architecture cannot be rebuilt ({message})") from None
     if state_dict is not None:
         model.load_state_dict(dict(state_dict), strict=True)
     model.eval()
     return model
+
+
+def _check_declared_depth(spec: ModelSpec, source: str) -> None:
+    """timm's depth keywords (ViT ``depth``, Swin ``depths``) must count the recorded blocks."""
+    if spec.family == GENERIC:
+        return
+    depth = spec.kwargs.get("depth" if spec.family == "vit" else "depths")
+    if depth is None:
+        return   # the architecture's own default depth: bounded, and set_block_widths compares it
+    total = depth if spec.family == "vit" else (sum(depth) if isinstance(depth, (list, tuple))
+                                                 and all(isinstance(d, int) for d in depth) else None)
+    if not isinstance(total, int) or isinstance(total, bool) or total != len(spec.blocks):
+        raise InvalidArtifactError(f"{source}: the keyword arguments ask for depth {depth!r}, the recorded "
+                                   f"blocks number {len(spec.blocks)}")
+
+
+@contextlib.contextmanager
+def _tensor_limit(max_tensors: int | None, source: str):
+    """Abort a module construction that registers more than ~4x ``max_tensors`` parameters and buffers."""
+    if max_tensors is None:
+        yield
+        return
+    from torch.nn.modules import module as torch_module
+
+    limit, count = 4 * max_tensors + 256, [0]
+
+    def counted(*_args):
+        count[0] += 1
+        if count[0] > limit:
+            raise InvalidArtifactError(f"{source}: the recorded architecture is far larger than the "
+                                       f"{max_tensors} tensors the file stores")
+
+    handles = [torch_module.register_module_parameter_registration_hook(counted),
+               torch_module.register_module_buffer_registration_hook(counted)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def load_foreign_weights(model, state: Mapping[str, Any], source: str) -> None:
@@ -114,6 +171,6 @@ def weights_sha256(state_dict: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cost_model(spec: ModelSpec):
+def cost_model(spec: ModelSpec, source: str = "the recorded architecture"):
     """Parameter and MAC accounting of ``spec``'s prunable family, built on the ``meta`` device (no weights)."""
-    return family_module(spec.family).cost_model(build_model(spec, device="meta"))
+    return family_module(spec.family).cost_model(build_model(spec, device="meta", source=source))

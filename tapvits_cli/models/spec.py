@@ -153,39 +153,66 @@ class ModelSpec:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], source: str) -> "ModelSpec":
-        def field_(key: str, parse=json.loads):
+        """Parse the ``model.*`` keys, checking each one's JSON type (one line, exit 3, for any other)."""
+        def field_(key: str, kind: type | tuple[type, ...], parse=json.loads, required: bool = True):
             if f"model.{key}" not in meta:
+                if not required:
+                    return None
                 raise InvalidArtifactError(f"{source}: required key 'model.{key}' is missing")
             try:
-                return parse(meta[f"model.{key}"])
-            except (ValueError, TypeError):
+                value = parse(meta[f"model.{key}"])
+            except (ValueError, TypeError, RecursionError):
                 raise InvalidArtifactError(f"{source}: key 'model.{key}' is malformed") from None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise InvalidArtifactError(f"{source}: key 'model.{key}' must be {_TYPE_NAMES[kind]}")
+            return value
 
-        kwargs = field_("kwargs")
-        blocks_raw = field_("blocks")
-        preprocessing = field_("preprocessing")
-        if not isinstance(kwargs, dict) or not isinstance(preprocessing, dict) or not isinstance(blocks_raw, list):
-            raise InvalidArtifactError(f"{source}: model.kwargs/preprocessing must be objects, model.blocks a list")
+        kwargs = field_("kwargs", dict)
+        blocks_raw = field_("blocks", list)
+        preprocessing = field_("preprocessing", dict)
         try:
-            blocks = tuple(BlockWidths(int(b["heads"]), int(b["head_dim"]), int(b["mlp_hidden"])) for b in blocks_raw)
+            blocks = tuple(BlockWidths(_integer(b["heads"]), _integer(b["head_dim"]), _integer(b["mlp_hidden"]))
+                           for b in blocks_raw)
         except (KeyError, TypeError, ValueError):
             raise InvalidArtifactError(f"{source}: model.blocks entries need integer heads, head_dim, mlp_hidden") from None
         if any(min(b.heads, b.head_dim, b.mlp_hidden) < 0 for b in blocks):
             raise InvalidArtifactError(f"{source}: model.blocks widths must not be negative")
-        names = json.loads(meta["model.class_names"]) if "model.class_names" in meta else None
+        names = field_("class_names", list, required=False)
+        if names is not None and not all(isinstance(name, str) for name in names):
+            raise InvalidArtifactError(f"{source}: key 'model.class_names' must be a JSON list of strings")
+        num_classes = field_("num_classes", int, parse=_parse_integer)
+        if num_classes < 0:
+            raise InvalidArtifactError(f"{source}: key 'model.num_classes' must not be negative")
         merging = None
         if "model.token_merging" in meta:
             try:
                 merging = TokenMerging.from_dict(json.loads(meta["model.token_merging"]))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise InvalidArtifactError(f"{source}: key 'model.token_merging' is malformed ({exc})") from None
         return cls(
-            architecture=field_("architecture", str),
+            architecture=field_("architecture", str, parse=str),
             kwargs=kwargs,
-            family=field_("family", str),
+            family=field_("family", str, parse=str),
             blocks=blocks,
             preprocessing=preprocessing,
-            num_classes=field_("num_classes", int),
-            class_names=tuple(str(n) for n in names) if names is not None else None,
+            num_classes=num_classes,
+            class_names=tuple(names) if names is not None else None,
             token_merging=merging,
         )
+
+
+_TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", int: "an integer", str: "a string"}
+
+
+def _integer(value: Any) -> int:
+    """A JSON integer (not a float, string or boolean that ``int()`` would also take)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _parse_integer(text: str) -> int:
+    """A decimal integer as the metadata stores it (``"10"``), not ``"1e1"`` or ``"10.0"``."""
+    if not (text.isascii() and text.strip().lstrip("-").isdigit()):
+        raise ValueError(f"{text!r} is not an integer")
+    return int(text)
