@@ -59,6 +59,7 @@ _KIND_MODULES = (
     "tapvits_cli.artifacts.scores",
     "tapvits_cli.artifacts.plan",
     "tapvits_cli.artifacts.report",
+    "tapvits_cli.artifacts.profile",
 )
 
 

@@ -15,7 +15,7 @@ import click
 
 from tapvits_cli import __version__
 from tapvits_cli.cli import (allocate, audit_gmm, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
-                             inspect_cmd, prune, run, score, select, validate_cmd)
+                             inspect_cmd, profile, prune, run, score, select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
 from tapvits_cli.errors import ExitCode, TapvitsError, environment_failure
 
@@ -28,7 +28,7 @@ class PipelineOrderGroup(click.Group):
     """Lists subcommands in pipeline order (then tools), not alphabetically."""
 
     ORDER = ("fit-gmm", "audit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "export", "run",
-             "create-model", "dataset", "inspect", "validate")
+             "profile", "create-model", "dataset", "inspect", "validate")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         rank = {name: i for i, name in enumerate(self.ORDER)}
@@ -48,7 +48,7 @@ def cli() -> None:
 
 
 for _module in (fit_gmm, audit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export, run,
-                create_model, dataset_cmd, inspect_cmd, validate_cmd):
+                profile, create_model, dataset_cmd, inspect_cmd, validate_cmd):
     cli.add_command(_module.command)
 
 

@@ -1,0 +1,177 @@
+"""Issue 17 benchmark: how well a device's latency profile predicts a pruned model's latency.
+
+A DeiT-Small-shaped ViT (``vit_small_patch16_224``: 12 blocks of 6 heads of 64 and an MLP
+of 1,536, 197 tokens at 224×224) is profiled with the code ``tapvits profile`` runs
+(``latency.measure.measure_profile``, torch), and 20 pruned models with random plans
+(per block a head count drawn from 1..6 and an MLP width from 1..1,536, uniformly; built
+by the model factory at those widths, as ``load_model`` rebuilds a pruned artifact) are
+timed whole with the code ``tapvits eval`` runs (``evaluation.measure_latency``), at batch
+1 and 32, on the CPU with 2 threads. Their predicted latency
+(``latency.table.predict_latency``) is compared with the measured one: relative error
+|predicted − measured| / measured, median and worst over the 20 models per batch size.
+Targets: median ≤ 10 %, worst ≤ 20 %.
+
+The machine is shared with other jobs whose load comes and goes, so the measurement is
+interleaved and repeated: each of ``--rounds`` rounds measures a whole profile and then
+every model (in a seeded shuffled order); a model's latency is the median over rounds of
+its per-round medians, and the prediction uses the profile whose every entry is the
+median over rounds of that entry. Per-round errors (each round's profile against that
+round's measurements) are recorded too.
+
+    bash .ci/env nice python benchmarks/profile_prediction.py [--models 20] [--rounds 3]
+
+Writes benchmarks/results/profile_prediction.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tapvits_cli.evaluation.metrics import measure_latency
+from tapvits_cli.latency.measure import measure_profile
+from tapvits_cli.latency.table import BranchTable, predict_latency
+from tapvits_cli.models.factory import build_model
+from tapvits_cli.models.spec import BlockWidths, ModelSpec
+
+RESULTS = Path(__file__).parent / "results"
+ARCHITECTURE = "vit_small_patch16_224"
+FULL = BlockWidths(heads=6, head_dim=64, mlp_hidden=1536)
+DEPTH = 12
+INPUT = (3, 224, 224)
+BATCHES = (1, 32)
+
+
+def base_spec() -> ModelSpec:
+    return ModelSpec(architecture=ARCHITECTURE, kwargs={}, family="vit", blocks=(FULL,) * DEPTH, preprocessing={},
+                     num_classes=1000)
+
+
+def random_plans(count: int, seed: int) -> list[tuple[BlockWidths, ...]]:
+    """Per model and block: heads uniform in 1..6, MLP width uniform in 1..1536."""
+    rng = np.random.default_rng(seed)
+    heads = rng.integers(1, FULL.heads + 1, size=(count, DEPTH))
+    hidden = rng.integers(1, FULL.mlp_hidden + 1, size=(count, DEPTH))
+    return [tuple(BlockWidths(int(h), FULL.head_dim, int(m)) for h, m in zip(hs, ms)) for hs, ms in zip(heads, hidden)]
+
+
+def median_profile(profiles):
+    """Every table entry the median over rounds (the rounds' profiles share widths and batch sizes)."""
+    first = profiles[0]
+
+    def entry(name):
+        return tuple(float(v) for v in np.median([getattr(p, name) for p in profiles], axis=0))
+
+    def table(name):
+        return BranchTable(getattr(first, name).widths,
+                           np.median([getattr(p, name).median_ms for p in profiles], axis=0))
+
+    return replace(first, embed_ms=entry("embed_ms"), head_ms=entry("head_ms"), block_ms=entry("block_ms"),
+                   attn=table("attn"), mlp=table("mlp"))
+
+
+def errors(predicted: np.ndarray, measured: np.ndarray) -> dict:
+    relative = np.abs(predicted - measured) / measured
+    return {"median": float(np.median(relative)), "worst": float(relative.max()),
+            "mean_signed": float(np.mean((predicted - measured) / measured))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile-repeats", type=int, default=3, help="timed rounds inside each profile")
+    parser.add_argument("--repeats", default="7,3", help="timed runs per model and round at batch 1,32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    repeats = dict(zip(BATCHES, (int(v) for v in args.repeats.split(","))))
+    torch.set_num_threads(args.threads)
+    started = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - started:7.0f} s] {message}", file=sys.stderr, flush=True)
+
+    spec = base_spec()
+    plans = random_plans(args.models, args.seed)
+    models = [build_model(replace(spec, blocks=plan), source="benchmark") for plan in plans]
+    order_rng = np.random.default_rng(args.seed + 1)
+    profiles, measured = [], np.zeros((args.rounds, args.models, len(BATCHES)))
+    for round_ in range(args.rounds):
+        profiles.append(measure_profile(spec, BATCHES, repeats=args.profile_repeats, warmup=1, threads=args.threads,
+                                        cpu=platform.processor(), seed=args.seed))
+        log(f"round {round_ + 1}: profile done")
+        for index in order_rng.permutation(args.models):
+            for column, batch in enumerate(BATCHES):
+                measured[round_, index, column] = measure_latency(models[index], INPUT, batch, 1, repeats[batch],
+                                                                  "cpu")["median_ms"]
+        log(f"round {round_ + 1}: {args.models} models done")
+
+    profile = median_profile(profiles)
+    final_measured = np.median(measured, axis=0)
+    rows, summary, per_round = [], {}, {}
+    for column, batch in enumerate(BATCHES):
+        predicted = np.array([predict_latency(profile, plan, batch).total_ms for plan in plans])
+        summary[str(batch)] = errors(predicted, final_measured[:, column])
+        per_round[str(batch)] = [errors(np.array([predict_latency(p, plan, batch).total_ms for plan in plans]),
+                                        measured[r, :, column]) for r, p in enumerate(profiles)]
+        for index, plan in enumerate(plans):
+            rows.append({"model": index, "batch": batch, "heads": sum(b.heads for b in plan),
+                         "mlp_hidden": sum(b.mlp_hidden for b in plan), "predicted_ms": float(predicted[index]),
+                         "measured_ms": float(final_measured[index, column]),
+                         "relative_error": float(abs(predicted[index] - final_measured[index, column])
+                                                 / final_measured[index, column])})
+    unpruned = {str(b): predict_latency(profile, spec.blocks, b).total_ms for b in BATCHES}
+    result = {
+        "architecture": ARCHITECTURE, "input": list(INPUT), "models": args.models, "rounds": args.rounds,
+        "profile_repeats": args.profile_repeats, "repeats": {str(k): v for k, v in repeats.items()},
+        "threads": args.threads, "seed": args.seed, "torch": torch.__version__, "cpu": platform.processor(),
+        "cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": round(time.time() - started, 1),
+        "targets": {"median": 0.10, "worst": 0.20}, "errors": summary, "errors_per_round": per_round,
+        "unpruned_predicted_ms": unpruned, "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "profile_prediction.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "profile_prediction.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Profile prediction error: {result['models']} random pruned {result['architecture']} models, 224 px",
+             "",
+             f"torch {result['torch']}, {result['threads']} threads on {result['cpus']} shared cores; "
+             f"{result['rounds']} interleaved rounds (profile with {result['profile_repeats']} timed rounds, then "
+             f"every model); load average at the end {', '.join(f'{v:.1f}' for v in result['load_average'])}; "
+             f"{result['seconds']:.0f} s.",
+             "",
+             "| batch | median error | worst error | mean signed error | target (median / worst) | met |",
+             "|---|---|---|---|---|---|"]
+    for batch, figures in result["errors"].items():
+        met = figures["median"] <= result["targets"]["median"] and figures["worst"] <= result["targets"]["worst"]
+        lines.append(f"| {batch} | {figures['median']:.1%} | {figures['worst']:.1%} | {figures['mean_signed']:+.1%} "
+                     f"| 10% / 20% | {'yes' if met else 'no'} |")
+    lines += ["", "Per round (each round's profile against that round's measurements):", "",
+              "| batch | round | median | worst |", "|---|---|---|---|"]
+    for batch, rounds in result["errors_per_round"].items():
+        for index, figures in enumerate(rounds):
+            lines.append(f"| {batch} | {index + 1} | {figures['median']:.1%} | {figures['worst']:.1%} |")
+    lines += ["", "| model | batch | heads (sum) | MLP width (sum) | predicted ms | measured ms | error |",
+              "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['model']} | {row['batch']} | {row['heads']} | {row['mlp_hidden']} | "
+                     f"{row['predicted_ms']:.1f} | {row['measured_ms']:.1f} | {row['relative_error']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

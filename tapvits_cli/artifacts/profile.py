@@ -1,0 +1,159 @@
+"""The ``profile`` artifact: a device's latency table for one architecture, as one JSON object.
+
+See protocol/profile.md. ``tapvits profile`` writes it on the device; the cloud reads it to
+predict the latency of any pruned model of that architecture on that device
+(``latency.table.predict_latency``) without the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from tapvits_cli.artifacts.containers import ArtifactFile, read_json_body, write_json
+from tapvits_cli.artifacts.header import Header, LineageEntry
+from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
+from tapvits_cli.latency.table import RUNTIMES, BranchTable, LatencyProfile
+
+KIND = "profile"
+VERSION = 1
+_BRANCHES = (("attn", "heads"), ("mlp", "hidden neurons"))
+
+
+def profile_body(profile: LatencyProfile) -> dict[str, Any]:
+    """The JSON body of ``profile`` (protocol/profile.md, "Body members")."""
+    return {
+        "model": dict(profile.model),
+        "runtime": {"name": profile.runtime, "version": profile.runtime_version, "threads": profile.threads,
+                    "device": profile.device},
+        "hardware": {"cpu": profile.cpu, "gpu": profile.gpu},
+        "tokens": profile.tokens,
+        "batch_sizes": list(profile.batch_sizes),
+        "repeats": profile.repeats,
+        "warmup": profile.warmup,
+        "fixed": {"embed_ms": list(profile.embed_ms), "head_ms": list(profile.head_ms),
+                  "block_ms": list(profile.block_ms)},
+        **{name: {"widths": list(table.widths), "median_ms": table.median_ms.tolist()}
+           for name, table in (("attn", profile.attn), ("mlp", profile.mlp))},
+    }
+
+
+def write_profile(path: str | os.PathLike, profile: LatencyProfile, params: Mapping[str, Any],
+                  inputs: Mapping[str, LineageEntry]):
+    header = Header(kind=KIND, version=VERSION, inputs=dict(inputs), params=dict(params))
+    return write_json(path, header, profile_body(profile))
+
+
+def read_profile(path: str | os.PathLike) -> LatencyProfile:
+    """The checked latency table of a profile artifact (every rule of protocol/profile.md)."""
+    return _parse(read_artifact(path, expect=KIND))
+
+
+def _integer(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _positive_ms(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _increasing(values: Any, least: int) -> bool:
+    return isinstance(values, list) and len(values) > 0 and all(_integer(v, least) for v in values) \
+        and all(a < b for a, b in zip(values, values[1:]))
+
+
+def _object(artifact: ArtifactFile, body: dict, name: str, members: Mapping[str, Any]) -> dict:
+    """``body[name]`` as an object whose members pass their checks (``members``: name → predicate, description)."""
+    value = body.get(name)
+    if not isinstance(value, dict):
+        raise artifact.fail(f"required member '{name}' must be an object")
+    for member, (check, description) in members.items():
+        if member not in value:
+            raise artifact.fail(f"required member '{name}.{member}' is missing")
+        if not check(value[member]):
+            raise artifact.fail(f"member '{name}.{member}' must be {description}")
+    return value
+
+
+def _parse(artifact: ArtifactFile) -> LatencyProfile:
+    body = read_json_body(artifact)
+    fail = artifact.fail
+    for name, least in (("tokens", 1), ("repeats", 1), ("warmup", 0)):
+        if name not in body:
+            raise fail(f"required member '{name}' is missing")
+        if not _integer(body[name], least):
+            raise fail(f"member '{name}' must be an integer ≥ {least}")
+    sizes = body.get("batch_sizes")
+    if not _increasing(sizes, 1):
+        raise fail("member 'batch_sizes' must be a non-empty list of strictly increasing integers ≥ 1")
+    text = (lambda v: isinstance(v, str), "a string")
+    runtime = _object(artifact, body, "runtime", {
+        "name": (lambda v: v in RUNTIMES, f"one of {', '.join(RUNTIMES)}"), "version": text,
+        "threads": (lambda v: _integer(v, 1), "an integer ≥ 1"), "device": text})
+    hardware = _object(artifact, body, "hardware", {"cpu": text,
+                                                   "gpu": (lambda v: v is None or isinstance(v, str), "a string or null")})
+    record = _object(artifact, body, "model", {"architecture": text, "kwargs": (lambda v: isinstance(v, dict), "an object"),
+                                               "family": text, "blocks": (lambda v: isinstance(v, list) and v, "a non-empty list")})
+    for index, block in enumerate(record["blocks"]):
+        if not isinstance(block, dict) or not all(_integer(block.get(k), 1) for k in ("heads", "head_dim", "mlp_hidden")):
+            raise fail(f"model.blocks[{index}] must hold integers heads, head_dim, mlp_hidden ≥ 1")
+    row = (lambda v: isinstance(v, list) and len(v) == len(sizes) and all(_positive_ms(x) for x in v),
+           f"a list of {len(sizes)} finite positive numbers (one per batch size)")
+    fixed = _object(artifact, body, "fixed", {"embed_ms": row, "head_ms": row, "block_ms": row})
+    tables = {}
+    for name, unit in _BRANCHES:
+        table = _object(artifact, body, name, {
+            "widths": (lambda v: _increasing(v, 1), "a non-empty list of strictly increasing integers ≥ 1"),
+            "median_ms": (lambda v: isinstance(v, list), "a list")})
+        widest = max(b["heads"] if name == "attn" else b["mlp_hidden"] for b in record["blocks"])
+        if table["widths"][-1] > widest:
+            raise fail(f"'{name}.widths' goes up to {table['widths'][-1]} {unit}, the architecture has {widest}")
+        if len(table["median_ms"]) != len(table["widths"]) or not all(row[0](r) for r in table["median_ms"]):
+            raise fail(f"'{name}.median_ms' must hold one row per width, each {row[1]}")
+        tables[name] = BranchTable(tuple(table["widths"]), np.array(table["median_ms"], dtype=np.float64))
+    return LatencyProfile(
+        model=record, runtime=runtime["name"], runtime_version=runtime["version"], threads=runtime["threads"],
+        device=runtime["device"], cpu=hardware["cpu"], gpu=hardware["gpu"], batch_sizes=tuple(sizes),
+        tokens=body["tokens"], repeats=body["repeats"], warmup=body["warmup"],
+        embed_ms=tuple(float(v) for v in fixed["embed_ms"]), head_ms=tuple(float(v) for v in fixed["head_ms"]),
+        block_ms=tuple(float(v) for v in fixed["block_ms"]), attn=tables["attn"], mlp=tables["mlp"])
+
+
+def _validate(artifact: ArtifactFile) -> None:
+    _parse(artifact)
+
+
+def _summarize(artifact: ArtifactFile) -> Summary:
+    """Figures, then per batch size one table of milliseconds per block at each measured width."""
+    profile = _parse(artifact)
+    from tapvits_cli.latency.table import predict_latency
+
+    figures = {
+        "architecture": profile.model["architecture"], "kwargs": dict(profile.model["kwargs"]),
+        "blocks": len(profile.blocks), "tokens": profile.tokens,
+        "runtime": f"{profile.runtime} {profile.runtime_version}, {profile.threads} threads, {profile.device}",
+        "cpu": profile.cpu, "gpu": profile.gpu, "batch_sizes": list(profile.batch_sizes),
+        "repeats": profile.repeats, "warmup": profile.warmup,
+        "unpruned_ms": {str(b): round(predict_latency(profile, profile.blocks, b).total_ms, 4)
+                        for b in profile.batch_sizes},
+    }
+    batches = [f"batch {b}" for b in profile.batch_sizes]
+    fixed = Table("fixed parts (ms)", ["part", *batches],
+                  [[part, *values] for part, values in (("patch embedding", profile.embed_ms),
+                                                        ("final norm + head", profile.head_ms),
+                                                        ("emptied block", profile.block_ms))])
+    tables = [fixed]
+    for name, table in (("attention-only block (ms) by heads", profile.attn),
+                        ("MLP-only block (ms) by hidden width", profile.mlp)):
+        tables.append(Table(name, ["width", *batches],
+                            [[width, *map(float, row)] for width, row in zip(table.widths, table.median_ms)]))
+    return Summary(figures=figures, tables=tables)
+
+
+SPEC = register(KindSpec(
+    name=KIND, format="json", version=VERSION, validate=_validate, summarize=_summarize,
+    description="a device's latency table: blocks at every prunable width, the fixed parts, runtime and hardware",
+))

@@ -1,0 +1,10 @@
+"""Latency on a device: the measured table of a ``profile`` and the latency of a pruned model predicted from it.
+
+``table`` is pure (no torch): what the cloud needs to predict. ``measure`` times real
+blocks with torch or onnxruntime (``tapvits profile``).
+"""
+
+from tapvits_cli.latency.table import (BranchTable, LatencyPrediction, LatencyProfile, check_fits, model_fingerprint,
+                                       predict_latency)
+
+__all__ = ["BranchTable", "LatencyPrediction", "LatencyProfile", "check_fits", "model_fingerprint", "predict_latency"]
