@@ -158,5 +158,5 @@ def predict_latency(profile: LatencyProfile, blocks: Sequence[BlockWidths], batc
 def default_mlp_widths(hidden: int, points: int = 8) -> tuple[int, ...]:
     """One neuron, then ``points`` evenly spaced widths up to ``hidden``: every width pruning can leave lies
     between two measured ones (or is one)."""
-    grid = np.rint(np.linspace(0, hidden, points + 1)[1:]).astype(int)
+    grid = np.maximum(np.rint(np.linspace(0, hidden, points + 1)[1:]).astype(int), 1)
     return tuple(int(w) for w in np.unique(np.concatenate([[1], grid])))

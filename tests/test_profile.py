@@ -1,0 +1,221 @@
+"""`tapvits profile` and the profile artifact: the table's structure, the prediction's sum rule, corruption, errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
+from tapvits_cli.artifacts.profile import read_profile
+from tapvits_cli.errors import ExitCode, IncompatibleArtifactError, NotImplementedStageError, UsageError
+from tapvits_cli.latency.table import (BranchTable, LatencyProfile, check_fits, default_mlp_widths,
+                                       predict_latency)
+from tapvits_cli.models.spec import BlockWidths, ModelSpec, TokenMerging
+from tests.test_protocol_examples import assert_one_line_failure
+
+# The tiny ViT: 2 blocks of 3 heads of 8, MLP 48, 4x4 patches + the class token = 17 tokens.
+FULL = BlockWidths(3, 8, 48)
+PROFILE_ARGS = ("--batch-sizes", "4,1", "--widths", "1,24,48", "--repeats", "3", "--warmup", "1", "--threads", "1")
+
+
+@pytest.fixture
+def profile_file(tiny_model_file, tmp_path, tapvits):
+    out = tmp_path / "device.profile.json"
+    result = tapvits("profile", tiny_model_file, "-o", out, *PROFILE_ARGS)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{out}\n"
+    return out
+
+
+def test_profile_round_trips_validates_and_inspects(profile_file, tiny_model_file, tapvits):
+    assert tapvits("validate", profile_file).stdout == f"{profile_file}: ok (profile v1)\n"
+    profile = read_profile(profile_file)
+    assert profile.model == {"architecture": TINY_VIT, "kwargs": TINY_VIT_KWARGS, "family": "vit",
+                             "blocks": [FULL.to_dict()] * 2}
+    assert profile.runtime == "torch" and profile.threads == 1 and profile.device == "cpu" and profile.gpu is None
+    assert profile.batch_sizes == (1, 4) and profile.tokens == 17 and (profile.repeats, profile.warmup) == (3, 1)
+    assert profile.attn.widths == (1, 2, 3) and profile.mlp.widths == (1, 24, 48)
+    assert profile.attn.median_ms.shape == (3, 2) and profile.mlp.median_ms.shape == (3, 2)
+    for values in (profile.embed_ms, profile.head_ms, profile.block_ms, profile.attn.median_ms, profile.mlp.median_ms):
+        assert np.all(np.isfinite(values)) and np.all(np.asarray(values) > 0)
+    document = tapvits("inspect", profile_file, "--json").json()
+    assert document["kind"] == "profile" and document["inputs"]["model"]["kind"] == "model"
+    assert document["params"]["batch_sizes"] == [1, 4] and document["params"]["widths"] == [1, 24, 48]
+    titles = [table["title"] for table in document["tables"]]
+    assert titles == ["fixed parts (ms)", "attention-only block (ms) by heads", "MLP-only block (ms) by hidden width"]
+    assert [row[0] for row in document["tables"][1]["rows"]] == [1, 2, 3]
+    unpruned = document["figures"]["unpruned_ms"]
+    assert unpruned["4"] == pytest.approx(predict_latency(profile, profile.blocks, 4).total_ms, abs=1e-4)
+    human = tapvits("inspect", profile_file)
+    assert human.exit_code == 0 and "MLP-only block" in human.stdout and "unpruned_ms" in human.stdout
+
+
+def test_default_mlp_grid():
+    assert default_mlp_widths(1536) == (1, 192, 384, 576, 768, 960, 1152, 1344, 1536)
+    assert default_mlp_widths(48) == (1, 6, 12, 18, 24, 30, 36, 42, 48)
+    assert default_mlp_widths(4) == (1, 2, 3, 4)   # fewer neurons than points: every width, once
+
+
+def synthetic_profile() -> LatencyProfile:
+    """Known numbers: E = 1 / 10 ms, A(h) = E + h, M(m) at 1, 24, 48 neurons, at batch sizes 1 and 8."""
+    attn = np.array([[2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    mlp = np.array([[1.5, 15.0], [4.0, 40.0], [7.0, 70.0]])
+    return LatencyProfile(model={"architecture": TINY_VIT, "kwargs": dict(TINY_VIT_KWARGS), "family": "vit",
+                                 "blocks": [FULL.to_dict()] * 2},
+                          runtime="torch", runtime_version="x", threads=1, device="cpu", cpu="", gpu=None,
+                          batch_sizes=(1, 8), tokens=17, repeats=1, warmup=0, embed_ms=(0.5, 5.0), head_ms=(0.25, 2.5),
+                          block_ms=(1.0, 10.0), attn=BranchTable((1, 2, 3), attn), mlp=BranchTable((1, 24, 48), mlp))
+
+
+def test_prediction_is_the_exact_sum_rule():
+    profile = synthetic_profile()
+    full = predict_latency(profile, [FULL, FULL], 1)
+    # per block: E + (A(3) - E) + (M(48) - E) = 1 + 3 + 6
+    assert full.total_ms == pytest.approx(0.5 + 0.25 + 2 * 10.0)
+    assert full.blocks_ms.tolist() == [10.0, 10.0] and full.attn_ms.tolist() == [3.0, 3.0]
+    # emptied branches add nothing over E; interpolation halfway between 24 and 48 neurons (4 and 7 ms)
+    pruned = predict_latency(profile, [BlockWidths(0, 8, 36), BlockWidths(2, 8, 0)], 8)
+    assert pruned.attn_ms.tolist() == [0.0, 20.0] and pruned.mlp_ms.tolist() == [pytest.approx(45.0), 0.0]
+    assert pruned.total_ms == pytest.approx(5.0 + 2.5 + (10.0 + 45.0) + (10.0 + 20.0))
+    empty = predict_latency(profile, [BlockWidths(0, 8, 0)] * 2, 1)
+    assert empty.total_ms == pytest.approx(0.5 + 0.25 + 2 * 1.0)
+    # a monotone table gives a prediction monotone in every width
+    totals = [predict_latency(profile, [BlockWidths(3, 8, m), FULL], 1).total_ms for m in range(0, 49)]
+    assert all(a <= b for a, b in zip(totals[1:], totals[2:]))
+    with pytest.raises(UsageError, match="batch sizes"):
+        predict_latency(profile, [FULL, FULL], 32)
+
+
+def test_check_fits_refuses_models_the_table_does_not_describe():
+    profile = synthetic_profile()
+    spec = ModelSpec(TINY_VIT, dict(TINY_VIT_KWARGS), "vit", (FULL, BlockWidths(1, 8, 10)), {}, 10)
+    check_fits(profile, spec)
+    with pytest.raises(IncompatibleArtifactError, match="measured for"):
+        check_fits(profile, replace(spec, kwargs={**TINY_VIT_KWARGS, "img_size": 16}))
+    with pytest.raises(IncompatibleArtifactError, match="blocks"):
+        check_fits(profile, replace(spec, blocks=(FULL,) * 3))
+    with pytest.raises(IncompatibleArtifactError, match="up to 48"):
+        check_fits(profile, replace(spec, blocks=(FULL, BlockWidths(3, 8, 60))))
+    with pytest.raises(NotImplementedStageError, match="merges tokens"):
+        check_fits(profile, replace(spec, token_merging=TokenMerging("bipartite", (1, 1))))
+
+
+def test_measured_table_grows_with_width_and_predicts_the_whole_model(tmp_path, tapvits):
+    """On a ViT wide enough that the widths, not per-call overheads, set the time: the largest
+    widths cost more than the smallest, and the unpruned model's predicted latency is within a
+    factor of 2 of its measured one (both medians on one thread; a loose bound, not luck)."""
+    from tapvits_cli.artifacts.model import load_model
+    from tapvits_cli.evaluation import measure_latency
+    from tapvits_cli.latency.measure import measure_profile
+
+    kwargs = {**TINY_VIT_KWARGS, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 8.0}
+    path = tmp_path / "wide.safetensors"
+    assert tapvits("create-model", TINY_VIT, *model_args(kwargs), "-o", path).exit_code == 0
+    model, spec, _ = load_model(path)
+    profile = measure_profile(spec, (64,), mlp_widths=(1, 256, 512), repeats=5, warmup=1, threads=1)
+    assert profile.attn.median_ms[-1, 0] > profile.attn.median_ms[0, 0]
+    assert profile.mlp.median_ms[-1, 0] > 2 * profile.mlp.median_ms[0, 0]
+    predicted = predict_latency(profile, spec.blocks, 64).total_ms
+    measured = measure_latency(model, (1, 8, 8), 64, 2, 9, "cpu")["median_ms"]
+    assert 0.5 < predicted / measured < 2.0, (predicted, measured)
+
+
+def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_path, tapvits):
+    """The fingerprint is the architecture's, not the pruned widths: the table covers every plan."""
+    from tapvits_cli.artifacts.model import load_model, write_model
+    from tapvits_cli.models.factory import describe_model
+    from tapvits_cli.pruning import prune_model
+
+    model, spec, _ = load_model(tiny_model_file)
+    pruned = prune_model(model, {"attn": [[0, 2], []], "mlp": [list(range(10)), list(range(30))]})
+    pruned_spec = describe_model(pruned, spec.architecture, spec.kwargs)
+    pruned_file = tmp_path / "pruned.safetensors"
+    write_model(pruned_file, pruned, pruned_spec, params={"seed": 0})
+    out = tmp_path / "p.json"
+    assert tapvits("profile", pruned_file, "-o", out, *PROFILE_ARGS).exit_code == 0
+    profile = read_profile(out)
+    assert profile.blocks == (FULL, FULL) and profile.attn.widths == (1, 2, 3)
+    check_fits(profile, pruned_spec)
+    prediction = predict_latency(profile, pruned_spec.blocks, 4)
+    assert prediction.attn_ms[1] == 0.0   # block 1 lost its attention
+    assert prediction.total_ms == pytest.approx(prediction.embed_ms + prediction.head_ms + prediction.blocks_ms.sum())
+
+
+def test_onnxruntime_runtime(tiny_model_file, tmp_path, tapvits):
+    out = tmp_path / "ort.json"
+    result = tapvits("profile", tiny_model_file, "-o", out, "--runtime", "onnxruntime", "--batch-sizes", "2",
+                     "--widths", "48", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    assert result.exit_code == 0, result.stderr
+    import onnxruntime
+
+    profile = read_profile(out)
+    assert (profile.runtime, profile.runtime_version) == ("onnxruntime", onnxruntime.__version__)
+    assert profile.mlp.widths == (48,) and profile.attn.widths == (1, 2, 3)
+
+
+def _rewrite(path, tmp_path, change) -> object:
+    document = json.loads(path.read_text())
+    change(document)
+    out = tmp_path / "broken.json"
+    out.write_text(json.dumps(document))
+    return out
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda d: d.pop("attn"), "'attn'"),
+    (lambda d: d.pop("hardware"), "'hardware'"),
+    (lambda d: d.update(batch_sizes=[4, 1]), "batch_sizes"),
+    (lambda d: d["mlp"].update(widths=[1, 48, 24]), "mlp.widths"),
+    (lambda d: d["attn"].update(widths=[1, 2, 4]), "architecture has 3"),
+    (lambda d: d["fixed"]["embed_ms"].__setitem__(0, -1.0), "fixed.embed_ms"),
+    (lambda d: d["fixed"]["head_ms"].__setitem__(1, float("nan")), "fixed.head_ms"),
+    (lambda d: d["attn"]["median_ms"][0].__setitem__(0, float("inf")), "attn.median_ms"),
+    (lambda d: d["mlp"]["median_ms"].pop(), "mlp.median_ms"),
+    (lambda d: d["fixed"].update(block_ms=[1.0]), "fixed.block_ms"),
+    (lambda d: d["runtime"].update(threads=True), "runtime.threads"),
+    (lambda d: d["runtime"].update(name="tensorrt"), "runtime.name"),
+    (lambda d: d.update(tokens=0), "tokens"),
+    (lambda d: d["model"]["blocks"][0].update(heads="3"), "model.blocks[0]"),
+])
+def test_corrupt_profiles_are_rejected(profile_file, tmp_path, tapvits, change, needle):
+    broken = _rewrite(profile_file, tmp_path, change)
+    for command in ("validate", "inspect"):
+        result = tapvits(command, broken)
+        assert_one_line_failure(result, ExitCode.INVALID_ARTIFACT)
+        assert needle in result.stderr, result.stderr
+
+
+def test_truncated_and_newer_profiles(profile_file, tmp_path, tapvits):
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(profile_file.read_bytes()[:200])
+    assert_one_line_failure(tapvits("validate", cut), ExitCode.INVALID_ARTIFACT)
+    newer = _rewrite(profile_file, tmp_path, lambda d: d.update({"tapvits.version": "2"}))
+    assert_one_line_failure(tapvits("inspect", newer), ExitCode.INCOMPATIBLE)
+
+
+def test_cli_errors_are_one_line_with_documented_codes(tiny_model_file, profile_file, tmp_path, tapvits):
+    out = tmp_path / "x.json"
+    for args, code, needle in [
+        (("--batch-sizes", "0,1"), ExitCode.USAGE, "--batch-sizes"),
+        (("--widths", "1,96"), ExitCode.USAGE, "1..48"),
+        (("--repeats", "0"), ExitCode.USAGE, "--repeats"),
+    ]:
+        result = tapvits("profile", tiny_model_file, "-o", out, *args)
+        assert_one_line_failure(result, code)
+        assert needle in result.stderr and not out.exists()
+    result = tapvits("profile", profile_file, "-o", out)   # a profile is not a model
+    assert_one_line_failure(result, ExitCode.INCOMPATIBLE)
+    assert_one_line_failure(tapvits("profile", tiny_model_file, "-o", tiny_model_file), ExitCode.USAGE)
+
+
+def test_swin_is_not_supported_yet(tmp_path, tapvits):
+    swin = tmp_path / "swin.safetensors"
+    kwargs = {"img_size": 32, "patch_size": 2, "window_size": 4, "embed_dim": 24, "depths": [2, 2],
+              "num_heads": [2, 4], "mlp_ratio": 2.0, "in_chans": 1, "num_classes": 10}
+    assert tapvits("create-model", "swin_tiny_patch4_window7_224", *model_args(kwargs), "-o", swin).exit_code == 0
+    result = tapvits("profile", swin, "-o", tmp_path / "p.json")
+    assert_one_line_failure(result, ExitCode.NOT_IMPLEMENTED)
+    assert "family 'swin'" in result.stderr and not (tmp_path / "p.json").exists()
