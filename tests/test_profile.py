@@ -12,7 +12,7 @@ from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
 from tapvits_cli.artifacts.profile import read_profile
 from tapvits_cli.errors import ExitCode, IncompatibleArtifactError, NotImplementedStageError, UsageError
 from tapvits_cli.latency.table import (BranchTable, LatencyProfile, check_fits, default_mlp_widths,
-                                       predict_latency)
+                                       predict_latency, predict_model)
 from tapvits_cli.models.spec import BlockWidths, ModelSpec, TokenMerging
 from tests.test_protocol_examples import assert_one_line_failure
 
@@ -151,7 +151,7 @@ def test_measured_table_grows_with_width_and_predicts_the_whole_model(tmp_path, 
 
 def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_path, tapvits):
     """The fingerprint is the architecture's, not the pruned widths: the table covers every plan."""
-    from tapvits_cli.artifacts.model import load_model, write_model
+    from tapvits_cli.artifacts.model import load_model, read_model_spec, write_model
     from tapvits_cli.models.factory import describe_model
     from tapvits_cli.pruning import prune_model
 
@@ -164,8 +164,7 @@ def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_
     assert tapvits("profile", pruned_file, "-o", out, *PROFILE_ARGS).exit_code == 0
     profile = read_profile(out)
     assert profile.blocks == (FULL, FULL) and profile.attn.widths == (1, 2, 3)
-    check_fits(profile, pruned_spec)
-    prediction = predict_latency(profile, pruned_spec.blocks, 4)
+    prediction = predict_model(read_profile(out), read_model_spec(pruned_file)[1], 4)
     assert prediction.attn_ms[1] == 0.0   # block 1 lost its attention
     assert prediction.total_ms == pytest.approx(prediction.embed_ms + prediction.head_ms + prediction.blocks_ms.sum())
 

@@ -5,6 +5,7 @@ blocks with torch or onnxruntime (``tapvits profile``).
 """
 
 from tapvits_cli.latency.table import (BranchTable, LatencyPrediction, LatencyProfile, check_fits, model_fingerprint,
-                                       predict_latency)
+                                       predict_latency, predict_model)
 
-__all__ = ["BranchTable", "LatencyPrediction", "LatencyProfile", "check_fits", "model_fingerprint", "predict_latency"]
+__all__ = ["BranchTable", "LatencyPrediction", "LatencyProfile", "check_fits", "model_fingerprint", "predict_latency",
+           "predict_model"]

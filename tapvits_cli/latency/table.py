@@ -155,6 +155,14 @@ def predict_latency(profile: LatencyProfile, blocks: Sequence[BlockWidths], batc
                              embed_ms=embed, head_ms=head, blocks_ms=per_block, attn_ms=attn, mlp_ms=mlp)
 
 
+def predict_model(profile: LatencyProfile, spec: ModelSpec, batch_size: int,
+                  source: str = "the model") -> LatencyPrediction:
+    """The latency of the model ``spec`` describes (a pruned artifact's ``model.blocks`` included) on the
+    profiled device, after :func:`check_fits` refused what the table does not describe."""
+    check_fits(profile, spec, source)
+    return predict_latency(profile, spec.blocks, batch_size)
+
+
 def default_mlp_widths(hidden: int, points: int = 8) -> tuple[int, ...]:
     """One neuron, then ``points`` evenly spaced widths up to ``hidden``: every width pruning can leave lies
     between two measured ones (or is one)."""
