@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
@@ -147,7 +147,9 @@ def check_readers(kind: str, bad: Path, files: dict[str, Path], work: Path, read
         shutil.rmtree(out_dir)
     assert {path: _digest(path) for path in inputs} == before, f"a reader changed its input ({kind})"
     if codes.get("validate", 0) != 0:
-        passed = [name for name, code in codes.items() if code == 0]
+        # inspect shows what a file claims after the cheap checks only (a feature table's rows
+        # are not hashed to print its header): it must fail cleanly, but need not refuse
+        passed = [name for name, code in codes.items() if code == 0 and name != "inspect"]
         assert not passed, f"validate refuses the mutated {kind} (exit {codes['validate']}) but {passed} accept it"
     return codes
 
@@ -214,9 +216,17 @@ def write_nan(path: Path, pick: int) -> str:
             values.flat[pick % values.size] = np.nan
             dataset[()] = values
         return name
+    if data[:1] == b"{":   # a JSON artifact: one number of the body becomes NaN (Python's json writes it)
+        document = json.loads(data)
+        numbers = [p for p in _json_paths(document) if isinstance(_get(document, p), float)]
+        path_ = numbers[pick % len(numbers)]
+        path.write_text(json.dumps(_replace_at(document, path_, float("nan"))))
+        return str(list(path_))
     header, payload = _safetensors_split(data)
     floats = sorted(n for n, e in header.items() if n != "__metadata__" and e["dtype"] in ("F32", "F64")
                     and e["data_offsets"][1] > e["data_offsets"][0])
+    if not floats:
+        return "nothing (no float tensor)"   # a plan holds indices only
     name = floats[pick % len(floats)]
     start, end = header[name]["data_offsets"]
     width = 4 if header[name]["dtype"] == "F32" else 8
@@ -247,6 +257,16 @@ def _retype(value: str):
     return json.dumps(str(parsed))
 
 
+def _structured(value):
+    """A metadata value's JSON object or list (parsed from its string), else None."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, (dict, list)) else None
+
+
 def _json_paths(value, prefix=()):
     """Every path into a JSON value (keys and indices), the value's own first."""
     yield prefix
@@ -256,6 +276,12 @@ def _json_paths(value, prefix=()):
     elif isinstance(value, list):
         for index, item in enumerate(value[:8]):
             yield from _json_paths(item, (*prefix, index))
+
+
+def _get(value, path):
+    for step in path:
+        value = value[step]
+    return value
 
 
 def _replace_at(value, path, new):
@@ -305,10 +331,9 @@ def mutate(source: Path, target: Path, mutation: tuple) -> str:
         write_metadata(target, {key: _retype(metadata[key])})
         return f"{key} retyped"
     # nested: replace one member inside a JSON-valued key (or inside a JSON artifact's body)
-    jsonish = sorted(k for k in metadata if isinstance(metadata[k], (dict, list))
-                     or (isinstance(metadata[k], str) and metadata[k][:1] in "{["))
+    jsonish = sorted(k for k in metadata if _structured(metadata[k]) is not None)
     key = jsonish[args[0] % len(jsonish)]
-    value = metadata[key] if not isinstance(metadata[key], str) else json.loads(metadata[key])
+    value = _structured(metadata[key])
     paths = list(_json_paths(value))
     path = paths[args[1] % len(paths)]
     new = _replace_at(value, path, args[2])
@@ -317,8 +342,9 @@ def mutate(source: Path, target: Path, mutation: tuple) -> str:
 
 
 def _kind_test(kind: str, examples: int):
+    # no shrinking: a failure reports the mutation it was found with, and CI's time stays bounded
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
+              phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
     @given(mutation=MUTATIONS)
     def test(chain, tmp_path_factory, mutation):
         work = tmp_path_factory.mktemp(f"mutated-{kind}")

@@ -278,20 +278,32 @@ class FeatureTable:
         """``(ids int64 (n,), features float32 (n, dim), labels int64 (n,))`` over consecutive
         row ranges of ``chunk_rows`` rows (the last may be shorter), in table order.
 
-        The rows are hashed on the way: after the last chunk, a table whose features do not
-        match ``features.features_sha256`` raises, so a consumer that reads the whole table
-        before writing (``select``) never writes from corrupted rows.
+        The rows are checked on the way, by the rules ``validate`` applies (it reads the
+        table through here too): ids strictly increasing, labels in range, features finite;
+        and hashed: after the last chunk, a table whose features do not match
+        ``features.features_sha256`` raises, so a consumer that reads the whole table before
+        writing (``select``) never writes from corrupted rows.
         """
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         group = self._group()
         ids, features, labels = group["ids"], group["features"], group["labels"]
-        digest = hashlib.sha256()
+        classes = self.dataset.get("num_classes")
+        classes = classes if isinstance(classes, int) else np.iinfo(np.int64).max
+        digest, previous = hashlib.sha256(), -1
         for start in range(0, self.rows, chunk_rows):
             stop = min(start + chunk_rows, self.rows)
-            rows = features[start:stop]
+            chunk_ids, rows, chunk_labels = ids[start:stop], features[start:stop], labels[start:stop]
+            if chunk_ids[0] <= previous or (np.diff(chunk_ids) <= 0).any():
+                raise InvalidArtifactError(f"{self.artifact.path}: ids must be unique and increasing")
+            previous = chunk_ids[-1]
+            if chunk_labels.min() < 0 or chunk_labels.max() >= classes:
+                raise InvalidArtifactError(f"{self.artifact.path}: labels must lie in 0..num_classes-1 of "
+                                           "features.dataset")
+            if not np.isfinite(rows).all():
+                raise InvalidArtifactError(f"{self.artifact.path}: features contain NaN or infinity")
             digest.update(np.ascontiguousarray(rows, dtype="<f4").tobytes())
-            yield ids[start:stop], rows, labels[start:stop]
+            yield chunk_ids, rows, chunk_labels
         if self.features_sha256 is not None and digest.hexdigest() != self.features_sha256:
             raise InvalidArtifactError(f"{self.artifact.path}: features do not match features.features_sha256 "
                                        "(corrupted)")
@@ -365,19 +377,10 @@ def _check_group(handle, path: Path, rows: int, dim: int) -> None:
 
 
 def _validate(artifact: ArtifactFile) -> None:
-    """Structure, then one streamed pass: ids strictly increasing, labels in range, features finite."""
+    """Structure, then one streamed pass with the row rules every reader applies (:meth:`FeatureTable.iter_chunks`)."""
     with _structure(artifact) as table:
-        classes = table.dataset.get("num_classes")
-        classes = classes if isinstance(classes, int) else np.iinfo(np.int64).max
-        previous = -1
-        for ids, features, labels in table.iter_chunks(max(1, VALIDATE_CHUNK_BYTES // (4 * table.dim))):
-            if ids[0] <= previous or (np.diff(ids) <= 0).any():
-                raise InvalidArtifactError(f"{artifact.path}: ids must be unique and increasing")
-            previous = ids[-1]
-            if labels.min() < 0 or labels.max() >= classes:
-                raise InvalidArtifactError(f"{artifact.path}: labels must lie in 0..num_classes-1 of features.dataset")
-            if not np.isfinite(features).all():
-                raise InvalidArtifactError(f"{artifact.path}: features contain NaN or infinity")
+        for _ in table.iter_chunks(max(1, VALIDATE_CHUNK_BYTES // (4 * table.dim))):
+            pass
 
 
 def _summarize(artifact: ArtifactFile) -> Summary:

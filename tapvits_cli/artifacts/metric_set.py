@@ -124,8 +124,11 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
         if f"{KIND}.{key}" not in artifact.metadata:
             raise artifact.fail(f"required key '{KIND}.{key}' is missing")
     pool = artifact.json_field(f"{KIND}.pool")
-    if not isinstance(pool, dict) or not set(_POOL_KEYS) <= set(pool):
-        raise artifact.fail(f"'{KIND}.pool' must be a JSON object with {', '.join(_POOL_KEYS)}")
+    if not isinstance(pool, dict) or not set(_POOL_KEYS) <= set(pool) or not isinstance(pool["reference"], str) \
+            or not isinstance(pool["fingerprint"], str) or not isinstance(pool["samples"], int) \
+            or isinstance(pool["samples"], bool):
+        raise artifact.fail(f"'{KIND}.pool' must be a JSON object with a reference and a fingerprint (strings) "
+                            "and samples (an integer)")
     with h5py.File(artifact.path, "r") as handle:
         group = handle.get(GROUP)
         if not isinstance(group, h5py.Group):
@@ -228,6 +231,7 @@ def _validate(artifact: ArtifactFile) -> None:
 
 def _summarize(artifact: ArtifactFile) -> Summary:
     metric_set = _parse(artifact)
+    _check(metric_set)   # cheap (the columns are small), and the tables below need a consistent set
     metric, finetune = metric_set.log_likelihood[: metric_set.metric_size], metric_set.log_likelihood
     figures = {
         "strategy": metric_set.strategy,

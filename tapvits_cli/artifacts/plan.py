@@ -91,9 +91,11 @@ def write_plan(path: str | os.PathLike, keep: Mapping[tuple[int, str], Any], str
 
 
 def read_plan(path: str | os.PathLike) -> Plan:
-    """Read and check a plan (the structural rules of protocol/plan.md)."""
+    """Read and check a plan: every rule of protocol/plan.md, the same as ``validate``."""
     artifact = read_artifact(path, expect=KIND)
-    return _parse(artifact, load_safetensors(artifact))
+    plan = _parse(artifact, load_safetensors(artifact))
+    _check_costs(plan)
+    return plan
 
 
 def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
@@ -104,13 +106,14 @@ def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
         raise fail(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
     budget = artifact.json_field(f"{KIND}.budget")
     if not isinstance(budget, dict) or budget.get("kind") not in BUDGET_KINDS \
-            or not isinstance(budget.get("value"), (int, float)) or not 0 < budget["value"] <= 1:
+            or not _number(budget.get("value")) or not 0 < budget["value"] <= 1:
         raise fail(f"'{KIND}.budget' must be {{\"kind\": params|macs, \"value\": a fraction in (0, 1]}}")
     achieved, base = artifact.json_field(f"{KIND}.achieved"), artifact.json_field(f"{KIND}.base")
-    if not isinstance(achieved, dict) or not all(isinstance(achieved.get(k), (int, float)) for k in
+    if not isinstance(achieved, dict) or not all(_number(achieved.get(k)) for k in
                                                  ("params", "params_fraction", "macs", "macs_fraction")):
         raise fail(f"'{KIND}.achieved' must hold params, params_fraction, macs and macs_fraction")
-    if not isinstance(base, dict) or not all(isinstance(base.get(k), int) and base[k] > 0 for k in ("params", "macs")):
+    if not isinstance(base, dict) or not all(isinstance(base.get(k), int) and not isinstance(base[k], bool)
+                                             and base[k] > 0 for k in ("params", "macs")):
         raise fail(f"'{KIND}.base' must hold positive integer params and macs")
     model = artifact.json_field(f"{KIND}.model")
     blocks = record_spec(model, source).blocks
@@ -131,11 +134,23 @@ def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
                 base=base, model=model, scores_sha256=artifact.metadata[f"{KIND}.scores_sha256"], artifact=artifact)
 
 
+def _number(value: Any) -> bool:
+    """A finite JSON number (a boolean is not one)."""
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _validate(artifact: ArtifactFile) -> None:
     """Structure, then the recorded costs against the base architecture's own accounting."""
+    _check_costs(_parse(artifact, load_safetensors(artifact)))
+
+
+def _check_costs(plan: Plan) -> None:
+    """The recorded parameters and MACs must be what the kept units cost (the base built on ``meta``)."""
     from tapvits_cli.models.factory import cost_model
 
-    plan = _parse(artifact, load_safetensors(artifact))
+    artifact = plan.artifact
     cost = cost_model(plan.base_spec, source=str(artifact.path))
     counts = [len(plan.keep[layer.kind][layer.block]) for layer in cost.layers]
     expected = {"params": cost.params(counts), "macs": cost.macs(counts)}

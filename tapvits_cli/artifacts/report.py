@@ -99,7 +99,7 @@ def _validate(artifact: ArtifactFile) -> None:
 
 
 def _summarize(artifact: ArtifactFile) -> Summary:
-    body = read_json_body(artifact)
+    body = _checked_body(artifact)   # cheap, and a broken body would break the tables below
     figures = {key: body.get(key) for key in ("dataset", "samples", "top1", "top5", "top5_k", "loss",
                                                "parameters", "macs")}
     figures["model"] = body.get("model")
