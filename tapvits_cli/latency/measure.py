@@ -105,8 +105,9 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
         torch.set_num_threads(previous_threads)
 
 
-def _measure(spec, arch, batch_sizes, runtime, device, tokens, grid, repeats, warmup, threads, cpu, gpu, seed,
-             on_progress) -> LatencyProfile:
+def _measure(spec: ModelSpec, arch: Architecture, batch_sizes: tuple[int, ...], runtime: str, device: str, tokens: int,
+             grid: tuple[int, ...], repeats: int, warmup: int, threads: int, cpu: str, gpu: str | None, seed: int,
+             on_progress: Callable[[int], None]) -> LatencyProfile:
     """The timing itself, once the options are checked (see :func:`measure_profile`)."""
     import torch
 
