@@ -1,8 +1,9 @@
 """Files that are not tapvits artifacts: weights from timm/PyTorch checkpoints, exports for other runtimes.
 
 Nothing is unpickled: torch files load with ``weights_only=True``, which refuses
-arbitrary objects. Common checkpoint wrappers (``state_dict``, ``model``,
-``module.`` prefixes from DataParallel) are unwrapped.
+arbitrary objects. Common checkpoint wrappers are unwrapped in every format: a
+torch file's nesting (``state_dict``, ``model``...) here, and the name prefixes that
+training wrappers add (``module.``, ``model.``...) by ``models.checkpoints``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
 
 
 def read_weights_file(path: str | os.PathLike) -> dict:
-    """A flat ``name -> tensor`` dict from a safetensors file or a torch checkpoint."""
+    """A flat ``name -> tensor`` dict from a safetensors file or a torch checkpoint, wrapper prefixes removed."""
     import torch
+
+    from tapvits_cli.models.checkpoints import strip_wrapper_prefixes
 
     file = Path(path)
     if not file.is_file():
@@ -31,20 +34,21 @@ def read_weights_file(path: str | os.PathLike) -> dict:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(file))
+            return strip_wrapper_prefixes(load_file(str(file)))
         except Exception as exc:
             raise InvalidArtifactError(f"{file}: unreadable safetensors weights ({exc})") from None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InvalidArtifactError(f"{file}: not a safetensors file nor a weights-only torch checkpoint ({exc})") from None
-    for key in _WRAPPER_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    while isinstance(state, dict):   # {"model": {"state_dict": {...}}} unwraps to the inner dict
+        key = next((k for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        if key is None:
             break
+        state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InvalidArtifactError(f"{file}: checkpoint does not hold a flat dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return strip_wrapper_prefixes(state)
 
 
 def packaged_file(package: str, relative: str, install_hint: str) -> Path:

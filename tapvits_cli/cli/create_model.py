@@ -46,8 +46,12 @@ def _finite(value) -> bool:
 @click.option("-a", "--arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="timm keyword argument, repeatable: -a img_size=28 -a patch_size=4 -a in_chans=1 -a num_classes=10.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
-              help="Initial weights: a safetensors file or a torch checkpoint (loaded with weights_only=True).")
-@click.option("--pretrained", is_flag=True, help="Download timm's pretrained weights (needs the internet).")
+              help="Your own weights: a safetensors file or a torch checkpoint (loaded with weights_only=True), "
+                   "in timm's names or a Hugging Face transformers ViT/DeiT/Swin checkpoint's. A classifier for "
+                   "another class count is replaced, a position embedding for another image size resampled.")
+@click.option("--pretrained", is_flag=True,
+              help="timm's pretrained weights: from the local Hugging Face hub cache, else downloaded "
+                   "(HF_HUB_OFFLINE=1: the cache only).")
 @click.option("--class-names", help="Comma-separated class names, one per output class.")
 @global_options
 def command(architecture: str, output: str, model_args: tuple[str, ...], weights: str | None,
@@ -57,14 +61,25 @@ def command(architecture: str, output: str, model_args: tuple[str, ...], weights
     Without --weights or --pretrained the weights are a seeded random initialisation,
     which is how offline benchmarks start a base model before `finetune` trains it.
 
-    Example: tapvits create-model vit_tiny_patch16_224 -a img_size=28 -a patch_size=4
+    With --weights the checkpoint's layout is recognised from its tensor names (timm,
+    transformers ViT/DeiT, transformers Swin) and wrapper prefixes (module., model.)
+    are removed. The -a keyword arguments describe the model to create: with
+    -a num_classes=N the checkpoint's classifier is replaced by a fresh one when its
+    class count differs, with -a img_size=S its absolute position embedding is
+    resampled to the new token grid (timm's rules for both); every other tensor must fit.
+
+    Examples: tapvits create-model vit_tiny_patch16_224 -a img_size=28 -a patch_size=4
     -a in_chans=1 -a num_classes=10 -o base.safetensors
+
+    tapvits create-model deit_tiny_patch16_224 --weights deit_tiny.pth -a num_classes=10
+    -a img_size=112 -o deit10.safetensors
     """
     from tapvits_cli.artifacts.external import read_weights_file
     from tapvits_cli.artifacts.files import sha256_file
     from tapvits_cli.artifacts.header import LineageEntry
     from tapvits_cli.artifacts.model import write_model
-    from tapvits_cli.models.factory import count_parameters, create_model, describe_model, load_foreign_weights
+    from tapvits_cli.models.checkpoints import import_checkpoint
+    from tapvits_cli.models.factory import count_parameters, create_model, describe_model
     from tapvits_cli.runtime import seed_everything
 
     if weights and pretrained:
@@ -72,9 +87,13 @@ def command(architecture: str, output: str, model_args: tuple[str, ...], weights
     kwargs = parse_model_args(model_args)
     seed_everything(CURRENT.seed)
     model = create_model(architecture, kwargs, pretrained=pretrained)
-    inputs = {}
+    inputs, imported = {}, {}
     if weights:
-        load_foreign_weights(model, read_weights_file(weights), f"{weights} ({architecture} {kwargs or ''})")
+        layout, notes = import_checkpoint(model, read_weights_file(weights), f"{weights} ({architecture} {kwargs or ''})")
+        log(f"{click.format_filename(weights, shorten=True)}: {layout} layout", level=1)
+        for note in notes:
+            log(note)
+        imported = {"weights_layout": layout, "adapted": notes}
         inputs["weights"] = LineageEntry(sha256_file(weights), "file", click.format_filename(weights, shorten=True))
     names = [n.strip() for n in class_names.split(",")] if class_names else None
     spec = describe_model(model, architecture, kwargs, names)
@@ -82,4 +101,4 @@ def command(architecture: str, output: str, model_args: tuple[str, ...], weights
     path = write_model(output, model, spec, params, inputs)
     parameters = count_parameters(model)
     log(f"{architecture}: {parameters:,} parameters, family {spec.family}, {len(spec.blocks)} blocks", level=1)
-    emit({"output": str(path), "kind": "model", "parameters": parameters, "family": spec.family}, str(path))
+    emit({"output": str(path), "kind": "model", "parameters": parameters, "family": spec.family, **imported}, str(path))

@@ -25,13 +25,77 @@ def create_model(architecture: str, kwargs: Mapping[str, Any] | None = None, pre
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise UsageError(f"unknown timm architecture '{architecture}'{hint}")
     try:
-        return timm.create_model(architecture, pretrained=pretrained, **dict(kwargs or {}))
+        if pretrained:
+            return _create_pretrained(architecture, dict(kwargs or {}))
+        return timm.create_model(architecture, **dict(kwargs or {}))
     except TypeError as exc:
         raise UsageError(f"bad keyword arguments for {architecture}: {exc}") from None
-    except (OSError, RuntimeError) as exc:
-        if pretrained:
-            raise DataUnavailableError(f"cannot download pretrained weights for {architecture} ({exc})") from None
-        raise
+
+
+def _create_pretrained(architecture: str, kwargs: dict):
+    """timm's pretrained weights from the local hub cache first, downloaded only when the hub answers.
+
+    huggingface_hub asks the hub before it looks in its cache and retries an unreachable
+    hub (ten attempts, over a minute, before timm gives up). So: the cache alone first
+    (hub offline mode for that one call); with ``HF_HUB_OFFLINE`` set that is all; else
+    one TCP connection to the hub decides, in seconds, between a download and exit 8.
+    """
+    import timm
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        with _hub_offline(constants):
+            return timm.create_model(architecture, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        cached_error = exc
+    where = f"the local hub cache ({constants.HF_HUB_CACHE})"
+    if offline:
+        raise DataUnavailableError(f"no pretrained weights for {architecture} in {where}, and HF_HUB_OFFLINE is "
+                                   f"set ({_first_line(cached_error)})")
+    host = _hub_host(constants.ENDPOINT)
+    if not _reachable(host):
+        raise DataUnavailableError(f"no pretrained weights for {architecture} in {where}, and {host[0]} cannot be "
+                                   "reached to download them (offline?)")
+    try:
+        return timm.create_model(architecture, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise DataUnavailableError(f"cannot download pretrained weights for {architecture} "
+                                   f"({_first_line(exc)})") from None
+
+
+@contextlib.contextmanager
+def _hub_offline(constants):
+    """huggingface_hub's offline mode (cache only, no request) for the calls inside, whatever the environment says."""
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_host(endpoint: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _reachable(host: tuple[str, int], timeout: float = 5.0) -> bool:
+    """One TCP connection (name lookup included): the cheapest evidence that a download can work."""
+    import socket
+
+    try:
+        socket.create_connection(host, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def describe_model(model, architecture: str, kwargs: Mapping[str, Any],
