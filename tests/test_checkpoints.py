@@ -268,3 +268,18 @@ def test_pretrained_from_the_hub_cache_needs_no_network(tmp_path, tapvits, monke
     result = tapvits("create-model", VIT[0], *model_args(VIT[1]), "--pretrained", "-o", tmp_path / "m.safetensors")
     assert result.exit_code == 0, result.stderr
     assert calls == [True]
+
+
+def test_transformers_deit_without_teacher_head_gets_a_fresh_distillation_head(tmp_path, tapvits):
+    """DeiTForImageClassification: ``classifier`` becomes ``head``; ``head_dist`` has nothing to come from."""
+    (arch, kwargs) = DEIT
+    source = source_model(arch, kwargs)
+    checkpoint = save(transformers_vit(source, base="deit.", heads=(("classifier", "head"),)),
+                      tmp_path / "model.safetensors")
+    out = tmp_path / "m.safetensors"
+    result = tapvits("--json", "create-model", arch, *model_args(kwargs), "--weights", checkpoint, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert [n.split(":")[0] for n in result.json()["adapted"]] == ["classifier head_dist reset"]
+    loaded = load_model(out)[0].state_dict()
+    assert torch.equal(loaded["head.weight"], source.head.weight)
+    assert not torch.equal(loaded["head_dist.weight"], source.head_dist.weight)

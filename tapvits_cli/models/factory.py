@@ -50,9 +50,10 @@ def _create_pretrained(architecture: str, kwargs: dict):
     except (OSError, RuntimeError, ValueError) as exc:
         cached_error = exc
     where = f"the local hub cache ({constants.HF_HUB_CACHE})"
-    if offline:
+    if offline:   # a cache miss says only that; any other failure (no weights exist for the name...) is told
+        detail = "" if isinstance(cached_error, FileNotFoundError) else f" ({_first_line(cached_error)})"
         raise DataUnavailableError(f"no pretrained weights for {architecture} in {where}, and HF_HUB_OFFLINE is "
-                                   f"set ({_first_line(cached_error)})")
+                                   f"set{detail}")
     host = _hub_host(constants.ENDPOINT)
     if not _reachable(host):
         raise DataUnavailableError(f"no pretrained weights for {architecture} in {where}, and {host[0]} cannot be "
