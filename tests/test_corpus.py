@@ -92,6 +92,7 @@ READERS = {
         "score": lambda f: ("score", BAD, "--metric-set", f["metric-set"], "--max-samples", "8",
                             "--no-layer-importance", "-o", OUT),
         "allocate": lambda f: ("allocate", f["scores"], "--budget", "0.7", "--model", BAD, "-o", OUT),
+        "features": lambda f: ("features", "digits:split=test:indices=0-15", "--extractor", BAD, "-o", OUT),
     },
     "features": {
         "select": lambda f: ("select", f["gmm"], "--pool", BAD, "--metric-size", "8", "--finetune-size", "16",
@@ -100,6 +101,7 @@ READERS = {
     "gmm": {
         "select": lambda f: ("select", BAD, "--pool", f["features"], "--metric-size", "8", "--finetune-size", "16",
                              "-o", OUT),
+        "audit-gmm": lambda f: ("audit-gmm", BAD, "--private", "digits:split=test:classes=0,1", "-e", f["model"]),
     },
     "metric-set": {
         "score": lambda f: ("score", f["model"], "--metric-set", BAD, "--max-samples", "8", "--no-layer-importance",
@@ -115,7 +117,7 @@ READERS = {
     },
     "report": {},
 }
-OUTPUT_NAMES = {"eval": "out.json", "export": "out.onnx", "select": "out.h5"}
+OUTPUT_NAMES = {"eval": "out.json", "export": "out.onnx", "select": "out.h5", "features": "out.h5"}
 
 
 def _digest(path: Path) -> str:
@@ -185,8 +187,8 @@ def write_metadata(path: Path, update: dict, remove=()) -> None:
         with h5py.File(path, "r+") as handle:
             for key in remove:
                 del handle.attrs[key]
-            for key, value in update.items():
-                handle.attrs[key] = value
+            for key, value in update.items():   # HDF5 strings cannot hold NUL: the nearest hostile text
+                handle.attrs[key] = value.replace("\x00", "\x01") if isinstance(value, str) else value
         return
     if data[:1] == b"{":
         document = json.loads(data)
@@ -300,7 +302,57 @@ MUTATIONS = st.one_of(
     st.tuples(st.just("retype"), st.integers(0, 2 ** 31)),
     st.tuples(st.just("nested"), st.integers(0, 2 ** 31), st.integers(0, 2 ** 31), st.sampled_from(HOSTILE_JSON)),
     st.tuples(st.just("nan"), st.integers(0, 2 ** 31)),
+    st.tuples(st.just("structure"), st.integers(0, 2 ** 31), st.sampled_from(["drop", "dtype", "shape", "attribute"]),
+              st.sampled_from([-1, 0, 10 ** 12, "x", 2.5])),
 )
+
+
+def write_structure(path: Path, pick: int, change: str, value) -> str:
+    """A tensor or HDF5 dataset dropped, retyped or reshaped (its bytes kept consistent), or a group attribute set."""
+    data = path.read_bytes()
+    if data.startswith(b"\x89HDF"):
+        with h5py.File(path, "r+") as handle:
+            datasets, attributes = [], []
+            handle.visititems(lambda n, o: datasets.append(n) if isinstance(o, h5py.Dataset) else None)
+            handle.visititems(lambda n, o: attributes.extend((n, a) for a in o.attrs))
+            if change == "attribute" and attributes:
+                name, attribute = sorted(attributes)[pick % len(attributes)]
+                handle[name].attrs[attribute] = value
+                return f"{name} attribute {attribute} = {value!r}"
+            name = sorted(datasets)[pick % len(datasets)]
+            values = handle[name][()]
+            del handle[name]
+            if change == "drop":
+                return f"{name} dropped"
+            if change == "dtype":
+                handle[name] = values.astype(np.float64 if values.dtype.kind in "iu" else np.int32)
+                return f"{name} retyped"
+            handle[name] = values.reshape(-1) if values.ndim > 1 else values.reshape(-1, 1)
+            return f"{name} reshaped"
+    if data[:1] == b"{":
+        return "nothing (JSON has no tensors)"
+    header, payload = _safetensors_split(data)
+    names = sorted(n for n in header if n != "__metadata__")
+    if not names:
+        return "nothing (no tensor)"
+    name = names[pick % len(names)]
+    entry = header[name]
+    if change == "drop":   # the entry and its bytes: later offsets move down
+        start, end = entry["data_offsets"]
+        del header[name]
+        for other in header.values():
+            if isinstance(other, dict) and "data_offsets" in other and other["data_offsets"][0] >= end:
+                other["data_offsets"] = [o - (end - start) for o in other["data_offsets"]]
+        payload = payload[:start] + payload[end:]
+    elif change == "dtype":
+        entry["dtype"] = {"F32": "I32", "I32": "F32", "F64": "I64", "I64": "F64"}.get(entry["dtype"], "U8")
+        if entry["dtype"] == "U8":
+            entry["shape"] = [entry["data_offsets"][1] - entry["data_offsets"][0]]
+    else:
+        numel = int(np.prod(entry["shape"], dtype=np.int64))
+        entry["shape"] = [numel] if len(entry["shape"]) != 1 else [numel, 1]
+    path.write_bytes(_safetensors_join(header, payload))
+    return f"tensor {name}: {change}"
 
 
 def mutate(source: Path, target: Path, mutation: tuple) -> str:
@@ -318,6 +370,8 @@ def mutate(source: Path, target: Path, mutation: tuple) -> str:
         return f"truncated to {length} bytes"
     if op == "nan":
         return f"NaN in {write_nan(target, args[0])}"
+    if op == "structure":
+        return write_structure(target, *args)
     metadata = read_metadata(source)
     keys = sorted(k for k in metadata if isinstance(metadata[k], str) or data[:1] != b"{" or k.startswith("tapvits."))
     key = keys[args[0] % len(keys)]

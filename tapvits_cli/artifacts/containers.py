@@ -8,12 +8,13 @@ kind-specific check runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sniff_format
 from tapvits_cli.artifacts.header import Header, compact_json
@@ -143,14 +144,38 @@ def load_safetensors(artifact: ArtifactFile, numpy: bool = False) -> dict[str, A
 
 # --- HDF5 ---------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def hdf5_reading(path: str | os.PathLike) -> Iterator[None]:
+    """Reads from an HDF5 artifact: what h5py raises on a damaged file becomes one invalid-artifact line.
+
+    A bit flip can surface anywhere in h5py (opening, iterating attributes, decoding a
+    chunk) as OSError, RuntimeError, KeyError or ValueError; all mean "corrupt" (exit 3),
+    except the system's own refusals (permission denied: exit 9).
+    """
+    from tapvits_cli.errors import TapvitsError, environment_failure
+
+    try:
+        yield
+    except TapvitsError:
+        raise
+    except OSError as exc:
+        refused = environment_failure(exc, f"reading {path}")
+        if refused is not None:
+            raise refused from None
+        raise InvalidArtifactError(f"{path}: unreadable HDF5 file, truncated or corrupt ({_first_line(exc)})") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidArtifactError(f"{path}: unreadable HDF5 file, truncated or corrupt ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _hdf5_attrs(path: Path) -> dict[str, str]:
     import h5py
 
-    try:
-        with h5py.File(path, "r") as handle:
-            return {k: _attr_string(v) for k, v in handle.attrs.items()}
-    except OSError as exc:
-        raise InvalidArtifactError(f"{path}: unreadable HDF5 file, truncated or corrupt ({exc})") from None
+    with hdf5_reading(path), h5py.File(path, "r") as handle:
+        return {k: _attr_string(v) for k, v in handle.attrs.items()}
 
 
 def _attr_string(value: Any) -> str:

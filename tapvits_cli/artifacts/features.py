@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from tapvits_cli.artifacts.containers import ArtifactFile, set_group_encoding
+from tapvits_cli.artifacts.containers import ArtifactFile, hdf5_reading, set_group_encoding
 from tapvits_cli.artifacts.files import atomic_write
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
@@ -286,6 +286,10 @@ class FeatureTable:
         """
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        with hdf5_reading(self.artifact.path):
+            yield from self._checked_chunks(chunk_rows)
+
+    def _checked_chunks(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         group = self._group()
         ids, features, labels = group["ids"], group["features"], group["labels"]
         classes = self.dataset.get("num_classes")
@@ -310,7 +314,8 @@ class FeatureTable:
 
     def labels(self) -> np.ndarray:
         """Every row's label (8 bytes a row: small next to the features)."""
-        return self._group()["labels"][:]
+        with hdf5_reading(self.artifact.path):
+            return self._group()["labels"][:]
 
 
 def open_feature_table(path: str | os.PathLike) -> FeatureTable:
@@ -344,12 +349,13 @@ def _structure(artifact: ArtifactFile) -> FeatureTable:
         raise InvalidArtifactError(f"{path}: features.dim is {dim}, the extractor's feature_dim {extractor.get('feature_dim')}")
     if not {"reference", "fingerprint", "samples"} <= set(dataset) or dataset["samples"] != rows:
         raise InvalidArtifactError(f"{path}: features.dataset needs reference, fingerprint and samples = features.rows")
-    handle = h5py.File(path, "r", rdcc_nbytes=CACHE_BYTES)
-    try:
-        _check_group(handle, path, rows, dim)
-    except BaseException:
-        handle.close()
-        raise
+    with hdf5_reading(path):
+        handle = h5py.File(path, "r", rdcc_nbytes=CACHE_BYTES)
+        try:
+            _check_group(handle, path, rows, dim)
+        except BaseException:
+            handle.close()
+            raise
     return FeatureTable(artifact, extractor, meta["extractor_sha256"], dataset, rows, dim, handle,
                         meta.get("features_sha256"))
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tapvits_cli.artifacts.containers import ArtifactFile, set_group_encoding, write_hdf5
+from tapvits_cli.artifacts.containers import ArtifactFile, hdf5_reading, set_group_encoding, write_hdf5
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import IncompatibleArtifactError
@@ -129,7 +129,7 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
             or isinstance(pool["samples"], bool):
         raise artifact.fail(f"'{KIND}.pool' must be a JSON object with a reference and a fingerprint (strings) "
                             "and samples (an integer)")
-    with h5py.File(artifact.path, "r") as handle:
+    with hdf5_reading(artifact.path), h5py.File(artifact.path, "r") as handle:
         group = handle.get(GROUP)
         if not isinstance(group, h5py.Group):
             raise artifact.fail(f"group '{GROUP}' is missing")
