@@ -283,3 +283,19 @@ def test_transformers_deit_without_teacher_head_gets_a_fresh_distillation_head(t
     loaded = load_model(out)[0].state_dict()
     assert torch.equal(loaded["head.weight"], source.head.weight)
     assert not torch.equal(loaded["head_dist.weight"], source.head_dist.weight)
+
+
+def test_rgb_weights_adapt_to_one_input_channel(tmp_path, tapvits):
+    """timm's adapt_input_conv sums the RGB filters: a grey image gives the features of its RGB copy."""
+    (arch, kwargs) = VIT
+    source = source_model(arch, kwargs)
+    checkpoint = save(source.state_dict(), tmp_path / "rgb.safetensors")
+    out = tmp_path / "grey.safetensors"
+    result = tapvits("--json", "create-model", arch, *model_args({**kwargs, "in_chans": 1}), "--weights", checkpoint,
+                     "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["adapted"] == ["patch_embed.proj adapted: 3 → 1 input channels"]
+    grey = load_model(out)[0]
+    assert torch.equal(grey.patch_embed.proj.weight, source.patch_embed.proj.weight.sum(dim=1, keepdim=True))
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(pre_logits(grey, x), pre_logits(source, x.repeat(1, 3, 1, 1)))

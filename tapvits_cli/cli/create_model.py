@@ -65,8 +65,9 @@ def command(architecture: str, output: str, model_args: tuple[str, ...], weights
     transformers ViT/DeiT, transformers Swin) and wrapper prefixes (module., model.)
     are removed. The -a keyword arguments describe the model to create: with
     -a num_classes=N the checkpoint's classifier is replaced by a fresh one when its
-    class count differs, with -a img_size=S its absolute position embedding is
-    resampled to the new token grid (timm's rules for both); every other tensor must fit.
+    class count differs, with -a in_chans=1 RGB filters are summed, with -a img_size=S
+    its absolute position embedding is resampled to the new token grid (timm's rules
+    for all three); every other tensor must fit.
 
     Examples: tapvits create-model vit_tiny_patch16_224 -a img_size=28 -a patch_size=4
     -a in_chans=1 -a num_classes=10 -o base.safetensors

@@ -17,8 +17,9 @@ of the stage where timm puts it at the start of the next one; everything else is
 
 Fitting to the target then uses timm's own rules: a classifier whose class count differs
 is discarded for the target's freshly initialised one (what timm's ``load_pretrained``
-does for ``num_classes``), and an absolute position embedding for another token grid is
-resampled with timm's ``resample_abs_pos_embed``.
+does for ``num_classes``), a first convolution for another channel count is adapted by
+timm's ``adapt_input_conv``, and an absolute position embedding for another token grid
+is resampled with timm's ``resample_abs_pos_embed``.
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def fit_to_model(state: Mapping[str, Any], model) -> tuple[dict[str, Any], list[
     A classifier that does not fit (another class count, or none in the checkpoint) is
     replaced by ``model``'s own freshly initialised one, and a classifier the headless
     model lacks is dropped: timm's ``load_pretrained`` rule for a different ``num_classes``.
+    A first convolution for another number of input channels (RGB weights for
+    ``in_chans=1``) is adapted by timm's ``adapt_input_conv`` (summed for one channel,
+    repeated and rescaled for more), also as ``load_pretrained`` does.
     An absolute ``pos_embed`` of the same width for another (square) grid is resampled to
     ``model.patch_embed.grid_size`` by timm's ``resample_abs_pos_embed``, prefix tokens
     (class, distillation) kept as they are. Anything else that does not fit is left for
@@ -185,6 +189,15 @@ def fit_to_model(state: Mapping[str, Any], model) -> tuple[dict[str, Any], list[
                     fitted[key] = expected[key].clone()
             notes.append(f"classifier {name} reset: {_classes(before)} → {_classes(expected.get(f'{name}.weight'))} "
                          "classes, freshly initialised")
+    for name in _input_convs(model):
+        weight, target = fitted.get(f"{name}.weight"), expected.get(f"{name}.weight")
+        if (weight is not None and target is not None and weight.ndim == 4 and target.ndim == 4
+                and weight.shape[1] != target.shape[1]
+                and (weight.shape[0], *weight.shape[2:]) == (target.shape[0], *target.shape[2:])):
+            from timm.models import adapt_input_conv
+
+            fitted[f"{name}.weight"] = adapt_input_conv(int(target.shape[1]), weight, base_chans=int(weight.shape[1]))
+            notes.append(f"{name} adapted: {weight.shape[1]} → {target.shape[1]} input channels")
     pos, target = fitted.get("pos_embed"), expected.get("pos_embed")
     if pos is not None and target is not None and tuple(pos.shape) != tuple(target.shape):
         resampled = _resample_pos_embed(pos, model, target)
@@ -193,6 +206,12 @@ def fit_to_model(state: Mapping[str, Any], model) -> tuple[dict[str, Any], list[
             notes.append(f"pos_embed resampled: {pos.shape[1]} → {target.shape[1]} tokens "
                          f"(grid {tuple(model.patch_embed.grid_size)})")
     return fitted, notes
+
+
+def _input_convs(model) -> tuple[str, ...]:
+    """timm's declared first convolutions of ``model`` (``pretrained_cfg['first_conv']``: ``patch_embed.proj``)."""
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or ()
+    return (declared,) if isinstance(declared, str) else tuple(declared)
 
 
 def _classes(weight) -> int:
