@@ -48,7 +48,8 @@ def _finite(value) -> bool:
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="Your own weights: a safetensors file or a torch checkpoint (loaded with weights_only=True), "
                    "in timm's names or a Hugging Face transformers ViT/DeiT/Swin checkpoint's. A classifier for "
-                   "another class count is replaced, a position embedding for another image size resampled.")
+                   "another class count is replaced, the first convolution adapted to in_chans, a position "
+                   "embedding for another image size resampled.")
 @click.option("--pretrained", is_flag=True,
               help="timm's pretrained weights: from the local Hugging Face hub cache, else downloaded "
                    "(HF_HUB_OFFLINE=1: the cache only).")
