@@ -37,7 +37,7 @@ _HF_PATCH = "embeddings.patch_embeddings.projection.weight"
 
 # (pattern on the name after the base-model prefix, timm name or None to drop). A name
 # with a ``qkv`` group is one third of timm's fused ``attn.qkv``.
-_Rule = tuple[str, "str | Callable[[re.Match], str] | None"]
+_Rule = tuple[str, str | Callable[[re.Match], str] | None]
 
 _VIT_RULES: tuple[_Rule, ...] = (
     (r"embeddings\.cls_token", "cls_token"),
@@ -155,14 +155,15 @@ def _rename(state: Mapping[str, Any], base: str, rules: tuple[_Rule, ...], heads
     return renamed
 
 
-def classifier_names(model) -> tuple[str, ...]:
-    """timm's declared classifier modules of ``model`` (``pretrained_cfg['classifier']``: ``head``, ``head.fc``...)."""
-    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+def declared_modules(model, role: str) -> tuple[str, ...]:
+    """The modules timm's ``pretrained_cfg`` declares for ``role``: ``classifier`` (``head``, ``head.fc``,
+    ``head_dist``...) or ``first_conv`` (``patch_embed.proj``); what timm's own loader adapts."""
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get(role) or ()
     return (declared,) if isinstance(declared, str) else tuple(declared)
 
 
 def fit_to_model(state: Mapping[str, Any], model) -> tuple[dict[str, Any], list[str]]:
-    """``state`` fitted to ``model``'s class count and token grid, and one note per change made.
+    """``state`` fitted to ``model``'s class count, input channels and token grid, and one note per change.
 
     A classifier that does not fit (another class count, or none in the checkpoint) is
     replaced by ``model``'s own freshly initialised one, and a classifier the headless
@@ -177,7 +178,7 @@ def fit_to_model(state: Mapping[str, Any], model) -> tuple[dict[str, Any], list[
     """
     expected = model.state_dict()
     fitted, notes = dict(state), []
-    for name in classifier_names(model):
+    for name in declared_modules(model, "classifier"):
         keys = [f"{name}.{p}" for p in ("weight", "bias") if f"{name}.{p}" in expected or f"{name}.{p}" in fitted]
         fits = all(k in expected and k in fitted and tuple(fitted[k].shape) == tuple(expected[k].shape)
                    for k in keys)
@@ -189,7 +190,7 @@ def fit_to_model(state: Mapping[str, Any], model) -> tuple[dict[str, Any], list[
                     fitted[key] = expected[key].clone()
             notes.append(f"classifier {name} reset: {_classes(before)} → {_classes(expected.get(f'{name}.weight'))} "
                          "classes, freshly initialised")
-    for name in _input_convs(model):
+    for name in declared_modules(model, "first_conv"):
         weight, target = fitted.get(f"{name}.weight"), expected.get(f"{name}.weight")
         if (weight is not None and target is not None and weight.ndim == 4 and target.ndim == 4
                 and weight.shape[1] != target.shape[1]
@@ -206,12 +207,6 @@ def fit_to_model(state: Mapping[str, Any], model) -> tuple[dict[str, Any], list[
             notes.append(f"pos_embed resampled: {pos.shape[1]} → {target.shape[1]} tokens "
                          f"(grid {tuple(model.patch_embed.grid_size)})")
     return fitted, notes
-
-
-def _input_convs(model) -> tuple[str, ...]:
-    """timm's declared first convolutions of ``model`` (``pretrained_cfg['first_conv']``: ``patch_embed.proj``)."""
-    declared = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or ()
-    return (declared,) if isinstance(declared, str) else tuple(declared)
 
 
 def _classes(weight) -> int:
