@@ -50,7 +50,7 @@ ARCHITECTURE = "vit_small_patch16_224"
 FULL = BlockWidths(heads=6, head_dim=64, mlp_hidden=1536)
 DEPTH = 12
 INPUT = (3, 224, 224)
-BATCHES = (1, 32)
+BATCHES = (1, 32)   # the default --batch-sizes
 
 
 def base_spec() -> ModelSpec:
@@ -95,8 +95,14 @@ def main() -> None:
     parser.add_argument("--repeats", default="7,3", help="timed runs per model and round at batch 1,32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sizes", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--name", default="profile_prediction", help="results file name (without extension)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: latency as a device sees it; cpu: the process's CPU time (with --threads 1), "
+                             "which a shared machine's scheduling does not inflate: the sum rule alone")
     args = parser.parse_args()
-    repeats = dict(zip(BATCHES, (int(v) for v in args.repeats.split(","))))
+    args.batches = tuple(sorted({int(v) for v in args.batch_sizes.split(",")}))
+    repeats = dict(zip(args.batches, (int(v) for v in args.repeats.split(","))))
     torch.set_num_threads(args.threads)
     started = time.time()
 
@@ -107,23 +113,42 @@ def main() -> None:
     plans = random_plans(args.models, args.seed)
     models = [build_model(replace(spec, blocks=plan), source="benchmark") for plan in plans]
     order_rng = np.random.default_rng(args.seed + 1)
-    profiles, measured = [], np.zeros((args.rounds, args.models, len(BATCHES)))
+    profiles, measured = [], np.zeros((args.rounds, args.models, len(args.batches)))
     for round_ in range(args.rounds):
-        profiles.append(measure_profile(spec, BATCHES, repeats=args.profile_repeats, warmup=1, threads=args.threads,
-                                        cpu=platform.processor(), seed=args.seed))
+        profiles.append(measure_profile(spec, args.batches, repeats=args.profile_repeats, warmup=1, threads=args.threads,
+                                        cpu=platform.processor(), seed=args.seed, clock=CLOCKS[args.clock]))
         log(f"round {round_ + 1}: profile done")
         for index in order_rng.permutation(args.models):
-            for column, batch in enumerate(BATCHES):   # a model's first round warms it up
-                measured[round_, index, column] = measure_latency(models[index], INPUT, batch, int(round_ == 0),
-                                                                  repeats[batch], "cpu")["median_ms"]
+            for column, batch in enumerate(args.batches):   # a model's first round warms it up
+                measured[round_, index, column] = model_latency(models[index], batch, int(round_ == 0),
+                                                                repeats[batch], args.clock)
         log(f"round {round_ + 1}: {args.models} models done")
         write(args, repeats, spec, plans, profiles, measured[:round_ + 1], started)   # partial results survive a stop
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def model_latency(model, batch: int, warmup: int, repeats: int, clock: str) -> float:
+    """Median ms of a whole model's forward passes: ``tapvits eval``'s own measurement on the wall clock,
+    the same loop on the process's CPU time otherwise."""
+    if clock == "wall":
+        return measure_latency(model, INPUT, batch, warmup, repeats, "cpu")["median_ms"]
+    images = torch.randn(batch, *INPUT, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for run in range(warmup + repeats):
+            start = time.process_time()
+            model(images)
+            if run >= warmup:
+                times.append((time.process_time() - start) * 1000.0)
+    return statistics.median(times)
 
 
 def compare(plans, profile, measured: np.ndarray) -> tuple[dict, list]:
     """Errors per batch size and one row per model and batch size; ``measured`` is (models, batch sizes)."""
     summary, rows = {}, []
-    for column, batch in enumerate(BATCHES):
+    for column, batch in enumerate(profile.batch_sizes):
         predicted = np.array([predict_latency(profile, plan, batch).total_ms for plan in plans])
         summary[str(batch)] = errors(predicted, measured[:, column])
         for index, plan in enumerate(plans):
@@ -139,7 +164,7 @@ def write(args, repeats, spec, plans, profiles, measured: np.ndarray, started: f
     """Median of rounds (the headline), the fastest round of each side, and each round alone."""
     summary, rows = compare(plans, combined_profile(profiles), np.median(measured, axis=0))
     fastest, _ = compare(plans, combined_profile(profiles, np.min), np.min(measured, axis=0))
-    per_round = {str(b): [] for b in BATCHES}
+    per_round = {str(b): [] for b in args.batches}
     for r, profile in enumerate(profiles):
         for batch, figures in compare(plans, profile, measured[r])[0].items():
             per_round[batch].append(figures)
@@ -147,23 +172,24 @@ def write(args, repeats, spec, plans, profiles, measured: np.ndarray, started: f
     result = {
         "architecture": ARCHITECTURE, "input": list(INPUT), "models": args.models, "rounds": len(profiles),
         "profile_repeats": args.profile_repeats, "repeats": {str(k): v for k, v in repeats.items()},
-        "threads": args.threads, "seed": args.seed, "torch": torch.__version__, "cpu": platform.processor(),
+        "threads": args.threads, "clock": args.clock, "seed": args.seed, "torch": torch.__version__, "cpu": platform.processor(),
         "cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": round(time.time() - started, 1),
         "targets": {"median": 0.10, "worst": 0.20}, "errors": summary, "errors_fastest": fastest,
         "errors_per_round": per_round,
-        "unpruned_predicted_ms": {str(b): predict_latency(profile, spec.blocks, b).total_ms for b in BATCHES},
+        "unpruned_predicted_ms": {str(b): predict_latency(profile, spec.blocks, b).total_ms for b in args.batches},
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "profile_prediction.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "profile_prediction.md").write_text(markdown(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(result: dict) -> str:
     lines = [f"# Profile prediction error: {result['models']} random pruned {result['architecture']} models, 224 px",
              "",
-             f"torch {result['torch']}, {result['threads']} threads on {result['cpus']} shared cores; "
+             f"torch {result['torch']}, {result['threads']} threads on {result['cpus']} shared cores, "
+             f"{'wall-clock latency' if result['clock'] == 'wall' else 'CPU time of the process'}; "
              f"{result['rounds']} interleaved rounds (profile with {result['profile_repeats']} timed rounds, then "
              f"every model); load average at the end {', '.join(f'{v:.1f}' for v in result['load_average'])}; "
              f"{result['seconds']:.0f} s.",

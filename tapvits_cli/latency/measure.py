@@ -72,13 +72,17 @@ def build_uniform(spec: ModelSpec, width: BlockWidths, device: str):
 def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = "torch", device: str = "cpu",
                     tokens: int | None = None, mlp_widths: Sequence[int] | None = None, repeats: int = 20,
                     warmup: int = 5, threads: int | None = None, cpu: str = "", gpu: str | None = None,
-                    seed: int = 0, on_progress: Callable[[int], None] = lambda n: None) -> LatencyProfile:
+                    seed: int = 0, on_progress: Callable[[int], None] = lambda n: None,
+                    clock: Callable[[], float] = time.perf_counter) -> LatencyProfile:
     """Time the blocks of ``spec``'s architecture at every head count and at ``mlp_widths`` (default: 1 and 8
     evenly spaced widths), plus the fixed parts, at each batch size; see the module docstring.
 
     ``tokens`` (default: the model's own count) sets the blocks' and the head's input; the
     patch embedding always runs on the model's own input size. ``threads`` sets torch's
-    (or onnxruntime's) intra-op threads. ``on_progress`` advances once per timed round.
+    (or onnxruntime's) intra-op threads. ``on_progress`` advances once per round.
+    ``clock`` is wall-clock time, what a device's latency is; ``time.process_time`` on one
+    thread (the CPU time spent, whatever else shares the cores) lets a benchmark test the
+    table's sum rule apart from a shared machine's scheduling.
     """
     import torch
 
@@ -100,14 +104,14 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
     torch.set_num_threads(threads)
     try:
         return _measure(spec, arch, batch_sizes, runtime, device, tokens, grid, repeats, warmup, threads, cpu, gpu,
-                        seed, on_progress)
+                        seed, on_progress, clock)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _measure(spec: ModelSpec, arch: Architecture, batch_sizes: tuple[int, ...], runtime: str, device: str, tokens: int,
              grid: tuple[int, ...], repeats: int, warmup: int, threads: int, cpu: str, gpu: str | None, seed: int,
-             on_progress: Callable[[int], None]) -> LatencyProfile:
+             on_progress: Callable[[int], None], clock: Callable[[], float]) -> LatencyProfile:
     """The timing itself, once the options are checked (see :func:`measure_profile`)."""
     import torch
 
@@ -128,7 +132,8 @@ def _measure(spec: ModelSpec, arch: Architecture, batch_sizes: tuple[int, ...], 
             stem, tail = _stem_and_tail(model)
             configs[("embed", 0)] = (stem, images, 1)
             configs[("head", 0)] = (tail, hidden, 1)
-    runners = {key: _runner(module, inputs, runtime, device, threads) for key, (module, inputs, _) in configs.items()}
+    runners = {key: _runner(module, inputs, runtime, device, threads, clock)
+               for key, (module, inputs, _) in configs.items()}
 
     times = {(key, b): [] for key in configs for b in batch_sizes}
     for round_ in range(warmup + repeats):
@@ -172,10 +177,11 @@ def _stem_and_tail(model):
     return Part(sequence.stem).eval(), Part(sequence.tail).eval()
 
 
-def _runner(module, inputs: dict, runtime: str, device: str, threads: int) -> Callable[[int], float]:
+def _runner(module, inputs: dict, runtime: str, device: str, threads: int,
+            clock: Callable[[], float]) -> Callable[[int], float]:
     """``run(batch) -> milliseconds`` of one forward pass of ``module`` on ``inputs[batch]``."""
     if runtime == "onnxruntime":
-        return _onnx_runner(module, inputs, threads)
+        return _onnx_runner(module, inputs, threads, clock)
     import torch
 
     module = module.to(device).eval()
@@ -186,16 +192,16 @@ def _runner(module, inputs: dict, runtime: str, device: str, threads: int) -> Ca
         with torch.inference_mode():
             if on_gpu:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             module(placed[batch])
             if on_gpu:
                 torch.cuda.synchronize()
-            return (time.perf_counter() - start) * 1000.0
+            return (clock() - start) * 1000.0
 
     return run
 
 
-def _onnx_runner(module, inputs: dict, threads: int) -> Callable[[int], float]:
+def _onnx_runner(module, inputs: dict, threads: int, clock: Callable[[], float]) -> Callable[[int], float]:
     """The module exported with torch's ONNX exporter (batch axis symbolic), run on onnxruntime's CPU provider."""
     import io
     import warnings
@@ -222,9 +228,9 @@ def _onnx_runner(module, inputs: dict, threads: int) -> Callable[[int], float]:
     arrays = {b: x.numpy() for b, x in inputs.items()}
 
     def run(batch: int) -> float:
-        start = time.perf_counter()
+        start = clock()
         session.run(None, {"x": arrays[batch]})
-        return (time.perf_counter() - start) * 1000.0
+        return (clock() - start) * 1000.0
 
     return run
 
