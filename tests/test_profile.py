@@ -121,24 +121,34 @@ def test_check_fits_refuses_models_the_table_does_not_describe():
 def test_measured_table_grows_with_width_and_predicts_the_whole_model(tmp_path, tapvits):
     """On a ViT wide enough that the widths, not per-call overheads, set the time: the largest
     widths cost more than the smallest, and the unpruned model's predicted latency is within a
-    factor of 2.5 of its measured one.
+    factor of 2 of its measured one.
 
-    The test machine is shared, and a neighbour's load can slow one measurement several-fold,
-    so profile and whole model are timed in alternating rounds and each keeps its fastest
-    round (entry by entry for the table): both see the same, least-disturbed machine."""
+    The test machine is shared, and a neighbour's load can stretch any wall-clock measurement
+    several-fold, so both sides count this process's CPU time on one thread (what the clock
+    option is for), in alternating rounds, each keeping its fastest round (entry by entry
+    for the table)."""
+    import time
+
+    import torch
+
     from tapvits_cli.artifacts.model import load_model
-    from tapvits_cli.evaluation import measure_latency
     from tapvits_cli.latency.measure import measure_profile
 
     kwargs = {**TINY_VIT_KWARGS, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 8.0}
     path = tmp_path / "wide.safetensors"
     assert tapvits("create-model", TINY_VIT, *model_args(kwargs), "-o", path).exit_code == 0
     model, spec, _ = load_model(path)
+    images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     profiles, measured = [], []
-    for round_ in range(5):
-        profiles.append(measure_profile(spec, (64,), mlp_widths=(1, 256, 512), repeats=1, warmup=int(round_ == 0),
-                                        threads=1))
-        measured.append(measure_latency(model, (1, 8, 8), 64, 1, 3, "cpu")["median_ms"])
+    with torch.inference_mode():
+        for round_ in range(4):
+            profiles.append(measure_profile(spec, (64,), mlp_widths=(1, 256, 512), repeats=1,
+                                            warmup=int(round_ == 0), threads=1, clock=time.process_time))
+            for run in range(4):
+                start = time.process_time()
+                model(images)
+                if run:
+                    measured.append((time.process_time() - start) * 1000.0)
     fastest = replace(profiles[0], **{name: (min(getattr(p, name)[0] for p in profiles),)
                                       for name in ("embed_ms", "head_ms", "block_ms")},
                       attn=BranchTable(profiles[0].attn.widths, np.min([p.attn.median_ms for p in profiles], axis=0)),
@@ -146,7 +156,7 @@ def test_measured_table_grows_with_width_and_predicts_the_whole_model(tmp_path, 
     assert fastest.attn.median_ms[-1, 0] > fastest.attn.median_ms[0, 0]
     assert fastest.mlp.median_ms[-1, 0] > 2 * fastest.mlp.median_ms[0, 0]
     predicted = predict_latency(fastest, spec.blocks, 64).total_ms
-    assert 0.4 < predicted / min(measured) < 2.5, (predicted, measured)
+    assert 0.5 < predicted / min(measured) < 2.0, (predicted, measured)
 
 
 def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_path, tapvits):
