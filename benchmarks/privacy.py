@@ -129,25 +129,31 @@ def main() -> None:
         if "error" in summary:
             rows.append({**row, "error": summary["error"]})
             print(f"{name}: {summary['error']}", file=sys.stderr)
-            continue
-        run_dir = Path(summary["run_dir"])
-        per_device = {}
-        for device, result in zip(devices, summary["devices"]):
-            per_device[device["name"]] = {"top1": result.get("top1"), "precision": result.get("metric_precision"),
-                                          **audit(run_dir, device), **gmm_figures(run_dir, device["name"])}
-        aucs = [d.get("membership_auc") for d in per_device.values()]
-        precisions = [d.get("precision") for d in per_device.values()]
-        epsilon = next(iter(per_device.values())).get("epsilon")
-        row.update(per_device=per_device, mean_top1=summary["mean"]["top1"], mean_precision=mean(precisions),
-                   worst_precision=min(p for p in precisions if p is not None),
-                   mean_auc=mean(aucs), worst_auc=max(a for a in aucs if a is not None),
-                   worst_distance_ratio=min(d.get("worst_distance_ratio", float("inf")) for d in per_device.values()),
-                   epsilon_label="–" if epsilon is None else ("∞ (10⁶)" if epsilon >= 1e6 else f"{epsilon:g}"),
-                   wall_seconds=time.perf_counter() - started)
-        rows.append(row)
-        print(f"{name}: top-1 {row['mean_top1']:.2%}, precision {row['mean_precision']:.1%}, "
-              f"AUC worst {row['worst_auc']:.3f}", file=sys.stderr)
+        else:
+            rows.append(measure(row, summary, devices, started))
+            print(f"{name}: top-1 {rows[-1]['mean_top1']:.2%}, precision {rows[-1]['mean_precision']:.1%}, "
+                  f"AUC worst {rows[-1]['worst_auc']:.3f}", file=sys.stderr)
+        write_results(rows, devices)   # after every configuration: an interrupted run still reports
 
+
+def measure(row: dict, summary: dict, devices: list[dict], started: float) -> dict:
+    run_dir = Path(summary["run_dir"])
+    per_device = {}
+    for device, result in zip(devices, summary["devices"]):
+        per_device[device["name"]] = {"top1": result.get("top1"), "precision": result.get("metric_precision"),
+                                      **audit(run_dir, device), **gmm_figures(run_dir, device["name"])}
+    aucs = [d.get("membership_auc") for d in per_device.values()]
+    precisions = [d.get("precision") for d in per_device.values()]
+    epsilon = next(iter(per_device.values())).get("epsilon")
+    return {**row, "per_device": per_device, "mean_top1": summary["mean"]["top1"], "mean_precision": mean(precisions),
+            "worst_precision": min(p for p in precisions if p is not None),
+            "mean_auc": mean(aucs), "worst_auc": max(a for a in aucs if a is not None),
+            "worst_distance_ratio": min(d.get("worst_distance_ratio", float("inf")) for d in per_device.values()),
+            "epsilon_label": "–" if epsilon is None else ("∞ (10⁶)" if epsilon >= 1e6 else f"{epsilon:g}"),
+            "wall_seconds": time.perf_counter() - started}
+
+
+def write_results(rows: list[dict], devices: list[dict]) -> None:
     found = {r["config"]: r for r in rows if "error" not in r}
     lines = []
     if "default" in found:
@@ -158,12 +164,11 @@ def main() -> None:
         precision = found["dp-3"]["mean_precision"]
         lines.append(f"ε = 3, mean selection precision@640: {precision:.1%} "
                      f"({'met' if precision >= TARGETS['dp3_precision_min'] else 'NOT met'}: target ≥ 80%)")
-    device_names = [d["name"] for d in devices]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "privacy.json").write_text(json.dumps({
         "recipe": str(RECIPE.relative_to(ROOT)), "dp_components": DP_COMPONENTS, "rows": rows, "verdicts": lines,
         "machine": {"platform": platform.platform(), "python": platform.python_version()}}, indent=2) + "\n")
-    text = markdown(rows, device_names, lines)
+    text = markdown(rows, [d["name"] for d in devices], lines)
     (RESULTS / "privacy.md").write_text(text)
     print(text)
 
