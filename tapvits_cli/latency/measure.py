@@ -13,7 +13,10 @@ final norm with the classifier are timed the same way, as the model runs them.
 
 Configurations are interleaved: each round times every configuration once, so a load
 that comes and goes on a shared machine spreads over all of them instead of skewing
-one; the table keeps the median of the timed rounds.
+one; the table keeps the median of the timed rounds. Each timed run directly follows an
+untimed run of the same configuration and batch, so it finds caches and thread pools as
+back-to-back inference leaves them (what a whole model's repeated timing measures),
+not as the previous configuration left them.
 """
 
 from __future__ import annotations
@@ -139,9 +142,9 @@ def _measure(spec: ModelSpec, arch: Architecture, batch_sizes: tuple[int, ...], 
     for round_ in range(warmup + repeats):
         for key, run in runners.items():
             for b in batch_sizes:
-                elapsed = run(b)
-                if round_ >= warmup:
-                    times[key, b].append(elapsed / configs[key][2])
+                run(b)
+                if round_ >= warmup:   # timed right after an untimed run of the same: warm, as in a stream of inputs
+                    times[key, b].append(run(b) / configs[key][2])
         on_progress(1)
 
     def medians(key) -> tuple[float, ...]:
