@@ -20,7 +20,17 @@ round's measurements) are recorded too.
 
     bash .ci/env nice python benchmarks/profile_prediction.py [--models 20] [--rounds 3]
 
-Writes benchmarks/results/profile_prediction.json and .md.
+Writes benchmarks/results/profile_prediction.json and .md (``--name`` for another name).
+The recorded runs, on 2 cores shared with other jobs (load average 5-8):
+
+- ``profile_prediction``: ``--rounds 2 --profile-repeats 1 --repeats 5,2`` (the headline);
+- ``profile_prediction_b1_warm``: ``--batch-sizes 1 --rounds 1 --profile-repeats 3 --repeats 7``;
+- ``profile_prediction_cold``: ``--rounds 2 --profile-repeats 2 --repeats 5,2`` before each
+  timed run followed a warm-up run of the same block (so every block ran with caches as
+  the previous configuration left them): batch 1 over-predicted by 61 % on average;
+- ``profile_prediction_cpu_time``: ``--threads 1 --clock cpu --batch-sizes 1 --rounds 2
+  --profile-repeats 3 --repeats 5``, also before that change: the process's CPU time,
+  which other jobs' scheduling does not stretch, to test the sum rule alone.
 """
 
 from __future__ import annotations
