@@ -292,8 +292,7 @@ class FeatureTable:
     def _checked_chunks(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         group = self._group()
         ids, features, labels = group["ids"], group["features"], group["labels"]
-        classes = self.dataset.get("num_classes")
-        classes = classes if isinstance(classes, int) else np.iinfo(np.int64).max
+        classes = self._classes()
         digest, previous = hashlib.sha256(), -1
         for start in range(0, self.rows, chunk_rows):
             stop = min(start + chunk_rows, self.rows)
@@ -313,9 +312,17 @@ class FeatureTable:
                                        "(corrupted)")
 
     def labels(self) -> np.ndarray:
-        """Every row's label (8 bytes a row: small next to the features)."""
+        """Every row's label (8 bytes a row: small next to the features), in range (the rule of ``validate``)."""
         with hdf5_reading(self.artifact.path):
-            return self._group()["labels"][:]
+            labels = self._group()["labels"][:]
+        if len(labels) and (labels.min() < 0 or labels.max() >= self._classes()):
+            raise InvalidArtifactError(f"{self.artifact.path}: labels must lie in 0..num_classes-1 of features.dataset")
+        return labels
+
+    def _classes(self) -> int:
+        """``features.dataset.num_classes``; without it any non-negative label is in range."""
+        classes = self.dataset.get("num_classes")
+        return classes if isinstance(classes, int) else np.iinfo(np.int64).max
 
 
 def open_feature_table(path: str | os.PathLike) -> FeatureTable:
@@ -349,6 +356,11 @@ def _structure(artifact: ArtifactFile) -> FeatureTable:
         raise InvalidArtifactError(f"{path}: features.dim is {dim}, the extractor's feature_dim {extractor.get('feature_dim')}")
     if not {"reference", "fingerprint", "samples"} <= set(dataset) or dataset["samples"] != rows:
         raise InvalidArtifactError(f"{path}: features.dataset needs reference, fingerprint and samples = features.rows")
+    names = dataset.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names) \
+            or not isinstance(dataset.get("num_classes", 0), int) or isinstance(dataset.get("num_classes"), bool):
+        raise InvalidArtifactError(f"{path}: features.dataset class_names must be a list of strings, num_classes "
+                                   "an integer")
     with hdf5_reading(path):
         handle = h5py.File(path, "r", rdcc_nbytes=CACHE_BYTES)
         try:
@@ -392,10 +404,11 @@ def _validate(artifact: ArtifactFile) -> None:
 def _summarize(artifact: ArtifactFile) -> Summary:
     meta = artifact.kind_metadata(KIND)
     if meta.get("rows_done") != meta.get("rows"):  # a partial file: show how far it got
+        dataset = artifact.json_field(_meta("dataset")) if _meta("dataset") in artifact.metadata else {}
         return Summary(figures={"rows_done": f"{meta.get('rows_done')} of {meta.get('rows')} (incomplete, resumable)",
-                                "dataset": json.loads(meta.get("dataset", "{}")).get("reference")})
+                                "dataset": dataset.get("reference") if isinstance(dataset, dict) else None})
     with _structure(artifact) as table:
-        counts = np.bincount(table.labels())
+        labels, counts = np.unique(table.labels(), return_counts=True)
     extractor, dataset = table.extractor, table.dataset
     figures = {
         "rows": table.rows,
@@ -406,7 +419,7 @@ def _summarize(artifact: ArtifactFile) -> Summary:
         "dataset_fingerprint": dataset["fingerprint"],
     }
     names = dataset.get("class_names") or []
-    rows = [[label, names[label] if label < len(names) else "", int(n)] for label, n in enumerate(counts) if n]
+    rows = [[int(label), names[label] if label < len(names) else "", int(n)] for label, n in zip(labels, counts)]
     return Summary(figures=figures, tables=[Table("labels", ["label", "class", "rows"], rows)])
 
 

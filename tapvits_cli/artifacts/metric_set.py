@@ -8,6 +8,7 @@ image is copied.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -220,9 +221,20 @@ def _check_coverage(metric_set: MetricSet) -> None:
         raise artifact.fail(f"'{KIND}.coverage': {exc}") from None
     for part in ("metric", "finetune"):
         recorded = coverage.get(part)
-        if not isinstance(recorded, dict) or not np.isclose(recorded.get("coverage", np.nan),
-                                                            expected[part]["coverage"], atol=1e-9):
+        if not isinstance(recorded, dict) or not all(_finite_number(recorded.get(key)) for key in
+                                                     ("coverage", "worst_ratio")) \
+                or not np.isclose(recorded["coverage"], expected[part]["coverage"], atol=1e-9):
             raise artifact.fail(f"'{KIND}.coverage.{part}' does not match the selection's components and weights")
+
+
+def _finite_number(value: Any) -> bool:
+    """A finite JSON number (not a boolean; an integer too large for a float is not finite either)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _validate(artifact: ArtifactFile) -> None:

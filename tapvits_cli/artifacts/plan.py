@@ -135,10 +135,15 @@ def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
 
 
 def _number(value: Any) -> bool:
-    """A finite JSON number (a boolean is not one)."""
+    """A finite JSON number (not a boolean; an integer too large for a float is not finite either)."""
     import math
 
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _validate(artifact: ArtifactFile) -> None:
