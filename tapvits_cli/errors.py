@@ -20,7 +20,7 @@ class ExitCode:
     UNSATISFIABLE_BUDGET = 5
     BELOW_THRESHOLD = 6   # an evaluation threshold failed
     NOT_IMPLEMENTED = 7   # the stage or option is not built yet
-    DATA_UNAVAILABLE = 8  # a dataset source is missing or unreadable
+    DATA_UNAVAILABLE = 8  # a dataset source, weights download or optional package is missing (unreadable data: USAGE)
     ENVIRONMENT = 9       # the machine refused: disk full, read-only file system, permission denied
     INTERRUPTED = 130     # Ctrl-C / SIGINT
 
