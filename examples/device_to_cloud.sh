@@ -74,7 +74,7 @@ device tapvits audit-gmm "$gmm" --private "$private" --held-out "$held_out" --ex
 send device cloud "$gmm"
 
 echo "== cloud: select, score, allocate, prune and fine-tune for that GMM" >&2
-metric=$(cloud tapvits select gmm.safetensors --pool "$pool" --strategy topk \
+metric=$(cloud tapvits select gmm.safetensors --pool "$pool" --strategy stratified \
   --metric-size "$METRIC_SIZE" --finetune-size "$FINETUNE_SIZE" -o metric.h5)
 scores=$(cloud tapvits score "$base" --metric-set "$metric" --budget "$BUDGET" -o scores.safetensors)
 plan=$(cloud tapvits allocate "$scores" --budget "$BUDGET" -o plan.safetensors)

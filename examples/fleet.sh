@@ -62,7 +62,7 @@ device_chain() {
   # ~55-70 private images: diagonal covariances, and a lower floor than the default 50.
   gmm=$(tapvits fit-gmm "digits:split=test:classes=$1:fold=0/2" --extractor "$base" --covariance diag \
     --min-samples 40 -o "$dir/gmm.safetensors")
-  metric=$(tapvits select "$gmm" --pool "$pool" --strategy topk --metric-size "$METRIC_SIZE" \
+  metric=$(tapvits select "$gmm" --pool "$pool" --strategy stratified --metric-size "$METRIC_SIZE" \
     --finetune-size "$FINETUNE_SIZE" -o "$dir/metric.h5")
   scores=$(tapvits score "$base" --metric-set "$metric" --budget "$BUDGET" -o "$dir/scores.safetensors")
   plan=$(tapvits allocate "$scores" --budget "$BUDGET" -o "$dir/plan.safetensors")

@@ -276,7 +276,7 @@ def test_select_from_a_feature_table(gmm_file, table_file, tmp_path, tapvits):
     from tapvits_cli.data import open_dataset
 
     out = tmp_path / "metric.h5"
-    result = select_cli(tapvits, gmm_file, table_file, out, "--chunk-rows", "50")
+    result = select_cli(tapvits, gmm_file, table_file, out, "--chunk-rows", "50", "--strategy", "topk")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{out}\n" and "log-likelihood" in result.stderr
     metric_set = read_metric_set(out)

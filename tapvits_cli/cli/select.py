@@ -13,7 +13,7 @@ from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, 
 
 # Kept here (not imported from the selection package) so that --help stays free of numpy.
 STRATEGY_NAMES = ["topk", "stratified", "ratio", "ratio-stratified", "random"]
-DEFAULT_STRATEGY = "topk"
+DEFAULT_STRATEGY = "stratified"
 
 
 def _is_artifact(pool: str) -> bool:
