@@ -65,7 +65,7 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
     batch size, interleaved over --repeats rounds after --warmup. Only the architecture
     of MODEL matters (pruned or not, the unpruned widths are profiled; weights are not
     used). The latency of any pruned model of that architecture is then predicted from
-    the table (tapvits_cli.latency.predict_latency). ViT/DeiT models only.
+    the table (tapvits_cli.latency.predict_model). ViT/DeiT models only.
 
     Example: tapvits profile base.safetensors -o device.profile.json --batch-sizes 1,32
     """
