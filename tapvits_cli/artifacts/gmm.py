@@ -15,7 +15,7 @@ import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
 from tapvits_cli.artifacts.files import tensors_sha256
-from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 
 KIND = "gmm"
@@ -187,7 +187,7 @@ def _check(artifact: ArtifactFile, mixture, info: GmmInfo, stored_cholesky: np.n
         raise artifact.fail(f"the extractor gives {info.extractor.get('feature_dim')}-dim features, "
                               f"the projection expects {mixture.feature_dim}")
     for key in ("min_samples", "noise_scale"):
-        if not _is_number(info.privacy.get(key)):
+        if not finite_number(info.privacy.get(key)):
             raise artifact.fail(f"'{NAMESPACE}.privacy' lacks the number '{key}'")
     dp = info.privacy.get("dp")
     if dp is not None:
@@ -197,15 +197,11 @@ def _check(artifact: ArtifactFile, mixture, info: GmmInfo, stored_cholesky: np.n
     _check_guarantees(artifact, mixture, info)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
 def _check_dp_record(artifact: ArtifactFile, dp, info: GmmInfo) -> None:
     """A differentially private fit states its (ε, δ) and ρ, and computed no BIC (that would spend budget)."""
     from tapvits_cli.gmm.dp import epsilon_for
 
-    if not isinstance(dp, dict) or not all(_is_number(dp.get(key)) for key in ("epsilon", "delta", "rho")):
+    if not isinstance(dp, dict) or not all(finite_number(dp.get(key)) for key in ("epsilon", "delta", "rho")):
         raise artifact.fail(f"'{NAMESPACE}.privacy.dp' must hold the numbers epsilon, delta and rho")
     if not (dp["epsilon"] > 0 and 0 < dp["delta"] < 1 and dp["rho"] > 0):
         raise artifact.fail(f"'{NAMESPACE}.privacy.dp' needs epsilon > 0, 0 < delta < 1 and rho > 0")

@@ -104,3 +104,16 @@ class Header:
             "inputs": {role: e.to_dict() for role, e in self.inputs.items()},
             "params": dict(self.params),
         }
+
+
+def finite_number(value: Any) -> bool:
+    """A finite JSON number: not a boolean, and not an integer too large for a float."""
+    import math
+
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+

@@ -8,7 +8,6 @@ image is copied.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -16,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, hdf5_reading, set_group_encoding, write_hdf5
-from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import IncompatibleArtifactError
 from tapvits_cli.selection import STRATEGIES
@@ -221,20 +220,10 @@ def _check_coverage(metric_set: MetricSet) -> None:
         raise artifact.fail(f"'{KIND}.coverage': {exc}") from None
     for part in ("metric", "finetune"):
         recorded = coverage.get(part)
-        if not isinstance(recorded, dict) or not all(_finite_number(recorded.get(key)) for key in
+        if not isinstance(recorded, dict) or not all(finite_number(recorded.get(key)) for key in
                                                      ("coverage", "worst_ratio")) \
                 or not np.isclose(recorded["coverage"], expected[part]["coverage"], atol=1e-9):
             raise artifact.fail(f"'{KIND}.coverage.{part}' does not match the selection's components and weights")
-
-
-def _finite_number(value: Any) -> bool:
-    """A finite JSON number (not a boolean; an integer too large for a float is not finite either)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _validate(artifact: ArtifactFile) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
-from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, bar, read_artifact, register
 from tapvits_cli.artifacts.model import record_spec
 from tapvits_cli.errors import InvalidArtifactError
@@ -106,10 +106,10 @@ def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
         raise fail(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
     budget = artifact.json_field(f"{KIND}.budget")
     if not isinstance(budget, dict) or budget.get("kind") not in BUDGET_KINDS \
-            or not _number(budget.get("value")) or not 0 < budget["value"] <= 1:
+            or not finite_number(budget.get("value")) or not 0 < budget["value"] <= 1:
         raise fail(f"'{KIND}.budget' must be {{\"kind\": params|macs, \"value\": a fraction in (0, 1]}}")
     achieved, base = artifact.json_field(f"{KIND}.achieved"), artifact.json_field(f"{KIND}.base")
-    if not isinstance(achieved, dict) or not all(_number(achieved.get(k)) for k in
+    if not isinstance(achieved, dict) or not all(finite_number(achieved.get(k)) for k in
                                                  ("params", "params_fraction", "macs", "macs_fraction")):
         raise fail(f"'{KIND}.achieved' must hold params, params_fraction, macs and macs_fraction")
     if not isinstance(base, dict) or not all(isinstance(base.get(k), int) and not isinstance(base[k], bool)
@@ -132,18 +132,6 @@ def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
             keep[kind].append(indices)
     return Plan(keep={k: tuple(v) for k, v in keep.items()}, strategy=strategy, budget=budget, achieved=achieved,
                 base=base, model=model, scores_sha256=artifact.metadata[f"{KIND}.scores_sha256"], artifact=artifact)
-
-
-def _number(value: Any) -> bool:
-    """A finite JSON number (not a boolean; an integer too large for a float is not finite either)."""
-    import math
-
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _validate(artifact: ArtifactFile) -> None:
