@@ -86,7 +86,6 @@ def _render(report: dict) -> None:
     """The per-component table and the AUC on stderr."""
     from rich.table import Table
 
-    from tapvits_cli.cli.options import CURRENT
     from tapvits_cli.cli.output import stderr_console
 
     if CURRENT.verbosity < 0:
