@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tapvits_cli.errors import NotImplementedStageError, UsageError
-from tapvits_cli.gmm.mixture import Mixture, Projection
+from tapvits_cli.gmm.mixture import Mixture, Projection, unit_rows
 
 DP_COVARIANCE_TYPES = ("diag", "full")
 DEFAULT_DELTA = 1e-5
@@ -176,7 +176,7 @@ def fit_private_mixture(features: np.ndarray, k: int, covariance_type: str, dim:
         raise UsageError(f"--pca-dim {dim} must lie in 1..{feature_dim} (the feature dimension)")
     rho = rho_for(epsilon, delta)
     rng = np.random.default_rng([seed, 7])
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    unit = unit_rows(features)
 
     projection, eigenvalues, sigmas = private_projection(
         unit, dim, rho * BUDGET_SHARES["projection_mean"], rho * BUDGET_SHARES["projection_second_moment"], rng)

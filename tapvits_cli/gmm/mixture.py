@@ -19,6 +19,11 @@ COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 SCORING_BLOCK_ROWS = 4096
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (a zero row stays zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+
+
 @dataclass(frozen=True, eq=False)
 class Projection:
     """Feature map applied before the mixture: ``((x - mean) / scale) @ components.T``.
@@ -59,7 +64,7 @@ class Projection:
         linear, offset = self._affine
         x = features.astype(np.float64, copy=False)
         if self.unit_norm:
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+            x = unit_rows(x)
         projected = x @ linear if linear.ndim == 2 else x * linear
         projected += offset
         return projected
