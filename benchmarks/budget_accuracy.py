@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tapvits_cli.allocation.strategies import STRATEGIES, allocate
+from tapvits_cli.allocation.strategies import allocate
 from tapvits_cli.models.factory import create_model
 from tapvits_cli.models.families import vit
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES as STRATEGIES
 
 RESULT = Path(__file__).parent / "results" / "budget_accuracy.json"
 MODELS = {

@@ -38,11 +38,12 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from tapvits_cli.allocation.strategies import STRATEGIES, allocate
+from tapvits_cli.allocation.strategies import allocate
 from tapvits_cli.evaluation.metrics import count_macs, measure_latency
 from tapvits_cli.models.factory import count_parameters, create_model
 from tapvits_cli.models.families import family_module, family_of
 from tapvits_cli.pruning import prune_model
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES as STRATEGIES
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"deit-tiny": "vit_tiny_patch16_224", "deit-small": "vit_small_patch16_224"}

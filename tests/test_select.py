@@ -8,8 +8,9 @@ import pytest
 
 from tapvits_cli.artifacts.metric_set import read_metric_set
 from tapvits_cli.errors import ExitCode, UsageError
-from tapvits_cli.selection import (RATIO_STRATEGIES, STRATEGIES, StreamingSelection, class_coverage,
-                                   component_coverage, proportional_quotas, select, selection_coverage)
+from tapvits_cli.selection import (StreamingSelection, class_coverage, component_coverage, proportional_quotas, select,
+                                   selection_coverage)
+from tapvits_cli.vocabulary import RATIO_STRATEGIES, SELECTION_STRATEGIES as STRATEGIES
 
 POOL = "digits:split=test"  # 364 public images of all ten digits
 DEVICE = "digits:classes=0,1"  # the device's private training images: two digits
@@ -341,10 +342,12 @@ def test_selection_prefers_the_devices_classes(table_file, tmp_path, tapvits, ti
 def test_ratio_strategies_from_the_command_line(gmm_file, table_file, tmp_path, tapvits, tiny_model_file):
     from tapvits_cli.artifacts.features import open_feature_table
     from tapvits_cli.artifacts.gmm import read_gmm
-    from tapvits_cli.cli.select import DEFAULT_STRATEGY, STRATEGY_NAMES
+    from tapvits_cli.cli.select import command
+    from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY
     from tapvits_cli.selection.density_ratio import fit_public_mixture, sample_positions
 
-    assert STRATEGY_NAMES == list(STRATEGIES) and DEFAULT_STRATEGY in STRATEGIES
+    option = next(p for p in command.params if p.name == "strategy")
+    assert tuple(option.type.choices) == STRATEGIES and option.default == DEFAULT_SELECTION_STRATEGY in STRATEGIES
     out = tmp_path / "ratio.h5"
     result = select_cli(tapvits, gmm_file, table_file, out, "--strategy", "ratio", "--public-components", "3",
                         "--public-sample", "200", "--chunk-rows", "64", "--json")

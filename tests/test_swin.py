@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tapvits_cli.allocation.strategies import STRATEGIES, allocate
+from tapvits_cli.allocation.strategies import allocate
 from tapvits_cli.artifacts.model import load_model, write_model
 from tapvits_cli.artifacts.plan import read_plan
 from tapvits_cli.errors import ExitCode, UsageError
@@ -15,6 +15,7 @@ from tapvits_cli.models.families import family_module, family_of, swin
 from tapvits_cli.models.families.branches import EmptyBranch
 from tapvits_cli.models.units import observing
 from tapvits_cli.pruning import prune_model
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES as STRATEGIES
 from tests.conftest import model_args
 from tests.test_prune import masked
 from tests.test_protocol_examples import assert_one_line_failure

@@ -34,9 +34,8 @@ import numpy as np
 
 from tapvits_cli.errors import UnsatisfiableBudgetError
 from tapvits_cli.models.units import CostModel
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES, BUDGET_KINDS
 
-STRATEGIES = ("kl", "uniform", "global")
-BUDGET_KINDS = ("params", "macs")
 _BISECTION_STEPS = 60
 
 
@@ -116,8 +115,8 @@ def allocate(cost: CostModel, scores: Mapping[tuple[int, str], np.ndarray], impo
              budget_kind: str, budget: float, strategy: str = "kl", min_keep: float = 0.1,
              allow_branch_removal: bool = False, temperature: float = 1.1, tolerance: float = 0.005) -> Allocation:
     """Keep ``budget`` × the whole model's ``budget_kind`` ("params" or "macs"); see the module docstring."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in ALLOCATION_STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}'; choose one of {', '.join(ALLOCATION_STRATEGIES)}")
     if budget_kind not in BUDGET_KINDS:
         raise ValueError(f"unknown budget kind '{budget_kind}'; choose one of {', '.join(BUDGET_KINDS)}")
     if strategy == "kl" and importance is None:

@@ -18,7 +18,7 @@ from tapvits_cli.artifacts.containers import ArtifactFile, hdf5_reading, set_gro
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import IncompatibleArtifactError
-from tapvits_cli.selection import STRATEGIES
+from tapvits_cli.vocabulary import SELECTION_STRATEGIES
 
 KIND = "metric-set"
 VERSION = 1
@@ -176,7 +176,7 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
 
 def _check(metric_set: MetricSet) -> None:
     artifact, ids = metric_set.artifact, metric_set.ids
-    if metric_set.strategy not in STRATEGIES:
+    if metric_set.strategy not in SELECTION_STRATEGIES:
         raise artifact.fail(f"unknown strategy {metric_set.strategy!r}")
     if not 1 <= metric_set.metric_size <= metric_set.finetune_size:
         raise artifact.fail("metric_size must be >= 1 and <= finetune_size")

@@ -20,12 +20,10 @@ from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, bar, read_arti
 from tapvits_cli.artifacts.model import record_spec
 from tapvits_cli.errors import InvalidArtifactError
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES, BUDGET_KINDS, UNIT_KINDS
 
 KIND = "plan"
 VERSION = 1
-STRATEGIES = ("kl", "uniform", "global")
-BUDGET_KINDS = ("params", "macs")
-UNIT_KINDS = ("attn", "mlp")
 _REQUIRED_KEYS = ("strategy", "budget", "achieved", "base", "model", "scores_sha256")
 
 
@@ -102,8 +100,8 @@ def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Plan:
     source, fail = str(artifact.path), artifact.fail
     artifact.require_keys(KIND, _REQUIRED_KEYS)
     strategy = artifact.metadata[f"{KIND}.strategy"]
-    if strategy not in STRATEGIES:
-        raise fail(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
+    if strategy not in ALLOCATION_STRATEGIES:
+        raise fail(f"unknown strategy '{strategy}' (known: {', '.join(ALLOCATION_STRATEGIES)})")
     budget = artifact.json_field(f"{KIND}.budget")
     if not isinstance(budget, dict) or budget.get("kind") not in BUDGET_KINDS \
             or not finite_number(budget.get("value")) or not 0 < budget["value"] <= 1:

@@ -19,11 +19,10 @@ from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, bar, read_artifact, register
 from tapvits_cli.artifacts.model import record_spec
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
+from tapvits_cli.vocabulary import CRITERIA, UNIT_KINDS
 
 KIND = "scores"
 VERSION = 1
-CRITERIA = ("composite", "magnitude", "taylor", "random")
-UNIT_KINDS = ("attn", "mlp")
 COMPONENTS = ("activity", "redundancy", "relevance")
 _REQUIRED_KEYS = ("criterion", "model", "samples", "probe_fraction")
 

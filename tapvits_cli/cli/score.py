@@ -10,6 +10,7 @@ import click
 from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log, progress_bar
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
+from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
 
 DEFAULT_PROBE_FRACTION = 0.3   # = 1 − the usual 0.7 budget
 
@@ -32,7 +33,7 @@ def parse_weights(text: str, option: str) -> tuple[float, float, float]:
 @click.option("--pool", help="Dataset reference of the public pool the metric set indexes "
                              "[default: the reference the metric set records]; its fingerprint must match.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Scores artifact to write (.safetensors).")
-@click.option("--criterion", type=click.Choice(["composite", "magnitude", "taylor", "random"]), default="composite",
+@click.option("--criterion", type=click.Choice(CRITERIA), default=DEFAULT_CRITERION,
               show_default=True, help="composite: activity/redundancy/HSIC relevance (METHOD.md); baselines: L1 weight "
                                       "magnitude, |weight × gradient| of the labels' cross-entropy, seeded random.")
 @click.option("--mlp-weights", default="0.8,0.1,0.1", show_default=True, metavar="α,β,γ",
@@ -41,7 +42,7 @@ def parse_weights(text: str, option: str) -> tuple[float, float, float]:
               help="Composite weights for attention heads.")
 @click.option("--probe-fraction", type=FiniteFloat(0, 1, min_open=True), metavar="S",
               help=f"Fraction of each layer's lowest-scoring units removed by its KL probe [default: {DEFAULT_PROBE_FRACTION}].")
-@click.option("--budget", type=FiniteFloat(0, 1, max_open=True), metavar="B",
+@click.option("--budget", type=FiniteFloat(BUDGET_FRACTION.low, BUDGET_FRACTION.high, BUDGET_FRACTION.low_open, BUDGET_FRACTION.high_open), metavar="B",
               help="The budget the plan will be made for: probe with S = 1 − B (exclusive with --probe-fraction).")
 @click.option("--no-layer-importance", is_flag=True, help="Skip the KL probes (the kl allocation strategy then cannot be used).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
@@ -83,6 +84,9 @@ def command(model: str, metric_set_path: str, pool: str | None, output: str, cri
         raise UsageError("--probe-fraction and --budget are exclusive: the probe fraction is 1 − budget")
     if no_layer_importance and (probe_fraction is not None or budget is not None):
         raise UsageError("--no-layer-importance skips the probes: drop --probe-fraction/--budget")
+    if budget == BUDGET_FRACTION.high:
+        raise UsageError(f"--budget {budget:g} keeps every unit, so the KL probes would remove nothing: "
+                         "give a budget below 1 or --no-layer-importance")
     fraction = None if no_layer_importance else (
         probe_fraction if probe_fraction is not None else 1 - budget if budget is not None else DEFAULT_PROBE_FRACTION)
     weights = {"mlp": parse_weights(mlp_weights, "--mlp-weights"), "attn": parse_weights(attn_weights, "--attn-weights")}

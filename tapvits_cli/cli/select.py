@@ -10,10 +10,7 @@ from tapvits_cli.cli.extractor import EXTRACTOR_HELP
 from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log, progress_bar
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
-
-# Kept here (not imported from the selection package) so that --help stays free of numpy.
-STRATEGY_NAMES = ["topk", "stratified", "ratio", "ratio-stratified", "random"]
-DEFAULT_STRATEGY = "stratified"
+from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, RATIO_STRATEGIES, SELECTION_STRATEGIES
 
 
 def _is_artifact(pool: str) -> bool:
@@ -50,7 +47,7 @@ def _require_same_extractor(gmm: str, gmm_info, pool: str, sha256: str, fingerpr
               help="Rows of the metric set (the most likely; used by `score`).")
 @click.option("--finetune-size", type=click.IntRange(min=1), default=6400, show_default=True,
               help="Rows of the fine-tuning set, which contains the metric set.")
-@click.option("--strategy", type=click.Choice(STRATEGY_NAMES), default=DEFAULT_STRATEGY, show_default=True,
+@click.option("--strategy", type=click.Choice(SELECTION_STRATEGIES), default=DEFAULT_SELECTION_STRATEGY, show_default=True,
               help="topk: highest log-likelihood (the paper); stratified: per-component quotas by mixture weight, "
                    "most likely first; ratio: highest density ratio against a mixture of the public pool; "
                    "ratio-stratified: the quotas of stratified, filled by density ratio; random: seeded uniform "
@@ -96,7 +93,7 @@ def command(gmm: str, pool: str, output: str, metric_size: int, finetune_size: i
     from tapvits_cli.gmm.mixture import score_in_chunks
     from tapvits_cli.models.extract import extract_features
     from tapvits_cli.runtime import resolve_device, seed_everything
-    from tapvits_cli.selection import RATIO_STRATEGIES, select_from_scores, selection_coverage
+    from tapvits_cli.selection import select_from_scores, selection_coverage
     from tapvits_cli.selection.density_ratio import (fit_public_mixture, rows_at, sample_positions,
                                                      score_ratio_in_chunks)
 

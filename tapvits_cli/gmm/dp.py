@@ -39,8 +39,8 @@ import numpy as np
 
 from tapvits_cli.errors import NotImplementedStageError, UsageError
 from tapvits_cli.gmm.mixture import Mixture, Projection, unit_rows
+from tapvits_cli.vocabulary import DP_COVARIANCE_TYPES
 
-DP_COVARIANCE_TYPES = ("diag", "full")
 DEFAULT_DELTA = 1e-5
 DEFAULT_ITERATIONS = 10
 # Share of ρ per release: the projection's mean and second moment, then EM, split evenly

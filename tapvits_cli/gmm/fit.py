@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.gmm.mixture import COVARIANCE_TYPES, Mixture, Projection
+from tapvits_cli.gmm.mixture import Mixture, Projection
+from tapvits_cli.vocabulary import COVARIANCE_TYPES
 from tapvits_cli.gmm.privacy import (audit_against_data, component_variances, median_neighbour_distance,
                                      min_support)
 

@@ -9,8 +9,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from tapvits_cli.importance.samples import SampleSet
+from tapvits_cli.vocabulary import CRITERIA
 
-CRITERIA = ("composite", "magnitude", "taylor", "random")
 DEFAULT_WEIGHTS = {"mlp": (0.8, 0.1, 0.1), "attn": (0.1, 0.1, 0.8)}   # (α activity, β redundancy, γ relevance)
 
 

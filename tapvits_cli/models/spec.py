@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from tapvits_cli.artifacts.header import compact_json
 from tapvits_cli.errors import InvalidArtifactError, UsageError
+from tapvits_cli.vocabulary import MERGE_METHODS
 
 NAMESPACE = "model"
 
@@ -33,9 +34,6 @@ class BlockWidths:
     def units(self, kind: str) -> int:
         """Prunable units of one type: ``attn`` heads or ``mlp`` neurons (see models/units.py)."""
         return {"attn": self.heads, "mlp": self.mlp_hidden}[kind]
-
-
-MERGE_METHODS = ("bipartite", "neighbour")
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-KINDS = ("attn", "mlp")  # unit types, in execution order within a block
-
 
 @dataclass(frozen=True)
 class OwnedWeights:

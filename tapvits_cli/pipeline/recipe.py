@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from tapvits_cli.errors import UsageError
+from tapvits_cli.vocabulary import BASE_EXTRACTOR, BUDGET_FRACTION, OPTIONAL_STAGES, PIPELINE_STAGES
 
 VERSION = 1
-STAGES = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval")
 TOP_LEVEL = ("version", "extends", "name", "seed", "device", "public", "base_model", "extractor", "devices",
              "budget", "stages", "thresholds")
 THRESHOLDS = ("min-top1", "min-mean-top1")
@@ -191,16 +191,16 @@ def parse_recipe(document: Mapping[str, Any], default_name: str, check_stage: St
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"recipe: 'device' must be auto, cpu or cuda, not {device!r}")
     budget = float(_typed(document, "budget", (int, float), "", 1.0))
-    if not 0.0 < budget <= 1.0:
-        raise UsageError(f"recipe: 'budget' must be a fraction of the parameters in (0, 1], not {budget}")
+    if budget not in BUDGET_FRACTION:
+        raise UsageError(f"recipe: 'budget' must be a fraction of the parameters in {BUDGET_FRACTION}, not {budget}")
     stages_doc = _require_mapping(document.get("stages") or {}, "stages")
-    _check_keys(stages_doc, STAGES, "stages")
+    _check_keys(stages_doc, PIPELINE_STAGES, "stages")
     stages: dict[str, Mapping[str, Any] | None] = {}
-    for stage in STAGES:
+    for stage in PIPELINE_STAGES:
         section = stages_doc.get(stage, {})
         if section is False:
-            if stage not in ("finetune", "eval"):
-                raise UsageError(f"recipe: 'stages.{stage}' cannot be switched off (only finetune and eval can)")
+            if stage not in OPTIONAL_STAGES:
+                raise UsageError(f"recipe: 'stages.{stage}' cannot be switched off (only {' and '.join(OPTIONAL_STAGES)} can)")
             stages[stage] = None
             continue
         stages[stage] = check_stage(stage, _require_mapping(section or {}, f"stages.{stage}"), f"stages.{stage}")
@@ -218,7 +218,7 @@ def parse_recipe(document: Mapping[str, Any], default_name: str, check_stage: St
     return Recipe(
         name=name, seed=_typed(document, "seed", int, "", 0), device=device,
         public=_typed(document, "public", str, ""), base_model=_parse_base(document.get("base_model"), check_stage),
-        extractor=_typed(document, "extractor", str, "", "base"), devices=devices, budget=budget,
+        extractor=_typed(document, "extractor", str, "", BASE_EXTRACTOR), devices=devices, budget=budget,
         stages=stages, thresholds=thresholds)
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from tapvits_cli.pipeline.recipe import Recipe
-
-BUILT_IN_EXTRACTORS = ("efficientnet-lite0",)
+from tapvits_cli.vocabulary import BASE_EXTRACTOR, BUILT_IN_EXTRACTORS
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def build_steps(recipe: Recipe, flags: Mapping[str, Mapping[str, tuple[str, str 
         model_args = [token for key, value in base_model.args.items() for token in ("-a", f"{key}={_yaml_scalar(value)}")]
         base = Input(add("base", "finetune", ["--model", base_model.model, *model_args, "--data", public,
                                                *opts("finetune", base_model.train)], "base/model.safetensors"))
-    if recipe.extractor == "base":
+    if recipe.extractor == BASE_EXTRACTOR:
         extractor: Token = base
     elif recipe.extractor in BUILT_IN_EXTRACTORS:
         extractor = recipe.extractor

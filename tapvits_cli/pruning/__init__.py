@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from tapvits_cli.errors import IncompatibleArtifactError
+from tapvits_cli.vocabulary import UNIT_KINDS
 
 
 def prune_model(model, keep: Mapping[str, Sequence[np.ndarray]]):
@@ -29,7 +30,7 @@ def prune_model(model, keep: Mapping[str, Sequence[np.ndarray]]):
     if not len(keep["attn"]) == len(keep["mlp"]) == len(widths):
         raise IncompatibleArtifactError(f"the plan covers {len(keep['attn'])} blocks, the model has {len(widths)}")
     for index, width in enumerate(widths):
-        for kind in ("attn", "mlp"):
+        for kind in UNIT_KINDS:
             kept = np.asarray(keep[kind][index])
             if len(kept) and (kept.min() < 0 or kept.max() >= width.units(kind)):
                 raise IncompatibleArtifactError(f"block {index}: the plan keeps {kind} unit {kept.max()} of "

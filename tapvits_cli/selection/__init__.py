@@ -6,9 +6,9 @@ Pure logic over log-likelihoods, density ratios and mixture components; see
 """
 
 from tapvits_cli.selection.coverage import class_coverage, component_coverage, selection_coverage
-from tapvits_cli.selection.strategies import (RATIO_STRATEGIES, STRATEGIES, STRATIFIED_STRATEGIES, Selection,
-                                              StreamingSelection, proportional_quotas, select, select_from_scores)
+from tapvits_cli.selection.strategies import (Selection, StreamingSelection, proportional_quotas, select,
+                                              select_from_scores)
 
-__all__ = ["RATIO_STRATEGIES", "STRATEGIES", "STRATIFIED_STRATEGIES", "Selection", "StreamingSelection",
+__all__ = ["Selection", "StreamingSelection",
            "class_coverage", "component_coverage", "proportional_quotas", "select", "select_from_scores",
            "selection_coverage"]

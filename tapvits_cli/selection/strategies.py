@@ -33,10 +33,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from tapvits_cli.errors import UsageError
+from tapvits_cli.vocabulary import RATIO_STRATEGIES, SELECTION_STRATEGIES, STRATIFIED_STRATEGIES
 
-STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "random")
-RATIO_STRATEGIES = ("ratio", "ratio-stratified")          # need a public mixture: a score besides the likelihood
-STRATIFIED_STRATEGIES = ("stratified", "ratio-stratified")  # per-component quotas
 
 
 @dataclass(frozen=True)
@@ -110,8 +108,8 @@ class StreamingSelection:
 
     def __init__(self, strategy: str, pool_size: int, metric_size: int, finetune_size: int,
                  mixture_weights, seed: int = 0) -> None:
-        if strategy not in STRATEGIES:
-            raise UsageError(f"unknown selection strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if strategy not in SELECTION_STRATEGIES:
+            raise UsageError(f"unknown selection strategy '{strategy}'; choose one of {', '.join(SELECTION_STRATEGIES)}")
         if not 1 <= metric_size <= finetune_size:
             raise UsageError(f"the metric set ({metric_size}) must hold at least one sample and no more than "
                              f"the fine-tuning set ({finetune_size}) it is part of")

@@ -1,0 +1,79 @@
+"""The names tapvits shares between its command line, recipes, artifacts and stage logic.
+
+Each name is defined here once. ``--help`` must stay free of numpy and torch, so the
+options' choices cannot be read off the logic packages; copying them into the command
+line instead let the copies drift (``score --budget`` accepted 0, ``allocate`` did not).
+This module imports nothing but the standard library, so every layer may import it:
+the CLI for its choices, the recipe checker, the artifact readers for what they accept,
+and the logic for what it implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# -- units ------------------------------------------------------------------------------------
+# The prunable unit types of a transformer block, in execution order within the block:
+# attention heads, then MLP hidden neurons. Plans, scores and pruning are keyed by them.
+UNIT_KINDS = ("attn", "mlp")
+
+# -- stages -----------------------------------------------------------------------------------
+# The pipeline's stages in the order one device's chain runs them; also the sections of a
+# recipe's ``stages`` (protocol/recipe.md).
+PIPELINE_STAGES = ("fit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval")
+# Stages a recipe may switch off (``stages.finetune: false``); the others make inputs of later ones.
+OPTIONAL_STAGES = ("finetune", "eval")
+
+# -- feature extractors -----------------------------------------------------------------------
+# Pretrained extractors known by name (``--extractor NAME``, a recipe's ``extractor``);
+# any other value names a file (a model artifact or an ONNX features graph).
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+BUILT_IN_EXTRACTORS = (EFFICIENTNET_LITE0,)
+# A recipe's ``extractor: base``: the base model the run trains or is given.
+BASE_EXTRACTOR = "base"
+
+# -- Gaussian mixtures (fit-gmm) --------------------------------------------------------------
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")   # scikit-learn's covariance_type
+DP_COVARIANCE_TYPES = ("diag", "full")                     # those the differentially private fit supports
+
+# -- selection (select) -----------------------------------------------------------------------
+SELECTION_STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "random")
+DEFAULT_SELECTION_STRATEGY = "stratified"
+RATIO_STRATEGIES = ("ratio", "ratio-stratified")            # need a public mixture: a score besides the likelihood
+STRATIFIED_STRATEGIES = ("stratified", "ratio-stratified")  # per-component quotas
+
+# -- importance (score) -----------------------------------------------------------------------
+CRITERIA = ("composite", "magnitude", "taylor", "random")
+DEFAULT_CRITERION = "composite"
+
+# -- allocation (allocate) --------------------------------------------------------------------
+ALLOCATION_STRATEGIES = ("kl", "uniform", "global")
+DEFAULT_ALLOCATION_STRATEGY = "kl"
+BUDGET_KINDS = ("params", "macs")
+
+# -- token merging (prune) --------------------------------------------------------------------
+MERGE_METHODS = ("bipartite", "neighbour")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A range of real numbers with open or closed ends, shared by an option and its readers."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# The fraction of the whole model (parameters or MACs) a plan keeps: ``allocate --budget``,
+# ``score --budget`` (whose KL probes then remove 1 − budget), a recipe's ``budget`` and the
+# plan artifact's recorded budget. 0 keeps nothing, so it is not a budget; 1 keeps everything.
+BUDGET_FRACTION = Interval(0.0, 1.0, low_open=True)
