@@ -35,6 +35,14 @@ BASE_EXTRACTOR = "base"
 # -- Gaussian mixtures (fit-gmm) --------------------------------------------------------------
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")   # scikit-learn's covariance_type
 DP_COVARIANCE_TYPES = ("diag", "full")                     # those the differentially private fit supports
+# Defaults of the differentially private fit (fit-gmm --dp-epsilon). Noise on every
+# release grows with the projection's dimension and is spent again on every EM iteration:
+# on 5 Fashion-MNIST devices (48-dim features, 4 noise seeds) d = 32 and 10 iterations
+# gave selection precision@640 of about 50% at ε = 3, d = 16 and 4 iterations 99%
+# (benchmarks/privacy_selection.py --sweep).
+DP_DEFAULT_COMPONENTS = 4
+DP_DEFAULT_DIM = 16
+DP_DEFAULT_ITERATIONS = 4
 
 # -- selection (select) -----------------------------------------------------------------------
 SELECTION_STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "random")

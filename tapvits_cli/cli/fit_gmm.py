@@ -10,9 +10,9 @@ from tapvits_cli.cli.extractor import EXTRACTOR_HELP
 from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import UsageError
-from tapvits_cli.vocabulary import COVARIANCE_TYPES
+from tapvits_cli.vocabulary import (COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_DEFAULT_DIM,
+                                   DP_DEFAULT_ITERATIONS)
 
-DP_DEFAULT_COMPONENTS = 4
 # The dataset reference is not recorded anywhere in the artifact (it may name a private
 # path); lineage carries only the data's content fingerprint under this name.
 PRIVATE_DATA_NAME = "private"
@@ -38,7 +38,8 @@ def parse_components(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GMM artifact to write (.safetensors).")
 @click.option("--pca-dim", type=click.IntRange(min=1), default=None,
               help="Keep this many PCA axes of the standardised features  [default: 32, or one per "
-                   "12 private samples when fewer; no PCA when that keeps every feature]")
+                   f"12 private samples when fewer; no PCA when that keeps every feature; at most {DP_DEFAULT_DIM} "
+                   "with --dp-epsilon]")
 @click.option("--no-pca", is_flag=True, help="Fit the mixture on the full feature vectors (no PCA).")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
               help="Scale each feature to unit variance before PCA and fitting.")
@@ -58,7 +59,8 @@ def parse_components(ctx: click.Context, param: click.Parameter, value: str | No
               help="Fit with (epsilon, delta)-differential privacy: unit-norm features, private PCA, DP-EM "
                    "(protocol/gmm.md); smaller is more private.")
 @click.option("--dp-delta", type=FiniteFloat(), default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
-@click.option("--dp-iterations", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--dp-iterations", type=click.IntRange(min=1), default=DP_DEFAULT_ITERATIONS,
+              show_default=True,
               help="EM iterations of the differentially private fit (each spends part of the budget).")
 @click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="EM iterations per fit.")
 @click.option("--n-init", type=click.IntRange(min=1), default=1, show_default=True,
@@ -92,6 +94,7 @@ def command(data: str, extractor_name: str, output: str, pca_dim: int | None, no
     from tapvits_cli.artifacts.header import LineageEntry
     from tapvits_cli.cli.extractor import embed_dataset, extractor_lineage, resolve_extractor
     from tapvits_cli.data import open_dataset
+    from tapvits_cli.gmm.dp import default_private_dim
     from tapvits_cli.gmm.fit import check_feasible, default_pca_dim
     from tapvits_cli.gmm.privacy import MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO, min_support
     from tapvits_cli.runtime import resolve_device, seed_everything
@@ -113,7 +116,7 @@ def command(data: str, extractor_name: str, output: str, pca_dim: int | None, no
     dataset = open_dataset(data)
     extractor = resolve_extractor(extractor_name, device)
     if private:  # the private fit always projects (its PCA is part of the mechanism)
-        dim = pca_dim or default_pca_dim(len(dataset), extractor.feature_dim) or extractor.feature_dim
+        dim = pca_dim or default_private_dim(len(dataset), extractor.feature_dim)
     else:
         dim = None if no_pca else pca_dim or default_pca_dim(len(dataset), extractor.feature_dim)
     # Refuse before spending time on extraction; the fit applies the same rule again.

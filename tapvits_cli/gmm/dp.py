@@ -39,10 +39,9 @@ import numpy as np
 
 from tapvits_cli.errors import NotImplementedStageError, UsageError
 from tapvits_cli.gmm.mixture import Mixture, Projection, unit_rows
-from tapvits_cli.vocabulary import DP_COVARIANCE_TYPES
+from tapvits_cli.vocabulary import DP_COVARIANCE_TYPES, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS  # noqa: F401
 
 DEFAULT_DELTA = 1e-5
-DEFAULT_ITERATIONS = 10
 # Share of ρ per release: the projection's mean and second moment, then EM, split evenly
 # over its iterations and, within one, over counts, sums and second moments.
 BUDGET_SHARES = {"projection_mean": 0.05, "projection_second_moment": 0.15, "em": 0.80}
@@ -53,6 +52,18 @@ CLIP_RMS_MULTIPLE = 3.0
 # Component variances are floored at this fraction of the noisy data variance (post-processing),
 # which keeps every written component well above the variance guarantee of gmm.privacy.
 VARIANCE_FLOOR = 0.05
+
+
+def default_private_dim(samples: int, feature_dim: int) -> int:
+    """The private fit's projection dimension when none is asked for.
+
+    The non-private rule (:func:`tapvits_cli.gmm.fit.default_pca_dim`, one dimension per
+    12 samples, at most 32) capped at :data:`DP_DEFAULT_DIM` and at the feature dimension:
+    every release's noise grows with d, so fewer dimensions than a plain fit would use.
+    """
+    from tapvits_cli.gmm.fit import default_pca_dim
+
+    return min(DP_DEFAULT_DIM, default_pca_dim(samples, feature_dim) or feature_dim)
 
 
 def rho_for(epsilon: float, delta: float) -> float:
@@ -155,7 +166,7 @@ def simplex_start(k: int, eigenvalues: np.ndarray) -> np.ndarray:
 
 
 def fit_private_mixture(features: np.ndarray, k: int, covariance_type: str, dim: int, epsilon: float,
-                        delta: float = DEFAULT_DELTA, iterations: int = DEFAULT_ITERATIONS, seed: int = 0,
+                        delta: float = DEFAULT_DELTA, iterations: int = DP_DEFAULT_ITERATIONS, seed: int = 0,
                         min_component_support: int = 1) -> PrivateFit:
     """Fit a K-component mixture with (ε, δ)-differential privacy for every private sample.
 
