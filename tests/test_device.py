@@ -1,4 +1,4 @@
-"""The device side without torch: an ONNX features graph, fit-gmm and audit-gmm on onnxruntime.
+"""The device side without torch: an ONNX features graph, fit-gmm, audit-gmm and profile on onnxruntime.
 
 The no-torch runs happen in a subprocess whose import system refuses torch, timm and
 torchvision, as on a device that installed only the base package.
@@ -40,7 +40,7 @@ def torch_features(extractor, dataset) -> np.ndarray:
 
 
 def onnx_features(path, dataset) -> np.ndarray:
-    from tapvits_cli.models.onnx_extractor import load_onnx_extractor
+    from tapvits_cli.artifacts.external import load_onnx_extractor
 
     return np.concatenate([f for _, f, _ in load_onnx_extractor(path).iterate(dataset, 64)])
 
@@ -54,9 +54,9 @@ def onnx_extractor_file(tmp_path, tapvits, tiny_model_file):
 
 
 def test_onnx_features_match_the_torch_extractor_on_digits(onnx_extractor_file, tiny_model_file):
+    from tapvits_cli.artifacts.external import load_onnx_extractor
     from tapvits_cli.artifacts.model import load_extractor
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.models.onnx_extractor import load_onnx_extractor
 
     dataset = open_dataset("digits:classes=0-4:sample=150")
     torch_extractor = load_extractor(tiny_model_file)
@@ -114,15 +114,38 @@ def test_cloud_commands_without_torch_name_the_install(tmp_path, tiny_model_file
     assert unreadable.returncode == ExitCode.INVALID_ARTIFACT and unreadable.stderr.count("\n") == 1
 
 
+def test_profile_without_torch_runs_on_onnxruntime(tmp_path, tapvits, tiny_model_file):
+    """The device install profiles on onnxruntime (its default there): the table covers the architecture the
+    torch path measures (same fingerprint, so the cloud's predict_model accepts it for any pruned model)."""
+    from tapvits_cli.artifacts.model import read_model_spec
+    from tapvits_cli.artifacts.profile import read_profile
+    from tapvits_cli.latency.table import predict_model
+
+    args = ("--batch-sizes", "1,3", "--widths", "1,48", "--repeats", "2", "--warmup", "1", "--threads", "1")
+    device = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "device.json", *args)
+    assert device.returncode == 0, device.stderr
+    assert tapvits_without_torch("validate", tmp_path / "device.json").returncode == 0
+    assert tapvits("profile", tiny_model_file, "-o", tmp_path / "torch.json", "--runtime", "torch", *args).exit_code == 0
+    on_device, on_torch = read_profile(tmp_path / "device.json"), read_profile(tmp_path / "torch.json")
+    assert (on_device.runtime, on_device.threads, on_device.tokens) == ("onnxruntime", 1, on_torch.tokens)
+    assert on_device.model == on_torch.model and on_device.attn.widths == on_torch.attn.widths == (1, 2, 3)
+    assert np.all(on_device.mlp.median_ms > 0) and np.all(np.asarray(on_device.embed_ms) > 0)
+    prediction = predict_model(on_device, read_model_spec(tiny_model_file)[1], 3)
+    assert prediction.total_ms > prediction.embed_ms + prediction.head_ms > 0
+    refused = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "t.json", "--runtime", "torch")
+    assert refused.returncode == ExitCode.DATA_UNAVAILABLE and "needs torch" in refused.stderr
+
+
 def test_numpy_and_torch_hash_tensors_alike():
     import torch
 
-    from tapvits_cli.artifacts.files import tensors_sha256
-    from tapvits_cli.models.factory import weights_sha256
+    from tapvits_cli.artifacts.digests import tensors_sha256
 
     rng = np.random.default_rng(0)
     arrays = {"b": rng.normal(size=(3, 4)), "a": rng.normal(size=5).astype(np.float32),
               "c": np.arange(6, dtype=np.int64).reshape(2, 3), "s": np.float64(2.0).reshape(())}
-    assert tensors_sha256(arrays) == weights_sha256({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    for rule in ("container", "legacy"):
+        assert tensors_sha256(arrays, rule) == tensors_sha256(tensors, rule)
     changed = {**arrays, "c": arrays["c"].reshape(3, 2)}   # same bytes, other shape: another hash
     assert tensors_sha256(changed) != tensors_sha256(arrays)

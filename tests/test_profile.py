@@ -255,3 +255,72 @@ def test_swin_is_not_supported_yet(tmp_path, tapvits):
     result = tapvits("profile", swin, "-o", tmp_path / "p.json")
     assert_one_line_failure(result, ExitCode.NOT_IMPLEMENTED)
     assert "family 'swin'" in result.stderr and not (tmp_path / "p.json").exists()
+
+
+# timm ViT layouts the device's ONNX graphs must reproduce (each on the tiny ViT's 2 blocks of 3 heads).
+LAYOUTS = {
+    "deit": {},
+    "registers, layer scale, no qkv bias": {"reg_tokens": 2, "init_values": 0.1, "qkv_bias": False},
+    "no class token, mean pooling, fc_norm": {"class_token": False, "global_pool": "avg", "fc_norm": True},
+    "position embedding without the prefix": {"reg_tokens": 1, "no_embed_class": True},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_onnx_graphs_compute_what_the_torch_model_computes(layout):
+    """The graphs `profile --runtime onnxruntime` times, fed a pruned model's own weights, give its outputs
+    (stem, every block with an emptied branch among them, tail), and the architecture read from the
+    file's tensor shapes alone is the one timm builds."""
+    import onnxruntime
+    import torch
+
+    from tapvits_cli.latency.architecture import read_architecture
+    from tapvits_cli.latency.measure import unpruned_architecture
+    from tapvits_cli.latency.onnx_graphs import blocks_graph, stem_graph, tail_graph
+    from tapvits_cli.models.factory import create_model, describe_model
+    from tapvits_cli.models.families import vit
+    from tapvits_cli.pruning import prune_model
+
+    kwargs = {**TINY_VIT_KWARGS, **LAYOUTS[layout]}
+    torch.manual_seed(0)
+    model = create_model(TINY_VIT, kwargs).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():   # weights far from their initial values: every part matters
+            parameter.normal_(std=0.3)
+    model = prune_model(model, {"attn": [[0, 2], []], "mlp": [list(range(10)), list(range(30))]}).eval()
+    spec = describe_model(model, TINY_VIT, kwargs)
+    state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    arch = read_architecture(spec, {name: array.shape for name, array in state.items()})
+    assert arch == unpruned_architecture(spec) and arch.blocks == (FULL, FULL)
+
+    def run(graph: bytes, x: torch.Tensor) -> np.ndarray:
+        session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+    weights = lambda name, shape: state[name]   # noqa: E731
+    sequence = vit.block_sequence(model)
+    images = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens = sequence.stem(images)
+        hidden = tokens
+        for block in sequence.blocks:
+            hidden = block(hidden)
+        logits = sequence.tail(hidden)
+    np.testing.assert_allclose(run(stem_graph(arch, weights), images), tokens.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(run(blocks_graph(arch, spec.blocks, arch.tokens, weights), tokens), hidden.numpy(),
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(run(tail_graph(arch, arch.tokens, weights), hidden), logits.numpy(), atol=1e-5, rtol=0)
+
+
+def test_architecture_reader_refuses_layouts_it_does_not_build(tmp_path, tapvits):
+    from tapvits_cli.artifacts.model import read_model_spec
+    from tapvits_cli.latency.architecture import read_architecture
+
+    path = tmp_path / "qknorm.safetensors"
+    assert tapvits("create-model", TINY_VIT, *model_args({**TINY_VIT_KWARGS, "qk_norm": True}), "-o", path).exit_code == 0
+    artifact, spec = read_model_spec(path)
+    with pytest.raises(NotImplementedStageError, match="k_norm"):
+        read_architecture(spec, {name: info.shape for name, info in artifact.tensors.items()})
+    result = tapvits("profile", path, "-o", tmp_path / "p.json", "--runtime", "onnxruntime")
+    assert_one_line_failure(result, ExitCode.NOT_IMPLEMENTED)
+    assert "--runtime torch" in result.stderr and not (tmp_path / "p.json").exists()

@@ -42,8 +42,9 @@ def cpu_name() -> str:
                short_help="Measure this device's latency for a model's blocks at every prunable width.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Profile artifact to write (.json).")
-@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
-              help="Runtime the blocks run on (onnxruntime: exported with torch's ONNX exporter, CPU provider).")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
+              help="Runtime the blocks run on; onnxruntime (CPU provider) builds them as ONNX graphs with NumPy "
+                   "alone, so the device install profiles too  [default: torch where installed, else onnxruntime]")
 @click.option("--batch-sizes", default="1,32", show_default=True, metavar="B,B", help="Batch sizes to measure.")
 @click.option("--tokens", type=click.IntRange(1), metavar="N",
               help="Tokens per image in the blocks and the head  [default: the model's input's]")
@@ -52,7 +53,8 @@ def cpu_name() -> str:
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed rounds (the median is kept).")
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
-@click.option("--threads", type=click.IntRange(1), metavar="T", help="Intra-op threads  [default: torch's]")
+@click.option("--threads", type=click.IntRange(1), metavar="T",
+              help="Intra-op threads  [default: torch's; on onnxruntime the cores available]")
 @global_options
 def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens: int | None, widths: str | None,
             repeats: int, warmup: int, threads: int | None) -> None:
@@ -67,29 +69,41 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
     used). The latency of any pruned model of that architecture is then predicted from
     the table (tapvits_cli.latency.predict_model). ViT/DeiT models only.
 
+    Without torch (the device install) the blocks run on onnxruntime and the architecture
+    is read from MODEL's header; give it the unpruned base model (a pruned one is profiled
+    at its architecture's widths, recomputed from the embedding width and mlp_ratio).
+
     Example: tapvits profile base.safetensors -o device.profile.json --batch-sizes 1,32
     """
-    import torch
-
     from tapvits_cli.artifacts.files import sha256_file
     from tapvits_cli.artifacts.header import LineageEntry
     from tapvits_cli.artifacts.model import read_model_spec
     from tapvits_cli.artifacts.profile import write_profile
     from tapvits_cli.latency.measure import measure_profile
-    from tapvits_cli.runtime import resolve_device, seed_everything
+    from tapvits_cli.runtime import resolve_device, seed_everything, torch_available
 
     sizes = _integers("--batch-sizes", batch_sizes)
     mlp_widths = _integers("--widths", widths)
-    device = resolve_device(CURRENT.device)
-    if runtime == "onnxruntime" and device != "cpu":
+    if runtime == "auto":
+        runtime = "torch" if torch_available() else "onnxruntime"
+    if runtime == "torch":
+        device = resolve_device(CURRENT.device)
+    elif CURRENT.device not in ("cpu", "auto"):
         raise UsageError("--runtime onnxruntime runs on the CPU provider: use --device cpu")
+    else:
+        device = "cpu"
     seed_everything(CURRENT.seed)
-    _, spec = read_model_spec(model_path)
-    gpu = torch.cuda.get_device_name(torch.device(device)) if device == "cuda" else None
+    artifact, spec = read_model_spec(model_path)
+    gpu = None
+    if device == "cuda":
+        import torch
+
+        gpu = torch.cuda.get_device_name(torch.device(device))
     with progress_bar("profile", warmup + repeats) as advance:
         profile = measure_profile(spec, sizes, runtime=runtime, device=device, tokens=tokens, mlp_widths=mlp_widths,
                                   repeats=repeats, warmup=warmup, threads=threads, cpu=cpu_name(), gpu=gpu,
-                                  seed=CURRENT.seed, on_progress=advance)
+                                  seed=CURRENT.seed, on_progress=advance,
+                                  tensors={name: info.shape for name, info in artifact.tensors.items()})
     params = {"runtime": runtime, "batch_sizes": list(profile.batch_sizes), "tokens": tokens,
               "widths": list(mlp_widths) if mlp_widths else None, "repeats": repeats, "warmup": warmup,
               "threads": profile.threads, "seed": CURRENT.seed, "device": device}

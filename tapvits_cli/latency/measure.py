@@ -2,14 +2,18 @@
 
 Pure logic: no file I/O, no printing; progress through ``on_progress(n)``.
 
-Every measurement runs real modules built the way pruned models are built: the model
-factory rebuilds the architecture with every block at one width (``set_block_widths``,
-which removes a branch of width 0 exactly as ``prune`` does), and the clock times the
-model's whole sequence of L blocks on a random (batch, tokens, dim) input, divided by L.
-Timing L blocks with their own weights rather than one block L times keeps the memory
-traffic of the real model: at batch 1 a DeiT-Small block's weights are read from memory,
-not from a cache that one repeated block would keep warm. The patch embedding and the
-final norm with the classifier are timed the same way, as the model runs them.
+Every measurement runs real blocks built the way pruned models are built, and the clock
+times the model's whole sequence of L blocks on a random (batch, tokens, dim) input,
+divided by L. On torch the model factory rebuilds the architecture with every block at
+one width (``set_block_widths``, which removes a branch of width 0 exactly as ``prune``
+does). On onnxruntime the same blocks are ONNX graphs built with NumPy alone
+(``latency/onnx_graphs.py``), so the device install, which has neither torch nor the
+``onnx`` package, profiles too; the architecture then comes from the model file's header
+(``latency/architecture.py``). Timing L blocks with their own weights rather than one
+block L times keeps the memory traffic of the real model: at batch 1 a DeiT-Small
+block's weights are read from memory, not from a cache that one repeated block would
+keep warm. The patch embedding and the final norm with the classifier are timed the same
+way, as the model runs them.
 
 Configurations are interleaved: each round times every configuration once, so a load
 that comes and goes on a shared machine spreads over all of them instead of skewing
@@ -21,30 +25,26 @@ not as the previous configuration left them.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from tapvits_cli.errors import NotImplementedStageError, UsageError
-from tapvits_cli.latency.table import BranchTable, LatencyProfile, default_mlp_widths, model_fingerprint
+from tapvits_cli.latency.architecture import Architecture, read_architecture
+from tapvits_cli.latency.table import RUNTIMES, BranchTable, LatencyProfile, default_mlp_widths, model_fingerprint
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
 
-
-@dataclass(frozen=True)
-class Architecture:
-    """What a profile needs to know of the unpruned architecture, read off a ``meta`` build."""
-
-    blocks: tuple[BlockWidths, ...]
-    tokens: int
-    dim: int
-    input_size: tuple[int, int, int]
+Runner = Callable[[int], float]   # run(batch) -> milliseconds of one forward pass
 
 
 def unpruned_architecture(spec: ModelSpec) -> Architecture:
-    """The architecture's own widths (whatever ``spec.blocks`` were pruned to), its token count and input size."""
+    """The architecture's own widths (whatever ``spec.blocks`` were pruned to), tokens and layout, from a
+    ``meta`` build with timm (what :func:`~tapvits_cli.latency.architecture.read_architecture` reads off a
+    file's header without torch)."""
     import torch
 
     from tapvits_cli.models.factory import create_model
@@ -59,9 +59,16 @@ def unpruned_architecture(spec: ModelSpec) -> Architecture:
     if len(set(blocks)) != 1:
         raise NotImplementedStageError(f"{spec.architecture}: blocks of different widths are not supported by "
                                        "tapvits profile yet")
-    size = model.patch_embed.img_size
+    first = model.blocks[0]
+    present = lambda module: not isinstance(module, torch.nn.Identity)   # noqa: E731 - timm's absent parts
     return Architecture(blocks=blocks, tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
-                        dim=model.embed_dim, input_size=(model.patch_embed.proj.in_channels, *size))
+                        dim=model.embed_dim, input_size=(model.patch_embed.proj.in_channels, *model.patch_embed.img_size),
+                        patch_size=model.patch_embed.patch_size[0], prefix_tokens=model.num_prefix_tokens,
+                        class_token=model.cls_token is not None,
+                        pos_embed_prefix=not model.no_embed_class or not model.num_prefix_tokens,
+                        qkv_bias=first.attn.qkv.bias is not None, layer_scale=present(first.ls1),
+                        global_pool=model.global_pool, final_norm=present(model.norm), fc_norm=present(model.fc_norm),
+                        num_classes=model.num_classes, eps=model.blocks[0].norm1.eps)
 
 
 def build_uniform(spec: ModelSpec, width: BlockWidths, device: str):
@@ -76,25 +83,32 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
                     tokens: int | None = None, mlp_widths: Sequence[int] | None = None, repeats: int = 20,
                     warmup: int = 5, threads: int | None = None, cpu: str = "", gpu: str | None = None,
                     seed: int = 0, on_progress: Callable[[int], None] = lambda n: None,
-                    clock: Callable[[], float] = time.perf_counter) -> LatencyProfile:
+                    clock: Callable[[], float] = time.perf_counter,
+                    tensors: Mapping[str, Sequence[int]] | None = None) -> LatencyProfile:
     """Time the blocks of ``spec``'s architecture at every head count and at ``mlp_widths`` (default: 1 and 8
     evenly spaced widths), plus the fixed parts, at each batch size; see the module docstring.
 
     ``tokens`` (default: the model's own count) sets the blocks' and the head's input; the
     patch embedding always runs on the model's own input size. ``threads`` sets torch's
-    (or onnxruntime's) intra-op threads. ``on_progress`` advances once per round.
-    ``clock`` is wall-clock time, what a device's latency is; ``time.process_time`` on one
-    thread (the CPU time spent, whatever else shares the cores) lets a benchmark test the
-    table's sum rule apart from a shared machine's scheduling.
+    (or onnxruntime's) intra-op threads (default: torch's, or on onnxruntime the cores this
+    process may use). ``on_progress`` advances once per round. ``clock`` is wall-clock
+    time, what a device's latency is; ``time.process_time`` on one thread (the CPU time
+    spent, whatever else shares the cores) lets a benchmark test the table's sum rule
+    apart from a shared machine's scheduling. ``tensors`` (the model file's tensor names
+    and shapes) is what the onnxruntime runtime reads the architecture from; torch is
+    never imported on that runtime.
     """
-    import torch
-
     batch_sizes = tuple(sorted(set(batch_sizes)))
     if not batch_sizes or batch_sizes[0] < 1 or repeats < 1 or warmup < 0:
         raise UsageError("need batch sizes >= 1, repeats >= 1 and warmup >= 0")
-    if runtime not in ("torch", "onnxruntime"):
+    if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime '{runtime}': torch or onnxruntime")
-    arch = unpruned_architecture(spec)
+    if runtime == "onnxruntime":
+        if tensors is None:
+            raise ValueError("the onnxruntime runtime reads the architecture from the model's tensor shapes")
+        arch = read_architecture(spec, tensors)
+    else:
+        arch = unpruned_architecture(spec)
     full = arch.blocks[0]
     tokens = arch.tokens if tokens is None else tokens
     if tokens < 1:
@@ -102,63 +116,76 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
     grid = default_mlp_widths(full.mlp_hidden) if mlp_widths is None else tuple(sorted(set(mlp_widths)))
     if not grid or grid[0] < 1 or grid[-1] > full.mlp_hidden:
         raise UsageError(f"MLP widths must lie in 1..{full.mlp_hidden} (the architecture's), got {list(grid)}")
-    previous_threads = torch.get_num_threads()
-    threads = threads or previous_threads
-    torch.set_num_threads(threads)
-    try:
-        return _measure(spec, arch, batch_sizes, runtime, device, tokens, grid, repeats, warmup, threads, cpu, gpu,
-                        seed, on_progress, clock)
-    finally:
-        torch.set_num_threads(previous_threads)
+    # configuration key -> width of every block; ("block", 0) is the emptied block E
+    widths = {("block", 0): BlockWidths(0, full.head_dim, 0),
+              **{("attn", h): BlockWidths(h, full.head_dim, 0) for h in range(1, full.heads + 1)},
+              **{("mlp", m): BlockWidths(0, full.head_dim, m) for m in grid}}
+    depth = len(arch.blocks)
+    if runtime == "onnxruntime":
+        threads = threads or _available_cores()
+        runners = _onnx_runners(arch, widths, batch_sizes, tokens, threads, seed, clock)
+        medians = _time(runners, depth, batch_sizes, repeats, warmup, on_progress)
+        version = _onnxruntime().__version__
+    else:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        threads = threads or previous_threads
+        torch.set_num_threads(threads)
+        try:
+            runners = _torch_runners(spec, arch, widths, batch_sizes, tokens, device, seed, clock)
+            medians = _time(runners, depth, batch_sizes, repeats, warmup, on_progress)
+        finally:
+            torch.set_num_threads(previous_threads)
+        version = torch.__version__
+
+    attn_keys = [key for key in widths if key[0] == "attn"]
+    mlp_keys = [key for key in widths if key[0] == "mlp"]
+    unpruned = replace(spec, blocks=arch.blocks, token_merging=None)
+    return LatencyProfile(
+        model=model_fingerprint(unpruned, arch.blocks), runtime=runtime, runtime_version=version,
+        threads=threads, device=device, cpu=cpu, gpu=gpu, batch_sizes=batch_sizes, tokens=tokens,
+        repeats=repeats, warmup=warmup, embed_ms=medians[("embed", 0)], head_ms=medians[("head", 0)],
+        block_ms=medians[("block", 0)],
+        attn=BranchTable(tuple(h for _, h in attn_keys), np.array([medians[k] for k in attn_keys])),
+        mlp=BranchTable(grid, np.array([medians[k] for k in mlp_keys])),
+    )
 
 
-def _measure(spec: ModelSpec, arch: Architecture, batch_sizes: tuple[int, ...], runtime: str, device: str, tokens: int,
-             grid: tuple[int, ...], repeats: int, warmup: int, threads: int, cpu: str, gpu: str | None, seed: int,
-             on_progress: Callable[[int], None], clock: Callable[[], float]) -> LatencyProfile:
-    """The timing itself, once the options are checked (see :func:`measure_profile`)."""
-    import torch
-
-    full = arch.blocks[0]
-    generator = torch.Generator().manual_seed(seed)
-    images = {b: torch.randn(b, *arch.input_size, generator=generator) for b in batch_sizes}
-    hidden = {b: torch.randn(b, tokens, arch.dim, generator=generator) for b in batch_sizes}
-
-    # configuration key -> (module, per-batch input, divisor); modules are built the way prune builds them
-    attn_keys = [("attn", h) for h in range(1, full.heads + 1)]
-    mlp_keys = [("mlp", m) for m in grid]
-    configs = {}
-    for key in [("block", 0), *attn_keys, *mlp_keys]:
-        heads, mlp = (0, 0) if key[0] == "block" else (key[1], 0) if key[0] == "attn" else (0, key[1])
-        model = build_uniform(spec, BlockWidths(heads, full.head_dim, mlp), device)
-        configs[key] = (model.blocks, hidden, len(model.blocks))
-        if key[0] == "block":   # the fixed parts come from the same build
-            stem, tail = _stem_and_tail(model)
-            configs[("embed", 0)] = (stem, images, 1)
-            configs[("head", 0)] = (tail, hidden, 1)
-    runners = {key: _runner(module, inputs, runtime, device, threads, clock)
-               for key, (module, inputs, _) in configs.items()}
-
-    times = {(key, b): [] for key in configs for b in batch_sizes}
+def _time(runners: Mapping[tuple[str, int], Runner], depth: int, batch_sizes: tuple[int, ...], repeats: int,
+          warmup: int, on_progress: Callable[[int], None]) -> dict[tuple[str, int], tuple[float, ...]]:
+    """Per configuration, the median milliseconds at each batch size (block configurations: per block of
+    ``depth``), over interleaved rounds, each timed run right after an untimed one (module docstring)."""
+    times = {(key, b): [] for key in runners for b in batch_sizes}
     for round_ in range(warmup + repeats):
         for key, run in runners.items():
+            divisor = 1 if key[0] in ("embed", "head") else depth
             for b in batch_sizes:
                 run(b)
                 if round_ >= warmup:   # timed right after an untimed run of the same: warm, as in a stream of inputs
-                    times[key, b].append(run(b) / configs[key][2])
+                    times[key, b].append(run(b) / divisor)
         on_progress(1)
+    return {key: tuple(statistics.median(times[key, b]) for b in batch_sizes) for key in runners}
 
-    def medians(key) -> tuple[float, ...]:
-        return tuple(statistics.median(times[key, b]) for b in batch_sizes)
 
-    unpruned = replace(spec, blocks=arch.blocks, token_merging=None)
-    return LatencyProfile(
-        model=model_fingerprint(unpruned, arch.blocks), runtime=runtime, runtime_version=_runtime_version(runtime),
-        threads=threads, device=device, cpu=cpu, gpu=gpu, batch_sizes=batch_sizes, tokens=tokens,
-        repeats=repeats, warmup=warmup, embed_ms=medians(("embed", 0)), head_ms=medians(("head", 0)),
-        block_ms=medians(("block", 0)),
-        attn=BranchTable(tuple(h for _, h in attn_keys), np.array([medians(k) for k in attn_keys])),
-        mlp=BranchTable(grid, np.array([medians(k) for k in mlp_keys])),
-    )
+def _torch_runners(spec: ModelSpec, arch: Architecture, widths: Mapping[tuple[str, int], BlockWidths],
+                   batch_sizes: tuple[int, ...], tokens: int, device: str, seed: int,
+                   clock: Callable[[], float]) -> dict[tuple[str, int], Runner]:
+    """Each configuration as the model factory builds it (fresh weights); the fixed parts from the emptied build."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    images = {b: torch.randn(b, *arch.input_size, generator=generator) for b in batch_sizes}
+    hidden = {b: torch.randn(b, tokens, arch.dim, generator=generator) for b in batch_sizes}
+    runners = {}
+    for key, width in widths.items():
+        model = build_uniform(spec, width, device)
+        runners[key] = _torch_runner(model.blocks, hidden, device, clock)
+        if key[0] == "block":   # the fixed parts come from the same build
+            stem, tail = _stem_and_tail(model)
+            runners[("embed", 0)] = _torch_runner(stem, images, device, clock)
+            runners[("head", 0)] = _torch_runner(tail, hidden, device, clock)
+    return runners
 
 
 def _stem_and_tail(model):
@@ -172,7 +199,7 @@ def _stem_and_tail(model):
     class Part(torch.nn.Module):
         def __init__(self, function):
             super().__init__()
-            self.owner, self.function = model, function   # registered, so ONNX export sees the weights
+            self.owner, self.function = model, function   # registered, so .to(device) moves the model's weights
 
         def forward(self, x):
             return self.function(x)
@@ -180,11 +207,8 @@ def _stem_and_tail(model):
     return Part(sequence.stem).eval(), Part(sequence.tail).eval()
 
 
-def _runner(module, inputs: dict, runtime: str, device: str, threads: int,
-            clock: Callable[[], float]) -> Callable[[int], float]:
+def _torch_runner(module, inputs: dict, device: str, clock: Callable[[], float]) -> Runner:
     """``run(batch) -> milliseconds`` of one forward pass of ``module`` on ``inputs[batch]``."""
-    if runtime == "onnxruntime":
-        return _onnx_runner(module, inputs, threads, clock)
     import torch
 
     module = module.to(device).eval()
@@ -204,45 +228,50 @@ def _runner(module, inputs: dict, runtime: str, device: str, threads: int,
     return run
 
 
-def _onnx_runner(module, inputs: dict, threads: int, clock: Callable[[], float]) -> Callable[[int], float]:
-    """The module exported with torch's ONNX exporter (batch axis symbolic), run on onnxruntime's CPU provider."""
-    import io
-    import warnings
+def _onnx_runners(arch: Architecture, widths: Mapping[tuple[str, int], BlockWidths], batch_sizes: tuple[int, ...],
+                  tokens: int, threads: int, seed: int, clock: Callable[[], float]) -> dict[tuple[str, int], Runner]:
+    """Each configuration as an ONNX graph of all L blocks with their own random weights, plus the fixed parts,
+    each in an onnxruntime session on the CPU provider with ``threads`` intra-op threads."""
+    from tapvits_cli.latency.onnx_graphs import blocks_graph, random_weights, stem_graph, tail_graph
 
-    import torch
-
-    from tapvits_cli.errors import ExportError
-    from tapvits_cli.models.onnx_export import DEFAULT_OPSET, require_onnx
-
-    _, onnxruntime = require_onnx()
-    example = next(iter(inputs.values()))
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(module.cpu().eval(), (example,), buffer, dynamo=False, opset_version=DEFAULT_OPSET,
-                              input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            raise ExportError(f"torch could not export a block to ONNX ({reason})") from None
+    onnxruntime = _onnxruntime()
+    rng = np.random.default_rng(seed)
+    images = {b: rng.standard_normal((b, *arch.input_size), dtype=np.float32) for b in batch_sizes}
+    hidden = {b: rng.standard_normal((b, tokens, arch.dim), dtype=np.float32) for b in batch_sizes}
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    arrays = {b: x.numpy() for b, x in inputs.items()}
+    depth = len(arch.blocks)
 
-    def run(batch: int) -> float:
-        start = clock()
-        session.run(None, {"x": arrays[batch]})
-        return (clock() - start) * 1000.0
+    def runner(graph: bytes, inputs: dict) -> Runner:
+        session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
 
-    return run
+        def run(batch: int) -> float:
+            start = clock()
+            session.run(None, {name: inputs[batch]})
+            return (clock() - start) * 1000.0
+
+        return run
+
+    # one graph at a time: its serialized copy is dropped once its session holds the weights
+    runners = {key: runner(blocks_graph(arch, (width,) * depth, tokens, random_weights(seed)), hidden)
+               for key, width in widths.items()}
+    runners[("embed", 0)] = runner(stem_graph(arch, random_weights(seed)), images)
+    runners[("head", 0)] = runner(tail_graph(arch, tokens, random_weights(seed)), hidden)
+    return runners
 
 
-def _runtime_version(runtime: str) -> str:
-    if runtime == "onnxruntime":
+def _available_cores() -> int:
+    """The cores this process may run on (Linux affinity; elsewhere the machine's count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
+def _onnxruntime():
+    try:
         import onnxruntime
+    except ImportError:
+        from tapvits_cli.errors import DataUnavailableError
 
-        return onnxruntime.__version__
-    import torch
-
-    return torch.__version__
+        raise DataUnavailableError("--runtime onnxruntime needs onnxruntime: pip install onnxruntime") from None
+    return onnxruntime
