@@ -14,8 +14,8 @@ from tapvits_cli.errors import ExitCode, UsageError
 from tapvits_cli.models.factory import create_model
 from tapvits_cli.models.families import vit
 from tapvits_cli.models.spec import TokenMerging
-from tapvits_cli.models.token_merging import (attention_with_keys, bipartite_destinations, merge_tokens,
-                                              neighbour_destinations, set_token_merging, token_merging_of)
+from tapvits_cli.models.token_matching import bipartite_destinations, merge_tokens, neighbour_destinations
+from tapvits_cli.models.token_merging import attention_with_keys, set_token_merging, token_merging_of
 from tapvits_cli.pruning import prune_model
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS
 from tests.test_prune import random_keep

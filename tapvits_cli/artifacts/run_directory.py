@@ -1,4 +1,4 @@
-"""The files of a ``tapvits run``: recipes in, the run directory and the stage cache out.
+"""The files of a ``tapvits run``: the run directory and the stage cache.
 
 Layout and ``run.json`` are specified in protocol/run.md. The run directory is the
 only record of what finished: a step counts as done when ``run.json`` holds its key and
@@ -24,64 +24,6 @@ RECIPE_FILE = "recipe.yaml"
 COMMANDS_FILE = "commands.sh"
 SUMMARY_FILE = "summary.json"
 STATE_VERSION = 1
-_MAX_EXTENDS = 16
-
-
-def read_recipe_document(path: str | os.PathLike) -> dict:
-    """The YAML document of a recipe with its ``extends`` chain merged in (base first).
-
-    ``extends`` names the base recipe relative to the file that names it; a chain is
-    followed up to 16 levels and a cycle is an error.
-    """
-    import yaml
-
-    from tapvits_cli.pipeline.recipe import load_yaml, merge
-
-    chain: list[dict] = []
-    current = Path(path)
-    seen: set[Path] = set()
-    while True:
-        resolved = current.resolve()
-        if resolved in seen or len(chain) >= _MAX_EXTENDS:
-            raise UsageError(f"recipe {current}: 'extends' forms a cycle or is nested deeper than {_MAX_EXTENDS}")
-        seen.add(resolved)
-        try:
-            text = current.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"recipe {current}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"recipe {current}: cannot be read ({exc})") from None
-        try:
-            document = load_yaml(text)   # a key given twice is an error, not "the last one wins"
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise UsageError(f"recipe {current}:{where}: not valid YAML ({problem})") from None
-        if not isinstance(document, dict):
-            raise UsageError(f"recipe {current}: must be a YAML mapping of keys (see protocol/recipe.md)")
-        chain.append(document)
-        parent = document.get("extends")
-        if parent is None:
-            break
-        if not isinstance(parent, str):
-            raise UsageError(f"recipe {current}: 'extends' must be a file name")
-        current = current.parent / parent
-    # The root recipe as written; each variant is then laid over it (its nulls remove base keys).
-    merged = {k: v for k, v in chain[-1].items() if k != "extends"}
-    for document in reversed(chain[:-1]):
-        merged = merge(merged, {k: v for k, v in document.items() if k != "extends"})
-    return merged
-
-
-def parse_yaml_value(text: str) -> Any:
-    """A ``--set`` value as YAML reads it (0.5 → float, true → bool, [a, b] → list)."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise UsageError(f"--set value {text!r} is not a YAML scalar or flow list/mapping") from None
 
 
 CACHE_RECORD_SUFFIX = ".record.json"

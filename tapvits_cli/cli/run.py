@@ -149,8 +149,8 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
 
     Example: tapvits run recipes/quickstart.yaml --set budget=0.5 --run-dir runs/half
     """
-    from tapvits_cli.artifacts.run_directory import RunDirectory, parse_yaml_value, read_recipe_document
-    from tapvits_cli.pipeline.recipe import apply_setting, parse_recipe, to_document
+    from tapvits_cli.artifacts.run_directory import RunDirectory
+    from tapvits_cli.pipeline.recipe import apply_setting, parse_recipe, parse_yaml_value, read_recipe_document, to_document
     from tapvits_cli.pipeline.steps import build_steps
 
     document = read_recipe_document(recipe_path)

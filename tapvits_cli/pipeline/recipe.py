@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from tapvits_cli.errors import UsageError
@@ -28,6 +30,7 @@ TOP_LEVEL = ("version", "extends", "name", "seed", "device", "public", "base_mod
              "budget", "stages", "thresholds")
 THRESHOLDS = ("min-top1", "min-mean-top1")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MAX_EXTENDS = 16
 
 # check_stage(stage, options, path) → the options, checked and normalised; raises UsageError.
 StageCheck = Callable[[str, Mapping[str, Any], str], dict]
@@ -127,6 +130,61 @@ def _strict_loader():
             return super().construct_mapping(node, deep=deep)
 
     return StrictLoader
+
+
+def read_recipe_document(path: str | os.PathLike) -> dict:
+    """The YAML document of a recipe with its ``extends`` chain merged in (base first).
+
+    ``extends`` names the base recipe relative to the file that names it; a chain is
+    followed up to 16 levels and a cycle is an error.
+    """
+    import yaml
+
+    chain: list[dict] = []
+    current = Path(path)
+    seen: set[Path] = set()
+    while True:
+        resolved = current.resolve()
+        if resolved in seen or len(chain) >= _MAX_EXTENDS:
+            raise UsageError(f"recipe {current}: 'extends' forms a cycle or is nested deeper than {_MAX_EXTENDS}")
+        seen.add(resolved)
+        try:
+            text = current.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"recipe {current}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"recipe {current}: cannot be read ({exc})") from None
+        try:
+            document = load_yaml(text)   # a key given twice is an error, not "the last one wins"
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UsageError(f"recipe {current}:{where}: not valid YAML ({problem})") from None
+        if not isinstance(document, dict):
+            raise UsageError(f"recipe {current}: must be a YAML mapping of keys (see protocol/recipe.md)")
+        chain.append(document)
+        parent = document.get("extends")
+        if parent is None:
+            break
+        if not isinstance(parent, str):
+            raise UsageError(f"recipe {current}: 'extends' must be a file name")
+        current = current.parent / parent
+    # The root recipe as written; each variant is then laid over it (its nulls remove base keys).
+    merged = {k: v for k, v in chain[-1].items() if k != "extends"}
+    for document in reversed(chain[:-1]):
+        merged = merge(merged, {k: v for k, v in document.items() if k != "extends"})
+    return merged
+
+
+def parse_yaml_value(text: str) -> Any:
+    """A ``--set`` value as YAML reads it (0.5 → float, true → bool, [a, b] → list)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise UsageError(f"--set value {text!r} is not a YAML scalar or flow list/mapping") from None
 
 
 def apply_setting(document: Mapping[str, Any], setting: str, parse_value: Callable[[str], Any]) -> dict:

@@ -118,9 +118,10 @@ def block_sequence(model) -> BlockSequence:
     A replay from block l cannot carry merged token sizes, so a token-merging model is refused.
     """
     from tapvits_cli.errors import UsageError
-    from tapvits_cli.models.token_merging import token_merging_of
 
-    if token_merging_of(model) is not None:
+    # A merging model's blocks carry their ``merging`` (models.token_merging.MergingBlocks); asked
+    # of the module rather than by importing that one, which needs this family to check support.
+    if getattr(model.blocks, "merging", None) is not None:
         raise UsageError("layer importance replays blocks without token merging: score the model before merging "
                          "(tapvits prune MODEL --merge none -o unmerged.safetensors writes such a copy)")
 

@@ -1,0 +1,52 @@
+"""The package's layers hold: import-linter's contracts (.importlinter) pass, with no import cycle.
+
+README "Architecture" draws the layers; a future import against their direction fails here,
+naming the import, instead of waiting for a maintainer to notice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRACT_NAMES = ("layers", "logic-without-files", "no-cycles")
+
+
+def lint_imports(root: Path = ROOT) -> subprocess.CompletedProcess:
+    """``lint-imports`` on the package under ``root`` with the contracts in ``root/.importlinter``."""
+    executable = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    if executable is None:
+        pytest.fail("lint-imports is not installed: pip install import-linter (it is in the dev extra)")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([executable, "--no-cache", str(root / ".importlinter")], cwd=root, env=environment,
+                          capture_output=True, text=True)
+
+
+def test_import_contracts_hold():
+    result = lint_imports()
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"Contracts: {len(CONTRACT_NAMES)} kept, 0 broken." in result.stdout
+
+
+@pytest.mark.parametrize("files,broken", [
+    ({"selection/_probe.py": "from tapvits_cli.artifacts import plan\n"},
+     "tapvits_cli.selection._probe -> tapvits_cli.artifacts.plan"),
+    ({"data/_probe.py": "from tapvits_cli.models import units\n"}, "tapvits_cli.data._probe -> tapvits_cli.models.units"),
+    ({"models/_probe.py": "from tapvits_cli.models import _echo\n", "models/_echo.py": "from tapvits_cli.models import _probe\n"},
+     "No cycles are allowed in tapvits_cli.models"),
+], ids=["logic-reads-files", "layer-upwards", "cycle"])
+def test_a_violation_fails(tmp_path, files, broken):
+    """The contracts are live: each kind of violation, in a copy of the package, breaks them."""
+    shutil.copytree(ROOT / "tapvits_cli", tmp_path / "tapvits_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".importlinter", tmp_path / ".importlinter")
+    for name, source in files.items():
+        (tmp_path / "tapvits_cli" / name).write_text(source)
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert broken in " ".join(result.stdout.split()), result.stdout[-3000:]
