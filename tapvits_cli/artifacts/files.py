@@ -28,9 +28,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    tmp.chmod(0o666 & ~_current_umask())  # mkstemp makes 0600; artifacts get ordinary permissions
     try:
         yield tmp
+        # mkstemp makes 0600, and a writer may replace the file (safetensors does), so the
+        # ordinary permissions are set on what was written: files handed to other users
+        # and machines must be readable wherever the umask allows it.
+        tmp.chmod(0o666 & ~_current_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)

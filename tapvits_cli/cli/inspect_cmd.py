@@ -1,61 +1,88 @@
-"""``tapvits inspect FILE``: kind, version, lineage, shapes and key figures of any artifact."""
+"""``tapvits inspect PATH...``: what any file or run directory tapvits wrote is, and its key figures."""
 
 from __future__ import annotations
 
 import click
 
 from tapvits_cli.cli.options import CURRENT, global_options
-from tapvits_cli.cli.output import emit
+from tapvits_cli.cli.output import console, emit
 
 
-@click.command("inspect", short_help="Show any artifact: kind, version, lineage, shapes, key figures.")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.command("inspect", short_help="Show any artifact, ONNX export or run directory: kind, lineage, key figures.")
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--units", is_flag=True,
+              help="For scores artifacts (and run directories): a table per head and per MLP neuron with its score, "
+                   "activity, redundancy, relevance and rank in its layer; with a plan made from those scores among "
+                   "the PATHs (or in the run directory), whether it was kept.")
+@click.option("--block", "blocks", type=click.IntRange(min=0), multiple=True, metavar="L",
+              help="With --units: only block L (repeatable).")
 @global_options
-def command(path: str) -> None:
-    """Show what an artifact is: header, lineage, key figures and tables.
+def command(paths: tuple[str, ...], units: bool, blocks: tuple[int, ...]) -> None:
+    """Show what each PATH is: an artifact (header, lineage, figures, tables), an ONNX file
+    from `tapvits export`, a run directory, or its run.json / summary.json.
 
-    The human view is printed on stdout (it is the result); --json prints one object.
+    Fractions are shown as percentages (95.56%); a pruned model's widths as kept/built
+    (3/4 heads). The human view is printed on stdout (it is the result); --json prints
+    the document of one PATH, or {"inspected": [...]} for several.
+
+    \b
+    Examples:
+      tapvits inspect runs/quickstart/devices/low/model.safetensors
+      tapvits inspect scores.safetensors plan.safetensors --units --block 5
+      tapvits inspect runs/quickstart
     """
-    from tapvits_cli.artifacts.kinds import summarize_artifact
+    from tapvits_cli.reporting.inspection import inspect_paths
 
-    artifact, summary = summarize_artifact(path)
-    document = {
-        "path": str(artifact.path),
-        "format": artifact.format,
-        **artifact.header.to_dict(),
-        "figures": summary.figures,
-        "tables": [t.to_dict() for t in summary.tables],
-        "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape)} for n, t in artifact.tensors.items()},
-    }
+    if blocks and not units:
+        raise click.UsageError("--block applies with --units")
+    documents = inspect_paths(paths, units=units, blocks=list(blocks) or None)
     if CURRENT.json:
-        emit(document)
-    else:
+        emit(documents[0] if len(documents) == 1 else {"inspected": documents})
+        return
+    for index, document in enumerate(documents):
+        if index:
+            click.echo()
         _render(document)
+
+
+def _cell(name: str, value) -> str:
+    """A value as the text view shows it: fractions as percentages, floats to 4 significant digits."""
+    from tapvits_cli.reporting.inspection import FRACTION_NAMES
+
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.2%}" if name in FRACTION_NAMES else f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        import json
+
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
 
 
 def _render(document: dict) -> None:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    out = console(stderr=False)
     head = Table(show_header=False, box=None, pad_edge=False)
     head.add_column(style="bold")
     head.add_column()
     for key in ("path", "kind", "version", "format", "producer", "producer_version", "created"):
-        head.add_row(key, str(document[key]))
+        if document.get(key) is not None:
+            head.add_row(key, str(document[key]))
     for role, entry in document["inputs"].items():
-        head.add_row(f"input {role}", f"{entry['kind']} {entry['name']} sha256:{entry['sha256'][:16]}…")
+        head.add_row(f"input {role}", f"{entry['kind']} {entry['name']} sha256:{entry['sha256']}")
     if document["params"]:
         head.add_row("params", json.dumps(document["params"], sort_keys=True))
     for key, value in document["figures"].items():
-        head.add_row(key, value if isinstance(value, str) else json.dumps(value))
-    console.print(head)
+        head.add_row(key, _cell(key, value))
+    out.print(head, markup=False)
     for table in document["tables"]:
         view = Table(title=table["title"], title_justify="left")
         for column in table["columns"]:
             view.add_column(column, justify="right")
         for row in table["rows"]:
-            view.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-        console.print(view)
+            view.add_row(*(_cell(column, v) for column, v in zip(table["columns"], row)))
+        out.print(view, markup=False)

@@ -8,6 +8,8 @@ so ``tapvits --help`` stays instant.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import traceback
 
@@ -15,10 +17,17 @@ import click
 
 from tapvits_cli import __version__
 from tapvits_cli.cli import (allocate, audit_gmm, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
-                             inspect_cmd, profile, prune, run, score, select, validate_cmd)
+                             inspect_cmd, profile, prune, report, run, score, select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
 from tapvits_cli.errors import ExitCode, TapvitsError, environment_failure
 
+
+# The "kind" of a JSON error object, by exit code (README, "Exit codes").
+EXIT_KINDS = {ExitCode.INTERNAL: "internal", ExitCode.USAGE: "usage", ExitCode.INVALID_ARTIFACT: "invalid-artifact",
+              ExitCode.INCOMPATIBLE: "incompatible-artifact", ExitCode.UNSATISFIABLE_BUDGET: "unsatisfiable-budget",
+              ExitCode.BELOW_THRESHOLD: "below-threshold", ExitCode.NOT_IMPLEMENTED: "not-implemented",
+              ExitCode.DATA_UNAVAILABLE: "data-unavailable", ExitCode.ENVIRONMENT: "environment",
+              ExitCode.INTERRUPTED: "interrupted"}
 
 # What the cloud install adds to the device install (pyproject.toml, extra "cloud").
 CLOUD_PACKAGES = ("torch", "timm", "torchvision")
@@ -28,7 +37,7 @@ class PipelineOrderGroup(click.Group):
     """Lists subcommands in pipeline order (then tools), not alphabetically."""
 
     ORDER = ("fit-gmm", "audit-gmm", "features", "select", "score", "allocate", "prune", "finetune", "eval", "export", "run",
-             "profile", "create-model", "dataset", "inspect", "validate")
+             "report", "profile", "create-model", "dataset", "inspect", "validate")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         rank = {name: i for i, name in enumerate(self.ORDER)}
@@ -47,7 +56,7 @@ def cli() -> None:
     """
 
 
-for _module in (fit_gmm, audit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export, run,
+for _module in (fit_gmm, audit_gmm, features, select, score, allocate, prune, finetune, eval_cmd, export, run, report,
                 profile, create_model, dataset_cmd, inspect_cmd, validate_cmd):
     cli.add_command(_module.command)
 
@@ -65,20 +74,44 @@ def click_error_line(exc: click.ClickException) -> str:
     return message
 
 
+def _wants_json(argv: list[str]) -> bool:
+    """``--json`` was asked for, even when click failed before its callback ran (an unknown option)."""
+    if CURRENT.json:
+        return True
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in options or os.environ.get("TAPVITS_JSON", "").lower() in ("1", "true", "yes", "on")
+
+
+def _report_error(argv: list[str], message: str, code: int, internal: bool = False) -> int:
+    """Say why the command failed, on stderr, and return its exit code.
+
+    One line, ``tapvits: error: …`` (``internal error`` for a bug); under ``--json`` one
+    JSON object instead, ``{"error", "exit_code", "kind"}``, so a program driving tapvits
+    parses failures the way it parses results (README, "Exit codes").
+    """
+    if _wants_json(argv):
+        kind = "internal" if internal else EXIT_KINDS.get(code, "error")
+        click.echo(json.dumps({"error": message, "exit_code": int(code), "kind": kind}), err=True)
+    elif code == ExitCode.INTERRUPTED:
+        click.echo("tapvits: interrupted", err=True)
+    else:
+        click.echo(f"tapvits: {'internal error' if internal else 'error'}: {message}", err=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the group and map failures to exit codes."""
     reset_settings()
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
         cli.main(args=argv, prog_name="tapvits", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("tapvits: interrupted", err=True)
-        return ExitCode.INTERRUPTED
+        return _report_error(args, "interrupted", ExitCode.INTERRUPTED)
     except click.exceptions.NoArgsIsHelpError as exc:   # bare `tapvits`: the help, not an error line
         exc.show()
         return exc.exit_code
     except click.ClickException as exc:
-        click.echo(f"tapvits: error: {click_error_line(exc)}", err=True)
-        return exc.exit_code
+        return _report_error(args, click_error_line(exc), exc.exit_code)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except ModuleNotFoundError as exc:
@@ -86,22 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         if CURRENT.debug:
             traceback.print_exc()
         if missing not in CLOUD_PACKAGES:
-            click.echo(f"tapvits: internal error: ModuleNotFoundError: {exc} (run with --debug for the traceback)",
-                       err=True)
-            return ExitCode.INTERNAL
-        args = argv if argv is not None else sys.argv[1:]
+            return _report_error(args, f"ModuleNotFoundError: {exc} (run with --debug for the traceback)",
+                                 ExitCode.INTERNAL, internal=True)
         command = next((arg for arg in args if arg in cli.commands), "this command")
-        click.echo(f"tapvits: error: `tapvits {command}` needs {missing}, which the device install lacks: "
-                   f'pip install "tapvits[cloud]"', err=True)
-        return ExitCode.DATA_UNAVAILABLE
+        return _report_error(args, f"`tapvits {command}` needs {missing}, which the device install lacks: "
+                                   f'pip install "tapvits[cloud]"', ExitCode.DATA_UNAVAILABLE)
     except TapvitsError as exc:
         if CURRENT.debug:
             traceback.print_exc()
-        click.echo(f"tapvits: error: {exc}", err=True)
-        return exc.exit_code
+        return _report_error(args, str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("tapvits: interrupted", err=True)
-        return ExitCode.INTERRUPTED
+        return _report_error(args, "interrupted", ExitCode.INTERRUPTED)
     except OSError as exc:
         # Writes anywhere (artifacts, caches, run directories) can meet a full disk or a
         # read-only or forbidden path: the environment's fault, with its own exit code.
@@ -109,17 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         refused = environment_failure(exc, exc.filename or "writing")
         if refused is None:
-            click.echo(f"tapvits: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                       err=True)
-            return ExitCode.INTERNAL
-        click.echo(f"tapvits: error: {refused}", err=True)
-        return refused.exit_code
+            return _report_error(args, f"{type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                                 ExitCode.INTERNAL, internal=True)
+        return _report_error(args, str(refused), refused.exit_code)
     except Exception as exc:  # a bug: one line unless --debug
         if CURRENT.debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"tapvits: internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)", err=True)
-        return ExitCode.INTERNAL
+        return _report_error(args, f"{type(exc).__name__}: {first} (run with --debug for the traceback)",
+                             ExitCode.INTERNAL, internal=True)
     return ExitCode.OK
 
 

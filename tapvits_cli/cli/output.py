@@ -3,22 +3,75 @@
 stdout carries exactly one thing per successful command (the output path, or one
 JSON object with ``--json``) so shell pipelines can consume it. Logs, tables and
 progress bars go to a rich console on stderr; rich honours ``NO_COLOR`` itself.
+
+Output that is not a terminal (a pipe, a CI log, a file) is read by programs and pasted
+into shells, so there consoles never wrap or truncate (a hash stays whole, a logged
+command line stays one line) and no line ends in spaces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 from tapvits_cli.cli.options import CURRENT
 
 
-def stderr_console():
+# Wide enough that no table column is squeezed (rich truncates cells with "…" to fit its width).
+UNBOUNDED_WIDTH = 10_000
+
+
+class _TrimmedLines(io.TextIOBase):
+    """A text stream that writes each line to ``target`` without its trailing spaces.
+
+    rich pads every table cell to its column's width, so the last column of a table ends
+    in spaces; programs reading a pipe should not have to strip them.
+    """
+
+    def __init__(self, target: TextIO) -> None:
+        super().__init__()
+        self._target = target
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._target.write(line.rstrip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._target.write(self._pending.rstrip())
+            self._pending = ""
+        self._target.flush()
+
+
+def console(stderr: bool = True):
+    """A rich console on stderr (logs, tables) or stdout (``inspect``'s view, which is its result).
+
+    On a terminal it behaves as rich does; anywhere else it neither wraps nor truncates and
+    trims trailing spaces (module docstring). The stream is looked up when called, so a
+    redirected ``sys.stdout``/``sys.stderr`` (tests, ``run``'s nested stages) is honoured.
+    """
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(file=stream, highlight=False)
+    return Console(file=_TrimmedLines(stream), highlight=False, width=UNBOUNDED_WIDTH, soft_wrap=True)
+
+
+def stderr_console():
+    return console(stderr=True)
 
 
 def log(message: str, level: int = 0) -> None:

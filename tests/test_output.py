@@ -1,0 +1,86 @@
+"""Machine-friendly output: pipes get whole lines (no wrapping, truncation or trailing
+spaces), files follow the umask, and --json turns errors into one JSON object on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from tapvits_cli.errors import ExitCode
+
+from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
+
+
+def test_piped_inspect_keeps_hashes_whole_and_lines_unpadded(tiny_model_file, tapvits):
+    result = tapvits("inspect", tiny_model_file)   # capsys: stdout is not a terminal
+    assert result.exit_code == 0, result.stderr
+    digest = tapvits("--json", "inspect", tiny_model_file).json()["figures"]["weights_sha256"]
+    assert digest in result.stdout and "…" not in result.stdout
+    assert all(line == line.rstrip() for line in result.stdout.splitlines())
+
+
+def test_piped_log_lines_are_never_wrapped(capsys):
+    from tapvits_cli.cli.output import log
+
+    command = "tapvits score " + " ".join(f"--option-{i} 'value {i}'" for i in range(40))
+    log(command)
+    err = capsys.readouterr().err
+    assert err == command + "\n"
+
+
+def test_tables_on_a_pipe_have_no_trailing_spaces(capsys):
+    from rich.table import Table
+
+    from tapvits_cli.cli.output import stderr_console
+
+    table = Table("name", "value")
+    table.add_row("a" * 150, "x")
+    table.add_row("b", "y" * 3)
+    stderr_console().print(table)
+    lines = capsys.readouterr().err.splitlines()
+    assert any("a" * 150 in line for line in lines)   # not truncated to 80 columns
+    assert lines and all(line == line.rstrip() for line in lines)
+
+
+def test_artifacts_follow_the_umask(tmp_path, tapvits):
+    previous = os.umask(0o027)
+    try:
+        path = tmp_path / "m.safetensors"
+        assert tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", path).exit_code == 0
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_json_errors_are_one_object_on_stderr(tmp_path, tapvits):
+    missing = tapvits("--json", "inspect", tmp_path / "missing")
+    assert missing.exit_code == ExitCode.USAGE and missing.stdout == ""
+    document = json.loads(missing.stderr)
+    assert document["exit_code"] == ExitCode.USAGE and document["kind"] == "usage"
+    assert "does not exist" in document["error"]
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not an artifact at all")
+    invalid = tapvits("inspect", bad, "--json")
+    lines = invalid.stderr.splitlines()
+    assert invalid.exit_code == ExitCode.INVALID_ARTIFACT and len(lines) == 1
+    assert json.loads(lines[0]) == {"error": json.loads(lines[0])["error"], "exit_code": 3,
+                                    "kind": "invalid-artifact"}
+
+    # click fails on an unknown option before --json is processed: still JSON
+    unknown = tapvits("inspect", "--json", "--bogus", bad)
+    assert json.loads(unknown.stderr)["kind"] == "usage"
+    # and without --json errors stay one plain line
+    plain = tapvits("inspect", bad)
+    assert re.fullmatch(r"tapvits: error: .*\n", plain.stderr)
+
+
+def test_every_json_error_kind_is_in_the_readme_table():
+    from pathlib import Path
+
+    from tapvits_cli.cli.main import EXIT_KINDS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for code, kind in EXIT_KINDS.items():
+        assert f"| {int(code)} | `{kind}` |" in readme
