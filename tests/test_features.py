@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tapvits_cli.artifacts.digests import fingerprint_sha256
 from tapvits_cli.artifacts.features import open_feature_table, partial_path
 from tapvits_cli.errors import ExitCode, InvalidArtifactError, UsageError
 
@@ -38,7 +39,7 @@ def test_table_holds_every_sample_with_its_label_and_features(table_file, tiny_m
     with open_feature_table(table_file) as table:
         assert (table.rows, table.dim) == (200, 24)
         assert table.extractor == extractor.fingerprint
-        assert table.extractor_sha256 == extractor.fingerprint_sha256
+        assert table.extractor_sha256 == fingerprint_sha256(extractor.fingerprint)
         assert table.dataset["fingerprint"] == dataset.fingerprint() and table.dataset["samples"] == 200
         ids, features, labels = (np.concatenate(parts) for parts in zip(*table.iter_chunks(1000)))
         header = table.artifact.header
@@ -282,7 +283,7 @@ def test_lite0_extractor_embeds_digits(tmp_path, tapvits):
     output = tmp_path / "lite0.h5"
     result = tapvits("--json", "features", "digits:indices=0-3", "-e", "efficientnet-lite0", "-o", output)
     assert result.exit_code == 0, result.stderr
-    assert result.json()["dim"] == 1280 and result.json()["extractor_sha256"] == first.fingerprint_sha256
+    assert result.json()["dim"] == 1280 and result.json()["extractor_sha256"] == fingerprint_sha256(first.fingerprint)
     assert tapvits("validate", output).exit_code == 0
     with open_feature_table(output) as table:
         (_, features, _), = table.iter_chunks(10)

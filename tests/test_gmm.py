@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tapvits_cli.artifacts.containers import open_file
+from tapvits_cli.artifacts.digests import fingerprint_sha256
 from tapvits_cli.artifacts.gmm import GmmInfo, read_gmm, write_gmm
 from tapvits_cli.errors import ExitCode, UsageError
 from tapvits_cli.gmm.fit import check_feasible, fit_mixture
@@ -121,7 +122,7 @@ def test_fit_gmm_end_to_end(gmm_file, tiny_model_file, tapvits):
     extractor = load_extractor(tiny_model_file)
     assert isinstance(mixture, Mixture) and mixture.dim == 8 and mixture.feature_dim == 24
     assert info.samples == 287 and info.extractor == extractor.fingerprint
-    assert artifact.metadata["gmm.extractor_sha256"] == extractor.fingerprint_sha256
+    assert artifact.metadata["gmm.extractor_sha256"] == fingerprint_sha256(extractor.fingerprint)
     assert min(info.bic, key=info.bic.get) == mixture.components
     # n / K >= 18 for every K, but above K=5 some component holds fewer than 18 samples: rejected
     assert sorted(info.bic) == [2, 3, 4, 5]
@@ -135,7 +136,7 @@ def test_fit_gmm_end_to_end(gmm_file, tiny_model_file, tapvits):
     assert header.inputs["extractor"].name == "tiny.safetensors" and header.inputs["extractor"].kind == "model"
     assert header.inputs["data"].name == "private" and header.inputs["data"].kind == "dataset"
 
-    assert tapvits("validate", gmm_file).stdout == f"{gmm_file}: ok (gmm v2)\n"
+    assert tapvits("validate", gmm_file).stdout == f"{gmm_file}: ok (gmm v3)\n"
     document = tapvits("inspect", "--json", gmm_file).json()
     figures = document["figures"]
     assert (figures["components"], figures["dim"], figures["feature_dim"]) == (mixture.components, 8, 24)
@@ -205,10 +206,10 @@ def rewrite(src, dst, tensors=None, drop=(), **metadata):
 
     The tensor hash is recomputed, as a producer with a bug would: the content rules must catch it.
     """
-    from tapvits_cli.models.factory import weights_sha256
+    from tapvits_cli.artifacts.digests import tensors_sha256
 
     kept = {name: t for name, t in {**load_file(str(src)), **(tensors or {})}.items() if name not in drop}
-    meta = {**open_file(src).metadata, "gmm.tensors_sha256": weights_sha256(kept)}
+    meta = {**open_file(src).metadata, "gmm.tensors_sha256": tensors_sha256(kept)}
     for key, value in metadata.items():
         key = key.replace("__", ".")
         if value is None:
@@ -262,8 +263,15 @@ def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
     flipped.write_bytes(bytes(data))
     result = tapvits("validate", flipped)
     assert result.exit_code == ExitCode.INVALID_ARTIFACT and "gmm.tensors_sha256" in result.stderr
-    newer = rewrite(gmm_file, tmp_path / "newer.safetensors", tapvits__version="3")
+    newer = rewrite(gmm_file, tmp_path / "newer.safetensors", tapvits__version="4")
     assert tapvits("validate", newer).exit_code == ExitCode.INCOMPATIBLE
+    from tapvits_cli.artifacts.digests import tensors_sha256   # v1 and v2 hashed tensors by the legacy rule
+
+    legacy = tensors_sha256(load_file(str(gmm_file)), "legacy")
+    older = rewrite(gmm_file, tmp_path / "older.safetensors", tapvits__version="2", gmm__tensors_sha256=legacy)
+    assert tapvits("validate", older).stdout == f"{older}: ok (gmm v2)\n"
+    mislabelled = rewrite(gmm_file, tmp_path / "mislabelled.safetensors", gmm__tensors_sha256=legacy)
+    assert tapvits("validate", mislabelled).exit_code == ExitCode.INVALID_ARTIFACT
     extended = rewrite(gmm_file, tmp_path / "extended.safetensors", gmm__future="x")
     assert tapvits("validate", extended).exit_code == 0
 

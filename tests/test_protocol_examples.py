@@ -37,13 +37,13 @@ def assert_one_line_failure(result, code):
 
 def test_model_example_is_valid_and_inspectable(tiny_model_file, tapvits):
     result = tapvits("validate", tiny_model_file)
-    assert result.exit_code == 0 and result.stdout == f"{tiny_model_file}: ok (model v1)\n"
+    assert result.exit_code == 0 and result.stdout == f"{tiny_model_file}: ok (model v2)\n"
     human = tapvits("inspect", tiny_model_file)
     assert human.exit_code == 0
     for needle in ("model", "vit_tiny_patch16_224", "blocks", "mlp_hidden", "parameters"):
         assert needle in human.stdout
     document = tapvits("inspect", tiny_model_file, "--json").json()
-    assert document["kind"] == "model" and document["version"] == 1
+    assert document["kind"] == "model" and document["version"] == 2
     assert document["figures"]["family"] == "vit"
     assert document["tables"][0]["rows"] == [[0, 3, 8, 48], [1, 3, 8, 48]]
     assert document["params"]["seed"] == 0
@@ -80,11 +80,28 @@ def test_random_and_foreign_files(tmp_path, tapvits):
 
 def test_newer_version_is_incompatible(tiny_model_file, tmp_path, tapvits):
     newer = tmp_path / "newer.safetensors"
-    rewrite_metadata(tiny_model_file, newer, tapvits__version="2")
+    rewrite_metadata(tiny_model_file, newer, tapvits__version="3")
     for command in ("validate", "inspect"):
         result = tapvits(command, newer)
         assert_one_line_failure(result, ExitCode.INCOMPATIBLE)
-    assert "v2" in result.stderr and "reads up to v1" in result.stderr
+    assert "v3" in result.stderr and "reads up to v2" in result.stderr
+
+
+def test_version_1_model_is_read_with_its_own_weights_hash(tiny_model_file, tmp_path, tapvits):
+    """A v1 model hashed its weights with torch's dtype strings and Python's tuple repr; v2 readers keep that rule."""
+    from tapvits_cli.artifacts.digests import tensors_sha256
+
+    tensors = load_file(str(tiny_model_file))
+    old = tmp_path / "v1.safetensors"
+    rewrite_metadata(tiny_model_file, old, tapvits__version="1", model__timm_version=None,
+                     model__weights_sha256=tensors_sha256(tensors, "legacy"))
+    assert tapvits("validate", old).stdout == f"{old}: ok (model v1)\n"
+    mislabelled = tmp_path / "v2-legacy-hash.safetensors"   # a v2 file must use the container rule
+    rewrite_metadata(tiny_model_file, mislabelled, model__weights_sha256=tensors_sha256(tensors, "legacy"))
+    assert_one_line_failure(tapvits("validate", mislabelled), ExitCode.INVALID_ARTIFACT)
+    unversioned = tmp_path / "no-timm.safetensors"   # v2 records the timm version its tensor names come from
+    rewrite_metadata(tiny_model_file, unversioned, model__timm_version=None)
+    assert_one_line_failure(tapvits("validate", unversioned), ExitCode.INVALID_ARTIFACT)
 
 
 def test_unknown_keys_are_ignored(tiny_model_file, tmp_path, tapvits):
@@ -133,7 +150,7 @@ def test_validate_many_files_reports_each(tiny_model_file, tmp_path, tapvits):
     bad.write_bytes(b"garbage!" * 8)
     result = tapvits("validate", tiny_model_file, bad)
     assert result.exit_code == ExitCode.INVALID_ARTIFACT
-    assert result.stdout == f"{tiny_model_file}: ok (model v1)\n"
+    assert result.stdout == f"{tiny_model_file}: ok (model v2)\n"
     document = tapvits("validate", "--json", tiny_model_file, bad).json()
     assert [r["valid"] for r in document["results"]] == [True, False]
 

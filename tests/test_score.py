@@ -198,7 +198,7 @@ def test_score_command_writes_a_valid_artifact(tiny_model_file, metric_set_file,
     scores = read_scores(out)
     assert scores.criterion == "composite" and scores.samples == 40 and scores.weights["attn"] == [0.1, 0.1, 0.8]
     assert scores.score(1, "mlp").shape == (48,) and scores.layer_importance["attn"].shape == (2,)
-    assert set(scores.artifact.header.inputs) == {"model", "metric_set", "pool"}
+    assert set(scores.artifact.header.inputs) == {"model", "metric-set", "pool"}
     inspected = tapvits("inspect", out)
     assert inspected.exit_code == 0 and "KL attn" in inspected.stdout and "█" in inspected.stdout
 

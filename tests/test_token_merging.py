@@ -287,17 +287,18 @@ def test_finetune_eval_and_export_see_the_merging(tiny_model_file, tmp_path, tap
 
 def test_merging_is_read_off_the_module_and_rejected_when_malformed(tmp_path):
     from tapvits_cli.errors import InvalidArtifactError
+    from tapvits_cli.artifacts.model import model_metadata, spec_from_metadata
     from tapvits_cli.models.factory import describe_model
-    from tapvits_cli.models.spec import ModelSpec
 
     network = merged(model(), TokenMerging("bipartite", SCHEDULES["bipartite"]))
     spec = describe_model(network, TINY_VIT, KWARGS)
     assert spec.token_merging == token_merging_of(network)
-    metadata = spec.to_metadata(parameters=0, weights_sha256="0" * 64)
-    assert ModelSpec.from_metadata(metadata, "m").token_merging == spec.token_merging
+    metadata = model_metadata(spec, parameters=0, weights_sha256="0" * 64, timm_version="1.0")
+    assert spec_from_metadata(metadata, "m").token_merging == spec.token_merging
     for bad in ('{"method":"bipartite","schedule":[1,-1]}', '{"method":"tome","schedule":[1]}', '[1,2]'):
         with pytest.raises(InvalidArtifactError, match="model.token_merging"):
-            ModelSpec.from_metadata({**metadata, "model.token_merging": bad}, "m")
+            spec_from_metadata({**metadata, "model.token_merging": bad}, "m")
+    from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.models.extract import make_extractor
 
     merged_extractor = make_extractor(network, TINY_VIT, KWARGS, "0" * 64)   # same weights, other features
@@ -306,4 +307,4 @@ def test_merging_is_read_off_the_module_and_rejected_when_malformed(tmp_path):
     assert token_merging_of(network) is None and type(network.blocks) is torch.nn.Sequential
     plain_extractor = make_extractor(network, TINY_VIT, KWARGS, "0" * 64)
     assert "token_merging" not in plain_extractor.fingerprint
-    assert plain_extractor.fingerprint_sha256 != merged_extractor.fingerprint_sha256
+    assert fingerprint_sha256(plain_extractor.fingerprint) != fingerprint_sha256(merged_extractor.fingerprint)

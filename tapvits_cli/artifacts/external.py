@@ -8,11 +8,14 @@ training wrappers add (``module.``, ``model.``...) by ``models.checkpoints``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sniff_format
-from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError
+from tapvits_cli.artifacts.header import PREFIX, Header, LineageEntry, compact_json
+from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError, UsageError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
 
@@ -69,3 +72,58 @@ def write_export(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+EXPORT_VERSION = 1   # of the metadata_props layout below (protocol/README.md, "Exports")
+GRAPH_KEY, EXTRACTOR_KEY, RAW_INPUT_KEY = "tapvits.graph", "tapvits.extractor", "tapvits.raw_input"
+FEATURES_GRAPH = "features"
+
+
+def export_provenance(model_metadata: Mapping[str, str], source: LineageEntry,
+                      params: Mapping[str, Any]) -> dict[str, str]:
+    """The ``metadata_props`` tapvits stamps on an export (protocol/README.md, "Exports").
+
+    The source artifact's ``model.*`` keys are copied verbatim (architecture, per-block
+    widths, preprocessing, weights hash...), so an ONNX file traces back to the exact
+    model artifact it came from and tells a runtime its preprocessing and classes.
+    """
+    header = Header(kind="", version=EXPORT_VERSION, inputs={"model": source}, params=dict(params)).to_strings()
+    del header[PREFIX + "kind"], header[PREFIX + "version"]   # an export is not an artifact: no kind to claim
+    return {PREFIX + "export": "onnx", PREFIX + "export_version": str(EXPORT_VERSION), **header,
+            **{key: value for key, value in model_metadata.items() if key.startswith("model.")}}
+
+
+def features_graph_provenance(model_metadata: Mapping[str, str], source: LineageEntry, params: Mapping[str, Any],
+                              fingerprint: Mapping[str, Any], raw_input) -> dict[str, str]:
+    """:func:`export_provenance` plus what makes a features graph usable as ``--extractor``."""
+    return {**export_provenance(model_metadata, source, {**params, "raw_input": list(raw_input)}),
+            GRAPH_KEY: FEATURES_GRAPH, EXTRACTOR_KEY: compact_json(dict(fingerprint)),
+            RAW_INPUT_KEY: compact_json(list(raw_input))}
+
+
+def load_onnx_extractor(path: str | os.PathLike):
+    """Open an exported features graph as an extractor; refuse a logits graph or one without its fingerprint."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DataUnavailableError("an ONNX extractor needs onnxruntime: pip install onnxruntime") from None
+    from tapvits_cli.models.onnx_extractor import OnnxExtractor
+
+    path = Path(path)
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArtifactError(f"{path}: not a readable ONNX graph ({first})") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    if metadata.get(GRAPH_KEY) != FEATURES_GRAPH:
+        raise UsageError(f"{path} is not a features graph (export it with `tapvits export MODEL --features`)")
+    try:
+        fingerprint = json.loads(metadata[EXTRACTOR_KEY])
+        raw_input = tuple(int(v) for v in json.loads(metadata[RAW_INPUT_KEY]))
+    except (KeyError, ValueError, TypeError):
+        raise InvalidArtifactError(f"{path}: '{EXTRACTOR_KEY}' and '{RAW_INPUT_KEY}' must hold the extractor "
+                                   "fingerprint and the (C, H, W) input") from None
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("feature_dim"), int) or len(raw_input) != 3:
+        raise InvalidArtifactError(f"{path}: malformed extractor fingerprint or raw input shape")
+    return OnnxExtractor(session=session, fingerprint=fingerprint, raw_input=raw_input, path=path)

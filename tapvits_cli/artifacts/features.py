@@ -70,7 +70,7 @@ def open_feature_writer(output: str | os.PathLike, extractor, dataset, params: M
     the resumed table is exactly what one uninterrupted run writes. Otherwise it is
     refused; ``restart=True`` discards it.
     """
-    from tapvits_cli.models.extract import fingerprint_sha256
+    from tapvits_cli.artifacts.digests import fingerprint_sha256
 
     partial = partial_path(output)
     if restart:
@@ -333,7 +333,7 @@ def open_feature_table(path: str | os.PathLike) -> FeatureTable:
 def _structure(artifact: ArtifactFile) -> FeatureTable:
     import h5py
 
-    from tapvits_cli.models.extract import fingerprint_sha256
+    from tapvits_cli.artifacts.digests import fingerprint_sha256
 
     path = artifact.path
     missing = [_meta(k) for k in _META_KEYS if _meta(k) not in artifact.metadata]

@@ -14,12 +14,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
-from tapvits_cli.artifacts.files import tensors_sha256
+from tapvits_cli.artifacts.digests import tensor_rule, tensors_sha256
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 
 KIND = "gmm"
-VERSION = 2
+VERSION = 3   # v3: gmm.tensors_sha256 by the container tensor-hash rule (v2: per-component guarantees)
 NAMESPACE = "gmm"
 _MIXTURE_TENSORS = ("weights", "means", "covariances", "precisions_cholesky")
 _PROJECTION_TENSORS = ("projection.mean", "projection.scale")
@@ -41,7 +41,7 @@ class GmmInfo:
 
     @property
     def extractor_sha256(self) -> str:
-        from tapvits_cli.models.extract import fingerprint_sha256
+        from tapvits_cli.artifacts.digests import fingerprint_sha256
 
         return fingerprint_sha256(self.extractor)
 
@@ -139,7 +139,7 @@ def _parse(artifact: ArtifactFile):
         if info.dtype != "F64" or info.shape != shape:
             raise artifact.fail(f"tensor '{name}' must be F64 {list(shape)}, is {info.dtype} {list(info.shape)}")
     tensors = {name: t for name, t in load_safetensors(artifact, numpy=True).items() if name in expected}
-    if tensors_sha256(tensors) != artifact.metadata[f"{NAMESPACE}.tensors_sha256"]:
+    if tensors_sha256(tensors, tensor_rule(KIND, artifact.header.version)) != artifact.metadata[f"{NAMESPACE}.tensors_sha256"]:
         raise artifact.fail(f"tensors do not match '{NAMESPACE}.tensors_sha256' (corrupted)")
     bic_raw, extractor, privacy = (artifact.json_field(f"{NAMESPACE}.{key}") for key in ("bic", "extractor", "privacy"))
     try:

@@ -20,8 +20,12 @@ REQUIRED_KEYS = ("kind", "version", "producer", "producer_version", "created", "
 
 
 def compact_json(value: Any) -> str:
-    """Deterministic, compact JSON: sorted keys so equal content gives equal bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    """Compact JSON (protocol/README.md): sorted keys, no whitespace, non-ASCII escaped as ``\\uXXXX``.
+
+    Equal content gives equal bytes, so hashes of it (step keys, extractor fingerprints)
+    identify the content, and any language can reproduce them from the spec.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 @dataclass(frozen=True)

@@ -7,34 +7,126 @@ the weights load strictly on top.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
-from tapvits_cli.artifacts.header import Header, LineageEntry
+from tapvits_cli.artifacts.digests import tensor_rule, tensors_sha256
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import InvalidArtifactError
-from tapvits_cli.models.spec import BlockWidths, ModelSpec
+from tapvits_cli.models.spec import BlockWidths, ModelSpec, TokenMerging
 
 KIND = "model"
-VERSION = 1
+VERSION = 2   # v2: model.weights_sha256 names dtypes as safetensors does, shapes as JSON lists; model.timm_version
+NAMESPACE = "model"
 
 
 def write_model(path: str | os.PathLike, model, spec: ModelSpec, params: Mapping[str, Any],
                 inputs: Mapping[str, LineageEntry] | None = None):
     """Write ``model`` with its spec; returns the path."""
-    from tapvits_cli.models.factory import count_parameters, weights_sha256
+    import timm
+
+    from tapvits_cli.models.factory import count_parameters
 
     state = model.state_dict()
     header = Header(kind=KIND, version=VERSION, inputs=dict(inputs or {}), params=dict(params))
-    metadata = spec.to_metadata(parameters=count_parameters(model), weights_sha256=weights_sha256(state))
+    metadata = model_metadata(spec, parameters=count_parameters(model), weights_sha256=tensors_sha256(state),
+                              timm_version=timm.__version__)
     return write_safetensors(path, state, header, metadata)
+
+
+def model_metadata(spec: ModelSpec, parameters: int, weights_sha256: str, timm_version: str) -> dict[str, str]:
+    """The ``model.*`` keys of protocol/model.md for ``spec`` (all strings, nested values compact JSON)."""
+    meta = {
+        "model.architecture": spec.architecture,
+        "model.kwargs": compact_json(dict(spec.kwargs)),
+        "model.family": spec.family,
+        "model.blocks": compact_json([b.to_dict() for b in spec.blocks]),
+        "model.preprocessing": compact_json(dict(spec.preprocessing)),
+        "model.num_classes": str(spec.num_classes),
+        "model.parameters": str(parameters),
+        "model.weights_sha256": weights_sha256,
+        "model.timm_version": timm_version,
+    }
+    if spec.class_names is not None:
+        meta["model.class_names"] = compact_json(list(spec.class_names))
+    if spec.token_merging is not None:
+        meta["model.token_merging"] = compact_json(spec.token_merging.to_dict())
+    return meta
+
+
+def spec_from_metadata(meta: Mapping[str, str], source: str) -> ModelSpec:
+    """Parse the ``model.*`` keys, checking each one's JSON type (one line, exit 3, for any other)."""
+    def field_(key: str, kind: type | tuple[type, ...], parse=json.loads, required: bool = True):
+        if f"model.{key}" not in meta:
+            if not required:
+                return None
+            raise InvalidArtifactError(f"{source}: required key 'model.{key}' is missing")
+        try:
+            value = parse(meta[f"model.{key}"])
+        except (ValueError, TypeError, RecursionError):
+            raise InvalidArtifactError(f"{source}: key 'model.{key}' is malformed") from None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InvalidArtifactError(f"{source}: key 'model.{key}' must be {_TYPE_NAMES[kind]}")
+        return value
+
+    kwargs = field_("kwargs", dict)
+    blocks_raw = field_("blocks", list)
+    preprocessing = field_("preprocessing", dict)
+    try:
+        blocks = tuple(BlockWidths(_integer(b["heads"]), _integer(b["head_dim"]), _integer(b["mlp_hidden"]))
+                       for b in blocks_raw)
+    except (KeyError, TypeError, ValueError):
+        raise InvalidArtifactError(f"{source}: model.blocks entries need integer heads, head_dim, mlp_hidden") from None
+    if any(min(b.heads, b.head_dim, b.mlp_hidden) < 0 for b in blocks):
+        raise InvalidArtifactError(f"{source}: model.blocks widths must not be negative")
+    names = field_("class_names", list, required=False)
+    if names is not None and not all(isinstance(name, str) for name in names):
+        raise InvalidArtifactError(f"{source}: key 'model.class_names' must be a JSON list of strings")
+    num_classes = field_("num_classes", int, parse=_parse_integer)
+    if num_classes < 0:
+        raise InvalidArtifactError(f"{source}: key 'model.num_classes' must not be negative")
+    merging = None
+    if "model.token_merging" in meta:
+        try:
+            merging = TokenMerging.from_dict(json.loads(meta["model.token_merging"]))
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArtifactError(f"{source}: key 'model.token_merging' is malformed ({exc})") from None
+    return ModelSpec(
+        architecture=field_("architecture", str, parse=str),
+        kwargs=kwargs,
+        family=field_("family", str, parse=str),
+        blocks=blocks,
+        preprocessing=preprocessing,
+        num_classes=num_classes,
+        class_names=tuple(names) if names is not None else None,
+        token_merging=merging,
+    )
+
+
+_TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", int: "an integer", str: "a string"}
+
+
+def _integer(value: Any) -> int:
+    """A JSON integer (not a float, string or boolean that ``int()`` would also take)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _parse_integer(text: str) -> int:
+    """A decimal integer as the metadata stores it (``"10"``), not ``"1e1"`` or ``"10.0"``."""
+    if not (text.isascii() and text.strip().lstrip("-").isdigit()):
+        raise ValueError(f"{text!r} is not an integer")
+    return int(text)
 
 
 def read_model_spec(path: str | os.PathLike) -> tuple[ArtifactFile, ModelSpec]:
     """Header and architecture only, without loading any weight (nor checking the architecture)."""
     artifact = read_artifact(path, expect=KIND)
-    return artifact, ModelSpec.from_metadata(artifact.metadata, str(path))
+    return artifact, spec_from_metadata(artifact.metadata, str(path))
 
 
 def verify_model(path: str | os.PathLike) -> tuple[ArtifactFile, ModelSpec, dict]:
@@ -78,12 +170,10 @@ def check_weights(artifact: ArtifactFile, state: Mapping[str, Any]) -> None:
     """Weights hash to the recorded ``model.weights_sha256`` and hold no NaN or infinity."""
     import torch
 
-    from tapvits_cli.models.factory import weights_sha256
-
     recorded = artifact.metadata.get("model.weights_sha256")
     if recorded is None:
         raise InvalidArtifactError(f"{artifact.path}: required key 'model.weights_sha256' is missing")
-    if weights_sha256(state) != recorded:
+    if tensors_sha256(state, tensor_rule(KIND, artifact.header.version)) != recorded:
         raise InvalidArtifactError(f"{artifact.path}: weights do not match model.weights_sha256 (corrupted)")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -109,7 +199,8 @@ def check_architecture(artifact: ArtifactFile, spec: ModelSpec):
     """
     from tapvits_cli.models.factory import build_model
 
-    for key in ("model.parameters", "model.weights_sha256"):
+    required = ("model.parameters", "model.weights_sha256") + (("model.timm_version",) if artifact.header.version >= 2 else ())
+    for key in required:
         if key not in artifact.metadata:
             raise InvalidArtifactError(f"{artifact.path}: required key '{key}' is missing")
     skeleton = build_model(spec, device="meta", source=str(artifact.path), max_tensors=len(artifact.tensors))
@@ -166,12 +257,12 @@ def check_metadata_fits(artifact: ArtifactFile, spec: ModelSpec, module) -> None
 
 def _validate(artifact: ArtifactFile) -> None:
     """Every rule of protocol/model.md: :func:`check_architecture`, then the weights (:func:`check_weights`)."""
-    _verified_state(artifact, ModelSpec.from_metadata(artifact.metadata, str(artifact.path)))
+    _verified_state(artifact, spec_from_metadata(artifact.metadata, str(artifact.path)))
 
 
 def _summarize(artifact: ArtifactFile) -> Summary:
     """What ``inspect`` shows: the metadata, after the architecture checks (not the weights' hash)."""
-    spec = ModelSpec.from_metadata(artifact.metadata, str(artifact.path))
+    spec = spec_from_metadata(artifact.metadata, str(artifact.path))
     check_architecture(artifact, spec)
     figures = {
         "architecture": spec.architecture,

@@ -37,6 +37,7 @@ def command(gmm: str, private_ref: str, extractor_name: str, held_out_ref: str |
     Example: tapvits audit-gmm device.gmm.safetensors --private "digits:classes=0-3:fold=0/2"
     --held-out "digits:classes=0-3:fold=1/2" --extractor base.safetensors
     """
+    from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.artifacts.gmm import read_gmm
     from tapvits_cli.cli.extractor import embed_dataset, resolve_extractor
     from tapvits_cli.cli.output import emit, log
@@ -54,7 +55,7 @@ def command(gmm: str, private_ref: str, extractor_name: str, held_out_ref: str |
         raise IncompatibleArtifactError(f"{gmm} was not fitted on {private_ref}: its data fingerprint differs "
                                         f"(an audit against other samples would prove nothing)")
     extractor = resolve_extractor(extractor_name, device)
-    if extractor.fingerprint_sha256 != info.extractor_sha256:
+    if fingerprint_sha256(extractor.fingerprint) != info.extractor_sha256:
         raise IncompatibleArtifactError(f"--extractor {extractor_name} is not the extractor {gmm} was fitted with")
 
     features = embed_dataset(extractor, private, batch_size, device, "embedding private images")

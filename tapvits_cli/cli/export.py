@@ -91,23 +91,22 @@ def _logits_graph(model: str, params: dict):
     from tapvits_cli.artifacts.files import sha256_file
     from tapvits_cli.artifacts.header import LineageEntry
     from tapvits_cli.artifacts.model import load_model
-    from tapvits_cli.models.onnx_export import OUTPUT_NAME, provenance
+    from tapvits_cli.artifacts.external import export_provenance
+    from tapvits_cli.models.onnx_export import OUTPUT_NAME
 
     if not os.path.isfile(model):
         raise UsageError(f"MODEL '{model}' is not a file (a built-in extractor exports only with --features)")
     module, spec, artifact = load_model(model, device="cpu")
     source = LineageEntry(sha256_file(model), "model", click.format_filename(model, shorten=True))
-    return module, tuple(spec.preprocessing["input_size"]), OUTPUT_NAME, provenance(artifact.metadata, source, params)
+    return module, tuple(spec.preprocessing["input_size"]), OUTPUT_NAME, export_provenance(artifact.metadata, source, params)
 
 
 def _features_graph(model: str, raw_input: tuple[int, int, int] | None, params: dict):
     """The feature extractor, preprocessing included: stored images in, pooled features out."""
-    from tapvits_cli.artifacts.header import compact_json
+    from tapvits_cli.artifacts.external import features_graph_provenance
     from tapvits_cli.cli.extractor import extractor_lineage, resolve_extractor
     from tapvits_cli.models.extract import feature_graph
-    from tapvits_cli.models.onnx_export import provenance
-    from tapvits_cli.models.onnx_extractor import (EXTRACTOR_KEY, FEATURES_GRAPH, FEATURES_OUTPUT, GRAPH_KEY,
-                                                   RAW_INPUT_KEY, OnnxExtractor)
+    from tapvits_cli.models.onnx_extractor import FEATURES_OUTPUT, OnnxExtractor
 
     extractor = resolve_extractor(model, "cpu")
     if isinstance(extractor, OnnxExtractor):
@@ -118,7 +117,5 @@ def _features_graph(model: str, raw_input: tuple[int, int, int] | None, params: 
         from tapvits_cli.artifacts.containers import open_file
 
         model_metadata = open_file(model).metadata
-    metadata = {**provenance(model_metadata, extractor_lineage(model), {**params, "raw_input": list(shape)}),
-                GRAPH_KEY: FEATURES_GRAPH, EXTRACTOR_KEY: compact_json(dict(extractor.fingerprint)),
-                RAW_INPUT_KEY: compact_json(list(shape))}
+    metadata = features_graph_provenance(model_metadata, extractor_lineage(model), params, extractor.fingerprint, shape)
     return feature_graph(extractor), shape, FEATURES_OUTPUT, metadata

@@ -42,19 +42,19 @@ def resolve_extractor(value: str, device: str):
     :class:`~tapvits_cli.models.onnx_extractor.OnnxExtractor` for a ``.onnx`` features graph
     (which needs no torch)."""
     if value.endswith(".onnx"):
-        from tapvits_cli.models.onnx_extractor import load_onnx_extractor
+        from tapvits_cli.artifacts.external import load_onnx_extractor
 
         return load_onnx_extractor(_check_path(value))
     from tapvits_cli.models.extract import make_extractor
 
     if value == EFFICIENTNET_LITE0:
+        from tapvits_cli.artifacts.digests import tensors_sha256
         from tapvits_cli.artifacts.external import read_weights_file
         from tapvits_cli.models.efficientnet_lite import ARCHITECTURE, build_lite0
-        from tapvits_cli.models.factory import weights_sha256
 
         weights = _builtin_weights_file(value)
         model = build_lite0(read_weights_file(weights), str(weights))
-        fingerprinted_weights = weights_sha256(model.state_dict())
+        fingerprinted_weights = tensors_sha256(model.state_dict())
         return make_extractor(model.to(device), ARCHITECTURE, {}, fingerprinted_weights)
     from tapvits_cli.artifacts.model import load_extractor
 

@@ -29,6 +29,7 @@ def command(data: str, extractor_name: str, output: str, batch_size: int, restar
     """
     import numpy as np
 
+    from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.artifacts.features import open_feature_writer
     from tapvits_cli.cli.extractor import extractor_lineage, resolve_extractor
     from tapvits_cli.data import open_dataset
@@ -58,4 +59,4 @@ def command(data: str, extractor_name: str, output: str, batch_size: int, restar
         path = writer.finish()
     log(f"{writer.rows} rows × {writer.dim} features from {extractor.fingerprint['architecture']}", level=1)
     emit({"output": str(path), "kind": "features", "rows": writer.rows, "dim": writer.dim,
-          "resumed_from": resumed_from, "extractor_sha256": extractor.fingerprint_sha256}, str(path))
+          "resumed_from": resumed_from, "extractor_sha256": fingerprint_sha256(extractor.fingerprint)}, str(path))

@@ -125,7 +125,7 @@ def command(model: str, metric_set_path: str, pool: str | None, output: str, cri
               "seed": CURRENT.seed, "device": device}
     inputs = {
         "model": LineageEntry(sha256_file(model), "model", Path(model).name),
-        "metric_set": LineageEntry(sha256_file(metric_set_path), "metric-set", Path(metric_set_path).name),
+        "metric-set": LineageEntry(sha256_file(metric_set_path), "metric-set", Path(metric_set_path).name),
         "pool": LineageEntry(dataset.fingerprint(), "dataset", str(dataset.ref)),
     }
     record = model_record(spec, model_artifact.metadata["model.weights_sha256"])

@@ -83,6 +83,7 @@ def command(gmm: str, pool: str, output: str, metric_size: int, finetune_size: i
 
     import numpy as np
 
+    from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.artifacts.features import open_feature_table
     from tapvits_cli.artifacts.files import sha256_file
     from tapvits_cli.artifacts.gmm import read_gmm
@@ -120,7 +121,7 @@ def command(gmm: str, pool: str, output: str, metric_size: int, finetune_size: i
                 raise UsageError(f"a dataset --pool needs --extractor: the one {gmm} was fitted with "
                                  f"({info.extractor.get('architecture')}), or pass a feature table as --pool")
             extractor = resolve_extractor(extractor_name, device)
-            _require_same_extractor(gmm, info, f"--extractor {extractor_name}", extractor.fingerprint_sha256,
+            _require_same_extractor(gmm, info, f"--extractor {extractor_name}", fingerprint_sha256(extractor.fingerprint),
                                     extractor.fingerprint)
             pool_size, description = len(dataset), dataset.provenance()
 

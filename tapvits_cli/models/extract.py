@@ -9,8 +9,6 @@ give other features) that every artifact in feature space records and every cons
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -26,18 +24,8 @@ class Extractor:
     fingerprint: Mapping[str, Any]
 
     @property
-    def fingerprint_sha256(self) -> str:
-        return fingerprint_sha256(self.fingerprint)
-
-    @property
     def feature_dim(self) -> int:
         return int(self.fingerprint["feature_dim"])
-
-
-def fingerprint_sha256(fingerprint: Mapping[str, Any]) -> str:
-    """Hash of the canonical JSON of a fingerprint: equal extractors, equal hashes."""
-    canonical = json.dumps(dict(fingerprint), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def make_extractor(model, architecture: str, kwargs: Mapping[str, Any], weights_sha256: str,

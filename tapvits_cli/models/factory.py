@@ -7,7 +7,6 @@ Pure model logic: weights arrive as state dicts (``artifacts`` reads the files),
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from typing import Any, Mapping, Sequence
 
 from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError, UsageError
@@ -218,22 +217,6 @@ def load_foreign_weights(model, state: Mapping[str, Any], source: str) -> None:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def weights_sha256(state_dict: Mapping[str, Any]) -> str:
-    """Content hash of a state dict: names, dtypes, shapes and raw bytes, in name order.
-
-    Independent of the file container, so a model keeps its identity when re-saved
-    and a feature extractor can be fingerprinted by its weights alone.
-    """
-    import torch
-
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cost_model(spec: ModelSpec, source: str = "the recorded architecture"):

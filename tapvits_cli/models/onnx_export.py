@@ -3,7 +3,7 @@
 Pure: a module in, the ONNX file's bytes out; writing the file is the
 caller's (through ``artifacts.external.write_export``). ONNX is an export format, not a
 tapvits artifact kind: the file is for runtimes, and tapvits only stamps its provenance
-into ``metadata_props`` (see protocol/README.md, "Exports").
+into ``metadata_props`` (``artifacts.external.export_provenance``; protocol/README.md, "Exports").
 
 torch's TorchScript exporter (``dynamo=False``) is used: it traces timm ViTs, pruned
 or not, with no package beyond ``onnx`` and ``onnxruntime`` (the ``onnx`` extra), and
@@ -16,16 +16,14 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from tapvits_cli.artifacts.header import PREFIX, Header, LineageEntry
 from tapvits_cli.errors import DataUnavailableError, ExportError, UsageError
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 DEFAULT_OPSET = 17
 MERGING_OPSET = 16   # token merging sums tokens with ScatterElements(reduction="add"), new in opset 16
 TOLERANCE = 1e-4
-EXPORT_VERSION = 1   # of the metadata_props layout below
 
 
 def require_onnx():
@@ -38,19 +36,6 @@ def require_onnx():
             f"ONNX export needs onnx and onnxruntime ({exc.name or 'onnx'} is missing): pip install \"tapvits[onnx]\""
         ) from None
     return onnx, onnxruntime
-
-
-def provenance(model_metadata: Mapping[str, str], source: LineageEntry, params: Mapping[str, Any]) -> dict[str, str]:
-    """The ``metadata_props`` tapvits stamps on an export (protocol/README.md, "Exports").
-
-    The source artifact's ``model.*`` keys are copied verbatim (architecture, per-block
-    widths, preprocessing, weights hash...), so an ONNX file traces back to the exact
-    model artifact it came from and tells a runtime its preprocessing and classes.
-    """
-    header = Header(kind="", version=EXPORT_VERSION, inputs={"model": source}, params=dict(params)).to_strings()
-    del header[PREFIX + "kind"], header[PREFIX + "version"]   # an export is not an artifact: no kind to claim
-    return {PREFIX + "export": "onnx", PREFIX + "export_version": str(EXPORT_VERSION), **header,
-            **{key: value for key, value in model_metadata.items() if key.startswith("model.")}}
 
 
 def export_onnx(model, input_shape: Sequence[int], batch_size: int = 1, dynamic_batch: bool = True,

@@ -14,18 +14,15 @@ Imports neither torch nor timm.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError, UsageError
+from tapvits_cli.errors import InvalidArtifactError, UsageError
 
 FEATURES_INPUT, FEATURES_OUTPUT = "images", "features"
-GRAPH_KEY, EXTRACTOR_KEY, RAW_INPUT_KEY = "tapvits.graph", "tapvits.extractor", "tapvits.raw_input"
-FEATURES_GRAPH = "features"
 
 
 @dataclass(frozen=True)
@@ -40,12 +37,6 @@ class OnnxExtractor:
     @property
     def feature_dim(self) -> int:
         return int(self.fingerprint["feature_dim"])
-
-    @property
-    def fingerprint_sha256(self) -> str:
-        from tapvits_cli.models.extract import fingerprint_sha256
-
-        return fingerprint_sha256(self.fingerprint)
 
     def iterate(self, dataset, batch_size: int, positions=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(ids, features float32 (n, D), labels)`` batch by batch, like the torch extractor's."""
@@ -62,29 +53,3 @@ class OnnxExtractor:
                 raise InvalidArtifactError(f"{self.path}: the graph returned features of shape {features.shape}, "
                                            f"expected ({len(chunk)}, {self.feature_dim})")
             yield dataset.ids[chunk], features.astype(np.float32, copy=False), dataset.labels[chunk]
-
-
-def load_onnx_extractor(path: str | Path) -> OnnxExtractor:
-    """Open an exported features graph; refuse a logits graph or one without its fingerprint."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise DataUnavailableError("an ONNX extractor needs onnxruntime: pip install onnxruntime") from None
-    path = Path(path)
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArtifactError(f"{path}: not a readable ONNX graph ({first})") from None
-    metadata = session.get_modelmeta().custom_metadata_map
-    if metadata.get(GRAPH_KEY) != FEATURES_GRAPH:
-        raise UsageError(f"{path} is not a features graph (export it with `tapvits export MODEL --features`)")
-    try:
-        fingerprint = json.loads(metadata[EXTRACTOR_KEY])
-        raw_input = tuple(int(v) for v in json.loads(metadata[RAW_INPUT_KEY]))
-    except (KeyError, ValueError, TypeError):
-        raise InvalidArtifactError(f"{path}: '{EXTRACTOR_KEY}' and '{RAW_INPUT_KEY}' must hold the extractor "
-                                   "fingerprint and the (C, H, W) input") from None
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("feature_dim"), int) or len(raw_input) != 3:
-        raise InvalidArtifactError(f"{path}: malformed extractor fingerprint or raw input shape")
-    return OnnxExtractor(session=session, fingerprint=fingerprint, raw_input=raw_input, path=path)

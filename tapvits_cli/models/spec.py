@@ -4,21 +4,17 @@ A spec is plain data (no torch): the timm architecture name and keyword argument
 family that knows its prunable units, the per-block widths (which differ from the
 architecture's defaults once a model is pruned), its preprocessing, its classes and its
 token merging setting (:class:`TokenMerging`; ``models/token_merging.py`` installs it on a
-module, with torch).
+module, with torch). How a spec is written into a model artifact's metadata is
+``artifacts/model.py``'s business: this module knows no file format.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from tapvits_cli.artifacts.header import compact_json
-from tapvits_cli.errors import InvalidArtifactError, UsageError
+from tapvits_cli.errors import UsageError
 from tapvits_cli.vocabulary import MERGE_METHODS
-
-NAMESPACE = "model"
-
 
 @dataclass(frozen=True)
 class BlockWidths:
@@ -131,86 +127,3 @@ class ModelSpec:
     class_names: tuple[str, ...] | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
     token_merging: TokenMerging | None = None
-
-    def to_metadata(self, parameters: int, weights_sha256: str) -> dict[str, str]:
-        meta = {
-            "model.architecture": self.architecture,
-            "model.kwargs": compact_json(dict(self.kwargs)),
-            "model.family": self.family,
-            "model.blocks": compact_json([b.to_dict() for b in self.blocks]),
-            "model.preprocessing": compact_json(dict(self.preprocessing)),
-            "model.num_classes": str(self.num_classes),
-            "model.parameters": str(parameters),
-            "model.weights_sha256": weights_sha256,
-        }
-        if self.class_names is not None:
-            meta["model.class_names"] = compact_json(list(self.class_names))
-        if self.token_merging is not None:
-            meta["model.token_merging"] = compact_json(self.token_merging.to_dict())
-        return meta
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str], source: str) -> "ModelSpec":
-        """Parse the ``model.*`` keys, checking each one's JSON type (one line, exit 3, for any other)."""
-        def field_(key: str, kind: type | tuple[type, ...], parse=json.loads, required: bool = True):
-            if f"model.{key}" not in meta:
-                if not required:
-                    return None
-                raise InvalidArtifactError(f"{source}: required key 'model.{key}' is missing")
-            try:
-                value = parse(meta[f"model.{key}"])
-            except (ValueError, TypeError, RecursionError):
-                raise InvalidArtifactError(f"{source}: key 'model.{key}' is malformed") from None
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise InvalidArtifactError(f"{source}: key 'model.{key}' must be {_TYPE_NAMES[kind]}")
-            return value
-
-        kwargs = field_("kwargs", dict)
-        blocks_raw = field_("blocks", list)
-        preprocessing = field_("preprocessing", dict)
-        try:
-            blocks = tuple(BlockWidths(_integer(b["heads"]), _integer(b["head_dim"]), _integer(b["mlp_hidden"]))
-                           for b in blocks_raw)
-        except (KeyError, TypeError, ValueError):
-            raise InvalidArtifactError(f"{source}: model.blocks entries need integer heads, head_dim, mlp_hidden") from None
-        if any(min(b.heads, b.head_dim, b.mlp_hidden) < 0 for b in blocks):
-            raise InvalidArtifactError(f"{source}: model.blocks widths must not be negative")
-        names = field_("class_names", list, required=False)
-        if names is not None and not all(isinstance(name, str) for name in names):
-            raise InvalidArtifactError(f"{source}: key 'model.class_names' must be a JSON list of strings")
-        num_classes = field_("num_classes", int, parse=_parse_integer)
-        if num_classes < 0:
-            raise InvalidArtifactError(f"{source}: key 'model.num_classes' must not be negative")
-        merging = None
-        if "model.token_merging" in meta:
-            try:
-                merging = TokenMerging.from_dict(json.loads(meta["model.token_merging"]))
-            except (ValueError, RecursionError) as exc:
-                raise InvalidArtifactError(f"{source}: key 'model.token_merging' is malformed ({exc})") from None
-        return cls(
-            architecture=field_("architecture", str, parse=str),
-            kwargs=kwargs,
-            family=field_("family", str, parse=str),
-            blocks=blocks,
-            preprocessing=preprocessing,
-            num_classes=num_classes,
-            class_names=tuple(names) if names is not None else None,
-            token_merging=merging,
-        )
-
-
-_TYPE_NAMES = {dict: "a JSON object", list: "a JSON list", int: "an integer", str: "a string"}
-
-
-def _integer(value: Any) -> int:
-    """A JSON integer (not a float, string or boolean that ``int()`` would also take)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{value!r} is not an integer")
-    return value
-
-
-def _parse_integer(text: str) -> int:
-    """A decimal integer as the metadata stores it (``"10"``), not ``"1e1"`` or ``"10.0"``."""
-    if not (text.isascii() and text.strip().lstrip("-").isdigit()):
-        raise ValueError(f"{text!r} is not an integer")
-    return int(text)

@@ -10,13 +10,12 @@ is saved after every step, so an interrupted run resumes where it stopped (and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from tapvits_cli import __version__
+from tapvits_cli.artifacts.digests import canonical_sha256
 from tapvits_cli.pipeline.steps import DatasetArg, Input, Output, Step
 
 
@@ -38,8 +37,7 @@ def step_key(step: Step, input_sha256: Callable[[Input], str], dataset_fingerpri
             tokens.append({"dataset": dataset_fingerprint(token.reference)})
         else:
             tokens.append(token)
-    record = {"stage": step.stage, "args": tokens, "tapvits": __version__}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return canonical_sha256({"stage": step.stage, "args": tokens, "tapvits": __version__})
 
 
 def execute(steps: Sequence[Step], run_directory, invoke: Callable[[Step], None],
