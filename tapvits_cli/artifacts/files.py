@@ -84,27 +84,3 @@ def sniff_format(path: str | os.PathLike) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"   # a header length beyond the file: the safetensors reader says "truncated"
     raise InvalidArtifactError(f"{file}: not a tapvits artifact (neither safetensors, HDF5 nor JSON)")
-
-
-# torch's names for the dtypes a NumPy array can hold: the hash rule below names dtypes as
-# torch prints them, so a tensor hashes the same whether torch or NumPy holds it.
-_TORCH_DTYPE_NAMES = {"float64": "torch.float64", "float32": "torch.float32", "float16": "torch.float16",
-                      "int64": "torch.int64", "int32": "torch.int32", "int16": "torch.int16", "int8": "torch.int8",
-                      "uint8": "torch.uint8", "bool": "torch.bool"}
-
-
-def tensors_sha256(arrays) -> str:
-    """The ``model.weights_sha256`` rule over NumPy arrays: ``name|dtype|shape|`` then raw bytes, by name.
-
-    The same digest as :func:`tapvits_cli.models.factory.weights_sha256` gives for the same
-    tensors in torch; the device side, which has no torch, hashes what it writes with this.
-    """
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        array = np.asarray(arrays[name])   # not ascontiguousarray: it turns a 0-d array into 1-d
-        digest.update(f"{name}|{_TORCH_DTYPE_NAMES[array.dtype.name]}|{tuple(array.shape)}|".encode())
-        digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    return digest.hexdigest()
-
