@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
-from tapvits_cli.cli.output import emit, log
-from tapvits_cli.errors import IncompatibleArtifactError, UsageError
-from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES, BUDGET_FRACTION, DEFAULT_ALLOCATION_STRATEGY, UNIT_KINDS
+from tapvits_cli.cli.output import emit
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES, BUDGET_FRACTION, DEFAULT_ALLOCATION_STRATEGY
 
-_FRACTION = FiniteFloat(BUDGET_FRACTION.low, BUDGET_FRACTION.high, BUDGET_FRACTION.low_open, BUDGET_FRACTION.high_open)
+_FRACTION = FiniteFloat.within(BUDGET_FRACTION)
 
 
 @click.command("allocate", cls=WritingCommand, short_help="Turn layer importance and a budget into a pruning plan.")
@@ -46,45 +43,8 @@ def command(scores_path: str, output: str, budget: float | None, budget_macs: fl
 
     Example: tapvits allocate device.scores.safetensors --budget 0.7 -o device.plan.safetensors
     """
-    from tapvits_cli.allocation.strategies import allocate
-    from tapvits_cli.artifacts.files import sha256_file
-    from tapvits_cli.artifacts.header import LineageEntry
-    from tapvits_cli.artifacts.model import verify_model
-    from tapvits_cli.artifacts.plan import write_plan
-    from tapvits_cli.artifacts.scores import read_scores
-    from tapvits_cli.models.factory import cost_model
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import allocate
 
-    if (budget is None) == (budget_macs is None):
-        raise UsageError("give exactly one of --budget (parameters) and --budget-macs")
-    budget_kind, value = ("params", budget) if budget is not None else ("macs", budget_macs)
-    scores = read_scores(scores_path)
-    if strategy == "kl" and scores.layer_importance is None:
-        raise UsageError(f"{scores_path} has no layer importance (scored with --no-layer-importance): "
-                         "use --strategy uniform or global, or score again with the KL probes")
-    inputs = {"scores": LineageEntry(sha256_file(scores_path), "scores", Path(scores_path).name)}
-    if model_path:
-        artifact, spec, _ = verify_model(model_path)   # every rule validate applies, weights included
-        if artifact.metadata.get("model.weights_sha256") != scores.model_sha256 or spec.blocks != scores.blocks:
-            raise IncompatibleArtifactError(f"{scores_path} was computed on another model (weights "
-                                            f"{scores.model_sha256[:12]}) than {model_path}: score this model first")
-        inputs["model"] = LineageEntry(sha256_file(model_path), "model", Path(model_path).name)
-    cost = cost_model(scores.model_spec)
-    unit_scores = {key: values["score"] for key, values in scores.values.items()}
-    result = allocate(cost, unit_scores, scores.layer_importance, budget_kind, value, strategy, min_keep,
-                      allow_branch_removal, temperature, tolerance)
-
-    keep = {(layer.block, layer.kind): kept for layer, kept in zip(cost.layers, result.keep)}
-    achieved = {"params": result.params, "params_fraction": result.params / result.base_params,
-                "macs": result.macs, "macs_fraction": result.macs / result.base_macs}
-    params = {"budget": value, "budget_kind": budget_kind, "strategy": strategy, "min_keep": min_keep,
-              "allow_branch_removal": allow_branch_removal, "temperature": temperature, "tolerance": tolerance}
-    path = write_plan(output, keep, strategy, {"kind": budget_kind, "value": value}, achieved,
-                      {"params": result.base_params, "macs": result.base_macs}, scores.model,
-                      inputs["scores"].sha256, params, inputs)
-    log(f"{strategy}: {result.params:,} of {result.base_params:,} parameters ({achieved['params_fraction']:.4f}), "
-        f"{result.macs:,} of {result.base_macs:,} MACs ({achieved['macs_fraction']:.4f})", level=1)
-    ratios = {kind: [round(len(keep[(block, kind)]) / widths.units(kind), 4) for block, widths in enumerate(scores.blocks)]
-              for kind in UNIT_KINDS}
-    emit({"output": str(path), "kind": "plan", "strategy": strategy, "budget": {"kind": budget_kind, "value": value},
-          "achieved": achieved, "keep_ratios": ratios}, str(path))
-
+    result = run_stage(allocate)
+    emit(result.document, result.output)

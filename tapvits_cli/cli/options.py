@@ -97,6 +97,11 @@ class FiniteFloat(click.FloatRange):
         super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
         self.name = "float" if min is None and max is None else "float range"
 
+    @classmethod
+    def within(cls, interval) -> "FiniteFloat":
+        """The range of a :class:`~tapvits_cli.vocabulary.Interval` (one definition for options and readers)."""
+        return cls(interval.low, interval.high, interval.low_open, interval.high_open)
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         number = click.FLOAT.convert(value, param, ctx)
         if not math.isfinite(number):

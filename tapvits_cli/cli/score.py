@@ -42,7 +42,7 @@ def parse_weights(text: str, option: str) -> tuple[float, float, float]:
               help="Composite weights for attention heads.")
 @click.option("--probe-fraction", type=FiniteFloat(0, 1, min_open=True), metavar="S",
               help=f"Fraction of each layer's lowest-scoring units removed by its KL probe [default: {DEFAULT_PROBE_FRACTION}].")
-@click.option("--budget", type=FiniteFloat(BUDGET_FRACTION.low, BUDGET_FRACTION.high, BUDGET_FRACTION.low_open, BUDGET_FRACTION.high_open), metavar="B",
+@click.option("--budget", type=FiniteFloat.within(BUDGET_FRACTION), metavar="B",
               help="The budget the plan will be made for: probe with S = 1 − B (exclusive with --probe-fraction).")
 @click.option("--no-layer-importance", is_flag=True, help="Skip the KL probes (the kl allocation strategy then cannot be used).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,

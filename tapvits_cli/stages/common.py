@@ -1,0 +1,93 @@
+"""What every stage shares: its options' command line, and the lineage of its inputs.
+
+An options object is a frozen dataclass whose fields are the subcommand's parameters,
+named as click names them (``--min-keep`` → ``min_keep``), so the command line builds
+one with ``Options(**params)``. Each field says how it is spelled on the command line
+(:func:`argument`, :func:`option`); :func:`command_line` renders an options object back
+into the arguments that make it, which is what ``commands.sh`` lists and what a step's
+key hashes, so a recipe and the same subcommands typed in a shell cannot drift apart.
+Fields a recipe may not set (inputs, outputs and what the run decides itself) say so
+(``recipe=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+# Process-wide options every stage takes; rendered after its own, as the global options.
+GLOBAL_FIELDS = ("seed", "device")
+
+
+def argument(default: Any = dataclasses.MISSING) -> Any:
+    """A positional argument (an input: the run names it, so a recipe does not); None is left out."""
+    return dataclasses.field(default=default, metadata={"positional": True, "recipe": False})
+
+
+def option(flag: str, default: Any = None, *, off: str | None = None, multiple: bool = False,
+           render: Callable[[Any], str] = str, recipe: bool = True) -> Any:
+    """An option spelled ``flag``; ``off`` is a boolean's negative spelling, ``multiple`` repeats
+    the flag per item, ``render`` turns a value into the text the option parses back."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "off": off, "multiple": multiple,
+                                                        "render": render, "recipe": recipe})
+
+
+def comma_list(values) -> str:
+    """``[2, 3, 4]`` → ``2,3,4``, as the list-valued options read it."""
+    return ",".join(str(v) for v in values)
+
+
+def command_line(options) -> list[str]:
+    """The subcommand's arguments that make ``options``: positional arguments, then every
+    option that differs from its default, then the global options (``--seed``, ``--device``)."""
+    fields = [f for f in dataclasses.fields(options) if f.name not in GLOBAL_FIELDS]
+    tokens = [os.fspath(getattr(options, f.name)) for f in fields
+              if f.metadata.get("positional") and getattr(options, f.name) is not None]
+    for field in fields:
+        if field.metadata.get("positional"):
+            continue
+        value = getattr(options, field.name)
+        if value == field.default:
+            continue
+        flag, render = field.metadata["flag"], field.metadata["render"]
+        if isinstance(value, bool):
+            tokens.append(flag if value else field.metadata["off"])
+        elif field.metadata["multiple"]:
+            for item in value:
+                tokens += [flag, render(item)]
+        else:
+            tokens += [flag, render(os.fspath(value) if isinstance(value, os.PathLike) else value)]
+    return tokens + ["--seed", str(options.seed), "--device", options.device]
+
+
+def recipe_keys(options_class) -> dict[str, str]:
+    """The keys a recipe's section of this stage may hold (the long flag without dashes) → field name."""
+    return {f.metadata["flag"].lstrip("-"): f.name for f in dataclasses.fields(options_class)
+            if f.metadata.get("recipe") and not f.metadata.get("positional") and f.name not in GLOBAL_FIELDS}
+
+
+def artifact_lineage(path: str | os.PathLike, kind: str):
+    """The lineage entry of an input artifact file: its SHA-256, kind and file name."""
+    from tapvits_cli.artifacts.files import sha256_file
+    from tapvits_cli.artifacts.header import LineageEntry
+
+    return LineageEntry(sha256_file(path), kind, Path(path).name)
+
+
+def dataset_lineage(dataset, name: str | None = None):
+    """The lineage entry of a dataset: its content fingerprint, under its reference (or ``name``)."""
+    from tapvits_cli.artifacts.header import LineageEntry
+
+    return LineageEntry(dataset.fingerprint(), "dataset", str(dataset.ref) if name is None else name)
+
+
+def made_for(record_sha256: str, record_blocks, model_artifact, model_spec) -> bool:
+    """Whether scores or a plan that record a model (``weights_sha256`` and block widths) were made for this model.
+
+    The rule ``allocate --model`` and ``prune`` apply alike: the same weights (by content,
+    so a re-saved copy still matches) and the same widths per block.
+    """
+    return (model_artifact.metadata.get("model.weights_sha256") == record_sha256
+            and tuple(model_spec.blocks) == tuple(record_blocks))

@@ -1,0 +1,53 @@
+"""The stage API: options render the command line that parses back into the same options."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from tapvits_cli.stages.common import command_line, recipe_keys
+
+INPUT_SUFFIXES = (".safetensors", ".h5", ".onnx")
+EXAMPLES = {
+    "allocate": dict(scores_path="s.safetensors", output="p.safetensors", budget=0.5, strategy="uniform",
+                     min_keep=0.2, allow_branch_removal=True, temperature=2.0, tolerance=0.01, model_path="m.safetensors"),
+    "prune": dict(model_path="m.safetensors", plan_path="p.safetensors", output="o.safetensors", merge="bipartite",
+                  merge_amount=2, merge_layers=[0, 2, 3], proportional_attention=False),
+}
+
+
+def _command(stage: str):
+    import importlib
+
+    module = importlib.import_module(f"tapvits_cli.cli.{ {'eval': 'eval_cmd'}.get(stage, stage).replace('-', '_')}")
+    return module.command
+
+
+def _stage(stage: str):
+    import importlib
+
+    return importlib.import_module(f"tapvits_cli.stages.{stage.replace('-', '_')}")
+
+
+@pytest.mark.parametrize("stage", sorted(EXAMPLES))
+def test_options_render_the_command_line_that_makes_them(stage, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # the inputs named must exist (click checks); the output must not
+    for key, value in EXAMPLES[stage].items():
+        if isinstance(value, str) and value.endswith(INPUT_SUFFIXES) and key != "output":
+            (tmp_path / value).write_bytes(b"")
+    module = _stage(stage)
+    options = module.Options(**EXAMPLES[stage], seed=3, device="cpu")
+    argv = command_line(options)
+    assert argv[-4:] == ["--seed", "3", "--device", "cpu"]
+    context = _command(stage).make_context(stage, argv[:-4])
+    assert module.Options(**context.params, seed=3, device="cpu") == options
+    assert pickle.loads(pickle.dumps(options)) == options    # a step can travel to another process
+
+
+@pytest.mark.parametrize("stage", sorted(EXAMPLES))
+def test_recipe_keys_are_options_of_the_subcommand(stage):
+    flags = {opt.lstrip("-") for param in _command(stage).params for opt in param.opts}
+    keys = recipe_keys(_stage(stage).Options)
+    assert keys and set(keys) <= flags
+    assert "output" not in keys.values()
