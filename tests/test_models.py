@@ -7,7 +7,7 @@ import torch
 
 from tapvits_cli.artifacts.external import read_weights_file
 from tapvits_cli.artifacts.model import load_model, write_model
-from tapvits_cli.errors import ExitCode, InvalidArtifactError, UsageError
+from tapvits_cli.errors import ExitCode, InvalidArtifactError, NotImplementedStageError
 from tapvits_cli.models.factory import create_model, describe_model
 from tapvits_cli.models.families import family_module, vit
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
@@ -106,7 +106,7 @@ def test_unsupported_family_is_generic_and_not_prunable(tmp_path, tapvits):
     assert result.exit_code == 0 and result.json()["family"] == "generic"
     loaded, spec, _ = load_model(out)
     assert spec.blocks == () and loaded(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-    with pytest.raises(UsageError, match="supported families: vit"):
+    with pytest.raises(NotImplementedStageError, match="supported families: vit"):
         family_module(spec.family)
 
 

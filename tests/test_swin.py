@@ -9,7 +9,7 @@ import torch
 from tapvits_cli.allocation.strategies import allocate
 from tapvits_cli.artifacts.model import load_model, write_model
 from tapvits_cli.artifacts.plan import read_plan
-from tapvits_cli.errors import ExitCode, UsageError
+from tapvits_cli.errors import ExitCode, NotImplementedStageError
 from tapvits_cli.models.factory import cost_model, count_parameters, create_model, describe_model
 from tapvits_cli.models.families import family_module, family_of, swin
 from tapvits_cli.models.families.branches import EmptyBranch
@@ -174,11 +174,11 @@ def test_unsupported_families_fail_naming_the_supported_ones(metric_set_file, tm
     path = tmp_path / "resnet.safetensors"
     assert tapvits("create-model", "resnet18", "-a", "num_classes=10", "-o", path).exit_code == 0
     refused = tapvits("score", path, "--metric-set", metric_set_file, "-o", tmp_path / "scores.safetensors")
-    assert_one_line_failure(refused, ExitCode.USAGE)
+    assert_one_line_failure(refused, ExitCode.NOT_IMPLEMENTED)
     assert "resnet18" in refused.stderr and "vit (timm VisionTransformer" in refused.stderr \
         and "swin (timm SwinTransformer" in refused.stderr
     model, _, _ = load_model(path)
-    with pytest.raises(UsageError, match="supported families: vit .*, swin"):
+    with pytest.raises(NotImplementedStageError, match="supported families: vit .*, swin"):
         prune_model(model, {"attn": [], "mlp": []})
-    with pytest.raises(UsageError, match="convnext_atto .* cannot be scored or pruned"):
+    with pytest.raises(NotImplementedStageError, match="convnext_atto .* cannot be scored or pruned"):
         family_module("generic", "convnext_atto")

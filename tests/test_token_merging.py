@@ -253,7 +253,7 @@ def test_unsupported_family_is_refused(tmp_path, tapvits):
     generic = tmp_path / "resnet.safetensors"
     assert tapvits("create-model", "test_resnet", "-a", "num_classes=3", "-o", generic).exit_code == 0
     result = tapvits("prune", generic, "--merge", "bipartite", "--merge-amount", "1", "-o", tmp_path / "m.safetensors")
-    assert_one_line_failure(result, ExitCode.USAGE)
+    assert_one_line_failure(result, ExitCode.NOT_IMPLEMENTED)
     assert "supported for the vit family" in result.stderr and "generic" in result.stderr
 
 

@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tapvits_cli.errors import UsageError
+from tapvits_cli.errors import NotImplementedStageError, UsageError
 from tapvits_cli.models.families import family_of
 from tapvits_cli.models.families.branches import EmptyBranch
 from tapvits_cli.models.spec import MergeStep, TokenMerging
@@ -138,11 +138,12 @@ def set_token_merging(model, merging: TokenMerging | None) -> None:
 
 
 def check_supported(model) -> None:
-    """:class:`UsageError` unless ``model`` is a ViT with a fixed patch grid (Swin and generic models are not)."""
+    """:class:`NotImplementedStageError` (exit 7, an unsupported model) unless ``model`` is a ViT with a
+    fixed patch grid (Swin and generic models are not)."""
     family = family_of(model)
     if family != "vit":
-        raise UsageError(f"token merging is supported for the vit family (timm VisionTransformer: ViT, DeiT) only, "
+        raise NotImplementedStageError(f"token merging is supported for the vit family (timm VisionTransformer: ViT, DeiT) only, "
                          f"not for this {family} model")
     if getattr(model, "dynamic_img_size", False) or not isinstance(model.patch_drop, nn.Identity):
-        raise UsageError("token merging needs a fixed patch grid: models with dynamic_img_size or patch dropout "
+        raise NotImplementedStageError("token merging needs a fixed patch grid: models with dynamic_img_size or patch dropout "
                          "are not supported")

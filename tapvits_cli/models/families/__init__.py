@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from tapvits_cli.errors import UsageError
+from tapvits_cli.errors import NotImplementedStageError, UsageError
 from tapvits_cli.models.families import swin, vit
 
 FAMILIES: dict[str, ModuleType] = {"vit": vit, "swin": swin}
@@ -39,8 +39,14 @@ def family_of(model) -> str:
 
 
 def family_module(name: str, architecture: str | None = None) -> ModuleType:
-    """The module of a prunable family; a clear error for anything else (naming ``architecture`` if given)."""
+    """The module of a prunable family; a clear error for anything else (naming ``architecture`` if given).
+
+    A real model outside every family (``generic``) is a model tapvits does not support
+    (yet): "not implemented", exit code 7, like every other unsupported model or option.
+    Any other name is no family at all, a usage error.
+    """
     if name not in FAMILIES:
         subject = f"{architecture} (model family '{name}')" if architecture else f"model family '{name}'"
-        raise UsageError(f"{subject} cannot be scored or pruned; supported families: {SUPPORTED_DESCRIPTION}")
+        error = NotImplementedStageError if name == GENERIC else UsageError
+        raise error(f"{subject} cannot be scored or pruned; supported families: {SUPPORTED_DESCRIPTION}")
     return FAMILIES[name]
