@@ -399,7 +399,7 @@ def test_recipe_refuses_non_finite_values(setting, tapvits, tmp_path):
 
 
 def test_recipe_model_arguments_keep_nan_a_float():
-    from tapvits_cli.cli.create_model import parse_model_args
+    from tapvits_cli.models.arguments import parse_model_args
     from tapvits_cli.errors import UsageError
     from tapvits_cli.pipeline.steps import _yaml_scalar
 

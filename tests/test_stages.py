@@ -14,6 +14,11 @@ EXAMPLES = {
                      min_keep=0.2, allow_branch_removal=True, temperature=2.0, tolerance=0.01, model_path="m.safetensors"),
     "prune": dict(model_path="m.safetensors", plan_path="p.safetensors", output="o.safetensors", merge="bipartite",
                   merge_amount=2, merge_layers=[0, 2, 3], proportional_attention=False),
+    "eval": dict(model_path="m.safetensors", data="digits:split=test", output="r.json", batch_size=8,
+                 latency_batches="1,4", no_latency=True, min_top1=0.5),
+    "finetune": dict(architecture="vit_tiny_patch16_224", model_args=("img_size=8", "patch_size=4"), data="digits",
+                     metric_set="s.h5", output="m.safetensors", epochs=2, lr=0.0002, min_lr=0.0, augment="crop,flip",
+                     teacher="t.safetensors", distill_weight=0.25, checkpoint_dir="ckpt", resume=True),
 }
 
 

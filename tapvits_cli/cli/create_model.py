@@ -7,37 +7,7 @@ import click
 from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
 from tapvits_cli.cli.output import emit, log
 from tapvits_cli.errors import UsageError
-
-
-def parse_model_args(pairs: tuple[str, ...]) -> dict:
-    """``KEY=VALUE`` pairs to timm keyword arguments; values are YAML scalars/lists (28, 0.1, true, [1,2])."""
-    import yaml
-
-    kwargs = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise UsageError(f"model argument '{pair}' is not KEY=VALUE")
-        try:
-            kwargs[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise UsageError(f"model argument '{pair}': value is not a YAML scalar or list") from None
-        if not _finite(kwargs[key.strip()]):
-            raise UsageError(f"model argument '{pair}': NaN and infinity are not allowed")
-    return kwargs
-
-
-def _finite(value) -> bool:
-    """No NaN or infinity anywhere in a YAML value (``.nan`` and ``.inf`` are valid YAML floats)."""
-    import math
-
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    return True
+from tapvits_cli.models.arguments import parse_model_args
 
 
 @click.command("create-model", cls=WritingCommand, short_help="Create a model artifact from a timm architecture (random, file or pretrained weights).")

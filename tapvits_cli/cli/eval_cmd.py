@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
-from tapvits_cli.cli.output import emit, progress_bar, stderr_console
-from tapvits_cli.errors import BelowThresholdError, IncompatibleArtifactError, InvalidArtifactError, UsageError
-
-
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise UsageError(f"--latency-batches must be positive integers separated by commas (e.g. 1,32), got '{text}'")
-    return sizes
+from tapvits_cli.cli.output import emit, stderr_console
+from tapvits_cli.errors import BelowThresholdError
 
 
 @click.command("eval", cls=WritingCommand, short_help="Accuracy, MACs and latency of a model on a labelled set.")
@@ -49,60 +37,15 @@ def command(model_path: str, data: str, output: str, batch_size: int, latency_ba
 
     Example: tapvits eval pruned.safetensors --data fashion-mnist:split=test -o pruned.report.json --min-top1 0.8
     """
-    import torch
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import eval as eval_stage
 
-    from tapvits_cli.artifacts.files import sha256_file
-    from tapvits_cli.artifacts.header import LineageEntry
-    from tapvits_cli.artifacts.model import load_model
-    from tapvits_cli.artifacts.report import write_report
-    from tapvits_cli.data import open_dataset
-    from tapvits_cli.data.preprocess import Preprocessing
-    from tapvits_cli.evaluation import count_macs, evaluate, measure_latency
-    from tapvits_cli.models.factory import count_parameters
-    from tapvits_cli.runtime import resolve_device, seed_everything
-
-    sizes = () if no_latency else _batch_sizes(latency_batches)
-    device = resolve_device(CURRENT.device)
-    seed_everything(CURRENT.seed)
-    dataset = open_dataset(data)
-    model, spec, artifact = load_model(model_path, device=device)
-    if len(dataset) and int(dataset.labels.max()) >= spec.num_classes:
-        raise IncompatibleArtifactError(f"{model_path} has {spec.num_classes} classes, but {dataset.ref} has label "
-                                        f"{int(dataset.labels.max())}; evaluate on a dataset with its classes")
-    preprocessing = Preprocessing.from_dict(spec.preprocessing)
-
-    with progress_bar("eval", len(dataset)) as advance:
-        accuracy = evaluate(model, dataset, preprocessing, batch_size, device, on_progress=advance)
-    if not accuracy.finite:
-        raise InvalidArtifactError(f"{model_path}: the model's outputs are not finite (NaN or infinity) for "
-                                   f"{accuracy.nonfinite} of {accuracy.samples} samples of {dataset.ref}, loss "
-                                   f"{accuracy.loss}: its weights are damaged or overflow; no report written")
-    names = spec.class_names or dataset.class_names
-    body = {
-        "model": {"architecture": spec.architecture, "weights_sha256": artifact.metadata["model.weights_sha256"]},
-        "dataset": str(dataset.ref),
-        "samples": accuracy.samples, "top1": accuracy.top1, "top5": accuracy.top5, "top5_k": accuracy.top5_k,
-        "loss": accuracy.loss,
-        "per_class": [{"label": label, "name": str(names[label]) if label < len(names) else str(label),
-                       "samples": samples, "correct": correct, "accuracy": value}
-                      for label, samples, correct, value in accuracy.per_class()],
-        "parameters": count_parameters(model),
-        "macs": count_macs(model, preprocessing.input_size),
-        "latency": [measure_latency(model, preprocessing.input_size, size, warmup, latency_repeats, device)
-                    for size in sizes],
-    }
-    params = {"batch_size": batch_size, "latency_batches": list(sizes), "latency_repeats": latency_repeats,
-              "warmup": warmup, "min_top1": min_top1, "seed": CURRENT.seed, "device": device,
-              "threads": torch.get_num_threads()}
-    inputs = {"model": LineageEntry(sha256_file(model_path), "model", Path(model_path).name),
-              "data": LineageEntry(dataset.fingerprint(), "dataset", str(dataset.ref))}
-    path = write_report(output, body, params, inputs)
+    result = run_stage(eval_stage)
     if CURRENT.verbosity >= 0:
-        _show(body)
-    emit(body, str(path))
-    if min_top1 is not None and accuracy.top1 < min_top1:
-        raise BelowThresholdError(f"top-1 accuracy {accuracy.top1:.4f} is below --min-top1 {min_top1:.4f} "
-                                  f"(report written to {path})")
+        _show(result.report)
+    emit(result.report, result.output)
+    if result.below_threshold:
+        raise BelowThresholdError(result.below_threshold)
 
 
 def _show(body: dict) -> None:

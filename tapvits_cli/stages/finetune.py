@@ -1,0 +1,230 @@
+"""``finetune``: fine-tune a model artifact, or train a timm model from random initialisation.
+
+Besides the training itself this stage owns the checkpoint policy: a checkpoint after
+every epoch (by default in ``OUTPUT.ckpt``, deleted on success), used again only by the
+very same run (same parameters, same inputs), so running the same command after an
+interruption continues it to the same result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tapvits_cli.errors import IncompatibleArtifactError, UsageError
+from tapvits_cli.stages import feedback
+from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option
+
+DEFAULT_DISTILL_WEIGHT = 0.5
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    model_file: str | None = argument(None)
+    architecture: str | None = option("--model", recipe=False)
+    model_args: tuple[str, ...] = option("-a", (), multiple=True, recipe=False)
+    data: str = option("--data", recipe=False)
+    metric_set: str | None = option("--metric-set", recipe=False)
+    output: str = option("-o", recipe=False)
+    epochs: int = option("--epochs", 3)
+    max_steps: int | None = option("--max-steps")
+    batch_size: int = option("--batch-size", 64)
+    lr: float = option("--lr", 5e-4)
+    min_lr: float = option("--min-lr", 1e-6)
+    weight_decay: float = option("--weight-decay", 0.05)
+    warmup: float = option("--warmup", 0.1)
+    warmup_steps: int | None = option("--warmup-steps")
+    label_smoothing: float = option("--label-smoothing", 0.1)
+    augment: str = option("--augment", "")
+    grad_clip: float | None = option("--grad-clip")
+    teacher: str | None = option("--teacher", recipe=False)
+    distill_weight: float | None = option("--distill-weight")
+    temperature: float = option("--temperature", 4.0)
+    checkpoint_dir: str | None = option("--checkpoint-dir", recipe=False)
+    no_checkpoint: bool = option("--no-checkpoint", False, recipe=False)
+    resume: bool = option("--resume", False, recipe=False)
+    workers: int = option("--workers", 0)
+    log_every: int = option("--log-every", 50)
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Result:
+    output: str | None          # None in a torchrun process other than the main one (it writes nothing)
+    document: dict[str, Any]
+
+
+def check_options(options: Options) -> None:
+    if (options.model_file is None) == (options.architecture is None):
+        raise UsageError("give either a MODEL_FILE to fine-tune or --model NAME to train from random initialisation")
+    if options.model_args and options.architecture is None:
+        raise UsageError("-a/--arg sets keyword arguments of --model; a model artifact carries its own")
+    if options.distill_weight is not None and options.teacher is None:
+        raise UsageError("--distill-weight needs --teacher")
+    if options.no_checkpoint and (options.resume or options.checkpoint_dir):
+        raise UsageError("--no-checkpoint excludes --resume and --checkpoint-dir")
+
+
+def run(options: Options) -> Result:
+    from tapvits_cli.artifacts.model import load_model, write_model
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.models.factory import describe_model
+    from tapvits_cli.runtime import seed_everything
+    from tapvits_cli.training.augment import Augmentation
+    from tapvits_cli.training.distributed import process_group
+    from tapvits_cli.training.loop import TrainConfig, train
+
+    check_options(options)
+    with process_group(options.device) as processes:
+        if not processes.is_main:
+            feedback.silence()
+        dataset = open_dataset(options.data)
+        inputs = {"data": dataset_lineage(dataset)}
+        positions = None
+        if options.metric_set:
+            positions = _metric_set_positions(options.metric_set, dataset)
+            inputs["metric-set"] = artifact_lineage(options.metric_set, "metric-set")
+
+        seed_everything(options.seed)
+        model, spec, preprocessing = _student(options, dataset)
+        if options.model_file:
+            inputs["model"] = artifact_lineage(options.model_file, "model")
+            origin = {}
+        else:
+            origin = {"architecture": spec.architecture, "kwargs": dict(spec.kwargs)}
+        num_classes = spec.num_classes
+        labels = dataset.labels if positions is None else dataset.labels[positions]
+        if int(labels.max()) >= num_classes:
+            raise IncompatibleArtifactError(f"the model has {num_classes} classes, but {dataset.ref} has label "
+                                            f"{int(labels.max())}; train a model with num_classes ≥ {int(labels.max()) + 1}")
+
+        teacher_model, distill_weight = None, options.distill_weight
+        if options.teacher:
+            teacher_model, teacher_spec, _ = load_model(options.teacher)
+            _check_teacher(options.teacher, teacher_spec, num_classes, preprocessing)
+            inputs["teacher"] = artifact_lineage(options.teacher, "model")
+            distill_weight = DEFAULT_DISTILL_WEIGHT if distill_weight is None else distill_weight
+
+        config = TrainConfig(
+            epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, weight_decay=options.weight_decay,
+            warmup_fraction=options.warmup, warmup_steps=options.warmup_steps, min_lr=options.min_lr,
+            label_smoothing=options.label_smoothing,
+            augmentation=Augmentation.parse(options.augment, preprocessing.input_size[1]),
+            distill_weight=distill_weight or 0.0, temperature=options.temperature, grad_clip=options.grad_clip,
+            max_steps=options.max_steps, seed=options.seed)
+        plan = config.plan(len(labels))
+        params = {**origin, **config.to_params()}
+        run_identity = {"params": params, "inputs": {role: entry.sha256 for role, entry in inputs.items()}}
+
+        directory = None if options.no_checkpoint else (options.checkpoint_dir or options.output + CHECKPOINT_SUFFIX)
+        start_state = resume_state(directory, run_identity, options.resume) if directory else None
+        done = int(start_state["step"]) if start_state else 0
+
+        def on_epoch_end(state: dict) -> None:
+            if processes.is_main and directory:
+                from tapvits_cli.artifacts.checkpoint import write_checkpoint
+
+                write_checkpoint(directory, state, run_identity)
+
+        with feedback.progress("finetune" if options.model_file else "train", plan.total_steps - done) as advance:
+            def on_step(step: int, loss: float | None) -> None:
+                advance(1, None if loss is None else
+                        f"epoch {(step - 1) // plan.steps_per_epoch + 1}/{plan.epochs} loss {loss:.4f}")
+
+            result = train(model, dataset, preprocessing, config, positions=positions, teacher=teacher_model,
+                           start_state=start_state, device=processes.device, num_workers=options.workers,
+                           log_every=options.log_every, on_step=on_step, on_epoch_end=on_epoch_end)
+        if not processes.is_main:
+            return Result(None, {})
+
+        spec = replace(describe_model(result.model, spec.architecture, spec.kwargs, spec.class_names),
+                       preprocessing=preprocessing.to_dict())
+        final = result.history[-1]
+        params.update({
+            "data": str(dataset.ref), "train_samples": plan.samples, "steps": plan.total_steps,
+            "device": processes.device, "world_size": processes.world_size,
+            "final_train_loss": final["loss"], "final_train_accuracy": final["accuracy"],
+            "epoch_losses": [entry["loss"] for entry in result.history],
+            "images_per_second": result.images_per_second,
+        })
+        path = write_model(options.output, result.model, spec, params, inputs)
+        if directory and not options.checkpoint_dir:
+            from tapvits_cli.artifacts.checkpoint import remove_checkpoint
+
+            remove_checkpoint(directory)
+        for entry in result.history:
+            feedback.log(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}, train accuracy {entry['accuracy']:.1%}, "
+                         f"lr {entry['lr']:.3g}, {entry['images_per_second']:.0f} images/s", level=1)
+        speed = f", {result.images_per_second:.0f} images/s" if result.images_per_second else ""
+        feedback.log(f"{plan.total_steps} steps on {plan.samples} samples: final train loss {final['loss']:.4f}, "
+                     f"train accuracy {final['accuracy']:.1%}{speed}")
+        return Result(str(path), {"output": str(path), "kind": "model", "steps": plan.total_steps,
+                                  "final_train_loss": final["loss"], "final_train_accuracy": final["accuracy"],
+                                  "images_per_second": result.images_per_second})
+
+
+def _student(options: Options, dataset):
+    """``(module, spec, preprocessing)`` of the model to train: an artifact's, or a fresh one
+    (seeded, ``num_classes`` and class names from the data unless given)."""
+    from tapvits_cli.artifacts.model import load_model
+    from tapvits_cli.data.preprocess import Preprocessing
+    from tapvits_cli.models.arguments import parse_model_args
+    from tapvits_cli.models.factory import create_model, describe_model
+
+    if options.model_file:
+        model, spec, _ = load_model(options.model_file)
+    else:
+        kwargs = parse_model_args(options.model_args)
+        kwargs.setdefault("num_classes", dataset.num_classes)
+        model = create_model(options.architecture, kwargs)
+        spec = describe_model(model, options.architecture, kwargs)
+    if spec.class_names is None and spec.num_classes == dataset.num_classes:
+        spec = replace(spec, class_names=tuple(dataset.class_names))
+    return model, spec, Preprocessing.from_dict(spec.preprocessing)
+
+
+def _metric_set_positions(path: str, dataset):
+    """Positions in ``dataset`` of the metric set's fine-tuning samples; ids only mean something in its pool."""
+    from tapvits_cli.artifacts.metric_set import read_metric_set
+
+    metric_set = read_metric_set(path)
+    if metric_set.pool["fingerprint"] != dataset.fingerprint():
+        raise IncompatibleArtifactError(
+            f"{path} selects from '{metric_set.pool['reference']}', not from '{dataset.ref}' (dataset fingerprints "
+            f"differ); pass --data {metric_set.pool['reference']}")
+    return metric_set.positions_in(dataset, metric_set.finetune_ids)
+
+
+def _check_teacher(path: str, spec, num_classes: int, preprocessing) -> None:
+    if spec.num_classes != num_classes:
+        raise IncompatibleArtifactError(f"teacher {path} has {spec.num_classes} classes, the student {num_classes}; "
+                                        "distillation needs the same classes")
+    from tapvits_cli.data.preprocess import Preprocessing
+
+    if Preprocessing.from_dict(spec.preprocessing) != preprocessing:
+        raise IncompatibleArtifactError(f"teacher {path} expects other input preprocessing than the student "
+                                        f"({spec.preprocessing} vs {preprocessing.to_dict()})")
+
+
+def resume_state(directory: str, run_identity: dict, required: bool) -> dict | None:
+    """The checkpoint state to continue from, if ``directory`` holds one of this very run
+    (the same parameters and input hashes); another run's checkpoint is an error, not a silent restart."""
+    from tapvits_cli.artifacts.checkpoint import checkpoint_path, read_checkpoint
+
+    found = read_checkpoint(directory)
+    if found is None:
+        if required:
+            raise UsageError(f"--resume: no checkpoint in {directory}")
+        return None
+    stored, state = found
+    if stored != run_identity:
+        differing = sorted({f"{part}.{key}" for part in ("params", "inputs")
+                            for key in set(stored.get(part, {})) | set(run_identity[part])
+                            if stored.get(part, {}).get(key) != run_identity[part].get(key)})
+        raise IncompatibleArtifactError(
+            f"{checkpoint_path(directory)} belongs to another run (differs in {', '.join(differing) or 'format'}); "
+            "use another --checkpoint-dir or delete it to start afresh")
+    feedback.log(f"resuming from {checkpoint_path(directory)} after epoch {state['epoch']} (step {state['step']})")
+    return state
