@@ -1,0 +1,363 @@
+"""Carry out a run's step graph on an executor: in this process, in local processes, on Ray or on Slurm.
+
+Steps name their inputs, so a run is a graph: the shared steps (base model, pool
+features) come first, then each device's chain, which depends on no other device's. The
+scheduler starts every step whose inputs are finished, as many at a time as the executor
+takes. Whether a step is unchanged (skipped), in the stage cache (copied) or must run is
+decided here, in the process that holds the run directory, exactly as a serial run
+decides it; only running a step goes to a worker, and only this process writes
+``run.json`` and the cache. So step keys, skipping, the cache and resuming are the same
+whatever the executor, and so are the artifacts (each stage seeds itself from ``--seed``).
+
+Ray and Slurm workers read and write the run directory, the datasets, the cache and the
+recipe's files at the paths this process uses, from the directory it was started in:
+they need a file system shared with this machine.
+
+A step whose worker fails without a :class:`TapvitsError` (a crash, a killed process, a
+lost node) is retried up to ``retries`` times; a ``TapvitsError`` is a verdict on the
+step's inputs that a second attempt would repeat, so it is not. Steps that need a failed
+step's output are not started; every other device goes on, and the run's result names
+the failed steps so the caller can exit non-zero. A rerun skips what finished.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from tapvits_cli.errors import DataUnavailableError, ExitCode, TapvitsError, UsageError
+from tapvits_cli.pipeline.runner import StepOutcome, step_key
+from tapvits_cli.pipeline.steps import Input, Step
+
+EXECUTORS = ("serial", "local", "ray", "slurm")
+EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}   # executor: (module, pip extra)
+
+Work = Callable[[Step], None]   # runs one step in the worker's process; must pickle for all but serial
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """Why a step did not finish, as data: executors differ in how (and whether) they carry exceptions back."""
+
+    message: str
+    exit_code: int
+    retryable: bool = False   # a crash or a lost worker, not a verdict on the step's inputs
+
+
+@dataclass
+class Schedule:
+    """What became of every step: outcomes of the finished ones, failures, and those never started."""
+
+    outcomes: list[StepOutcome]
+    failures: dict[str, StepFailure] = field(default_factory=dict)
+    not_started: list[str] = field(default_factory=list)
+
+
+class StepsFailedError(TapvitsError):
+    """Some steps failed; the others finished and are recorded, so a rerun does only what is left.
+
+    The exit code is that of the first failure in step order, so a fleet whose only
+    failure is an invalid artifact still exits 3.
+    """
+
+    def __init__(self, steps: Sequence[Step], failures: Mapping[str, StepFailure]):
+        order = [step.id for step in steps if step.id in failures]
+        devices = sorted({step.device for step in steps if step.id in failures and step.device})
+        shared = [step.id for step in steps if step.id in failures and not step.device]
+        who = (f"shared step {', '.join(shared)} failed, so no device finished" if shared else
+               f"device{'s' if len(devices) > 1 else ''} {', '.join(devices)} failed")
+        first = failures[order[0]]
+        more = f" (and {len(order) - 1} more, above)" if len(order) > 1 else ""
+        super().__init__(f"{who}: {first.message}{more}; finished steps are kept, run again to resume")
+        self.exit_code = first.exit_code
+        self.failed_devices = devices
+
+
+def dependencies(steps: Sequence[Step]) -> dict[str, tuple[str, ...]]:
+    """For each step, the steps whose outputs it reads (external inputs depend on no step)."""
+    producer = {step.output: step.id for step in steps}
+    return {step.id: tuple(dict.fromkeys(producer[token.path] for token in step.inputs
+                                         if not token.external and token.path in producer))
+            for step in steps}
+
+
+def share_threads(threads: int | None) -> None:
+    """Give this worker process ``threads`` intra-op threads, so N jobs do not oversubscribe the cores.
+
+    The variables take effect when torch is first imported; a torch already imported is
+    told directly (importing it here would cost every worker a second, needed or not).
+    """
+    if not threads:
+        return
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def perform(work: Work, step: Step, threads: int | None = None, directory: str | None = None) -> float | StepFailure:
+    """Run one step in a worker: its seconds, or a :class:`StepFailure` for a ``TapvitsError``.
+
+    Module-level and fed only picklable arguments, so any executor can ship it.
+    ``directory`` is where the run was started: relative paths of the recipe resolve
+    from there on every machine of a shared file system.
+    """
+    if directory is not None:
+        os.chdir(directory)
+    share_threads(threads)
+    started = time.perf_counter()
+    try:
+        work(step)
+    except TapvitsError as exc:
+        return StepFailure(str(exc), exc.exit_code)
+    return time.perf_counter() - started
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
+def require_extra(executor: str):
+    """The engine's package, or exit 8 naming the install that provides it."""
+    import importlib
+
+    module, extra = EXTRAS[executor]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataUnavailableError(f'--executor {executor} needs {module}, which is not installed: '
+                                   f'pip install "tapvits[{extra}]"') from None
+
+
+# -- executors -----------------------------------------------------------------------------------
+
+class SerialExecutor:
+    """One step at a time in this process: the run as it always was.
+
+    Only a ``TapvitsError`` comes back as a failure; anything else (a bug, Ctrl-C) stops
+    the run at once with its traceback under ``--debug``: retrying is for workers that
+    died, and in-process there is none.
+    """
+
+    slots = 1
+
+    def __init__(self, work: Work):
+        self.work = work
+
+    def submit(self, step: Step) -> Future:
+        future: Future = Future()
+        future.set_result(perform(self.work, step))
+        return future
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+class LocalExecutor:
+    """``jobs`` worker processes on this machine, each with ``threads`` torch threads.
+
+    Workers are spawned, not forked: a fork of a process that already runs torch's
+    thread pools can deadlock. A worker that dies breaks the pool; the next submission
+    starts a new one (the steps that were in it come back as retryable failures).
+    """
+
+    def __init__(self, work: Work, jobs: int, threads: int | None = None):
+        self.work, self.slots = work, jobs
+        self.threads = threads or max(1, available_cpus() // jobs)
+        self._pool = self._start()
+
+    def _start(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(max_workers=self.slots, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=share_threads, initargs=(self.threads,))
+
+    def submit(self, step: Step) -> Future:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._pool.submit(perform, self.work, step, None, os.getcwd())
+        except BrokenProcessPool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._start()
+            return self._pool.submit(perform, self.work, step, None, os.getcwd())
+
+    def close(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=not cancel, cancel_futures=True)
+
+
+class RayExecutor:
+    """Each step a Ray task declaring ``cpus`` CPUs, and one GPU for ``finetune`` where the cluster has GPUs.
+
+    Connects to ``address`` (``auto``, ``ray://HOST:PORT``, …) or, without one, to the
+    Ray instance this process already started, else starts a local one. Ray's own task
+    retries are off: the scheduler retries, the same way for every executor.
+    """
+
+    def __init__(self, work: Work, address: str | None = None, cpus: int = 1, jobs: int | None = None,
+                 use_gpus: bool = True):
+        ray = require_extra("ray")
+        self._ray, self.work, self.cpus = ray, work, cpus
+        self._owns = not ray.is_initialized()
+        if self._owns:
+            import logging
+
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        self.gpus = use_gpus and ray.cluster_resources().get("GPU", 0) >= 1
+        self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
+        self._task = ray.remote(perform)
+
+    def submit(self, step: Step) -> Future:
+        options: dict[str, Any] = {"num_cpus": self.cpus, "max_retries": 0}
+        if self.gpus and step.stage == "finetune":
+            options["num_gpus"] = 1
+        return self._task.options(**options).remote(self.work, step, self.cpus, os.getcwd()).future()
+
+    def close(self, cancel: bool = False) -> None:
+        if self._owns:
+            self._ray.shutdown()
+
+
+class SlurmExecutor:
+    """Each step a Slurm job submitted through submitit, its logs under ``folder``.
+
+    ``parameters`` are submitit's (``slurm_partition``, ``timeout_min``, ``mem_gb``, …);
+    every job asks for ``cpus`` CPUs, and ``finetune`` for one GPU when ``gpus`` is set.
+    ``cluster="local"`` runs the jobs as local processes through submitit (for tests
+    and machines without Slurm).
+    """
+
+    def __init__(self, work: Work, folder: str, parameters: Mapping[str, Any], cpus: int = 1,
+                 jobs: int | None = None, gpus: bool = False, cluster: str = "slurm"):
+        import shutil
+
+        submitit = require_extra("slurm")
+        if cluster == "slurm" and shutil.which("sbatch") is None:
+            raise DataUnavailableError("--executor slurm: no Slurm on this machine (sbatch not found); "
+                                       "run from a Slurm login node")
+        self.work, self.cpus, self.gpus = work, cpus, gpus
+        self.slots = jobs or 1_000_000   # Slurm queues what it cannot start yet
+        self._executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        try:
+            self._executor.update_parameters(cpus_per_task=cpus, **parameters)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--slurm: {str(exc).splitlines()[0]}") from None
+        self._jobs: list = []
+
+    def submit(self, step: Step) -> Future:
+        self._executor.update_parameters(name=f"tapvits-{step.id.replace('/', '-')}",
+                                         gpus_per_node=1 if self.gpus and step.stage == "finetune" else 0)
+        job = self._executor.submit(perform, self.work, step, self.cpus, os.getcwd())
+        future: Future = Future()
+
+        def follow() -> None:
+            try:
+                future.set_result(job.result())
+            except Exception as exc:   # the job failed or was killed: submitit's own error
+                future.set_exception(exc)
+
+        threading.Thread(target=follow, daemon=True).start()
+        self._jobs.append(job)
+        return future
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            for job in self._jobs:
+                if not job.done():
+                    job.cancel(check=False)
+
+
+# -- the scheduler -------------------------------------------------------------------------------
+
+def _crash(step: Step, exc: BaseException, attempts: int) -> StepFailure:
+    text = str(exc).strip().splitlines()
+    return StepFailure(f"{step.id}: worker failed after {attempts} attempt{'s' if attempts > 1 else ''}: "
+                       f"{type(exc).__name__}{': ' + text[0] if text else ''}", ExitCode.INTERNAL, retryable=True)
+
+
+def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint: Callable[[str], str],
+            force: bool = False, retries: int = 1,
+            on_event: Callable[[str, Step, Any], None] = lambda event, step, detail: None) -> Schedule:
+    """Carry out ``steps`` on ``executor``; ``on_event`` hears "start", "done" (an outcome),
+    "retry" and "failed" (a :class:`StepFailure`) for each step."""
+
+    def input_sha256(token: Input) -> str:
+        return run_directory.sha256(token.path if token.external else run_directory.path(token.path))
+
+    needs = dependencies(steps)
+    order = {step.id: index for index, step in enumerate(steps)}
+    finished: dict[str, StepOutcome] = {}
+    failures: dict[str, StepFailure] = {}
+    not_started: list[str] = []
+    waiting = list(steps)
+    running: dict[Future, tuple[Step, str]] = {}
+    attempts: dict[str, int] = {}
+
+    def finish(step: Step, outcome: StepOutcome) -> None:
+        finished[step.id] = outcome
+        on_event("done", step, outcome)
+
+    def fail(step: Step, failure: StepFailure) -> None:
+        failures[step.id] = failure
+        on_event("failed", step, failure)
+
+    def launch(step: Step, key: str) -> None:
+        attempts[step.id] = attempts.get(step.id, 0) + 1
+        running[executor.submit(step)] = (step, key)
+
+    try:
+        while waiting or running:
+            for step in list(waiting):
+                if any(need in failures or need in not_started for need in needs[step.id]):
+                    waiting.remove(step)
+                    not_started.append(step.id)
+                    continue
+                if not all(need in finished for need in needs[step.id]):
+                    continue
+                if len(running) >= executor.slots:
+                    break
+                waiting.remove(step)
+                key = step_key(step, input_sha256, dataset_fingerprint)
+                if not force and run_directory.finished(step.id, step.output, key):
+                    finish(step, StepOutcome(step, "skipped", run_directory.seconds(step.id) or 0.0))
+                elif not force and (cached := run_directory.restore_from_cache(key, step.output)) is not None:
+                    run_directory.record(step.id, step.output, key, cached, "cache")
+                    finish(step, StepOutcome(step, "cache", cached))
+                else:
+                    run_directory.forget(step.id)
+                    on_event("start", step, None)
+                    launch(step, key)
+            if not running:
+                continue   # every step just looked at was skipped, cached or cannot start: look again
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: order[running[f][0].id]):
+                step, key = running.pop(future)
+                try:
+                    result = future.result()
+                except Exception as exc:   # the worker, not the step, failed
+                    result = _crash(step, exc, attempts[step.id])
+                if isinstance(result, StepFailure):
+                    if result.retryable and attempts[step.id] <= retries:
+                        on_event("retry", step, result)
+                        launch(step, key)
+                    else:
+                        fail(step, result)
+                    continue
+                run_directory.record(step.id, step.output, key, result, "ran")
+                run_directory.store_in_cache(key, step.output, result)
+                finish(step, StepOutcome(step, "ran", result))
+    except BaseException:
+        executor.close(cancel=True)
+        raise
+    executor.close()
+    return Schedule([finished[step.id] for step in steps if step.id in finished], failures, not_started)
