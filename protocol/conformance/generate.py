@@ -1,0 +1,424 @@
+"""Write the conformance kit: small valid and invalid files of every kind, and manifest.json.
+
+    bash .ci/env python protocol/conformance/generate.py
+
+The valid files are made by tapvits itself (a tiny ViT on scikit-learn's digits, every
+stage once, seeded, on the CPU), each normalised right after it is written so that the
+kit does not depend on when or how fast it was made: ``tapvits.created`` and the
+measured seconds and latencies get fixed values. Normalising happens before the next
+stage reads the file, so lineage hashes stay true. The invalid files are those valid
+files broken in one documented way each. ``manifest.json`` gives, per file, the kind,
+the verdict ``tapvits validate`` must reach (with its exit code) and, for a valid file,
+the key figures and content hashes any conforming reader recomputes from protocol/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+from safetensors.numpy import load_file
+
+HERE = Path(__file__).resolve().parent
+FILES = HERE / "files"
+CREATED = "2026-01-01T00:00:00+00:00"
+MODEL_ARGS = {"img_size": 8, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 12, "depth": 2,
+              "num_heads": 2, "mlp_ratio": 2.0}
+POOL = "digits:split=train:sample=120"
+PRIVATE = "digits:split=test:classes=0-3:fold=0/2"
+HELD_OUT = "digits:split=test:classes=0-3:fold=1/2"
+
+
+def tapvits(*args) -> None:
+    from tapvits_cli.cli.main import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main([str(a) for a in (*args, "--seed", "0", "--device", "cpu")])
+    if code != 0:
+        raise SystemExit(f"tapvits {' '.join(map(str, args))} failed ({code}): {err.getvalue().strip()}")
+
+
+# -- reading and rewriting the three containers ----------------------------------------------
+
+def safetensors_parts(path: Path) -> tuple[dict, dict]:
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    metadata = json.loads(path.read_bytes()[8:8 + header_length])["__metadata__"]
+    return load_file(str(path)), dict(metadata)
+
+
+def rewrite_safetensors(src: Path, dst: Path, tensors: dict | None = None, drop=(), **changes) -> Path:
+    """Copy with tensors replaced or dropped and metadata keys changed ("a__b" is "a.b"; None deletes)."""
+    stored, metadata = safetensors_parts(src)
+    stored = {name: t for name, t in {**stored, **(tensors or {})}.items() if name not in drop}
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    write_safetensors(dst, stored, metadata)
+    return dst
+
+
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "int64": "I64", "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+    """The safetensors layout with sorted keys (the library writes its metadata in hash order, so
+    its bytes differ from run to run): the same content always gives the same file."""
+    header, offset, chunks = {"__metadata__": dict(sorted(metadata.items()))}, 0, []
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        chunks.append(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+
+def canonical_hdf5(path: Path) -> None:
+    """Rewrite an HDF5 artifact without object timestamps, so the same content gives the same bytes."""
+    copy = path.with_suffix(".canonical")
+    with h5py.File(path, "r") as source, h5py.File(copy, "w", track_order=True) as target:
+        def clone(src, dst):
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name, item in src.items():
+                if isinstance(item, h5py.Group):
+                    clone(item, dst.create_group(name, track_order=True))
+                else:
+                    made = dst.create_dataset(name, data=item[...], chunks=item.chunks, track_times=False)
+                    for key, value in item.attrs.items():
+                        made.attrs[key] = value
+        clone(source, target)
+    copy.replace(path)
+
+
+def tensor_hash(tensors: dict, rule: str = "container") -> str:
+    from tapvits_cli.artifacts.digests import tensors_sha256
+
+    return tensors_sha256(tensors, rule)
+
+
+def rewrite_hdf5(src: Path, dst: Path, change) -> Path:
+    shutil.copyfile(src, dst)
+    with h5py.File(dst, "r+") as handle:
+        change(handle)
+    canonical_hdf5(dst)
+    return dst
+
+
+def rewrite_json(src: Path, dst: Path, change) -> Path:
+    document = json.loads(src.read_text())
+    change(document)
+    dst.write_text(json.dumps(document, indent=2) + "\n")
+    return dst
+
+
+def normalise(path: Path) -> None:
+    """Fixed creation time, seconds and latencies: the kit does not depend on the machine that made it."""
+    if path.suffix == ".safetensors":
+        fixed = {"tapvits__created": CREATED}
+        _, metadata = safetensors_parts(path)
+        for key in ("gmm.fit_seconds", "gmm.extract_seconds"):
+            if key in metadata:
+                fixed[key.replace(".", "__")] = "1.0"
+        rewrite_safetensors(path, path, **fixed)
+    elif path.suffix == ".h5":
+        def stamp(handle):
+            handle.attrs["tapvits.created"] = CREATED
+        rewrite_hdf5(path, path.with_suffix(".tmp"), stamp)
+        path.with_suffix(".tmp").replace(path)
+    else:
+        def stamp(document):
+            document["tapvits.created"] = CREATED
+            if document.get("tapvits.kind") == "profile":
+                measured = np.arange(1, 1 + len(document["batch_sizes"])) / 10
+                document["runtime"]["version"], document["hardware"] = "0", {"cpu": "conformance", "gpu": None}
+                document["fixed"] = {key: list(measured * (i + 1)) for i, key in enumerate(("embed_ms", "head_ms", "block_ms"))}
+                for kind in ("attn", "mlp"):
+                    document[kind]["median_ms"] = [list(measured * (4 + w)) for w in range(len(document[kind]["widths"]))]
+        rewrite_json(path, path, stamp)
+
+
+# -- the kit -----------------------------------------------------------------------------------
+
+def make_valid(work: Path) -> dict[str, Path]:
+    """One valid file of every kind (and the older versions a reader must still accept)."""
+    made = {}
+
+    def step(name, *args):
+        out = work / name
+        tapvits(*args, "-o", out)
+        normalise(out)
+        made[name] = out
+        return out
+
+    model = step("model.safetensors", "create-model", "vit_tiny_patch16_224",
+                 *[t for k, v in MODEL_ARGS.items() for t in ("-a", f"{k}={v}")])
+    features = step("features.h5", "features", POOL, "--extractor", model)
+    gmm = step("gmm.safetensors", "fit-gmm", PRIVATE, "--extractor", model, "--covariance", "diag",
+               "--components", "2-3", "--pca-dim", "4", "--min-samples", "40")
+    metric = step("metric-set.h5", "select", gmm, "--pool", features, "--metric-size", "16", "--finetune-size", "48")
+    scores = step("scores.safetensors", "score", model, "--metric-set", metric, "--pool", POOL, "--budget", "0.7",
+                  "--hsic-batch", "8")
+    plan = step("plan.safetensors", "allocate", scores, "--budget", "0.7", "--model", model, "--tolerance", "0.05")
+    pruned = step("pruned.safetensors", "prune", model, plan)
+    step("report.json", "eval", pruned, "--data", HELD_OUT, "--no-latency")
+    step("profile.json", "profile", model, "--batch-sizes", "1,2", "--widths", "1,24", "--repeats", "1",
+         "--warmup", "0", "--threads", "1", "--runtime", "torch")
+
+    tensors, _ = safetensors_parts(model)   # the versions before the container tensor hash
+    made["model-v1.safetensors"] = rewrite_safetensors(model, work / "model-v1.safetensors", tapvits__version="1",
+                                                       model__timm_version=None,
+                                                       model__weights_sha256=tensor_hash(tensors, "legacy"))
+    mixture, _ = safetensors_parts(gmm)
+    made["gmm-v2.safetensors"] = rewrite_safetensors(gmm, work / "gmm-v2.safetensors", tapvits__version="2",
+                                                     gmm__tensors_sha256=tensor_hash(mixture, "legacy"))
+    return made
+
+
+def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int, str]]:
+    """(file, kind, exit code, the rule it breaks) for each broken copy written to ``work``."""
+    broken = []
+
+    def add(name, kind, code, rule):
+        broken.append((name, kind, code, rule))
+        return work / name
+
+    model, gmm = valid["model.safetensors"], valid["gmm.safetensors"]
+    tensors, metadata = safetensors_parts(model)
+    data = model.read_bytes()
+    add("model-truncated.safetensors", "model", 3, "the tensor data ends before the header's offsets").write_bytes(
+        data[:len(data) - 100])
+    flipped = bytearray(data)
+    flipped[-5] ^= 0x01
+    add("model-flipped-bit.safetensors", "model", 3, "the tensors do not hash to model.weights_sha256").write_bytes(
+        bytes(flipped))
+    rewrite_safetensors(model, add("model-newer.safetensors", "model", 4, "a format version newer than the reader's"),
+                        tapvits__version="3")
+    rewrite_safetensors(model, add("model-no-weights-hash.safetensors", "model", 3,
+                                   "a required key (model.weights_sha256) is missing"), model__weights_sha256=None)
+    rewrite_safetensors(model, add("model-v2-legacy-hash.safetensors", "model", 3,
+                                   "a version 2 file whose hash follows the legacy rule"),
+                        model__weights_sha256=tensor_hash(tensors, "legacy"))
+    rewrite_safetensors(model, add("model-no-timm-version.safetensors", "model", 3,
+                                   "version 2 without model.timm_version"), model__timm_version=None)
+    rewrite_safetensors(model, add("model-blocks-not-json.safetensors", "model", 3,
+                                   "model.blocks is not a JSON list"), model__blocks="[{")
+    rewrite_safetensors(model, add("model-wrong-parameters.safetensors", "model", 3,
+                                   "model.parameters differs from the tensors' count"),
+                        model__parameters=str(int(metadata["model.parameters"]) + 1))
+    nan = {**tensors, "head.bias": np.full_like(tensors["head.bias"], np.nan)}
+    rewrite_safetensors(model, add("model-nan.safetensors", "model", 3, "a weight is NaN (hash recomputed)"),
+                        tensors=nan, model__weights_sha256=tensor_hash(nan))
+    narrow = {**tensors, "blocks.0.mlp.fc1.weight": tensors["blocks.0.mlp.fc1.weight"][:-1]}
+    rewrite_safetensors(model, add("model-shape-mismatch.safetensors", "model", 3,
+                                   "a tensor's shape disagrees with model.blocks (hash recomputed)"),
+                        tensors=narrow, model__weights_sha256=tensor_hash(narrow))
+
+    mixture, _ = safetensors_parts(gmm)
+    rewrite_safetensors(gmm, add("gmm-newer.safetensors", "gmm", 4, "a format version newer than the reader's"),
+                        tapvits__version="4")
+    flat = {**mixture, "weights": mixture["weights"] * 0.5}
+    rewrite_safetensors(gmm, add("gmm-weights-sum.safetensors", "gmm", 3,
+                                 "mixing weights do not sum to 1 (hash recomputed)"),
+                        tensors=flat, gmm__tensors_sha256=tensor_hash(flat))
+    moved = {**mixture, "means": mixture["means"] + 1.0}
+    rewrite_safetensors(gmm, add("gmm-tensor-changed.safetensors", "gmm", 3,
+                                 "the tensors do not hash to gmm.tensors_sha256"), tensors=moved)
+    rewrite_safetensors(gmm, add("gmm-extractor-hash.safetensors", "gmm", 3,
+                                 "gmm.extractor_sha256 is not the hash of gmm.extractor"),
+                        gmm__extractor_sha256="0" * 64)
+    rewrite_safetensors(gmm, add("gmm-no-privacy.safetensors", "gmm", 3, "a required key (gmm.privacy) is missing"),
+                        gmm__privacy=None)
+    single = {**mixture, "weights": mixture["weights"].astype(np.float32)}
+    rewrite_safetensors(gmm, add("gmm-f32-weights.safetensors", "gmm", 3, "a tensor is not F64 (hash recomputed)"),
+                        tensors=single, gmm__tensors_sha256=tensor_hash(single))
+
+    features = valid["features.h5"]
+
+    def rows_done(handle):
+        handle.attrs["features.rows_done"] = str(int(handle.attrs["features.rows"]) - 1)
+
+    def changed_row(handle):
+        handle["features/features"][0, 0] += 1.0
+
+    def unordered_ids(handle):
+        ids = handle["features/ids"][...]
+        ids[[0, 1]] = ids[[1, 0]]
+        handle["features/ids"][...] = ids
+
+    def newer_group(handle):
+        handle["features"].attrs["encoding-version"] = "2"
+
+    def features_hash(handle):
+        handle.attrs["features.extractor_sha256"] = "0" * 64
+
+    def newer_features(handle):
+        handle.attrs["tapvits.version"] = "2"
+
+    for name, code, rule, change in (
+            ("features-incomplete.h5", 3, "features.rows_done is below features.rows", rows_done),
+            ("features-row-changed.h5", 3, "the rows do not hash to features.features_sha256", changed_row),
+            ("features-ids-unordered.h5", 3, "ids are not strictly increasing", unordered_ids),
+            ("features-group-newer.h5", 4, "the group's encoding-version is newer than the reader's", newer_group),
+            ("features-extractor-hash.h5", 3, "features.extractor_sha256 is not the hash of features.extractor",
+             features_hash),
+            ("features-newer.h5", 4, "a format version newer than the reader's", newer_features)):
+        rewrite_hdf5(features, add(name, "features", code, rule), change)
+
+    metric = valid["metric-set.h5"]
+
+    def swapped_rows(handle):
+        ll = handle["selection/log_likelihood"][...]
+        ll[[0, 1]] = ll[[1, 0]] if ll[0] != ll[1] else ll[[0, 1]] - np.array([1.0, 0.0])
+        handle["selection/log_likelihood"][...] = ll
+
+    def duplicate_ids(handle):
+        ids = handle["selection/ids"][...]
+        ids[1] = ids[0]
+        handle["selection/ids"][...] = ids
+
+    def coverage(handle):
+        record = json.loads(handle.attrs["metric-set.coverage"])
+        record["metric"]["coverage"] = record["metric"]["coverage"] / 2
+        handle.attrs["metric-set.coverage"] = json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+    def no_pool(handle):
+        del handle.attrs["metric-set.pool"]
+
+    def newer_metric(handle):
+        handle.attrs["tapvits.version"] = "2"
+
+    for name, code, rule, change in (
+            ("metric-set-row-order.h5", 3, "rows are not ordered by decreasing log-likelihood", swapped_rows),
+            ("metric-set-duplicate-ids.h5", 3, "ids are not distinct", duplicate_ids),
+            ("metric-set-coverage.h5", 3, "metric-set.coverage disagrees with the component column", coverage),
+            ("metric-set-no-pool.h5", 3, "a required attribute (metric-set.pool) is missing", no_pool),
+            ("metric-set-newer.h5", 4, "a format version newer than the reader's", newer_metric)):
+        rewrite_hdf5(metric, add(name, "metric-set", code, rule), change)
+
+    scores = valid["scores.safetensors"]
+    values, _ = safetensors_parts(scores)
+    rewrite_safetensors(scores, add("scores-negative-relevance.safetensors", "scores", 3,
+                                    "a relevance is negative"),
+                        tensors={"blocks.0.mlp.relevance": -np.abs(values["blocks.0.mlp.relevance"]) - 1})
+    rewrite_safetensors(scores, add("scores-wrong-shape.safetensors", "scores", 3,
+                                    "a score vector's length disagrees with the block's width"),
+                        tensors={"blocks.1.attn.score": values["blocks.1.attn.score"][:-1]})
+    rewrite_safetensors(scores, add("scores-no-criterion.safetensors", "scores", 3,
+                                    "a required key (scores.criterion) is missing"), scores__criterion=None)
+    rewrite_safetensors(scores, add("scores-newer.safetensors", "scores", 4,
+                                    "a format version newer than the reader's"), tapvits__version="2")
+
+    plan = valid["plan.safetensors"]
+    keep, _ = safetensors_parts(plan)
+    kept = keep["blocks.0.mlp.keep"]
+    rewrite_safetensors(plan, add("plan-unordered-keep.safetensors", "plan", 3, "kept indices are not increasing"),
+                        tensors={"blocks.0.mlp.keep": kept[::-1].copy()})
+    rewrite_safetensors(plan, add("plan-keep-out-of-range.safetensors", "plan", 3,
+                                  "a kept index is beyond the block's width"),
+                        tensors={"blocks.0.mlp.keep": np.append(kept[:-1], 10_000).astype(np.int64)})
+    rewrite_safetensors(plan, add("plan-newer.safetensors", "plan", 4, "a format version newer than the reader's"),
+                        tapvits__version="2")
+
+    report = valid["report.json"]
+    rewrite_json(report, add("report-top5-below-top1.json", "report", 3, "top5 is below top1"),
+                 lambda d: d.update(top5=d["top1"] / 2))
+    rewrite_json(report, add("report-per-class-sum.json", "report", 3, "per-class samples do not add up"),
+                 lambda d: d.update(samples=d["samples"] + 1))
+    rewrite_json(report, add("report-no-loss.json", "report", 3, "a required member (loss) is missing"),
+                 lambda d: d.pop("loss"))
+    rewrite_json(report, add("report-newer.json", "report", 4, "a format version newer than the reader's"),
+                 lambda d: d.update({"tapvits.version": "2"}))
+
+    profile = valid["profile.json"]
+    rewrite_json(profile, add("profile-negative-latency.json", "profile", 3, "a latency is not positive"),
+                 lambda d: d["fixed"]["embed_ms"].__setitem__(0, -1.0))
+    rewrite_json(profile, add("profile-widths-unordered.json", "profile", 3, "attn.widths is not increasing"),
+                 lambda d: d["attn"].update(widths=d["attn"]["widths"][::-1]))
+    rewrite_json(profile, add("profile-newer.json", "profile", 4, "a format version newer than the reader's"),
+                 lambda d: d.update({"tapvits.version": "2"}))
+
+    add("foreign-bytes.bin", "", 3, "neither safetensors, HDF5 nor JSON").write_bytes(bytes(range(64)))
+    add("foreign-json.json", "", 3, "a JSON object without tapvits.kind").write_text('{"hello": "world"}\n')
+    rewrite_json(report, add("unknown-kind.json", "", 3, "a kind this protocol does not define"),
+                 lambda d: d.update({"tapvits.kind": "recipe"}))
+    return broken
+
+
+def expectations(path: Path) -> dict:
+    """What a conforming reader finds in a valid file: key figures and every content hash it recomputes."""
+    from tapvits_cli.artifacts.containers import open_file
+
+    artifact = open_file(path)
+    meta = artifact.metadata
+    kind, version = artifact.header.kind, artifact.header.version
+    found = {"kind": kind, "version": version, "inputs": {role: e.to_dict() for role, e in artifact.header.inputs.items()}}
+    if kind == "model":
+        found.update(weights_sha256=meta["model.weights_sha256"], parameters=int(meta["model.parameters"]),
+                     blocks=json.loads(meta["model.blocks"]), num_classes=int(meta["model.num_classes"]))
+    elif kind == "gmm":
+        found.update(tensors_sha256=meta["gmm.tensors_sha256"], extractor_sha256=meta["gmm.extractor_sha256"],
+                     components=int(meta["gmm.components"]), dim=int(meta["gmm.dim"]),
+                     samples=int(meta["gmm.samples"]))
+    elif kind == "features":
+        found.update(extractor_sha256=meta["features.extractor_sha256"],
+                     features_sha256=meta["features.features_sha256"], rows=int(meta["features.rows"]),
+                     dim=int(meta["features.dim"]), fingerprint=json.loads(meta["features.dataset"])["fingerprint"])
+    elif kind == "metric-set":
+        with h5py.File(path, "r") as handle:
+            group = handle["selection"]
+            found.update(metric_size=int(group.attrs["metric_size"]), finetune_size=int(group.attrs["finetune_size"]),
+                         strategy=str(group.attrs["strategy"]), ids=[int(i) for i in group["ids"][...]])
+    elif kind == "scores":
+        found.update(criterion=meta["scores.criterion"], samples=int(meta["scores.samples"]),
+                     model_weights_sha256=json.loads(meta["scores.model"])["weights_sha256"])
+    elif kind == "plan":
+        keep, _ = safetensors_parts(path)
+        found.update(budget=json.loads(meta["plan.budget"]),
+                     kept={name: len(values) for name, values in sorted(keep.items())})
+    elif kind == "report":
+        body = json.loads(path.read_text())
+        found.update(top1=body["top1"], samples=body["samples"], parameters=body["parameters"])
+    elif kind == "profile":
+        body = json.loads(path.read_text())
+        found.update(batch_sizes=body["batch_sizes"], attn_widths=body["attn"]["widths"])
+    return found
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        valid = make_valid(work)
+        broken = make_invalid(valid, work)
+        if FILES.exists():
+            shutil.rmtree(FILES)
+        FILES.mkdir(parents=True)
+        entries = []
+        for name, path in valid.items():
+            shutil.copyfile(path, FILES / name)
+            entries.append({"file": name, "verdict": "valid", "exit_code": 0, "expect": expectations(path)})
+        for name, kind, code, rule in broken:
+            shutil.copyfile(work / name, FILES / name)
+            entries.append({"file": name, "kind": kind, "verdict": "incompatible" if code == 4 else "invalid",
+                            "exit_code": code, "rule": rule})
+    manifest = {"protocol": "tapvits artifact protocol, version 1 (model v2, gmm v3)",
+                "made_by": "protocol/conformance/generate.py", "files": entries}
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    total = sum(f.stat().st_size for f in FILES.iterdir())
+    print(f"{len(entries)} files, {total} bytes in {FILES}")
+
+
+if __name__ == "__main__":
+    main()
