@@ -19,7 +19,8 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
 @click.option("--metric-set", type=click.Path(exists=True, dir_okay=False),
               help="Train only on this metric set's fine-tuning samples (their ids index --data).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model artifact to write (.safetensors).")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Passes over the training samples (--max-steps can stop earlier).")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps (the schedule spans them).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Global batch size, summed over torchrun processes.")
@@ -28,7 +29,8 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
 @click.option("--weight-decay", type=FiniteFloat(), default=0.05, show_default=True, help="AdamW weight decay (not on biases and norms).")
 @click.option("--warmup", type=FiniteFloat(), default=0.1, show_default=True, help="Linear warm-up, as a fraction of all steps.")
 @click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up in steps (overrides --warmup).")
-@click.option("--label-smoothing", type=FiniteFloat(), default=0.1, show_default=True)
+@click.option("--label-smoothing", type=FiniteFloat(), default=0.1, show_default=True,
+              help="Cross-entropy target: 1 − ε on the true class, ε spread evenly over all classes (0: one-hot).")
 @click.option("--augment", default="", metavar="LIST",
               help="Batch augmentation: crop (pad by 1/8 of the image, crop back), crop=PIXELS, flip (not for digits).")
 @click.option("--grad-clip", type=FiniteFloat(), help="Clip the global gradient norm to this value.")
