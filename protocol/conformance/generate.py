@@ -341,6 +341,11 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
                  lambda d: d.pop("loss"))
     rewrite_json(report, add("report-newer.json", "report", 4, "a format version newer than the reader's"),
                  lambda d: d.update({"tapvits.version": "2"}))
+    rewrite_json(report, add("report-numeric-version.json", "report", 3,
+                             "a header member is a JSON number, not a string"), lambda d: d.update({"tapvits.version": 1}))
+    rewrite_json(report, add("report-nested-params.json", "report", 3,
+                             "tapvits.params is a nested object, not compact-JSON text"),
+                 lambda d: d.update({"tapvits.params": json.loads(d["tapvits.params"])}))
 
     profile = valid["profile.json"]
     rewrite_json(profile, add("profile-negative-latency.json", "profile", 3, "a latency is not positive"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sniff_format
-from tapvits_cli.artifacts.header import Header, compact_json
+from tapvits_cli.artifacts.header import Header
 from tapvits_cli.errors import InvalidArtifactError
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -314,6 +314,9 @@ def open_file(path: str | os.PathLike) -> ArtifactFile:
         metadata = _hdf5_attrs(file)
     else:
         members = _json_members(file)
-        metadata = {k: v if isinstance(v, str) else compact_json(v) for k, v in members.items() if k.startswith("tapvits.")}
+        metadata = {k: v for k, v in members.items() if k.startswith("tapvits.")}
+        loose = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
+        if loose is not None:   # the header is strings in every container; nested values are compact-JSON text
+            raise InvalidArtifactError(f"{file}: header member '{loose}' must be a JSON string")
     header = Header.from_strings(metadata, str(file))
     return ArtifactFile(path=file, format=fmt, header=header, metadata=metadata, tensors=tensors)
