@@ -40,7 +40,21 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_device_to_cloud_sends_only_the_gmm(tmp_path):
+def device_environment() -> Path:
+    """The device's virtual environment (examples/device_env.sh: the device install only), created on first use
+    (about a minute from the package registry) and reused after; the test skips where it cannot be created."""
+    result = subprocess.run(["bash", str(EXAMPLES / "device_env.sh")], capture_output=True, text=True, timeout=1800)
+    if result.returncode == 75:
+        pytest.skip("no device environment: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip())
+
+
+def test_device_to_cloud_runs_the_device_without_torch_and_sends_only_the_gmm_and_the_profile(tmp_path):
+    from tapvits_cli.artifacts.profile import read_profile
+
+    venv = device_environment()
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode != 0
     result = run_example("device_to_cloud.sh", "work", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     work = tmp_path / "work"
@@ -49,19 +63,29 @@ def test_device_to_cloud_sends_only_the_gmm(tmp_path):
 
     transfers = [line.split("\t") for line in (work / "transfers.log").read_text().splitlines()]
     assert [(direction, name) for direction, name, _ in transfers] == [
-        ("cloud -> device", "extractor.safetensors"), ("device -> cloud", "gmm.safetensors"),
-        ("cloud -> device", "model.safetensors")]
-    assert transfers[1][2] == sha256(work / "device" / "gmm.safetensors") == sha256(work / "cloud" / "gmm.safetensors")
+        ("cloud -> device", "extractor.onnx"), ("cloud -> device", "base.safetensors"),
+        ("device -> cloud", "gmm.safetensors"), ("device -> cloud", "device.profile.json"),
+        ("cloud -> device", "model.onnx")]
+    for _, name, digest in transfers:
+        assert digest == sha256(work / "device" / name) == sha256(work / "cloud" / name)
     assert sorted(p.name for p in (work / "device").iterdir()) == [
-        "extractor.safetensors", "gmm.safetensors", "model.safetensors", "report.json"]
-    made_in_the_cloud = {"base.safetensors", "pool.h5", "metric.h5", "scores.safetensors", "plan.safetensors",
-                         "pruned.safetensors", "model.safetensors"}
-    assert {p.name for p in (work / "cloud").iterdir()} == made_in_the_cloud | {"gmm.safetensors"}
-    assert "the device sent only gmm.safetensors" in result.stderr
+        "base.safetensors", "device.profile.json", "extractor.onnx", "gmm.safetensors", "model.onnx", "report.json"]
+    made_in_the_cloud = {"base.safetensors", "pool.h5", "extractor.onnx", "metric.h5", "scores.safetensors",
+                         "plan.safetensors", "pruned.safetensors", "model.safetensors", "model.onnx"}
+    assert {p.name for p in (work / "cloud").iterdir()} == made_in_the_cloud | {"gmm.safetensors",
+                                                                                "device.profile.json"}
+    assert "the device sent only gmm.safetensors and device.profile.json" in result.stderr
+
+    # the device profiled on onnxruntime (it has no torch); the cloud validated it and predicted from it
+    profile = read_profile(work / "cloud" / "device.profile.json")
+    assert profile.runtime == "onnxruntime" and profile.batch_sizes == (1, 32)
+    assert "device.profile.json: ok (profile v1)" in result.stderr
+    assert "model.safetensors on the device, predicted: batch 1: " in result.stderr
 
     report = json.loads(report_path.read_text())
-    assert report["dataset"] == "digits:split=test:classes=0-4:fold=1/2"
+    assert report["dataset"] == "digits:split=test:classes=0-4:fold=1/2" and report["samples"] > 0
     assert isinstance(report["top1"], float) and 0.0 <= report["top1"] <= 1.0
+    assert report["runtime"].startswith("onnxruntime") and set(report["latency_ms"]) == {"1", "32"}
 
 
 def test_fleet_runs_devices_in_parallel_and_names_a_failed_one(tmp_path, tiny_model_file):
