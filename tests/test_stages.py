@@ -19,6 +19,13 @@ EXAMPLES = {
     "finetune": dict(architecture="vit_tiny_patch16_224", model_args=("img_size=8", "patch_size=4"), data="digits",
                      metric_set="s.h5", output="m.safetensors", epochs=2, lr=0.0002, min_lr=0.0, augment="crop,flip",
                      teacher="t.safetensors", distill_weight=0.25, checkpoint_dir="ckpt", resume=True),
+    "fit-gmm": dict(data="digits:classes=0,1", extractor_name="efficientnet-lite0", output="g.safetensors", pca_dim=8,
+                    standardize=False, components=[2, 3, 5], covariance="diag", reg_covar=1e-4, dp_epsilon=3.0),
+    "features": dict(data="digits", extractor_name="m.safetensors", output="f.h5", batch_size=16, restart=True),
+    "select": dict(gmm="g.safetensors", pool="f.h5", output="s.h5", metric_size=32, finetune_size=64,
+                   strategy="ratio", public_components=3, chunk_rows=100),
+    "score": dict(model="m.safetensors", metric_set_path="s.h5", pool="digits", output="sc.safetensors",
+                  criterion="magnitude", mlp_weights="1,0,0", budget=0.5, batch_size=8, max_samples=16),
 }
 
 

@@ -39,7 +39,7 @@ def command(gmm: str, private_ref: str, extractor_name: str, held_out_ref: str |
     """
     from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.artifacts.gmm import read_gmm
-    from tapvits_cli.cli.extractor import embed_dataset, resolve_extractor
+    from tapvits_cli.stages.extractor import embed_dataset, resolve_extractor
     from tapvits_cli.cli.output import emit, log
     from tapvits_cli.data import open_dataset
     from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance, membership_auc, min_support
@@ -54,7 +54,7 @@ def command(gmm: str, private_ref: str, extractor_name: str, held_out_ref: str |
     if recorded is None or recorded.sha256 != private.fingerprint():
         raise IncompatibleArtifactError(f"{gmm} was not fitted on {private_ref}: its data fingerprint differs "
                                         f"(an audit against other samples would prove nothing)")
-    extractor = resolve_extractor(extractor_name, device)
+    extractor, _ = resolve_extractor(extractor_name, device)
     if fingerprint_sha256(extractor.fingerprint) != info.extractor_sha256:
         raise IncompatibleArtifactError(f"--extractor {extractor_name} is not the extractor {gmm} was fitted with")
 

@@ -104,11 +104,11 @@ def _logits_graph(model: str, params: dict):
 def _features_graph(model: str, raw_input: tuple[int, int, int] | None, params: dict):
     """The feature extractor, preprocessing included: stored images in, pooled features out."""
     from tapvits_cli.artifacts.external import features_graph_provenance
-    from tapvits_cli.cli.extractor import extractor_lineage, resolve_extractor
+    from tapvits_cli.stages.extractor import resolve_extractor
     from tapvits_cli.models.extract import feature_graph
     from tapvits_cli.models.onnx_extractor import FEATURES_OUTPUT, OnnxExtractor
 
-    extractor = resolve_extractor(model, "cpu")
+    extractor, lineage = resolve_extractor(model, "cpu")
     if isinstance(extractor, OnnxExtractor):
         raise UsageError(f"{model} is already an ONNX extractor")
     shape = raw_input or tuple(extractor.preprocessing.input_size)
@@ -117,5 +117,5 @@ def _features_graph(model: str, raw_input: tuple[int, int, int] | None, params: 
         from tapvits_cli.artifacts.containers import open_file
 
         model_metadata = open_file(model).metadata
-    metadata = features_graph_provenance(model_metadata, extractor_lineage(model), params, extractor.fingerprint, shape)
+    metadata = features_graph_provenance(model_metadata, lineage, params, extractor.fingerprint, shape)
     return feature_graph(extractor), shape, FEATURES_OUTPUT, metadata

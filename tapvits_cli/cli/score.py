@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import click
 
-from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
-from tapvits_cli.cli.output import emit, log, progress_bar
-from tapvits_cli.errors import IncompatibleArtifactError, UsageError
+from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
+from tapvits_cli.cli.output import emit
+from tapvits_cli.stages.score import DEFAULT_PROBE_FRACTION
 from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
-
-DEFAULT_PROBE_FRACTION = 0.3   # = 1 − the usual 0.7 budget
-
-
-def parse_weights(text: str, option: str) -> tuple[float, float, float]:
-    """``"0.8,0.1,0.1"`` → (α, β, γ): three finite non-negative numbers with a positive sum."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
-        raise UsageError(f"{option} needs three finite non-negative numbers α,β,γ with a positive sum, e.g. 0.8,0.1,0.1; got '{text}'")
-    return values
 
 
 @click.command("score", cls=WritingCommand, short_help="Score every MLP neuron and attention head on a metric set.")
@@ -65,75 +49,8 @@ def command(model: str, metric_set_path: str, pool: str | None, output: str, cri
     Example: tapvits score base.safetensors --metric-set device.metric.h5 --budget 0.7
     -o device.scores.safetensors
     """
-    import numpy as np
-    import torch
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import score
 
-    from tapvits_cli.artifacts.files import sha256_file
-    from tapvits_cli.artifacts.header import LineageEntry
-    from tapvits_cli.artifacts.metric_set import read_metric_set
-    from tapvits_cli.artifacts.model import load_model, model_record
-    from tapvits_cli.artifacts.scores import write_scores
-    from tapvits_cli.data import open_dataset
-    from tapvits_cli.data.preprocess import Preprocessing
-    from tapvits_cli.importance.samples import SampleSet
-    from tapvits_cli.importance.scoring import ScoreConfig, planned_steps, score_model
-    from tapvits_cli.models.families import family_module
-    from tapvits_cli.runtime import resolve_device, seed_everything
-
-    if probe_fraction is not None and budget is not None:
-        raise UsageError("--probe-fraction and --budget are exclusive: the probe fraction is 1 − budget")
-    if no_layer_importance and (probe_fraction is not None or budget is not None):
-        raise UsageError("--no-layer-importance skips the probes: drop --probe-fraction/--budget")
-    if budget == BUDGET_FRACTION.high:
-        raise UsageError(f"--budget {budget:g} keeps every unit, so the KL probes would remove nothing: "
-                         "give a budget below 1 or --no-layer-importance")
-    fraction = None if no_layer_importance else (
-        probe_fraction if probe_fraction is not None else 1 - budget if budget is not None else DEFAULT_PROBE_FRACTION)
-    weights = {"mlp": parse_weights(mlp_weights, "--mlp-weights"), "attn": parse_weights(attn_weights, "--attn-weights")}
-    seed_everything(CURRENT.seed)
-    device = resolve_device(CURRENT.device)
-
-    metric_set = read_metric_set(metric_set_path)
-    dataset = open_dataset(pool or metric_set.pool["reference"])
-    if dataset.fingerprint() != metric_set.pool["fingerprint"]:
-        raise IncompatibleArtifactError(
-            f"{metric_set_path} indexes the pool '{metric_set.pool['reference']}' (fingerprint "
-            f"{metric_set.pool['fingerprint'][:12]}), but '{dataset.ref}' has fingerprint {dataset.fingerprint()[:12]}: "
-            "pass the pool the metric set was selected from")
-    network, spec, model_artifact = load_model(model, device=device)
-    family_module(spec.family, spec.architecture)   # a generic model is refused, naming the supported families
-    ids = metric_set.metric_ids[:max_samples] if max_samples else metric_set.metric_ids
-    positions = metric_set.positions_in(dataset, ids)
-    labels = dataset.labels[positions]
-    if criterion == "taylor" and labels.max(initial=0) >= spec.num_classes:
-        raise UsageError(f"the taylor criterion needs pool labels below the model's {spec.num_classes} classes; "
-                         f"the metric set has label {int(labels.max())}")
-    preprocessing = Preprocessing.from_dict(spec.preprocessing)
-
-    def load(indices):
-        return preprocessing(torch.from_numpy(dataset.images(positions[indices])).to(device))
-
-    samples = SampleSet(count=len(positions), load=load, labels=labels)
-    config = ScoreConfig(criterion=criterion, weights=weights, probe_fraction=fraction, batch_size=batch_size,
-                         hsic_batch=hsic_batch, seed=CURRENT.seed)
-    with progress_bar(f"scoring ({criterion})", total=planned_steps(samples, len(spec.blocks), config)) as advance:
-        result = score_model(network, samples, config, on_progress=advance)
-
-    recorded_weights = weights if criterion == "composite" else None
-    params = {"criterion": criterion, "weights": recorded_weights, "probe_fraction": fraction,
-              "batch_size": batch_size, "hsic_batch": hsic_batch, "max_samples": max_samples,
-              "seed": CURRENT.seed, "device": device}
-    inputs = {
-        "model": LineageEntry(sha256_file(model), "model", Path(model).name),
-        "metric-set": LineageEntry(sha256_file(metric_set_path), "metric-set", Path(metric_set_path).name),
-        "pool": LineageEntry(dataset.fingerprint(), "dataset", str(dataset.ref)),
-    }
-    record = model_record(spec, model_artifact.metadata["model.weights_sha256"])
-    path = write_scores(output, result.layers, result.layer_importance, criterion, record, samples.count, fraction,
-                        recorded_weights, params, inputs)
-    seconds = {k: round(v, 3) for k, v in result.seconds.items()}
-    log(f"{criterion} scores of {len(spec.blocks)} blocks on {samples.count} samples: statistics "
-        f"{seconds['statistics']:.1f} s, KL probes {seconds['probes']:.1f} s", level=1)
-    importance = {k: np.round(v, 6).tolist() for k, v in (result.layer_importance or {}).items()}
-    emit({"output": str(path), "kind": "scores", "criterion": criterion, "samples": samples.count,
-          "probe_fraction": fraction, "layer_importance": importance or None, "seconds": seconds}, str(path))
+    result = run_stage(score)
+    emit(result.document, result.output)

@@ -2,40 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
-from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
-from tapvits_cli.cli.output import emit, log, progress_bar
-from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
-from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, RATIO_STRATEGIES, SELECTION_STRATEGIES
-
-
-def _is_artifact(pool: str) -> bool:
-    """A tapvits artifact file (a feature table, or a wrong kind to refuse); else a dataset reference."""
-    from tapvits_cli.artifacts.containers import open_file
-
-    if not Path(pool).is_file():
-        return False
-    try:
-        open_file(pool)
-    except InvalidArtifactError:
-        # e.g. an .npz or a plain HDF5 dataset file; but a damaged artifact (a truncated feature
-        # table) still names its kind near the start: it is refused as an artifact, exit 3
-        with open(pool, "rb") as handle:
-            return b"tapvits.kind" in handle.read(1 << 16)
-    return True
-
-
-def _require_same_extractor(gmm: str, gmm_info, pool: str, sha256: str, fingerprint) -> None:
-    if sha256 != gmm_info.extractor_sha256:
-        raise IncompatibleArtifactError(
-            f"{gmm} was fitted on {gmm_info.extractor.get('architecture')} features (extractor "
-            f"{gmm_info.extractor_sha256[:12]}), but {pool} gives {fingerprint.get('architecture')} features "
-            f"(extractor {sha256[:12]}): embed the pool with the extractor the GMM was fitted with"
-        )
+from tapvits_cli.cli.options import WritingCommand, global_options
+from tapvits_cli.cli.output import emit
+from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEGIES
 
 
 @click.command("select", cls=WritingCommand, short_help="Pick the public samples most likely under a device's GMM.")
@@ -78,89 +50,8 @@ def command(gmm: str, pool: str, output: str, metric_size: int, finetune_size: i
 
     Example: tapvits select device.gmm.safetensors --pool pool.h5 -o device.metric.h5
     """
-    import contextlib
-    import time
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import select
 
-    import numpy as np
-
-    from tapvits_cli.artifacts.digests import fingerprint_sha256
-    from tapvits_cli.artifacts.features import open_feature_table
-    from tapvits_cli.artifacts.files import sha256_file
-    from tapvits_cli.artifacts.gmm import read_gmm
-    from tapvits_cli.artifacts.header import LineageEntry
-    from tapvits_cli.artifacts.metric_set import write_metric_set
-    from tapvits_cli.cli.extractor import extractor_lineage, resolve_extractor
-    from tapvits_cli.data import open_dataset
-    from tapvits_cli.gmm.mixture import score_in_chunks
-    from tapvits_cli.models.extract import extract_features
-    from tapvits_cli.runtime import resolve_device, seed_everything
-    from tapvits_cli.selection import select_from_scores, selection_coverage
-    from tapvits_cli.selection.density_ratio import (fit_public_mixture, rows_at, sample_positions,
-                                                     score_ratio_in_chunks)
-
-    seed_everything(CURRENT.seed)
-    device = resolve_device(CURRENT.device)
-    mixture, info, _ = read_gmm(gmm)
-    inputs = {"gmm": LineageEntry(sha256_file(gmm), "gmm", Path(gmm).name)}
-    with contextlib.ExitStack() as stack:
-        if _is_artifact(pool):
-            if extractor_name:
-                raise UsageError("--extractor is only for a dataset --pool; a feature table already fixes its extractor")
-            table = stack.enter_context(open_feature_table(pool))
-            _require_same_extractor(gmm, info, pool, table.extractor_sha256, table.extractor)
-            pool_size, description = table.rows, table.dataset
-
-            def sample_features(positions):
-                return rows_at(table.iter_chunks(chunk_rows), positions)
-
-            chunks = table.iter_chunks(chunk_rows)
-            inputs["pool"] = LineageEntry(sha256_file(pool), "features", Path(pool).name)
-        else:
-            dataset = open_dataset(pool)
-            if not extractor_name:
-                raise UsageError(f"a dataset --pool needs --extractor: the one {gmm} was fitted with "
-                                 f"({info.extractor.get('architecture')}), or pass a feature table as --pool")
-            extractor = resolve_extractor(extractor_name, device)
-            _require_same_extractor(gmm, info, f"--extractor {extractor_name}", fingerprint_sha256(extractor.fingerprint),
-                                    extractor.fingerprint)
-            pool_size, description = len(dataset), dataset.provenance()
-
-            def sample_features(positions):   # embeds only the sampled rows
-                return np.concatenate([f for _, f, _ in extract_features(extractor, dataset, batch_size, device,
-                                                                         positions=positions)])
-
-            chunks = extract_features(extractor, dataset, batch_size, device)
-            inputs["pool"] = LineageEntry(dataset.fingerprint(), "dataset", str(dataset.ref))
-            inputs["extractor"] = extractor_lineage(extractor_name)
-        started = time.perf_counter()
-        public = None
-        if strategy in RATIO_STRATEGIES:
-            positions = sample_positions(pool_size, public_sample, CURRENT.seed)
-            public = fit_public_mixture(sample_features(positions), mixture, public_components, CURRENT.seed)
-            log(f"public mixture: {public.mixture.components} {public.mixture.covariance_type}-covariance "
-                f"components on {public.samples:,} pool rows in {public.fit_seconds:.1f} s"
-                + ("" if public.converged else " (EM did not converge)"))
-        with progress_bar("scoring pool", total=pool_size) as advance:
-            scored = (score_ratio_in_chunks(mixture, public.mixture, chunks, advance) if public is not None
-                      else score_in_chunks(mixture, chunks, advance))
-            selection = select_from_scores(scored, pool_size, mixture.weights, metric_size, finetune_size,
-                                           strategy, CURRENT.seed)
-        scoring_seconds = time.perf_counter() - started
-
-    params = {"metric_size": metric_size, "finetune_size": finetune_size, "strategy": strategy,
-              "public_components": public_components, "public_sample": public_sample,
-              "chunk_rows": chunk_rows, "batch_size": batch_size, "seed": CURRENT.seed, "device": device}
-    coverage = selection_coverage(selection.component, mixture.weights, metric_size)
-    path = write_metric_set(output, selection, description, sha256_file(gmm), info.extractor_sha256, params, inputs,
-                            coverage=coverage, public_mixture=public.describe() if public is not None else None)
-    loglik = selection.log_likelihood
-    metric = loglik[:metric_size]
-    log(f"{strategy}: metric set {metric_size:,} and fine-tuning set {finetune_size:,} of {pool_size:,} pool samples; "
-        f"log-likelihood {metric.min():.2f}..{metric.max():.2f} (metric set), {loglik.min():.2f}..{loglik.max():.2f} "
-        f"(fine-tuning set); component coverage {coverage['metric']['coverage']:.2f} (metric set), "
-        f"{coverage['finetune']['coverage']:.2f} (fine-tuning set)")
-    emit({"output": str(path), "kind": "metric-set", "strategy": strategy, "metric_size": metric_size,
-          "finetune_size": finetune_size, "pool_samples": pool_size, "scoring_seconds": round(scoring_seconds, 3),
-          "log_likelihood": {"metric": [float(metric.min()), float(metric.max())],
-                             "finetune": [float(loglik.min()), float(loglik.max())]},
-          "coverage": coverage, **({"public_mixture": public.describe()} if public is not None else {})}, str(path))
+    result = run_stage(select)
+    emit(result.document, result.output)

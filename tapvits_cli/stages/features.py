@@ -1,0 +1,62 @@
+"""``features``: embed a public pool into a resumable HDF5 feature table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tapvits_cli.stages.common import argument, option
+from tapvits_cli.stages.feedback import log, progress
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    data: str = argument()
+    extractor_name: str = option("--extractor", recipe=False)
+    output: str = option("-o", recipe=False)
+    batch_size: int = option("--batch-size", 256)
+    restart: bool = option("--restart", False, recipe=False)   # a run resumes a half-written table
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Result:
+    output: str
+    document: dict[str, Any]
+
+
+def run(options: Options) -> Result:
+    import numpy as np
+
+    from tapvits_cli.artifacts.digests import fingerprint_sha256
+    from tapvits_cli.artifacts.features import open_feature_writer
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.models.extract import extract_features
+    from tapvits_cli.runtime import resolve_device, seed_everything
+    from tapvits_cli.stages.extractor import resolve_extractor
+
+    seed_everything(options.seed)
+    device = resolve_device(options.device)
+    dataset = open_dataset(options.data)
+    extractor, lineage = resolve_extractor(options.extractor_name, device)
+    params = {"batch_size": options.batch_size, "seed": options.seed, "device": device}
+    with open_feature_writer(options.output, extractor, dataset, params, lineage, restart=options.restart) as writer:
+        resumed_from = writer.rows_done
+        if resumed_from:
+            log(f"resuming {writer.partial}: {resumed_from} of {writer.rows} rows already embedded")
+        batches = extract_features(extractor, dataset, options.batch_size, device,
+                                   positions=np.arange(resumed_from, len(dataset)))
+        try:
+            with progress("embedding", -(-len(dataset) // options.batch_size)) as advance:
+                advance(resumed_from // options.batch_size)
+                writer.write_batches(batches, on_progress=advance)
+        except KeyboardInterrupt:
+            log(f"stopped after {writer.rows_done} of {writer.rows} rows, kept in {writer.partial}; "
+                "run the same command again to resume")
+            raise
+        path = writer.finish()
+    log(f"{writer.rows} rows × {writer.dim} features from {extractor.fingerprint['architecture']}", level=1)
+    return Result(str(path), {"output": str(path), "kind": "features", "rows": writer.rows, "dim": writer.dim,
+                              "resumed_from": resumed_from,
+                              "extractor_sha256": fingerprint_sha256(extractor.fingerprint)})
