@@ -15,20 +15,35 @@ from tapvits_cli.models.spec import ModelSpec
 
 
 def create_model(architecture: str, kwargs: Mapping[str, Any] | None = None, pretrained: bool = False):
-    """``timm.create_model`` with tapvits' errors: unknown names list close matches."""
+    """``timm.create_model`` with tapvits' errors: an unknown name gets the nearest known ones."""
     import timm
 
     if not timm.is_model(architecture):
-        stem = architecture.split("_")[0]
-        close = timm.list_models(f"{stem}*")[:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise UsageError(f"unknown timm architecture '{architecture}'{hint}")
+        raise UsageError(f"unknown timm architecture '{architecture}'{_near_architectures(architecture)}")
     try:
         if pretrained:
             return _create_pretrained(architecture, dict(kwargs or {}))
         return timm.create_model(architecture, **dict(kwargs or {}))
     except TypeError as exc:
         raise UsageError(f"bad keyword arguments for {architecture}: {exc}") from None
+
+
+def _near_architectures(architecture: str) -> str:
+    """"; did you mean X?" for a misspelling, else the names that share its family prefix.
+
+    A typo (``deit_tiny_patch16_244``) is best answered by the closest spellings; a name
+    with no close spelling still gets the architectures of its family (``vit_*``).
+    """
+    import difflib
+
+    import timm
+
+    names = timm.list_models()
+    close = difflib.get_close_matches(architecture.lower(), names, n=3, cutoff=0.8)
+    if close:
+        return f"; did you mean {', '.join(close[:-1]) + ' or ' if len(close) > 1 else ''}{close[-1]}?"
+    family = timm.list_models(f"{architecture.split('_')[0]}*")[:8]
+    return f"; models of that family: {', '.join(family)}" if family else ""
 
 
 def _create_pretrained(architecture: str, kwargs: dict):
