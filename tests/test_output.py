@@ -84,3 +84,41 @@ def test_every_json_error_kind_is_in_the_readme_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for code, kind in EXIT_KINDS.items():
         assert f"| {int(code)} | `{kind}` |" in readme
+
+
+def test_a_pipe_gets_plain_periodic_progress_lines(capsys):
+    from tapvits_cli.cli.output import plain_progress
+
+    with plain_progress("finetune", 4, interval=0.0) as advance:
+        for step in range(4):
+            advance(1, f"epoch 1/1 loss {1.0 / (step + 1):.4f}")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5
+    assert lines[0].startswith("finetune 1/4 (25%), ") and "/s, " in lines[0] and "ETA" in lines[0]
+    assert lines[0].endswith("epoch 1/1 loss 1.0000")
+    assert lines[-1].startswith("finetune 4/4 (100%) done in ") and lines[-1].endswith("loss 0.2500")
+
+
+def test_short_work_on_a_pipe_prints_no_progress(capsys):
+    from tapvits_cli.cli.output import plain_progress
+
+    with plain_progress("eval", 3, interval=3600.0) as advance:
+        advance(3)
+    assert capsys.readouterr().err == ""
+
+
+def test_finetune_on_a_pipe_reports_progress_unless_quiet(tiny_model_file, tmp_path, tapvits, monkeypatch):
+    from tapvits_cli.cli import output
+
+    monkeypatch.setattr(output, "PLAIN_PROGRESS_SECONDS", 0.0)
+    args = ["finetune", tiny_model_file, "--data", "digits:split=train:sample=128", "--epochs", "1",
+            "--batch-size", "64", "--log-every", "1", "--no-checkpoint"]
+    loud = tapvits(*args, "-o", tmp_path / "a.safetensors")
+    assert loud.exit_code == 0, loud.stderr
+    progress = [line for line in loud.stderr.splitlines() if line.startswith("finetune ")]
+    assert progress[0].startswith("finetune 1/2 (50%)") and "loss" in progress[0]
+    assert progress[-1].startswith("finetune 2/2 (100%) done in")
+    quiet = tapvits(*args, "-q", "-o", tmp_path / "b.safetensors")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    off = tapvits(*args, "--no-progress", "-o", tmp_path / "c.safetensors")
+    assert off.exit_code == 0 and not any(line.startswith("finetune ") for line in off.stderr.splitlines())

@@ -76,7 +76,7 @@ def global_options(func: Callable) -> Callable:
                      envvar="TAPVITS_DEVICE", expose_value=False, callback=_store("device"),
                      help="Where tensors run; auto picks CUDA when available."),
         click.option("--progress/--no-progress", default=None, envvar="TAPVITS_PROGRESS", expose_value=False,
-                     callback=_store("progress"), help="Force progress bars on or off (default: only on a terminal)."),
+                     callback=_store("progress"), help="Force progress bars on or off (default: bars on a terminal, a plain line every 30 s elsewhere)."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import sys
+import time
 from typing import Any, Callable, Iterator, TextIO
 
 from tapvits_cli.cli.options import CURRENT
@@ -93,17 +94,27 @@ def emit(result: Any, text: str | None = None) -> None:
     sys.stdout.flush()
 
 
+# How often a pipe gets a plain progress line (seconds): often enough to show a long
+# training is alive, rarely enough that a CI log stays readable.
+PLAIN_PROGRESS_SECONDS = 30.0
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields ``advance(n, status=None)`` for stage logic to call.
+    """Progress on stderr; yields ``advance(n, status=None)`` for stage logic to call.
 
     Stage logic never prints: it takes an ``on_progress(n)`` callback and the CLI passes
     the callable yielded here. ``status`` (e.g. the latest loss), when given, replaces the
-    text shown after the bar. When progress is off (not a terminal, ``-q`` or
-    ``--no-progress``) the callable does nothing.
+    text shown after the bar. A terminal (or ``--progress``) gets a rich bar with rate and
+    ETA; anything else gets a plain line every :data:`PLAIN_PROGRESS_SECONDS` (see
+    :func:`plain_progress`); ``-q`` and ``--no-progress`` silence both.
     """
-    if not show_progress() or CURRENT.verbosity < 0:
+    if CURRENT.verbosity < 0 or CURRENT.progress is False:
         yield lambda n=1, status=None: None
+        return
+    if not show_progress():
+        with plain_progress(description, total) as advance:
+            yield advance
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -116,3 +127,59 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
             progress.update(task, advance=n, **({} if status is None else {"status": status}))
 
         yield advance
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+@contextlib.contextmanager
+def plain_progress(description: str, total: int | None,
+                   interval: float | None = None) -> Iterator[Callable[..., None]]:
+    """Progress for a pipe or a log file: one plain line per ``interval`` seconds, then a closing line.
+
+    ``finetune 120/400 (30%), 4.1/s, 0:29 elapsed, ETA 1:08, epoch 2/5 loss 0.4120``:
+    whole lines a log keeps and a person can grep, instead of a bar's redraws. Work that
+    ends within one interval prints nothing (a short command stays quiet); work that
+    printed a line also prints how it ended (done, or stopped at n of total).
+    """
+    every = PLAIN_PROGRESS_SECONDS if interval is None else interval
+    start = last = time.monotonic()
+    state: dict[str, Any] = {"done": 0, "status": None, "printed": False}
+
+    def line(now: float) -> str:
+        done, elapsed = state["done"], now - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{description} {done}/{total}" + (f" ({done / total:.0%})" if total else "") if total is not None
+                 else f"{description} {done}", f"{rate:.3g}/s", f"{_duration(elapsed)} elapsed"]
+        if total and rate > 0 and done < total:
+            parts.append(f"ETA {_duration((total - done) / rate)}")
+        if state["status"]:
+            parts.append(str(state["status"]))
+        return ", ".join(parts)
+
+    def write(text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def advance(n: int = 1, status: str | None = None) -> None:
+        nonlocal last
+        state["done"] += n
+        if status is not None:
+            state["status"] = status
+        now = time.monotonic()
+        if now - last >= every:
+            write(line(now))
+            last, state["printed"] = now, True
+
+    finished = False
+    try:
+        yield advance
+        finished = True
+    finally:
+        if state["printed"]:
+            now = time.monotonic()
+            ending = "done" if finished else "stopped"
+            write(f"{line(now).split(', ')[0]} {ending} in {_duration(now - start)}"
+                  + (f", {state['status']}" if state["status"] else ""))
