@@ -85,3 +85,6 @@ class Interval:
 # ``score --budget`` (whose KL probes then remove 1 − budget), a recipe's ``budget`` and the
 # plan artifact's recorded budget. 0 keeps nothing, so it is not a budget; 1 keeps everything.
 BUDGET_FRACTION = Interval(0.0, 1.0, low_open=True)
+
+# Where `tapvits run` carries out its steps (pipeline/schedule.py).
+EXECUTORS = ("serial", "local", "ray", "slurm")

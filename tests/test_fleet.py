@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+import re
+import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tapvits_cli.artifacts.run_directory import RunDirectory
 from tapvits_cli.errors import ExitCode, UsageError
 from tapvits_cli.pipeline import schedule
 from tapvits_cli.pipeline.steps import Input, Output, Step
+
+from test_run import TINY_RECIPE, write_recipe
 
 
 # -- stand-in steps ------------------------------------------------------------------------------
@@ -147,3 +154,144 @@ def test_submitit_local_jobs_stand_in_for_slurm(tmp_path, monkeypatch):
     assert list(failed.failures) == ["devices/b/select"] and len(failed.outcomes) == 6
     serial = _schedule(tmp_path / "s", fake_fleet(stage="boom"), schedule.SerialExecutor)
     assert _artifacts(tmp_path / "run") == _artifacts(tmp_path / "s" / "run")
+
+
+# -- whole runs of the tiny digits recipe ---------------------------------------------------------
+
+# Header values that record when or how fast a file was made, and the input hashes that follow from them.
+VOLATILE = re.compile(r"(created|seconds|per_second|sha256)$")
+RECORDS = {".lock", "run.json", "summary.json", "commands.sh", "recipe.yaml"}
+
+
+def _lasting(value, key=""):
+    """A header value without its volatile members (JSON held in strings is opened up)."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, dict):
+        return {k: _lasting(v, k) for k, v in sorted(value.items()) if not VOLATILE.search(k)}
+    return value
+
+
+def artifact_digest(path: Path) -> str:
+    """SHA-256 of an artifact's tensors (or datasets, or JSON body) and its header minus the volatile members."""
+    digest = hashlib.sha256()
+    if path.suffix == ".safetensors":
+        raw = path.read_bytes()
+        size = struct.unpack("<Q", raw[:8])[0]
+        digest.update(json.dumps(_lasting(json.loads(raw[8:8 + size])), sort_keys=True).encode() + raw[8 + size:])
+    elif path.suffix == ".json":
+        digest.update(json.dumps(_lasting(json.loads(path.read_text())), sort_keys=True).encode())
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as file:
+            def add(name, node):
+                attributes = {k: (v if isinstance(v, str) else repr(v)) for k, v in node.attrs.items()}
+                digest.update(name.encode() + json.dumps(_lasting(attributes), sort_keys=True).encode())
+                if isinstance(node, h5py.Dataset):
+                    digest.update(np.ascontiguousarray(node[()]).tobytes())
+            add("/", file)
+            file.visititems(add)
+    return digest.hexdigest()
+
+
+def run_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): artifact_digest(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in RECORDS and "slurm" not in p.relative_to(root).parts}
+
+
+@pytest.fixture(scope="module")
+def serial_run(tmp_path_factory):
+    """The tiny recipe carried out serially, once for this module (one torch thread, as conftest sets)."""
+    from tapvits_cli.cli.main import main
+
+    root = tmp_path_factory.mktemp("serial")
+    recipe = write_recipe(root, TINY_RECIPE)
+    assert main(["-q", "run", str(recipe), "--run-dir", str(root / "run")]) == 0
+    return recipe, root / "run", json.loads((root / "run" / "summary.json").read_text())
+
+
+def _copy_forgetting(run: Path, target: Path, prefixes: tuple[str, ...]) -> Path:
+    """A copy of a finished run directory whose steps under ``prefixes`` are unrecorded (so they run again)."""
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns(".lock"))
+    state = json.loads((target / "run.json").read_text())
+    state["steps"] = {k: v for k, v in state["steps"].items() if not k.startswith(prefixes)}
+    (target / "run.json").write_text(json.dumps(state))
+    return target
+
+
+def test_jobs_2_gives_the_artifacts_of_a_serial_run(tmp_path, tapvits, serial_run):
+    recipe, serial, expected = serial_run
+    result = tapvits("--json", "run", recipe, "--run-dir", tmp_path / "run", "--jobs", "2", "--cpus-per-step", "1")
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert summary["steps"]["ran"] == summary["steps"]["total"] == 16
+    assert [row["top1"] for row in summary["devices"]] == [row["top1"] for row in expected["devices"]]
+    digests = run_digests(tmp_path / "run")
+    assert len(digests) == 16 and digests == run_digests(serial)
+
+
+def test_a_device_that_fails_leaves_the_others_finished_and_a_rerun_completes_it(tmp_path, tapvits, serial_run):
+    recipe, serial, _ = serial_run
+    run = _copy_forgetting(serial, tmp_path / "run", ("devices/high/",))   # high runs again beside the bad device
+    gmm = tmp_path / "uploaded.safetensors"
+    gmm.write_bytes((serial / "devices" / "low" / "gmm.safetensors").read_bytes()[:300])   # a truncated upload
+    fleet = write_recipe(tmp_path, {**TINY_RECIPE, "devices": [
+        *TINY_RECIPE["devices"], {"name": "bad", "gmm": str(gmm), "test": "digits:split=test:classes=0-4:fold=1/2"}]})
+    failed = tapvits("run", fleet, "--run-dir", run, "--jobs", "2", "--cpus-per-step", "1")
+    assert failed.exit_code == ExitCode.INVALID_ARTIFACT, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "device bad failed: devices/bad/select:" in last and "run again to resume" in last
+    state = json.loads((run / "run.json").read_text())["steps"]
+    assert {step for step in state if step.startswith("devices/high/")} == {
+        f"devices/high/{stage}" for stage in ("fit-gmm", "select", "score", "allocate", "prune", "finetune", "eval")}
+    assert not any(step.startswith("devices/bad/") for step in state)
+
+    shutil.copyfile(serial / "devices" / "low" / "gmm.safetensors", gmm)   # the device sends its file again
+    resumed = tapvits("--json", "run", fleet, "--run-dir", run, "--jobs", "2", "--cpus-per-step", "1")
+    assert resumed.exit_code == 0, resumed.stderr
+    summary = resumed.json()
+    assert summary["steps"]["ran"] == 6 and summary["steps"]["skipped"] == 16
+    assert [row["device"] for row in summary["devices"]] == ["low", "high", "bad"]
+    digests = run_digests(run)
+    assert all(digests[name] == digest for name, digest in run_digests(serial).items())
+
+
+def test_a_missing_engine_exits_8_naming_the_extra(tmp_path, tapvits, monkeypatch, serial_run):
+    recipe, serial, _ = serial_run
+    import sys
+
+    for module, extra in (("ray", "ray"), ("submitit", "slurm")):
+        monkeypatch.setitem(sys.modules, module, None)   # as if not installed
+        result = tapvits("run", recipe, "--run-dir", tmp_path / extra, "--executor", "slurm" if extra == "slurm" else "ray")
+        assert result.exit_code == ExitCode.DATA_UNAVAILABLE
+        assert f'pip install "tapvits[{extra}]"' in result.stderr
+
+
+def test_ray_runs_the_recipe_to_the_same_top1(tmp_path, tapvits, serial_run):
+    ray = pytest.importorskip("ray")
+    recipe, serial, expected = serial_run
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        result = tapvits("--json", "run", recipe, "--run-dir", tmp_path / "run", "--executor", "ray")
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.stderr
+    assert [row["top1"] for row in result.json()["devices"]] == [row["top1"] for row in expected["devices"]]
+    assert run_digests(tmp_path / "run") == run_digests(serial)
+
+
+def test_submitit_local_jobs_stand_in_for_slurm_in_a_run(tmp_path, tapvits, serial_run):
+    pytest.importorskip("submitit")
+    recipe, serial, expected = serial_run
+    run = _copy_forgetting(serial, tmp_path / "run", ("devices/low/finetune", "devices/low/eval"))
+    result = tapvits("--json", "run", recipe, "--run-dir", run, "--executor", "slurm", "--slurm", "cluster=local",
+                     "--slurm", "time=10")
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert summary["steps"]["ran"] == 2 and summary["devices"][0]["top1"] == expected["devices"][0]["top1"]
+    assert run_digests(run) == run_digests(serial)
+    assert list((run / "slurm").glob("*_log.err"))   # submitit's job logs stay beside the run

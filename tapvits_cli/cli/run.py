@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import shlex
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import click
 
 from tapvits_cli.cli import allocate, eval_cmd, features, finetune, fit_gmm, prune, score, select
-from tapvits_cli.cli.options import CURRENT, global_options, restore_settings
+from tapvits_cli.cli.options import CURRENT, Settings, global_options, restore_settings
 from tapvits_cli.cli.output import emit, log, stderr_console
 from tapvits_cli.errors import BelowThresholdError, TapvitsError, UsageError
+from tapvits_cli.vocabulary import EXECUTORS
 
 STAGE_COMMANDS: dict[str, click.Command] = {
     "fit-gmm": fit_gmm.command, "features": features.command, "select": select.command, "score": score.command,
@@ -121,6 +123,18 @@ def _invoke(step, root: str) -> None:
             raise
 
 
+def _invoke_in_worker(step, root: str, settings: Settings) -> None:
+    """One step in a worker process (``--jobs``, Ray, Slurm) with the run's global settings.
+
+    Module-level so that executors can pickle it. Re-entering click is safe here: the
+    worker runs one step at a time and nothing else. Until every subcommand has a
+    ``stages.X.run(options)``, this is the one entry point for all of them; when they
+    do, the worker calls the stage function instead.
+    """
+    restore_settings(settings)
+    _invoke(step, root)
+
+
 def _command_line(step, root: str) -> str:
     return " ".join(shlex.quote(token) for token in ["tapvits", step.stage, *step.argv(root)])
 
@@ -134,9 +148,24 @@ def _command_line(step, root: str) -> str:
               help="A stage cache shared between runs: a step whose key is there is copied, not rerun.")
 @click.option("--force", is_flag=True, help="Rerun every step, even unchanged ones.")
 @click.option("--dry-run", is_flag=True, help="Print the subcommands the recipe runs, and run nothing.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N",
+              help="Steps run side by side at most (devices in parallel); alone, runs N local worker processes.")
+@click.option("--executor", type=click.Choice(EXECUTORS),
+              help="Where steps run: here one at a time (serial), local processes, Ray tasks or Slurm jobs "
+                   "[default: local with --jobs, else serial]. Ray and Slurm workers need the run directory, "
+                   "datasets and cache on a file system they share with this machine, at the same paths.")
+@click.option("--address", metavar="ADDR", help="The Ray cluster to use (auto, ray://HOST:10001) [default: a local one].")
+@click.option("--cpus-per-step", type=click.IntRange(min=1), metavar="N",
+              help="CPU threads a step gets [default: cores/jobs locally, 1 on Ray and Slurm].")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Attempts more for a step whose worker crashed or was killed (a refused input is not retried).")
+@click.option("--slurm", "slurm_settings", multiple=True, metavar="KEY=VALUE",
+              help="A Slurm job setting, repeatable: partition=NAME, time=MINUTES, any submitit parameter "
+                   "(mem_gb=16); cluster=local rehearses on this machine.")
 @global_options
 def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], cache: str | None, force: bool,
-            dry_run: bool) -> None:
+            dry_run: bool, jobs: int | None, executor: str | None, address: str | None, cpus_per_step: int | None,
+            retries: int, slurm_settings: tuple[str, ...]) -> None:
     """Carry out RECIPE: base model, pool features, and per device fit-gmm → select →
     score → allocate → prune → finetune → eval.
 
@@ -146,6 +175,11 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
     unchanged is skipped, so a rerun after an interruption or an edit redoes only what
     changed. Prints the run directory (the summary with --json); a table goes to stderr.
     Exits with code 6 when a threshold of the recipe fails (the summary is written first).
+
+    Devices run side by side with --jobs N (local processes) or on Ray or Slurm
+    (--executor); shared steps run once, first. A device whose step fails does not stop
+    the others: the run then exits non-zero naming the failed devices, and running it
+    again does only what is left.
 
     Example: tapvits run recipes/quickstart.yaml --set budget=0.5 --run-dir runs/half
     """
@@ -168,7 +202,9 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
     try:
         directory.write_recipe(to_document(recipe))
         directory.write_commands([_command_line(s, root) for s in steps])
-        summary = _execute(recipe, steps, directory, root, force)
+        where = Where(executor or ("local" if jobs and jobs > 1 else "serial"), jobs, cpus_per_step, address,
+                      slurm_settings, retries)
+        summary = _execute(recipe, steps, directory, root, force, where)
         directory.write_summary(summary)
     finally:
         directory.close()
@@ -185,9 +221,20 @@ def _check_external_inputs(steps) -> None:
                 raise UsageError(f"recipe: {step.id} needs {token.path}, which does not exist")
 
 
-def _execute(recipe, steps, directory, root: str, force: bool) -> dict:
+class Where(NamedTuple):
+    """Where and how the steps run (the executor options of ``tapvits run``)."""
+
+    executor: str
+    jobs: int | None
+    cpus_per_step: int | None
+    address: str | None
+    slurm: tuple[str, ...]
+    retries: int
+
+
+def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> dict:
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.pipeline.runner import execute
+    from tapvits_cli.pipeline.schedule import StepsFailedError, execute, make_executor
 
     fingerprints: dict[str, str] = {}
 
@@ -199,15 +246,24 @@ def _execute(recipe, steps, directory, root: str, force: bool) -> dict:
     total = len(steps)
     position = {step.id: index for index, step in enumerate(steps, start=1)}
 
-    def on_event(event: str, step, outcome) -> None:
+    def on_event(event: str, step, detail) -> None:
         if event == "start":
             log(f"[{position[step.id]}/{total}] {step.id}: {_command_line(step, root)}")
-        elif outcome.source != "ran":
+        elif event == "retry":
+            log(f"[{position[step.id]}/{total}] {detail.message}; trying again")
+        elif event == "failed":
+            log(f"[{position[step.id]}/{total}] failed: {detail.message}")
+        elif detail.source != "ran":
             log(f"[{position[step.id]}/{total}] {step.id}: unchanged, "
-                f"{'reused from the cache' if outcome.source == 'cache' else 'skipped'}", level=1)
+                f"{'reused from the cache' if detail.source == 'cache' else 'skipped'}", level=1)
 
-    outcomes = execute(steps, directory, lambda step: _invoke(step, root), fingerprint, force, on_event)
-    return _summary(recipe, outcomes, directory)
+    executor = make_executor(where.executor, functools.partial(_invoke_in_worker, root=root, settings=copy.copy(CURRENT)),
+                             lambda step: _invoke(step, root), where.jobs, where.cpus_per_step, where.address,
+                             where.slurm, str(directory.path("slurm")), gpus=recipe.device != "cpu")
+    schedule = execute(steps, directory, executor, fingerprint, force, where.retries, on_event)
+    if schedule.failures:
+        raise StepsFailedError(steps, schedule.failures)
+    return _summary(recipe, schedule.outcomes, directory)
 
 
 def _summary(recipe, outcomes, directory) -> dict:

@@ -34,7 +34,6 @@ from tapvits_cli.errors import DataUnavailableError, ExitCode, TapvitsError, Usa
 from tapvits_cli.pipeline.runner import StepOutcome, step_key
 from tapvits_cli.pipeline.steps import Input, Step
 
-EXECUTORS = ("serial", "local", "ray", "slurm")
 EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}   # executor: (module, pip extra)
 
 Work = Callable[[Step], None]   # runs one step in the worker's process; must pickle for all but serial
@@ -275,6 +274,50 @@ class SlurmExecutor:
             for job in self._jobs:
                 if not job.done():
                     job.cancel(check=False)
+
+
+def slurm_parameters(settings: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """``--slurm KEY=VALUE`` settings as submitit parameters, and the cluster (``slurm`` or ``local``).
+
+    ``partition`` and ``time`` (minutes per step) are the usual two and get their Slurm
+    names; any other key is passed to submitit as given (``mem_gb=16``,
+    ``slurm_account=NAME``); ``cluster=local`` runs the jobs on this machine through
+    submitit, as a rehearsal without a cluster.
+    """
+    names = {"partition": "slurm_partition", "time": "timeout_min"}
+    parameters: dict[str, Any] = {}
+    cluster = "slurm"
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise UsageError(f"--slurm '{setting}': expected KEY=VALUE, e.g. partition=gpu or time=60")
+        if key == "cluster":
+            if value not in ("slurm", "local"):
+                raise UsageError(f"--slurm cluster must be slurm or local, not {value!r}")
+            cluster = value
+            continue
+        parameters[names.get(key, key)] = int(value) if value.strip().isdigit() else value.strip()
+    return parameters, cluster
+
+
+def make_executor(name: str, work: Work, serial_work: Work, jobs: int | None, cpus_per_step: int | None,
+                  address: str | None, slurm: Sequence[str], log_folder: str, gpus: bool):
+    """The executor the run's options ask for; ``serial_work`` runs in this process, ``work`` in workers."""
+    if address is not None and name != "ray":
+        raise UsageError("--address names a Ray cluster: use it with --executor ray")
+    if slurm and name != "slurm":
+        raise UsageError("--slurm sets Slurm jobs: use it with --executor slurm")
+    if name == "serial":
+        if jobs not in (None, 1):
+            raise UsageError(f"--jobs {jobs} runs steps side by side: use --executor local (the default with --jobs)")
+        return SerialExecutor(serial_work)
+    if name == "local":
+        return LocalExecutor(work, jobs or available_cpus(), cpus_per_step)
+    if name == "ray":
+        return RayExecutor(work, address, cpus_per_step or 1, jobs, gpus)
+    parameters, cluster = slurm_parameters(slurm)
+    return SlurmExecutor(work, log_folder, parameters, cpus_per_step or 1, jobs, gpus, cluster)
 
 
 # -- the scheduler -------------------------------------------------------------------------------
