@@ -135,9 +135,18 @@ def test_report_is_one_self_contained_page(run_dirs, tapvits, tmp_path):
     assert 'href="#run0-' in html                        # inputs made in the run link to their row
 
 
-def test_report_refuses_what_is_not_a_finished_run(tmp_path, tapvits):
+def test_report_refuses_what_is_not_a_finished_run(run_dirs, tmp_path, tapvits):
     assert tapvits("report", tmp_path, "-o", tmp_path / "r.html").exit_code == ExitCode.USAGE
     assert not (tmp_path / "r.html").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dirs[0], damaged, ignore=shutil.ignore_patterns(".lock"))
+    summary = json.loads((damaged / "summary.json").read_text())
+    (damaged / "summary.json").write_text(json.dumps({**summary, "devices": {"low": 1}}))
+    result = tapvits("report", damaged, "-o", tmp_path / "r.html")
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT and "'devices'" in result.stderr
+    (damaged / "summary.json").write_text(json.dumps({**summary, "devices": [{**summary["devices"][0], "top1": "high"}],
+                                                      "failures": [1], "steps": "many"}))
+    assert tapvits("report", damaged, "-o", tmp_path / "r.html").exit_code == 0   # odd values shown as "–"
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")

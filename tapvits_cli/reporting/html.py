@@ -68,6 +68,10 @@ def collect_run(root: str | Path) -> RunData:
         raise InvalidArtifactError(f"{root}: unreadable run records ({exc})") from None
     if not isinstance(state, dict) or not isinstance(state.get("steps"), dict) or not isinstance(summary, dict):
         raise InvalidArtifactError(f"{root}: run.json or summary.json is not what tapvits run writes")
+    devices = summary.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, dict) and isinstance(d.get("device"), str)
+                                                 for d in devices):
+        raise InvalidArtifactError(f"{summary_file}: 'devices' must be a list of objects, each naming its device")
     run = RunData(root=root, name=str(summary.get("recipe") or root.name), summary=summary)
     for device in summary.get("devices", []):
         plan_file = root / "devices" / str(device.get("device")) / "plan.safetensors"
@@ -89,12 +93,16 @@ def collect_run(root: str | Path) -> RunData:
     return run
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _percent(value: Any, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}%}"
+    return f"{value:.{digits}%}" if _is_number(value) else "–"
 
 
 def _number(value: Any, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
+    return format(value, fmt) if _is_number(value) else "–"
 
 
 def _results_table(run: RunData) -> str:
@@ -104,7 +112,7 @@ def _results_table(run: RunData) -> str:
     for device in run.summary.get("devices", []):
         cells = (device.get("device"), _percent(device.get("top1")), _percent(device.get("top5")),
                  _percent(device.get("params_kept"), 1), _number(device.get("parameters"), ","),
-                 _number(None if device.get("macs") is None else device["macs"] / 1e6, ".2f"),
+                 _number(device["macs"] / 1e6 if _is_number(device.get("macs")) else None, ".2f"),
                  _number(device.get("latency_ms_at_1"), ".2f"), _number(device.get("latency_ms_at_32"), ".1f"),
                  _percent(device.get("finetune_precision"), 1), _percent(device.get("finetune_class_recall"), 0),
                  {True: "yes", False: "no"}.get(device.get("passed"), "–"))
@@ -151,9 +159,8 @@ def _accuracy_chart(runs: Sequence[RunData]) -> str:
     points: dict[str, list[tuple[float, float, str]]] = {}
     for run in runs:
         label = f"{run.name} ({run.root.name})" if sum(r.name == run.name for r in runs) > 1 else run.name
-        series = [(device["params_kept"], device["top1"], str(device.get("device")))
-                  for device in run.summary.get("devices", [])
-                  if device.get("top1") is not None and device.get("params_kept") is not None]
+        series = [(device["params_kept"], device["top1"], device["device"]) for device in run.summary["devices"]
+                  if _is_number(device.get("top1")) and _is_number(device.get("params_kept"))]
         if series:
             points[label] = series
     if not points:
@@ -189,11 +196,11 @@ def render(runs: Sequence[RunData], title: str | None = None) -> str:
         facts = [f"directory <code>{escape(str(run.root))}</code>",
                  f"budget {_percent(budget, 0) if isinstance(budget, (int, float)) else '–'} of "
                  f"{_number(summary.get('base_parameters'), ',')} parameters"]
-        steps = summary.get("steps") or {}
-        if steps:
+        steps = summary.get("steps")
+        if isinstance(steps, dict):
             facts.append(f"{steps.get('total', 0)} steps ({steps.get('ran', 0)} ran, {steps.get('skipped', 0)} "
                          f"unchanged, {steps.get('cache', 0)} from the cache)")
-        verdict = {True: "all thresholds passed", False: "thresholds failed: " + "; ".join(summary.get("failures", []))}
+        verdict = {True: "all thresholds passed", False: "thresholds failed: " + "; ".join(map(str, summary.get("failures") or []))}
         if "passed" in summary:
             facts.append(verdict[bool(summary["passed"])])
         sections += [f'<h2 id="{anchor}">Run {escape(run.name)}</h2>', f'<p class="facts">{" · ".join(facts)}</p>',

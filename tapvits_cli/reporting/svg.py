@@ -27,7 +27,13 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def _label(value: float, percent: bool) -> str:
+    """An axis tick."""
     return f"{value:.0%}" if percent else f"{value:g}"
+
+
+def _exact(value: float, percent: bool) -> str:
+    """A mark's value in its tooltip."""
+    return f"{value:.1%}" if percent else f"{value:.4g}"
 
 
 def bar_chart(categories: Sequence[str], series: Mapping[str, Sequence[float]], title: str, y_label: str,
@@ -59,8 +65,7 @@ def bar_chart(categories: Sequence[str], series: Mapping[str, Sequence[float]], 
             x = x0 + position * bar_w
             parts.append(f'<rect x="{x:.1f}" y="{y(value):.1f}" width="{max(bar_w - 1, 1):.1f}" '
                          f'height="{y(0) - y(value):.1f}" fill="{PALETTE[position % len(PALETTE)]}">'
-                         f'<title>{escape(category)} {escape(name)}: {_label(value, False) if not percent else f"{value:.1%}"}'
-                         f'</title></rect>')
+                         f'<title>{escape(category)} {escape(name)}: {_exact(value, percent)}</title></rect>')
         parts.append(f'<text x="{x0 + group_w * 0.4:.1f}" y="{top + plot_h + 16}" {_FONT} text-anchor="middle">'
                      f'{escape(category)}</text>')
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#333"/>')
