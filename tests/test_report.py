@@ -170,3 +170,15 @@ def test_report_renders_in_a_headless_browser_without_errors(run_dirs, tapvits, 
     counts = {colour: count for count, colour in colours}
     # the charts' bars and points are drawn in the palette's first two colours
     assert counts.get((0x00, 0x72, 0xB2), 0) > 200 and counts.get((0xE6, 0x9F, 0x00), 0) > 200
+
+
+def test_inspect_refuses_damaged_run_records_with_one_line(run_dirs, tapvits, tmp_path):
+    state = tmp_path / "run.json"
+    state.write_text(json.dumps({"version": 1, "steps": {"base": "done"}}))
+    result = tapvits("inspect", state)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT and len(result.stderr.splitlines()) == 1
+    state.write_text(json.dumps({"version": 1, "steps": {"base": {"seconds": "slow", "output": 3}}}))
+    assert tapvits("inspect", state).exit_code == 0
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    assert tapvits("inspect", other).exit_code == ExitCode.INVALID_ARTIFACT

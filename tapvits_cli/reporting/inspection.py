@@ -237,9 +237,18 @@ def _read_json(path: Path) -> Any:
         raise InvalidArtifactError(f"{path}: invalid or truncated JSON") from None
 
 
+def _checked_steps(state: Any, path: Path) -> dict[str, dict]:
+    """``run.json``'s step records (protocol/run.md), or an invalid-artifact error naming the file."""
+    steps = state.get("steps") if isinstance(state, dict) else None
+    if not isinstance(steps, dict) or not all(isinstance(record, dict) for record in steps.values()):
+        raise InvalidArtifactError(f"{path}: not a tapvits run state (steps must map step ids to records)")
+    return steps
+
+
 def _inspect_run_json(path: Path) -> dict[str, Any]:
     document = _read_json(path)
     if isinstance(document, dict) and isinstance(document.get("steps"), dict) and "version" in document:
+        _checked_steps(document, path)
         return _document(path, RUN_STATE, version=document["version"], format="json",
                          figures=_step_counts(document["steps"]), tables=[_steps_table(document["steps"])])
     if isinstance(document, dict) and isinstance(document.get("devices"), list) and "recipe" in document:
@@ -251,7 +260,8 @@ def _inspect_run_json(path: Path) -> dict[str, Any]:
 def _step_counts(steps: Mapping[str, Any]) -> dict[str, Any]:
     sources = [record.get("source") for record in steps.values()]
     return {"steps": len(steps), **{source: sources.count(source) for source in ("ran", "cache")},
-            "seconds": round(sum(float(r.get("seconds") or 0) for r in steps.values()), 3)}
+            "seconds": round(sum(r["seconds"] for r in steps.values() if isinstance(r.get("seconds"), (int, float))
+                                 and not isinstance(r.get("seconds"), bool)), 3)}
 
 
 def _steps_table(steps: Mapping[str, Any]) -> dict[str, Any]:
@@ -290,8 +300,7 @@ def inspect_run_directory(root: Path, units: bool = False, blocks: Sequence[int]
     if not state_file.is_file():
         raise UsageError(f"{root}: a directory, but not a tapvits run directory (no {STATE_FILE})")
     state = _read_json(state_file)
-    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
-        raise InvalidArtifactError(f"{state_file}: not a tapvits run state")
+    _checked_steps(state, state_file)
     figures: dict[str, Any] = {}
     tables = []
     if summary_file.is_file():
