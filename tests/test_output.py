@@ -122,3 +122,11 @@ def test_finetune_on_a_pipe_reports_progress_unless_quiet(tiny_model_file, tmp_p
     assert quiet.exit_code == 0 and quiet.stderr == ""
     off = tapvits(*args, "--no-progress", "-o", tmp_path / "c.safetensors")
     assert off.exit_code == 0 and not any(line.startswith("finetune ") for line in off.stderr.splitlines())
+
+
+def test_log_lines_are_plain_text_not_markup(capsys):
+    from tapvits_cli.cli.output import log
+
+    line = "[3/16] devices/low/score: tapvits score 'runs/[/data]/m.safetensors' -a depths=[2,2,6] [bold]x[/bold]"
+    log(line)
+    assert capsys.readouterr().err == line + "\n"

@@ -76,9 +76,14 @@ def stderr_console():
 
 
 def log(message: str, level: int = 0) -> None:
-    """A log line on stderr: level 0 shows unless ``-q``; level 1 needs ``-v``."""
+    """A log line on stderr: level 0 shows unless ``-q``; level 1 needs ``-v``.
+
+    Printed as plain text: log lines carry paths, dataset references and command lines,
+    whose brackets (``-a depths=[2,2,6]``, a folder ``[/data]``) must not be read as rich
+    markup (a stray closing tag would even abort the command).
+    """
     if CURRENT.verbosity >= level:
-        stderr_console().print(message)
+        stderr_console().print(message, markup=False)
 
 
 def show_progress() -> bool:
