@@ -324,3 +324,35 @@ def test_architecture_reader_refuses_layouts_it_does_not_build(tmp_path, tapvits
     result = tapvits("profile", path, "-o", tmp_path / "p.json", "--runtime", "onnxruntime")
     assert_one_line_failure(result, ExitCode.NOT_IMPLEMENTED)
     assert "--runtime torch" in result.stderr and not (tmp_path / "p.json").exists()
+
+
+def _rewrite_header(path, out, change) -> None:
+    """A copy of the safetensors file ``path`` whose JSON header went through ``change`` (data untouched)."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    text = json.dumps(header).encode()
+    out.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
+
+
+@pytest.mark.parametrize("change, needle", [
+    # same number of elements, so the file stays readable: only the layout lies
+    (lambda h: h["blocks.0.mlp.fc1.weight"].update(shape=[24, 48]), "blocks.0.mlp.fc1.weight"),
+    (lambda h: h["patch_embed.proj.weight"].update(shape=[24, 4]), "4-dimensional 'patch_embed.proj.weight'"),
+    (lambda h: h["pos_embed"].update(shape=[1, 24, 17]), "pos_embed"),
+    (lambda h: h["__metadata__"].update({"model.blocks": json.dumps([{"heads": 3, "head_dim": 0, "mlp_hidden": 48}]
+                                                                    * 2)}), "head_dim of 0"),
+    (lambda h: h["__metadata__"].update({"model.kwargs": json.dumps({**TINY_VIT_KWARGS, "mlp_ratio": "2"})}),
+     "mlp_ratio"),
+])
+def test_profile_on_onnxruntime_refuses_headers_that_lie(tiny_model_file, tmp_path, tapvits, change, needle):
+    """The device's architecture comes from the header alone: one that contradicts itself is refused (one line,
+    exit 3 or 7), never built into graphs of the wrong shape."""
+    broken = tmp_path / "broken.safetensors"
+    _rewrite_header(tiny_model_file, broken, change)
+    out = tmp_path / "p.json"
+    result = tapvits("profile", broken, "-o", out, "--runtime", "onnxruntime", "--repeats", "1", "--warmup", "0")
+    assert result.exit_code in (ExitCode.INVALID_ARTIFACT, ExitCode.NOT_IMPLEMENTED), result.stderr
+    assert_one_line_failure(result, result.exit_code)
+    assert needle in result.stderr and not out.exists()

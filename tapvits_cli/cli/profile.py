@@ -103,7 +103,8 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
         profile = measure_profile(spec, sizes, runtime=runtime, device=device, tokens=tokens, mlp_widths=mlp_widths,
                                   repeats=repeats, warmup=warmup, threads=threads, cpu=cpu_name(), gpu=gpu,
                                   seed=CURRENT.seed, on_progress=advance,
-                                  tensors={name: info.shape for name, info in artifact.tensors.items()})
+                                  tensors={name: info.shape for name, info in artifact.tensors.items()},
+                                  source=str(model_path))
     params = {"runtime": runtime, "batch_sizes": list(profile.batch_sizes), "tokens": tokens,
               "widths": list(mlp_widths) if mlp_widths else None, "repeats": repeats, "warmup": warmup,
               "threads": profile.threads, "seed": CURRENT.seed, "device": device}

@@ -70,15 +70,22 @@ def read_architecture(spec: ModelSpec, tensors: Mapping[str, Sequence[int]], sou
     if unknown:
         raise NotImplementedStageError(f"{source}: tensor '{unknown[0]}' is not part of the plain ViT block layout "
                                        "the device's graphs build: profile it with --runtime torch")
-    if "patch_embed.proj.weight" not in tensors or "pos_embed" not in tensors:
-        raise InvalidArtifactError(f"{source}: a ViT needs 'patch_embed.proj.weight' and 'pos_embed'")
+    ranks = {"patch_embed.proj.weight": 4, "pos_embed": 3, "reg_token": 3, "head.weight": 2}
+    for name, rank in ranks.items():
+        if (name in tensors or name in ("patch_embed.proj.weight", "pos_embed")) and len(tensors.get(name, ())) != rank:
+            raise InvalidArtifactError(f"{source}: a ViT needs a {rank}-dimensional '{name}'")
     dim, channels, patch, patch_w = (int(v) for v in tensors["patch_embed.proj.weight"])
+    if min(dim, channels, patch) < 1:
+        raise InvalidArtifactError(f"{source}: 'patch_embed.proj.weight' has an empty dimension")
     if patch != patch_w:
         raise NotImplementedStageError(f"{source}: non-square patches ({patch}x{patch_w}) are not supported")
-    input_size = tuple(int(v) for v in spec.preprocessing.get("input_size", ()))
-    if len(input_size) != 3 or input_size[0] != channels or input_size[1] % patch or input_size[2] % patch:
-        raise InvalidArtifactError(f"{source}: input size {list(input_size)} does not fit {channels}-channel "
+    input_size = spec.preprocessing.get("input_size")
+    if not isinstance(input_size, list) or len(input_size) != 3 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size) \
+            or input_size[0] != channels or input_size[1] % patch or input_size[2] % patch:
+        raise InvalidArtifactError(f"{source}: input size {input_size} does not fit {channels}-channel "
                                    f"{patch}x{patch} patches")
+    input_size = tuple(input_size)
     patches = (input_size[1] // patch) * (input_size[2] // patch)
     class_token = "cls_token" in tensors
     prefix = int(class_token) + (int(tensors["reg_token"][1]) if "reg_token" in tensors else 0)
@@ -87,11 +94,15 @@ def read_architecture(spec: ModelSpec, tensors: Mapping[str, Sequence[int]], sou
         raise InvalidArtifactError(f"{source}: 'pos_embed' covers {positions} tokens, the input {patches} patches "
                                    f"and {prefix} prefix tokens")
     head_dims = {b.head_dim for b in spec.blocks}
-    if len(head_dims) != 1 or not spec.blocks or dim % next(iter(head_dims)):
+    if min(head_dims, default=1) < 1:
+        raise InvalidArtifactError(f"{source}: model.blocks has a head_dim of 0")
+    if len(head_dims) != 1 or dim % next(iter(head_dims)):
         raise NotImplementedStageError(f"{source}: blocks of different head sizes, or heads that do not divide the "
                                        f"embedding width {dim}, are not supported by tapvits profile")
     head_dim = head_dims.pop()
     ratio = spec.kwargs.get("mlp_ratio", DEFAULT_MLP_RATIO)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise InvalidArtifactError(f"{source}: mlp_ratio must be a positive number, got {ratio!r}")
     unpruned = BlockWidths(dim // head_dim, head_dim, int(dim * float(ratio)))
     wider = [i for i, b in enumerate(spec.blocks) if b.heads > unpruned.heads or b.mlp_hidden > unpruned.mlp_hidden]
     if wider:
@@ -103,10 +114,36 @@ def read_architecture(spec: ModelSpec, tensors: Mapping[str, Sequence[int]], sou
         raise NotImplementedStageError(f"{source}: global_pool '{global_pool}' is not supported by the device's graphs")
     qkv_bias = any(name.endswith("attn.qkv.bias") for name in tensors) or (
         not any(name.endswith("attn.qkv.weight") for name in tensors) and bool(spec.kwargs.get("qkv_bias", True)))
-    return Architecture(
+    architecture = Architecture(
         blocks=(unpruned,) * len(spec.blocks), tokens=patches + prefix, dim=dim, input_size=input_size,
         patch_size=patch, prefix_tokens=prefix, class_token=class_token,
         pos_embed_prefix=prefix == 0 or positions != patches,
         qkv_bias=qkv_bias, layer_scale=any(".ls1." in name or ".ls2." in name for name in tensors),
         global_pool=global_pool, final_norm="norm.weight" in tensors, fc_norm="fc_norm.weight" in tensors,
         num_classes=int(tensors["head.weight"][0]) if "head.weight" in tensors else 0)
+    for name, shape in tensors.items():
+        expected = _expected_shape(name, architecture, spec.blocks)
+        if tuple(int(v) for v in shape) != expected:
+            raise InvalidArtifactError(f"{source}: tensor '{name}' has shape {list(shape)}, the metadata and the "
+                                       f"other tensors make it {list(expected) if expected else 'not exist'}")
+    return architecture
+
+
+def _expected_shape(name: str, arch: Architecture, blocks: Sequence[BlockWidths]) -> tuple[int, ...] | None:
+    """The shape timm's ViT gives tensor ``name`` at these per-block widths; None for a block that does not exist."""
+    d = arch.dim
+    fixed = {"patch_embed.proj.weight": (d, arch.input_size[0], arch.patch_size, arch.patch_size),
+             "cls_token": (1, 1, d), "reg_token": (1, arch.prefix_tokens - arch.class_token, d),
+             "pos_embed": (1, arch.tokens if arch.pos_embed_prefix else arch.tokens - arch.prefix_tokens, d),
+             "head.weight": (arch.num_classes, d), "head.bias": (arch.num_classes,)}
+    if name in fixed:
+        return fixed[name]
+    if not name.startswith("blocks."):
+        return (d,)   # the patch embedding's bias, the norms' weights and biases
+    index, rest = name.split(".", 2)[1:]
+    if int(index) >= len(blocks):
+        return None
+    width = blocks[int(index)]
+    attn, hidden = width.heads * width.head_dim, width.mlp_hidden
+    return {"attn.qkv.weight": (3 * attn, d), "attn.qkv.bias": (3 * attn,), "attn.proj.weight": (d, attn),
+            "mlp.fc1.weight": (hidden, d), "mlp.fc1.bias": (hidden,), "mlp.fc2.weight": (d, hidden)}.get(rest, (d,))

@@ -84,7 +84,7 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
                     warmup: int = 5, threads: int | None = None, cpu: str = "", gpu: str | None = None,
                     seed: int = 0, on_progress: Callable[[int], None] = lambda n: None,
                     clock: Callable[[], float] = time.perf_counter,
-                    tensors: Mapping[str, Sequence[int]] | None = None) -> LatencyProfile:
+                    tensors: Mapping[str, Sequence[int]] | None = None, source: str = "the model") -> LatencyProfile:
     """Time the blocks of ``spec``'s architecture at every head count and at ``mlp_widths`` (default: 1 and 8
     evenly spaced widths), plus the fixed parts, at each batch size; see the module docstring.
 
@@ -96,7 +96,7 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
     spent, whatever else shares the cores) lets a benchmark test the table's sum rule
     apart from a shared machine's scheduling. ``tensors`` (the model file's tensor names
     and shapes) is what the onnxruntime runtime reads the architecture from; torch is
-    never imported on that runtime.
+    never imported on that runtime; ``source`` names the model in its errors.
     """
     batch_sizes = tuple(sorted(set(batch_sizes)))
     if not batch_sizes or batch_sizes[0] < 1 or repeats < 1 or warmup < 0:
@@ -106,7 +106,7 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
     if runtime == "onnxruntime":
         if tensors is None:
             raise ValueError("the onnxruntime runtime reads the architecture from the model's tensor shapes")
-        arch = read_architecture(spec, tensors)
+        arch = read_architecture(spec, tensors, source)
     else:
         arch = unpruned_architecture(spec)
     full = arch.blocks[0]
