@@ -9,10 +9,11 @@ runs the same graphs on the device install and on the development install.
 The graphs follow timm's ViT forward pass operator by operator, in the shapes and order
 torch's ONNX exporter (opset 17) writes: ``Linear`` as ``MatMul`` + ``Add`` on a
 transposed weight, ``LayerNormalization``, GELU as its ``Erf`` form (onnxruntime fuses
-both), attention as reshape → transpose → two ``MatMul`` with a ``Softmax``. The test
-suite checks them against the torch modules with the same weights. Weights come from a
-``weights(name, shape)`` callable that receives timm's state-dict names: random arrays
-when profiling (latency does not depend on the values), a model's own in the tests.
+both), attention with its shapes read at run time, split, two ``MatMul`` and a ``Softmax``
+(:func:`_attention`). The test suite checks them against the torch modules with the same
+weights. Weights come from a ``weights(name, shape)`` callable that receives timm's
+state-dict names: random arrays when profiling (latency does not depend on the values),
+a model's own in the tests.
 """
 
 from __future__ import annotations
@@ -111,12 +112,14 @@ class GraphBuilder:
         self.initializers.append(_tensor(name, array.T if transpose else array))
         return name
 
-    def op(self, op_type: str, *inputs: str, **attributes) -> str:
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attributes):
+        """Add a node; its output's name (a tuple of ``outputs`` names when more than one)."""
         self.count += 1
-        output = f"v{self.count}"
-        self.nodes.append(b"".join(_bytes(1, i) for i in inputs) + _bytes(2, output) + _bytes(3, f"n{self.count}")
-                          + _bytes(4, op_type) + b"".join(_bytes(5, _attribute(k, v)) for k, v in attributes.items()))
-        return output
+        names = tuple(f"v{self.count}_{i}" if outputs > 1 else f"v{self.count}" for i in range(outputs))
+        self.nodes.append(b"".join(_bytes(1, i) for i in inputs) + b"".join(_bytes(2, n) for n in names)
+                          + _bytes(3, f"n{self.count}") + _bytes(4, op_type)
+                          + b"".join(_bytes(5, _attribute(k, v)) for k, v in attributes.items()))
+        return names if outputs > 1 else names[0]
 
     def model(self, input_name: str, input_shape: Sequence[int | str], output: str,
               output_shape: Sequence[int | str]) -> bytes:
@@ -147,15 +150,26 @@ class GraphBuilder:
 
 
 def _attention(g: GraphBuilder, x: str, prefix: str, arch: Architecture, heads: int, head_dim: int) -> str:
-    """timm ``Attention``: qkv → (3, B, heads, N, head_dim) → softmax(q·kᵀ·scale)·v → proj."""
+    """timm ``Attention`` as torch's exporter writes it: the batch and token counts read from the input's shape
+    at run time (the batch axis is symbolic) for both reshapes, q, k, v split off and squeezed, √scale applied
+    to q and to kᵀ, softmax(q·kᵀ)·v, then ``proj``. The run-time shape nodes cost little per call, but a
+    small model at batch 1 runs hundreds of them, so the profile keeps them."""
+    def dimension(index: int) -> str:   # a 1-element int64 tensor: x's size along ``index``
+        size = g.op("Gather", g.op("Shape", x), g.constant(np.array(index, dtype=np.int64)), axis=0)
+        return g.op("Unsqueeze", size, g.constant(np.array([0], dtype=np.int64)))
+
+    batch, tokens = dimension(0), dimension(1)
     qkv = g.linear(x, f"{prefix}.qkv", 3 * heads * head_dim, arch.dim, bias=arch.qkv_bias)
-    qkv = g.op("Reshape", qkv, g.constant(np.array([0, 0, 3, heads, head_dim], dtype=np.int64)))
+    qkv = g.op("Reshape", qkv, g.op("Concat", batch, tokens, g.constant(np.array([3, heads, head_dim], dtype=np.int64)),
+                                    axis=0))
     qkv = g.op("Transpose", qkv, perm=[2, 0, 3, 1, 4])
-    q, k, v = (g.op("Gather", qkv, g.constant(np.array(i, dtype=np.int64)), axis=0) for i in range(3))
-    q = g.op("Mul", q, g.constant(np.array(head_dim ** -0.5, dtype=np.float32)))
-    scores = g.op("Softmax", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), axis=-1)
+    parts = g.op("Split", qkv, g.constant(np.array([1, 1, 1], dtype=np.int64)), axis=0, outputs=3)
+    q, k, v = (g.op("Squeeze", part, g.constant(np.array([0], dtype=np.int64))) for part in parts)
+    root_scale = g.constant(np.array(head_dim ** -0.25, dtype=np.float32))
+    q, k = g.op("Mul", q, root_scale), g.op("Mul", g.op("Transpose", k, perm=[0, 1, 3, 2]), root_scale)
+    scores = g.op("Softmax", g.op("MatMul", q, k), axis=-1)
     out = g.op("Transpose", g.op("MatMul", scores, v), perm=[0, 2, 1, 3])
-    out = g.op("Reshape", out, g.constant(np.array([0, 0, heads * head_dim], dtype=np.int64)))
+    out = g.op("Reshape", out, g.op("Concat", batch, tokens, g.constant(np.array([-1], dtype=np.int64)), axis=0))
     return g.linear(out, f"{prefix}.proj", arch.dim, heads * head_dim)
 
 
