@@ -356,3 +356,20 @@ def test_profile_on_onnxruntime_refuses_headers_that_lie(tiny_model_file, tmp_pa
     assert result.exit_code in (ExitCode.INVALID_ARTIFACT, ExitCode.NOT_IMPLEMENTED), result.stderr
     assert_one_line_failure(result, result.exit_code)
     assert needle in result.stderr and not out.exists()
+
+
+def test_graph_bytes_are_a_valid_onnx_model():
+    """The hand-written protobuf is what the onnx package itself reads and checks (shape inference included)."""
+    import onnx
+
+    from tapvits_cli.latency.architecture import Architecture
+    from tapvits_cli.latency.onnx_graphs import OPSET, blocks_graph, random_weights, stem_graph, tail_graph
+
+    arch = Architecture(blocks=(FULL, FULL), tokens=19, dim=24, input_size=(1, 8, 8), patch_size=2, prefix_tokens=3,
+                        layer_scale=True, num_classes=10)
+    for graph in (stem_graph(arch, random_weights(0)), tail_graph(arch, 19, random_weights(0)),
+                  blocks_graph(arch, (FULL, BlockWidths(0, 8, 0), BlockWidths(2, 8, 0)), 19, random_weights(0)),
+                  blocks_graph(arch, (BlockWidths(0, 8, 0),) * 2, 19, random_weights(0))):   # only an Identity
+        model = onnx.load_from_string(graph)
+        onnx.checker.check_model(model, full_check=True)
+        assert model.opset_import[0].version == OPSET and model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
