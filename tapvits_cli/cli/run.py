@@ -1,17 +1,19 @@
 """``tapvits run RECIPE``: the whole pipeline from a YAML recipe, resumable and cached.
 
-Every step is the subcommand itself, invoked in-process with the arguments a user
-would type (``commands.sh`` in the run directory lists them), so a recipe and a shell
-pipeline cannot drift apart. Which options a stage section accepts is read off the
-subcommand's own options, minus those the run sets itself (inputs, outputs, budget).
+Every step calls its stage, ``stages.<stage>.run(options)``, with the options the
+recipe gives; those options render the command line a user would type (``commands.sh``
+in the run directory lists them), so a recipe and a shell pipeline cannot drift apart.
+A stage section accepts the options its stage lets a recipe set (``Options`` fields not
+marked ``recipe=False``), each checked with the subcommand's own option type.
+
+Longer than the other subcommands because it also owns that check of a recipe against
+the subcommands' options, the executor options and the summary table.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import io
 import shlex
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -20,25 +22,13 @@ import click
 
 from tapvits_cli.cli import allocate, eval_cmd, features, finetune, fit_gmm, prune, score, select
 from tapvits_cli.cli.options import CURRENT, Settings, global_options, restore_settings
-from tapvits_cli.cli.output import emit, log, stderr_console
+from tapvits_cli.cli.output import emit, log, progress_bar, stderr_console
 from tapvits_cli.errors import BelowThresholdError, TapvitsError, UsageError
 from tapvits_cli.vocabulary import EXECUTORS
 
 STAGE_COMMANDS: dict[str, click.Command] = {
     "fit-gmm": fit_gmm.command, "features": features.command, "select": select.command, "score": score.command,
     "allocate": allocate.command, "prune": prune.command, "finetune": finetune.command, "eval": eval_cmd.command,
-}
-GLOBAL_OPTIONS = {"json", "debug", "verbose", "quiet", "seed", "device", "progress", "help"}
-# Options the run sets itself: inputs and outputs it names, the recipe's budget and thresholds.
-MANAGED = {
-    "fit-gmm": {"output", "extractor"},
-    "features": {"output", "extractor", "restart"},
-    "select": {"pool", "output", "extractor", "batch-size"},
-    "score": {"metric-set", "pool", "output", "budget"},
-    "allocate": {"output", "budget", "budget-macs", "model"},
-    "prune": {"output"},
-    "finetune": {"model", "arg", "data", "metric-set", "output", "teacher", "checkpoint-dir", "no-checkpoint", "resume"},
-    "eval": {"data", "output", "min-top1"},
 }
 RUN_ONLY_KEYS = {"finetune": {"distill"}}   # recipe keys that are not options of the subcommand
 
@@ -47,24 +37,24 @@ def _long_name(option: click.Option) -> str:
     return max((o for o in option.opts if o.startswith("--")), key=len, default=option.opts[0]).lstrip("-")
 
 
-def _stage_options(stage: str) -> dict[str, click.Option]:
-    """The recipe keys of a stage section, each with the option it stands for."""
+def _recipe_options(stage: str) -> dict[str, click.Option]:
+    """The keys a recipe's section of ``stage`` may hold, each with the subcommand option it stands for."""
+    from tapvits_cli.stages import stage_module
+    from tapvits_cli.stages.common import recipe_keys
+
     command = STAGE_COMMANDS["finetune" if stage == "train" else stage]
-    return {_long_name(p): p for p in command.params
-            if isinstance(p, click.Option) and _long_name(p) not in GLOBAL_OPTIONS | MANAGED[command.name]}
-
-
-def _flags(stage: str) -> dict[str, tuple[str, str | None]]:
-    return {key: (f"--{key}", option.secondary_opts[0] if option.secondary_opts else None)
-            for key, option in _stage_options(stage).items() if option.is_flag}
+    keys = recipe_keys(stage_module(command.name).Options)
+    return {_long_name(p): p for p in command.params if isinstance(p, click.Option) and _long_name(p) in keys}
 
 
 def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
-    """Recipe stage options checked with the subcommand's own option types."""
+    """Recipe stage options checked with the subcommand's own option types (values kept as option text)."""
     from tapvits_cli.pipeline.recipe import suggest
 
-    allowed = _stage_options(stage)
+    allowed = _recipe_options(stage)
     extra = RUN_ONLY_KEYS.get(stage, set())
+    name = "finetune" if stage == "train" else stage
+    known = {o.lstrip("-") for p in STAGE_COMMANDS[name].params for o in (*p.opts, *p.secondary_opts)}
     checked: dict[str, Any] = {}
     for key, value in options.items():
         if key in extra:
@@ -73,10 +63,8 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
             checked[key] = value
             continue
         if key not in allowed:
-            managed = MANAGED["finetune" if stage == "train" else stage]
-            reason = (" is set by the run itself" if key in managed or key in GLOBAL_OPTIONS else
-                      f" is not an option of `tapvits {'finetune' if stage == 'train' else stage}`"
-                      f"{suggest(key, list(allowed) + sorted(extra))}")
+            reason = (" is set by the run itself" if key in known else
+                      f" is not an option of `tapvits {name}`{suggest(key, list(allowed) + sorted(extra))}")
             raise UsageError(f"recipe: '{path}.{key}'{reason}")
         option = allowed[key]
         if option.is_flag:
@@ -97,27 +85,31 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
     return checked
 
 
-@contextlib.contextmanager
-def _nested_settings():
-    """A stage invocation sets the global options for itself; the run's own stay as they were."""
-    saved = copy.copy(CURRENT)
-    try:
-        yield
-    finally:
-        restore_settings(saved)
+def stage_fields(stage: str, checked: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``stages.<stage>.Options`` from a checked recipe section: each value
+    parsed as the subcommand parses its option (type and callback), so ``2-3`` becomes ``[2, 3]``."""
+    options = _recipe_options(stage)
+    context = click.Context(STAGE_COMMANDS["finetune" if stage == "train" else stage])
+    fields = {}
+    for key, value in checked.items():
+        if key in options:   # run-only keys (finetune's distill) are the caller's
+            option = options[key]
+            fields[option.name] = option.process_value(context, value)
+    return fields
 
 
 def _invoke(step, root: str) -> None:
-    argv = step.argv(root)
-    if CURRENT.progress is not None:
-        argv.append("--progress" if CURRENT.progress else "--no-progress")
-    if CURRENT.verbosity < 1:
-        argv.append("--quiet")   # the run reports each step itself; -v shows the stages' own logs
-    with _nested_settings(), contextlib.redirect_stdout(io.StringIO()):
+    """Run one step: its stage, called with its options, in this process.
+
+    The run reports each step itself, so the stage's own log lines and progress show
+    only with ``-v``; a stage's error names the step.
+    """
+    from tapvits_cli.stages import feedback, stage_module
+
+    reporting = feedback.silenced() if CURRENT.verbosity < 1 else feedback.installed(log, progress_bar)
+    with reporting:
         try:
-            STAGE_COMMANDS[step.stage].main(args=argv, prog_name=f"tapvits {step.stage}", standalone_mode=False)
-        except click.ClickException as exc:
-            raise UsageError(f"{step.id}: {exc.format_message()}") from None
+            stage_module(step.stage).run(step.resolved(root))
         except TapvitsError as exc:
             exc.args = (f"{step.id}: {exc}",)
             raise
@@ -126,10 +118,8 @@ def _invoke(step, root: str) -> None:
 def _invoke_in_worker(step, root: str, settings: Settings) -> None:
     """One step in a worker process (``--jobs``, Ray, Slurm) with the run's global settings.
 
-    Module-level so that executors can pickle it. Re-entering click is safe here: the
-    worker runs one step at a time and nothing else. Until every subcommand has a
-    ``stages.X.run(options)``, this is the one entry point for all of them; when they
-    do, the worker calls the stage function instead.
+    Module-level so that executors can pickle it. The worker calls the stage function as
+    :func:`_invoke` does; the settings only decide what it reports (``-v``, progress).
     """
     restore_settings(settings)
     _invoke(step, root)
@@ -191,7 +181,7 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
     for setting in settings:
         document = apply_setting(document, setting, parse_yaml_value)
     recipe = parse_recipe(document, Path(recipe_path).stem, check_stage)
-    steps = build_steps(recipe, {stage: _flags(stage) for stage in STAGE_COMMANDS})
+    steps = build_steps(recipe, stage_fields)
     root = run_dir or f"runs/{recipe.name}"
     if dry_run:
         emit({"steps": [{"id": s.id, "command": _command_line(s, root)} for s in steps]},

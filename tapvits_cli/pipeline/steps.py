@@ -1,19 +1,25 @@
-"""A recipe unrolled into the subcommand invocations that carry it out, in order.
+"""A recipe unrolled into the stage calls that carry it out, in order.
 
-Each :class:`Step` is one ``tapvits <stage> ARGS`` call: exactly what a user would type
-(``commands.sh`` in the run directory lists them), except that the run names the files.
-Argument tokens are plain strings, :class:`Input` (an artifact another step or the user
-made; its content hash enters the step's key) or :class:`Output` (the file the step
-writes). Dataset references enter the key through their content fingerprint.
+Each :class:`Step` is one stage with its options (``stages.<stage>.Options``), built here
+from the recipe; its arguments are the command line those options render, exactly what a
+user would type (``commands.sh`` in the run directory lists them), except that the run
+names the files. In the options and the arguments a file or dataset is a placeholder:
+:class:`Input` (an artifact another step or the user made; its content hash enters the
+step's key), :class:`Output` (the file the step writes) or :class:`DatasetArg` (a dataset
+reference, which enters the key through its content fingerprint). ``step.resolved(root)``
+puts the paths in: what ``stages.<stage>.run`` takes, in this process or any worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from tapvits_cli.pipeline.recipe import Recipe
+from tapvits_cli.stages import stage_module
+from tapvits_cli.stages.common import command_tokens, file_fields
 from tapvits_cli.vocabulary import BASE_EXTRACTOR, BUILT_IN_EXTRACTORS
 
 
@@ -40,9 +46,10 @@ Token = str | Input | Output | DatasetArg
 class Step:
     id: str                  # e.g. "devices/d0/select"
     stage: str               # the subcommand
-    args: tuple[Token, ...]
+    args: tuple[Token, ...]  # its command line; built from ``options`` when there are options
     output: str              # path relative to the run directory
     device: str | None = None
+    options: Any = None      # stages.<stage>.Options, files as placeholders
 
     @property
     def inputs(self) -> list[Input]:
@@ -51,6 +58,11 @@ class Step:
     def argv(self, root: str) -> list[str]:
         """The command line, with run-directory paths under ``root``."""
         return [_render(token, root) for token in self.args]
+
+    def resolved(self, root: str):
+        """The step's options with every placeholder replaced by its path (run-directory files under ``root``)."""
+        return dataclasses.replace(self.options, **{name: _render(token, root)
+                                                    for name, token in file_fields(self.options).items()})
 
 
 def _render(token: Token, root: str) -> str:
@@ -63,96 +75,71 @@ def _render(token: Token, root: str) -> str:
     return token
 
 
-def option_tokens(options: Mapping[str, Any], flags: Mapping[str, tuple[str, str | None]]) -> list[str]:
-    """``--key value`` tokens of checked stage options.
-
-    ``flags`` maps each boolean option to its (on, off) spellings, e.g.
-    ``("--standardize", "--no-standardize")`` or ``("--no-pca", None)``; lists repeat
-    the option (``-a``/``--augment`` style).
-    """
-    tokens: list[str] = []
-    for key, value in options.items():
-        if key in flags:
-            on, off = flags[key]
-            if value:
-                tokens.append(on)
-            elif off:
-                tokens.append(off)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                tokens += [f"--{key}", str(item)]
-        else:
-            tokens += [f"--{key}", str(value)]
-    return tokens
+# A stage's options from the recipe's section of it: stage name, checked section → Options keyword arguments.
+StageFields = Callable[[str, Mapping[str, Any]], dict[str, Any]]
 
 
-def build_steps(recipe: Recipe, flags: Mapping[str, Mapping[str, tuple[str, str | None]]]) -> list[Step]:
+def build_steps(recipe: Recipe, stage_fields: StageFields) -> list[Step]:
     """Every step of ``recipe`` in an order that respects their inputs.
 
-    ``flags`` gives each stage's boolean options (see :func:`option_tokens`).
+    ``stage_fields`` turns a recipe's stage section (checked option text) into keyword
+    arguments of the stage's options.
     """
     steps: list[Step] = []
-    common = ["--seed", str(recipe.seed), "--device", recipe.device]
 
-    def add(step_id: str, stage: str, args: Sequence[Token], output: str, device: str | None = None) -> str:
-        steps.append(Step(step_id, stage, (*args, "-o", Output(output), *common), output, device))
-        return output
+    def add(step_id: str, stage: str, output: str, device_name: str | None = None, **fields: Any) -> Input:
+        options = stage_module(stage).Options(**fields, output=Output(output), seed=recipe.seed, device=recipe.device)
+        steps.append(Step(step_id, stage, tuple(command_tokens(options)), output, device_name, options))
+        return Input(output)
 
-    def opts(stage: str, options: Mapping[str, Any] | None) -> list[str]:
-        return option_tokens(options or {}, flags.get(stage, {}))
+    def opts(stage: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        return stage_fields(stage, options or {})
 
     public = DatasetArg(recipe.public)
     base_model = recipe.base_model
     if base_model.artifact:
         base: Input = Input(base_model.artifact, external=True)
     else:
-        model_args = [token for key, value in base_model.args.items() for token in ("-a", f"{key}={_yaml_scalar(value)}")]
-        base = Input(add("base", "finetune", ["--model", base_model.model, *model_args, "--data", public,
-                                               *opts("finetune", base_model.train)], "base/model.safetensors"))
+        model_args = tuple(f"{key}={_yaml_scalar(value)}" for key, value in base_model.args.items())
+        base = add("base", "finetune", "base/model.safetensors", architecture=base_model.model, model_args=model_args,
+                   data=public, **opts("finetune", base_model.train))
     if recipe.extractor == BASE_EXTRACTOR:
         extractor: Token = base
     elif recipe.extractor in BUILT_IN_EXTRACTORS:
         extractor = recipe.extractor
     else:
         extractor = Input(recipe.extractor, external=True)
-    pool = Input(add("public/features", "features", [public, "--extractor", extractor,
-                                                        *opts("features", recipe.stages["features"])],
-                     "public/features.h5"))
+    pool = add("public/features", "features", "public/features.h5", data=public, extractor_name=extractor,
+               **opts("features", recipe.stages["features"]))
     for device in recipe.devices:
         where = f"devices/{device.name}"
         if device.gmm:
             gmm = Input(device.gmm, external=True)
         else:
-            gmm = Input(add(f"{where}/fit-gmm", "fit-gmm", [DatasetArg(device.private), "--extractor", extractor,
-                                                            *opts("fit-gmm", recipe.stages["fit-gmm"])],
-                            f"{where}/gmm.safetensors", device.name))
-        metric = Input(add(f"{where}/select", "select", [gmm, "--pool", pool,
-                                                         *opts("select", recipe.stages["select"])],
-                           f"{where}/metric.h5", device.name))
+            gmm = add(f"{where}/fit-gmm", "fit-gmm", f"{where}/gmm.safetensors", device.name,
+                      data=DatasetArg(device.private), extractor_name=extractor, **opts("fit-gmm", recipe.stages["fit-gmm"]))
+        metric = add(f"{where}/select", "select", f"{where}/metric.h5", device.name, gmm=gmm, pool=pool,
+                     **opts("select", recipe.stages["select"]))
         model: Input = base
         if recipe.prunes:
-            score_options = dict(recipe.stages["score"] or {})
+            score_fields = opts("score", recipe.stages["score"])
             # The KL probes remove the share of units the budget will remove, unless told otherwise or skipped.
-            probes_set = "probe-fraction" in score_options or score_options.get("no-layer-importance")
-            budget_args = [] if probes_set else ["--budget", str(recipe.budget)]
-            scores = Input(add(f"{where}/score", "score", [base, "--metric-set", metric, "--pool", public,
-                                                          *budget_args, *opts("score", score_options)],
-                               f"{where}/scores.safetensors", device.name))
-            plan = Input(add(f"{where}/allocate", "allocate", [scores, "--budget", str(recipe.budget), "--model", base,
-                                                              *opts("allocate", recipe.stages["allocate"])],
-                             f"{where}/plan.safetensors", device.name))
-            model = Input(add(f"{where}/prune", "prune", [base, plan, *opts("prune", recipe.stages["prune"])],
-                              f"{where}/pruned.safetensors", device.name))
+            if "probe_fraction" not in score_fields and not score_fields.get("no_layer_importance"):
+                score_fields["budget"] = recipe.budget
+            scores = add(f"{where}/score", "score", f"{where}/scores.safetensors", device.name, model=base,
+                         metric_set_path=metric, pool=public, **score_fields)
+            plan = add(f"{where}/allocate", "allocate", f"{where}/plan.safetensors", device.name, scores_path=scores,
+                       budget=recipe.budget, model_path=base, **opts("allocate", recipe.stages["allocate"]))
+            model = add(f"{where}/prune", "prune", f"{where}/pruned.safetensors", device.name, model_path=base,
+                        plan_path=plan, **opts("prune", recipe.stages["prune"]))
         if recipe.stage_enabled("finetune"):
             finetune_options = dict(recipe.stages["finetune"])
-            teacher = ["--teacher", base] if finetune_options.pop("distill", False) else []
-            model = Input(add(f"{where}/finetune", "finetune", [model, "--data", public, "--metric-set", metric,
-                                                               *teacher, *opts("finetune", finetune_options)],
-                              f"{where}/model.safetensors", device.name))
+            teacher = {"teacher": base} if finetune_options.pop("distill", False) else {}
+            model = add(f"{where}/finetune", "finetune", f"{where}/model.safetensors", device.name, model_file=model,
+                        data=public, metric_set=metric, **teacher, **opts("finetune", finetune_options))
         if device.test and recipe.stage_enabled("eval"):
-            add(f"{where}/eval", "eval", [model, "--data", DatasetArg(device.test),
-                                          *opts("eval", recipe.stages["eval"])],
-                f"{where}/report.json", device.name)
+            add(f"{where}/eval", "eval", f"{where}/report.json", device.name, model_path=model,
+                data=DatasetArg(device.test), **opts("eval", recipe.stages["eval"]))
     return steps
 
 

@@ -39,11 +39,21 @@ def comma_list(values) -> str:
     return ",".join(str(v) for v in values)
 
 
-def command_line(options) -> list[str]:
+def command_tokens(options) -> list[Any]:
     """The subcommand's arguments that make ``options``: positional arguments, then every
-    option that differs from its default, then the global options (``--seed``, ``--device``)."""
+    option that differs from its default, then the global options (``--seed``, ``--device``).
+
+    Values are rendered as text, except placeholders a caller put in place of a file or
+    dataset (``tapvits run``'s inputs and outputs, which it names once it knows where),
+    which stay as they are.
+    """
+    def text(value: Any, render: Callable[[Any], str] = str) -> Any:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        return render(value) if isinstance(value, (str, int, float, list, tuple)) else value
+
     fields = [f for f in dataclasses.fields(options) if f.name not in GLOBAL_FIELDS]
-    tokens = [os.fspath(getattr(options, f.name)) for f in fields
+    tokens = [text(getattr(options, f.name)) for f in fields
               if f.metadata.get("positional") and getattr(options, f.name) is not None]
     for field in fields:
         if field.metadata.get("positional"):
@@ -56,10 +66,21 @@ def command_line(options) -> list[str]:
             tokens.append(flag if value else field.metadata["off"])
         elif field.metadata["multiple"]:
             for item in value:
-                tokens += [flag, render(item)]
+                tokens += [flag, text(item, render)]
         else:
-            tokens += [flag, render(os.fspath(value) if isinstance(value, os.PathLike) else value)]
+            tokens += [flag, text(value, render)]
     return tokens + ["--seed", str(options.seed), "--device", options.device]
+
+
+def command_line(options) -> list[str]:
+    """:func:`command_tokens` of options that name every file: the arguments as text."""
+    return [str(token) for token in command_tokens(options)]
+
+
+def file_fields(options) -> dict[str, Any]:
+    """The fields of ``options`` that hold a placeholder rather than a value (see :func:`command_tokens`)."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if not isinstance(getattr(options, f.name), (str, int, float, list, tuple, type(None)))}
 
 
 def recipe_keys(options_class) -> dict[str, str]:

@@ -50,6 +50,11 @@ def installed(log: Log, progress: Progress) -> Iterator[None]:
         _installed.update(saved)
 
 
+def silenced() -> ContextManager[None]:
+    """:func:`silence` for the duration of a ``with`` block."""
+    return installed(_no_log, _no_progress)
+
+
 def log(message: str, level: int = 0) -> None:
     _installed["log"](message, level)
 
