@@ -7,11 +7,18 @@
    its stage cache holds one, else a freshly initialised one of the same shape: the
    timing does not depend on the weights) and with ONNX efficientnet-lite0 at 224×224.
    The paper reports about 60 s for 1,000 samples on a Jetson Orin Nano.
+3. In that environment, times `tapvits profile` (onnxruntime: the device install has no
+   torch) for the ViT above at batch 1 and 32 (default rounds) and for a DeiT-Small-shaped
+   ViT at 224×224 (batch 1, 5 rounds after 1), and checks the one prediction a profile
+   makes of a model the device can also run whole: the unpruned model, exported with
+   `tapvits export` and timed on onnxruntime in the same environment (same threads, each
+   timed run right after an untimed one, median). Pruned models' prediction error is
+   `benchmarks/profile_prediction.py`'s.
 
     bash .ci/env python benchmarks/device_side.py [--keep-venv DIR]
 
-Writes benchmarks/results/device_side.{json,md}. Not measured here (not built yet): the
-latency profile and its prediction error (`tapvits profile`).
+Writes benchmarks/results/device_side.{json,md}; the machine's load average is recorded,
+since a shared machine's load stretches every wall-clock figure.
 """
 
 from __future__ import annotations
@@ -83,6 +90,62 @@ def fit_on_device(venv: Path, extractor: Path, work: Path, name: str) -> dict:
             "components": body["components"], "dim": body["dim"], "samples": body["samples"]}
 
 
+# Times a whole exported model on onnxruntime as `profile` times its blocks: warm, median.
+WHOLE_MODEL = """
+import json, statistics, sys, time
+import numpy as np, onnxruntime
+path, threads, repeats, batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+shape = session.get_inputs()[0].shape[1:]
+medians = {}
+for batch in batches:
+    images = np.random.default_rng(0).standard_normal((int(batch), *shape), dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        session.run(None, {"images": images})
+        start = time.perf_counter()
+        session.run(None, {"images": images})
+        times.append((time.perf_counter() - start) * 1000.0)
+    medians[batch] = statistics.median(times)
+print(json.dumps(medians))
+"""
+
+
+def profile_on_device(venv: Path, model: Path, work: Path, name: str, options: tuple[str, ...]) -> dict:
+    """`tapvits profile` in the device environment, then the unpruned model whole, predicted against measured."""
+    out = work / f"{name}.profile.json"
+    started = time.perf_counter()
+    result = run(venv / "bin" / "tapvits", "--json", "profile", model, "-o", out, *options)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"error": result.stderr.strip()[-500:]}
+    profile = json.loads(out.read_text())
+    predicted = json.loads(result.stdout)["unpruned_ms"]
+    threads, batches = profile["runtime"]["threads"], ",".join(predicted)
+    record = {"options": list(options), "wall_seconds": wall, "threads": threads, "tokens": profile["tokens"],
+              "runtime": f"{profile['runtime']['name']} {profile['runtime']['version']}", "predicted_ms": predicted}
+    onnx = work / f"{name}.onnx"
+    exported = run("tapvits", "export", model, "--no-check", "-o", onnx)
+    if exported.returncode != 0:
+        return {**record, "error": exported.stderr.strip()[-500:]}
+    timed = run(venv / "bin" / "python", "-c", WHOLE_MODEL, onnx, threads, 10, batches)
+    if timed.returncode != 0:
+        return {**record, "error": timed.stderr.strip()[-500:]}
+    measured = json.loads(timed.stdout)
+    return {**record, "measured_ms": measured,
+            "error_percent": {b: 100.0 * (predicted[b] - measured[b]) / measured[b] for b in predicted}}
+
+
+def deit_small(work: Path) -> Path:
+    path = work / "deit-small.safetensors"
+    made = run("tapvits", "create-model", "vit_small_patch16_224", "-a", "num_classes=10", "-o", path)
+    if made.returncode != 0:
+        sys.exit(f"create-model failed: {made.stderr}")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep-venv", type=Path, default=None, help="build the device environment here and keep it")
@@ -101,6 +164,12 @@ def main() -> None:
                 timings[name] = {"error": exported.stderr.strip()[-500:]}
                 continue
             timings[name] = {"onnx_bytes": onnx.stat().st_size, **fit_on_device(venv, onnx, work, name)}
+        profiles = {
+            "vit": profile_on_device(venv, model, work, "vit", ("--batch-sizes", "1,32")),
+            "deit-small-224": profile_on_device(venv, deit_small(work), work, "deit-small-224",
+                                                ("--batch-sizes", "1", "--repeats", "5", "--warmup", "1")),
+        }
+        load = os.getloadavg()
     finally:
         if args.keep_venv is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -119,12 +188,28 @@ def main() -> None:
             continue
         lines.append(f"| {name} | {t['onnx_bytes'] / 1e6:.1f} MB | {t['wall_seconds']:.1f} | {t['extract_seconds']:.1f} | "
                      f"{t['fit_seconds']:.2f} | {t['components']} | {t['dim']} |")
-    lines += ["", "The paper: about 60 s for 1,000 samples on a Jetson Orin Nano. Not measured: the latency "
-              "profile (`tapvits profile` is not built yet).", ""]
+    lines += ["", "The paper: about 60 s for 1,000 samples on a Jetson Orin Nano.", "",
+              "`tapvits profile` on the device install, and the unpruned model's predicted latency against the "
+              "whole exported model timed on the same runtime:", "",
+              "| model | options | runtime, threads | profile wall s | batch | predicted ms | measured ms | error |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, p in profiles.items():
+        if "predicted_ms" not in p:
+            lines.append(f"| {name} | failed: {p['error'][:100]} |")
+            continue
+        for batch, predicted in p["predicted_ms"].items():
+            measured = p.get("measured_ms", {}).get(batch)
+            lines.append(f"| {name} ({p['tokens']} tokens) | `{' '.join(p['options'])}` | {p['runtime']}, "
+                         f"{p['threads']} | {p['wall_seconds']:.1f} | {batch} | {predicted:.2f} | "
+                         + (f"{measured:.2f} | {p['error_percent'][batch]:+.1f} % |" if measured is not None
+                            else f"failed: {p.get('error', '')[:80]} | |"))
+    lines += ["", f"Load average during the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) on "
+              f"{os.cpu_count()} cores shared with other jobs: wall-clock figures stretch with it.", ""]
     text = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "device_side.json").write_text(json.dumps({
-        "install": install, "fit_gmm": timings, "private": PRIVATE, "vit_extractor": model_kind,
+        "install": install, "fit_gmm": timings, "profile": profiles, "load_average": load, "private": PRIVATE,
+        "vit_extractor": model_kind,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}},
         indent=2) + "\n")
     (RESULTS / "device_side.md").write_text(text)
