@@ -7,6 +7,7 @@ exception class (not in a table elsewhere) means a new error cannot forget its c
 from __future__ import annotations
 
 import errno
+import string
 
 
 class ExitCode:
@@ -35,6 +36,25 @@ class UsageError(TapvitsError):
     """An option value that click could not check by itself."""
 
     exit_code = ExitCode.USAGE
+
+
+class ParameterError(UsageError):
+    """A value the stage logic refuses, naming its parameters as the logic calls them.
+
+    The logic cannot know how its caller spells a parameter (``--pca-dim`` on the command
+    line, ``pca-dim`` in a recipe, ``pca_dim`` from Python), so ``template`` writes each
+    one as ``{name}``: ``str()`` shows the names themselves, :meth:`naming` the caller's
+    spelling.
+    """
+
+    def __init__(self, template: str):
+        self.template = template
+        self.parameters = tuple(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
+        super().__init__(template.format(**{name: name for name in self.parameters}))
+
+    def naming(self, spell) -> UsageError:
+        """The same error with each parameter written as ``spell(name)``."""
+        return UsageError(self.template.format(**{name: spell(name) for name in self.parameters}))
 
 
 class InvalidArtifactError(TapvitsError):

@@ -86,9 +86,9 @@ def test_refusal_rule():
     assert "needs 330 samples" in dropped[5]
     with pytest.raises(UsageError, match="49 samples are fewer than the floor of 50"):
         check_feasible(49, 64, [2], "full", 8)
-    with pytest.raises(UsageError, match=r"--pca-dim 80 must lie in 1\.\.64"):
+    with pytest.raises(UsageError, match=r"pca_dim 80 must lie in 1\.\.64"):   # the parameter, as the logic names it
         check_feasible(500, 64, [2], "full", 80)
-    with pytest.raises(UsageError, match="--pca-dim 60 needs more than 60 samples"):
+    with pytest.raises(UsageError, match="pca_dim 60 needs more than 60 samples"):
         check_feasible(60, 64, [1], "diag", 60, min_samples=10)
     with pytest.raises(UsageError) as refused:
         check_feasible(100, 64, range(2, 11), "full", 32)

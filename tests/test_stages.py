@@ -26,6 +26,10 @@ EXAMPLES = {
                    strategy="ratio", public_components=3, chunk_rows=100),
     "score": dict(model="m.safetensors", metric_set_path="s.h5", pool="digits", output="sc.safetensors",
                   criterion="magnitude", mlp_weights="1,0,0", budget=0.5, batch_size=8, max_samples=16),
+    "audit-gmm": dict(gmm="g.safetensors", private_ref="digits:classes=0,1", extractor_name="m.safetensors",
+                      held_out_ref="digits:classes=0,1:fold=1/2", max_auc=0.6, batch_size=32),
+    "export": dict(model="m.safetensors", output="m.onnx", features_graph=True, raw_input=(1, 8, 8), batch_size=2,
+                   dynamic_batch=False, opset=17, check=False),
 }
 
 
@@ -63,3 +67,18 @@ def test_recipe_keys_are_options_of_the_subcommand(stage):
     keys = recipe_keys(_stage(stage).Options)
     assert keys and set(keys) <= flags
     assert "output" not in keys.values()
+
+
+def test_logic_names_parameters_and_the_command_line_names_flags(tmp_path, tapvits, tiny_model_file):
+    from tapvits_cli.cli.fit_gmm import command
+    from tapvits_cli.cli.stage_call import flag_names
+    from tapvits_cli.errors import ParameterError
+    from tapvits_cli.gmm.fit import check_feasible
+
+    with pytest.raises(ParameterError) as refused:
+        check_feasible(500, 64, [2], "full", 80)
+    assert str(refused.value) == "pca_dim 80 must lie in 1..64 (the feature dimension)"
+    assert str(refused.value.naming(flag_names(command))) == "--pca-dim 80 must lie in 1..64 (the feature dimension)"
+    result = tapvits("fit-gmm", "digits:split=test:classes=0,1", "--extractor", tiny_model_file, "--pca-dim", "999",
+                     "-o", tmp_path / "g.safetensors")
+    assert result.exit_code == 2 and "error: --pca-dim 999 must lie in 1.." in result.stderr

@@ -6,7 +6,7 @@ import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
 from tapvits_cli.cli.options import CURRENT, FiniteFloat, global_options
-from tapvits_cli.errors import BelowThresholdError, IncompatibleArtifactError, UsageError
+from tapvits_cli.errors import BelowThresholdError
 
 
 @click.command("audit-gmm", short_help="On a device: audit a GMM against the private data it was fitted on.")
@@ -37,50 +37,16 @@ def command(gmm: str, private_ref: str, extractor_name: str, held_out_ref: str |
     Example: tapvits audit-gmm device.gmm.safetensors --private "digits:classes=0-3:fold=0/2"
     --held-out "digits:classes=0-3:fold=1/2" --extractor base.safetensors
     """
-    from tapvits_cli.artifacts.digests import fingerprint_sha256
-    from tapvits_cli.artifacts.gmm import read_gmm
-    from tapvits_cli.stages.extractor import embed_dataset, resolve_extractor
     from tapvits_cli.cli.output import emit, log
-    from tapvits_cli.data import open_dataset
-    from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance, membership_auc, min_support
-    from tapvits_cli.runtime import resolve_device
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import audit_gmm
 
-    if max_auc is not None and held_out_ref is None:
-        raise UsageError("--max-auc needs --held-out: the AUC compares fitted with held-out samples")
-    mixture, info, artifact = read_gmm(gmm)
-    device = resolve_device(CURRENT.device)
-    private = open_dataset(private_ref)
-    recorded = artifact.header.inputs.get("data")
-    if recorded is None or recorded.sha256 != private.fingerprint():
-        raise IncompatibleArtifactError(f"{gmm} was not fitted on {private_ref}: its data fingerprint differs "
-                                        f"(an audit against other samples would prove nothing)")
-    extractor, _ = resolve_extractor(extractor_name, device)
-    if fingerprint_sha256(extractor.fingerprint) != info.extractor_sha256:
-        raise IncompatibleArtifactError(f"--extractor {extractor_name} is not the extractor {gmm} was fitted with")
-
-    features = embed_dataset(extractor, private, batch_size, device, "embedding private images")
-    projected = mixture.projection.apply(features)
-    support = min_support(mixture.covariance_type, mixture.dim)
-    components = audit_against_data(mixture, info.samples, projected, median_neighbour_distance(projected, CURRENT.seed))
-    violations = components.violations(support)
-    report = {"gmm": str(gmm), "samples": info.samples, "min_support": support, "components": components.rows(),
-              "violations": violations}
-    if held_out_ref is not None:
-        held_out = embed_dataset(extractor, open_dataset(held_out_ref), batch_size, device, "embedding held-out images")
-        report["membership_auc"] = membership_auc(mixture.log_likelihood(features)[0],
-                                                  mixture.log_likelihood(held_out)[0])
-        report["held_out_samples"] = len(held_out)
-    report["ok"] = not violations and (max_auc is None or report["membership_auc"] <= max_auc)
-
-    _render(report)
-    emit(report, "ok" if report["ok"] else "failed")
-    if violations:
-        raise BelowThresholdError(f"{gmm}: {violations[0]}" + (
-            f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""))
-    if not report["ok"]:
-        raise BelowThresholdError(f"{gmm}: membership-inference AUC {report['membership_auc']:.3f} "
-                                  f"exceeds --max-auc {max_auc}")
-    log(f"{gmm}: every component keeps the guarantees")
+    result = run_stage(audit_gmm)
+    _render(result.report)
+    emit(result.report, "ok" if result.report["ok"] else "failed")
+    if result.failure:
+        raise BelowThresholdError(result.failure)
+    log(f"{result.report['gmm']}: every component keeps the guarantees")
 
 
 def _render(report: dict) -> None:

@@ -6,7 +6,8 @@ given on the subcommand wins over one given on the group; both win over the
 
 The shared checks live here so that a rule about options holds for every subcommand at
 once: :class:`FiniteFloat` (no NaN or infinity in any float option) and
-:class:`WritingCommand` (``-o`` never names an input or a directory).
+:class:`WritingCommand` (``-o`` never names an input or a directory). It is longer than
+a subcommand's module because it holds those rules for all of them.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ import click
 from tapvits_cli.cli import allocate, eval_cmd, features, finetune, fit_gmm, prune, score, select
 from tapvits_cli.cli.options import CURRENT, Settings, global_options, restore_settings
 from tapvits_cli.cli.output import emit, log, progress_bar, stderr_console
-from tapvits_cli.errors import BelowThresholdError, TapvitsError, UsageError
+from tapvits_cli.cli.stage_call import flag_names
+from tapvits_cli.errors import BelowThresholdError, ParameterError, TapvitsError, UsageError
 from tapvits_cli.vocabulary import EXECUTORS
 
 STAGE_COMMANDS: dict[str, click.Command] = {
@@ -54,7 +55,7 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
     allowed = _recipe_options(stage)
     extra = RUN_ONLY_KEYS.get(stage, set())
     name = "finetune" if stage == "train" else stage
-    known = {o.lstrip("-") for p in STAGE_COMMANDS[name].params for o in (*p.opts, *p.secondary_opts)}
+    known = {o.lstrip("-") for p in STAGE_COMMANDS[name].params for o in (*p.opts, *p.secondary_opts)} | {"help"}
     checked: dict[str, Any] = {}
     for key, value in options.items():
         if key in extra:
@@ -110,6 +111,8 @@ def _invoke(step, root: str) -> None:
     with reporting:
         try:
             stage_module(step.stage).run(step.resolved(root))
+        except ParameterError as exc:
+            raise UsageError(f"{step.id}: {exc.naming(flag_names(STAGE_COMMANDS[step.stage]))}") from None
         except TapvitsError as exc:
             exc.args = (f"{step.id}: {exc}",)
             raise

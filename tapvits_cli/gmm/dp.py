@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tapvits_cli.errors import NotImplementedStageError, UsageError
+from tapvits_cli.errors import NotImplementedStageError, ParameterError, UsageError
 from tapvits_cli.gmm.mixture import Mixture, Projection, unit_rows
 from tapvits_cli.vocabulary import DP_COVARIANCE_TYPES, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS  # noqa: F401
 
@@ -69,9 +69,9 @@ def default_private_dim(samples: int, feature_dim: int) -> int:
 def rho_for(epsilon: float, delta: float) -> float:
     """The largest ρ whose ρ-zCDP implies (ε, δ)-DP: ρ = (√(ln(1/δ) + ε) − √ln(1/δ))²."""
     if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise UsageError(f"--dp-epsilon must be a finite number > 0, got {epsilon}")
+        raise ParameterError(f"{{dp_epsilon}} must be a finite number > 0, got {epsilon}")
     if not 0 < delta < 1:
-        raise UsageError(f"--dp-delta must lie strictly between 0 and 1, got {delta}")
+        raise ParameterError(f"{{dp_delta}} must lie strictly between 0 and 1, got {delta}")
     log_term = math.log(1 / delta)
     return (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2
 
@@ -180,11 +180,11 @@ def fit_private_mixture(features: np.ndarray, k: int, covariance_type: str, dim:
         raise NotImplementedStageError(
             f"--dp-epsilon supports --covariance {' or '.join(DP_COVARIANCE_TYPES)}, not {covariance_type}")
     if iterations < 1:
-        raise UsageError(f"--dp-iterations must be >= 1, got {iterations}")
+        raise ParameterError(f"{{dp_iterations}} must be >= 1, got {iterations}")
     features = np.asarray(features, dtype=np.float64)
     n, feature_dim = features.shape
     if not 1 <= dim <= feature_dim:
-        raise UsageError(f"--pca-dim {dim} must lie in 1..{feature_dim} (the feature dimension)")
+        raise ParameterError(f"{{pca_dim}} {dim} must lie in 1..{feature_dim} (the feature dimension)")
     rho = rho_for(epsilon, delta)
     rng = np.random.default_rng([seed, 7])
     unit = unit_rows(features)

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tapvits_cli.errors import UsageError
+from tapvits_cli.errors import ParameterError, UsageError
 from tapvits_cli.gmm.mixture import Mixture, Projection
 from tapvits_cli.vocabulary import COVARIANCE_TYPES
 from tapvits_cli.gmm.privacy import (audit_against_data, component_variances, median_neighbour_distance,
@@ -82,13 +82,14 @@ def check_feasible(samples: int, feature_dim: int, components: Sequence[int], co
     if not components or min(components) < 1:
         raise UsageError("the component range must hold at least one K >= 1")
     if samples < min_samples:
-        raise UsageError(f"{samples} samples are fewer than the floor of {min_samples} (--min-samples): "
-                         f"a mixture fitted to so few would describe individual private images; collect more samples")
+        raise ParameterError(f"{samples} samples are fewer than the floor of {min_samples} ({{min_samples}}): a "
+                             "mixture fitted to so few would describe individual private images; collect more samples")
     dim = feature_dim if pca_dim is None else pca_dim
     if pca_dim is not None and not 1 <= pca_dim <= feature_dim:
-        raise UsageError(f"--pca-dim {pca_dim} must lie in 1..{feature_dim} (the feature dimension)")
+        raise ParameterError(f"{{pca_dim}} {pca_dim} must lie in 1..{feature_dim} (the feature dimension)")
     if pca_dim is not None and pca_dim >= samples:
-        raise UsageError(f"--pca-dim {pca_dim} needs more than {pca_dim} samples, got {samples}: use --pca-dim < {samples}")
+        raise ParameterError(f"{{pca_dim}} {pca_dim} needs more than {pca_dim} samples, got {samples}: "
+                             f"use {{pca_dim}} < {samples}")
     need = min_support(covariance_type, dim)
     feasible = [k for k in sorted(set(components)) if samples >= k * need]
     dropped = {k: f"needs {k * need} samples ({need} per component for {covariance_type} covariance in "
@@ -135,7 +136,7 @@ def fit_mixture(features: np.ndarray, components: Sequence[int] = DEFAULT_COMPON
     if not np.isfinite(features).all():
         raise UsageError("the extracted features contain NaN or infinite values; check the extractor and the data")
     if noise_scale < 0:
-        raise UsageError(f"--noise-scale must be >= 0, got {noise_scale}")
+        raise ParameterError(f"{{noise_scale}} must be >= 0, got {noise_scale}")
     samples, feature_dim = features.shape
     feasible, dropped = check_feasible(samples, feature_dim, components, covariance_type, pca_dim, min_samples)
 
@@ -173,8 +174,8 @@ def fit_mixture(features: np.ndarray, components: Sequence[int] = DEFAULT_COMPON
             mixture = add_mean_noise(mixture, noise_scale, seed)
             violations = audit_against_data(mixture, samples, projected, neighbour_distance).violations(support)
             if violations:
-                raise UsageError(f"--noise-scale {noise_scale} moved a mean onto private samples: {violations[0]}; "
-                                 f"use another --seed or a smaller --noise-scale")
+                raise ParameterError(f"{{noise_scale}} {noise_scale} moved a mean onto private samples: "
+                                     f"{violations[0]}; use another {{seed}} or a smaller {{noise_scale}}")
     return FitResult(mixture=mixture, bic_per_k=bic, chosen_k=chosen, fit_seconds=time.perf_counter() - start,
                      samples=samples, dropped=dict(sorted(dropped.items())), converged=converged)
 

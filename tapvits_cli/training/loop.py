@@ -33,7 +33,7 @@ import torch
 
 from tapvits_cli.data.dataset import Dataset
 from tapvits_cli.data.preprocess import Preprocessing, TorchImageDataset
-from tapvits_cli.errors import InvalidArtifactError, UsageError
+from tapvits_cli.errors import InvalidArtifactError, ParameterError, UsageError
 from tapvits_cli.training.augment import Augmentation, augment_batch
 from tapvits_cli.training.distill import training_loss
 from tapvits_cli.training.sampling import GlobalBatchSampler
@@ -158,8 +158,8 @@ def _require_finite(loss: float, step: int, epoch: int) -> None:
     if step == 1:
         raise InvalidArtifactError(f"the training loss is {loss} at the first step, before any update: the model "
                                    "(or the teacher) gives non-finite outputs on this data; no model written")
-    raise UsageError(f"training diverged: the loss became {loss} by step {step} (epoch {epoch + 1}); lower --lr or "
-                     "set --grad-clip; no model written")
+    raise ParameterError(f"training diverged: the loss became {loss} by step {step} (epoch {epoch + 1}); lower "
+                         "{lr} or set {grad_clip}; no model written")
 
 
 def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing, config: TrainConfig, *,
