@@ -91,12 +91,12 @@ def test_device_to_cloud_runs_the_device_without_torch_and_sends_only_the_gmm_an
 def test_fleet_runs_devices_in_parallel_and_names_a_failed_one(tmp_path, tiny_model_file):
     # Digits has no class 42: that device fails at fit-gmm while the other one finishes.
     result = run_example("fleet.sh", "fleet", "0-4", "42", cwd=tmp_path, BASE_MODEL=str(tiny_model_file), JOBS="2")
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr
     fleet = tmp_path / "fleet"
     assert (fleet / "devices" / "digits-0-4" / "report.json").is_file()
-    assert not (fleet / "devices" / "digits-42" / "report.json").exists()
-    assert "classes: the source has 10 classes" in (fleet / "logs" / "digits-42.log").read_text()
-    assert "fleet: device digits-42 failed: tapvits: error: dataset reference" in result.stderr
+    assert not (fleet / "devices" / "digits-42").exists()
+    assert "classes: the source has 10 classes" in result.stderr
+    assert "device digits-42 failed: devices/digits-42/fit-gmm: dataset reference" in result.stderr.splitlines()[-1]
 
     header, *rows = result.stdout.strip().splitlines()
     assert header.split()[:3] == ["device", "samples", "top-1"]
@@ -106,6 +106,7 @@ def test_fleet_runs_devices_in_parallel_and_names_a_failed_one(tmp_path, tiny_mo
     samples, top1, kept, _ = table["digits-0-4"]
     assert int(samples) == report["samples"] and top1 == f"{report['top1']:.2%}"
     assert float(kept.rstrip("%")) == pytest.approx(70, abs=1)
+    assert json.loads((fleet / "summary.json").read_text())["failed_devices"] == ["digits-42"]
 
 
 def test_ci_eval_gates_on_the_recipe_thresholds(tmp_path):

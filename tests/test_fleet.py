@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tapvits_cli.artifacts.run_directory import RunDirectory
 from tapvits_cli.errors import ExitCode, UsageError
@@ -236,15 +237,19 @@ def test_jobs_2_gives_the_artifacts_of_a_serial_run(tmp_path, tapvits, serial_ru
 
 def test_a_device_that_fails_leaves_the_others_finished_and_a_rerun_completes_it(tmp_path, tapvits, serial_run):
     recipe, serial, _ = serial_run
-    run = _copy_forgetting(serial, tmp_path / "run", ("devices/high/",))   # high runs again beside the bad device
+    # high's last steps run again, beside the bad device's
+    run = _copy_forgetting(serial, tmp_path / "run", ("devices/high/finetune", "devices/high/eval"))
     gmm = tmp_path / "uploaded.safetensors"
     gmm.write_bytes((serial / "devices" / "low" / "gmm.safetensors").read_bytes()[:300])   # a truncated upload
     fleet = write_recipe(tmp_path, {**TINY_RECIPE, "devices": [
         *TINY_RECIPE["devices"], {"name": "bad", "gmm": str(gmm), "test": "digits:split=test:classes=0-4:fold=1/2"}]})
-    failed = tapvits("run", fleet, "--run-dir", run, "--jobs", "2", "--cpus-per-step", "1")
+    failed = tapvits("--json", "run", fleet, "--run-dir", run, "--jobs", "2", "--cpus-per-step", "1")
     assert failed.exit_code == ExitCode.INVALID_ARTIFACT, failed.stderr
     last = failed.stderr.strip().splitlines()[-1]
     assert "device bad failed: devices/bad/select:" in last and "run again to resume" in last
+    partial = failed.json()   # the summary of the devices that finished, written before the exit
+    assert partial["failed_devices"] == ["bad"] and [row["device"] for row in partial["devices"]] == ["low", "high"]
+    assert json.loads((run / "summary.json").read_text())["failed_devices"] == ["bad"]
     state = json.loads((run / "run.json").read_text())["steps"]
     assert {step for step in state if step.startswith("devices/high/")} == {
         f"devices/high/{stage}" for stage in ("fit-gmm", "select", "score", "allocate", "prune", "finetune", "eval")}
@@ -255,7 +260,7 @@ def test_a_device_that_fails_leaves_the_others_finished_and_a_rerun_completes_it
     assert resumed.exit_code == 0, resumed.stderr
     summary = resumed.json()
     assert summary["steps"]["ran"] == 6 and summary["steps"]["skipped"] == 16
-    assert [row["device"] for row in summary["devices"]] == ["low", "high", "bad"]
+    assert [row["device"] for row in summary["devices"]] == ["low", "high", "bad"] and summary["failed_devices"] == []
     digests = run_digests(run)
     assert all(digests[name] == digest for name, digest in run_digests(serial).items())
 
@@ -274,24 +279,60 @@ def test_a_missing_engine_exits_8_naming_the_extra(tmp_path, tapvits, monkeypatc
 def test_ray_runs_the_recipe_to_the_same_top1(tmp_path, tapvits, serial_run):
     ray = pytest.importorskip("ray")
     recipe, serial, expected = serial_run
+    run = _copy_forgetting(serial, tmp_path / "run", ("devices/",))   # every device's chain runs on Ray
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        result = tapvits("--json", "run", recipe, "--run-dir", tmp_path / "run", "--executor", "ray")
+        result = tapvits("--json", "run", recipe, "--run-dir", run, "--executor", "ray")
     finally:
         ray.shutdown()
     assert result.exit_code == 0, result.stderr
-    assert [row["top1"] for row in result.json()["devices"]] == [row["top1"] for row in expected["devices"]]
-    assert run_digests(tmp_path / "run") == run_digests(serial)
+    summary = result.json()
+    assert summary["steps"]["ran"] == 14 and summary["steps"]["skipped"] == 2
+    assert [row["top1"] for row in summary["devices"]] == [row["top1"] for row in expected["devices"]]
+    assert run_digests(run) == run_digests(serial)
 
 
 def test_submitit_local_jobs_stand_in_for_slurm_in_a_run(tmp_path, tapvits, serial_run):
     pytest.importorskip("submitit")
     recipe, serial, expected = serial_run
-    run = _copy_forgetting(serial, tmp_path / "run", ("devices/low/finetune", "devices/low/eval"))
+    run = _copy_forgetting(serial, tmp_path / "run", ("devices/low/eval",))
     result = tapvits("--json", "run", recipe, "--run-dir", run, "--executor", "slurm", "--slurm", "cluster=local",
                      "--slurm", "time=10")
     assert result.exit_code == 0, result.stderr
     summary = result.json()
-    assert summary["steps"]["ran"] == 2 and summary["devices"][0]["top1"] == expected["devices"][0]["top1"]
+    assert summary["steps"]["ran"] == 1 and summary["devices"][0]["top1"] == expected["devices"][0]["top1"]
     assert run_digests(run) == run_digests(serial)
     assert list((run / "slurm").glob("*_log.err"))   # submitit's job logs stay beside the run
+
+
+def test_devices_from_an_inbox_skip_invalid_uploads(tmp_path, tapvits, serial_run):
+    recipe, serial, _ = serial_run
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copyfile(serial / "devices" / "low" / "gmm.safetensors", inbox / "phone-1.gmm.safetensors")
+    shutil.copyfile(serial / "devices" / "high" / "gmm.safetensors", inbox / "phone-2.safetensors")
+    shutil.copyfile(serial / "devices" / "high" / "gmm.safetensors", inbox / "phone-3.gmm.safetensors")
+    (inbox / "phone-3.profile.json").write_text('{"tapvits.kind": "profile"}')          # a broken profile
+    (inbox / "truncated.gmm.safetensors").write_bytes(b"\x08\x00\x00")
+    shutil.copyfile(serial / "devices" / "low" / "gmm.safetensors", inbox / "low.safetensors")   # a listed name
+    fleet = write_recipe(tmp_path, {**TINY_RECIPE, "budget": 1.0, "stages": {**TINY_RECIPE["stages"], "finetune": False},
+                                    "devices": [TINY_RECIPE["devices"][0], {"inbox": str(inbox)}]})
+    run = _copy_forgetting(serial, tmp_path / "run", ("devices/",))
+    result = tapvits("--json", "run", fleet, "--run-dir", run)
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert [row["device"] for row in summary["devices"]] == ["low", "phone-1", "phone-2"]
+    assert summary["steps"]["skipped"] == 2 and summary["steps"]["ran"] == 5   # fit-gmm, select, eval; 2 selects
+    skipped = {Path(entry["file"]).name: entry["reason"] for entry in summary["skipped_uploads"]}
+    assert set(skipped) == {"low.safetensors", "phone-3.gmm.safetensors", "truncated.gmm.safetensors"}
+    assert "already taken" in skipped["low.safetensors"] and "profile" in skipped["phone-3.gmm.safetensors"]
+    assert "inbox: skipped" in result.stderr
+    recorded = yaml.safe_load((run / "recipe.yaml").read_text())["devices"]
+    assert recorded[1] == {"name": "phone-1", "gmm": str(inbox / "phone-1.gmm.safetensors")}
+    assert json.loads((run / "summary.json").read_text())["skipped_uploads"] == summary["skipped_uploads"]
+
+    (inbox / "phone-1.gmm.safetensors").unlink()
+    (inbox / "phone-2.safetensors").unlink()
+    only = write_recipe(tmp_path, {**TINY_RECIPE, "devices": [{"inbox": str(inbox / "*.gmm.safetensors")}]})
+    empty = tapvits("run", only, "--dry-run")
+    assert empty.exit_code == ExitCode.USAGE and "no valid device files (2 skipped)" in empty.stderr

@@ -150,7 +150,7 @@ def _command_line(step, root: str) -> str:
 @click.option("--address", metavar="ADDR", help="The Ray cluster to use (auto, ray://HOST:10001) [default: a local one].")
 @click.option("--cpus-per-step", type=click.IntRange(min=1), metavar="N",
               help="CPU threads a step gets [default: cores/jobs locally, 1 on Ray and Slurm].")
-@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
               help="Attempts more for a step whose worker crashed or was killed (a refused input is not retried).")
 @click.option("--slurm", "slurm_settings", multiple=True, metavar="KEY=VALUE",
               help="A Slurm job setting, repeatable: partition=NAME, time=MINUTES, any submitit parameter "
@@ -171,19 +171,22 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
 
     Devices run side by side with --jobs N (local processes) or on Ray or Slurm
     (--executor); shared steps run once, first. A device whose step fails does not stop
-    the others: the run then exits non-zero naming the failed devices, and running it
-    again does only what is left.
+    the others: the run writes the summary of the others, exits with the failed step's
+    code naming the failed devices, and running it again does only what is left.
 
     Example: tapvits run recipes/quickstart.yaml --set budget=0.5 --run-dir runs/half
     """
     from tapvits_cli.artifacts.run_directory import RunDirectory
     from tapvits_cli.pipeline.recipe import apply_setting, parse_recipe, parse_yaml_value, read_recipe_document, to_document
+    from tapvits_cli.pipeline.inbox import take_inboxes
     from tapvits_cli.pipeline.steps import build_steps
 
     document = read_recipe_document(recipe_path)
     for setting in settings:
         document = apply_setting(document, setting, parse_yaml_value)
-    recipe = parse_recipe(document, Path(recipe_path).stem, check_stage)
+    recipe, skipped_uploads = take_inboxes(parse_recipe(document, Path(recipe_path).stem, check_stage))
+    for upload in skipped_uploads:
+        log(f"inbox: skipped {upload.file}: {upload.reason}")
     steps = build_steps(recipe, stage_fields)
     root = run_dir or f"runs/{recipe.name}"
     if dry_run:
@@ -197,12 +200,15 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
         directory.write_commands([_command_line(s, root) for s in steps])
         where = Where(executor or ("local" if jobs and jobs > 1 else "serial"), jobs, cpus_per_step, address,
                       slurm_settings, retries)
-        summary = _execute(recipe, steps, directory, root, force, where)
+        summary, failed = _execute(recipe, steps, directory, root, force, where)
+        summary["skipped_uploads"] = [{"file": upload.file, "reason": upload.reason} for upload in skipped_uploads]
         directory.write_summary(summary)
     finally:
         directory.close()
     _show(summary)
     emit(summary, root)
+    if failed is not None:
+        raise failed
     if summary["failures"]:
         raise BelowThresholdError("; ".join(summary["failures"]))
 
@@ -225,7 +231,11 @@ class Where(NamedTuple):
     retries: int
 
 
-def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> dict:
+def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> tuple[dict, TapvitsError | None]:
+    """The run's summary, and the error to exit with when steps failed (after the summary is written).
+
+    A failed shared step leaves no device to summarise, so its error is raised at once.
+    """
     from tapvits_cli.data import open_dataset
     from tapvits_cli.pipeline.schedule import StepsFailedError, execute, make_executor
 
@@ -254,12 +264,15 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
                              lambda step: _invoke(step, root), where.jobs, where.cpus_per_step, where.address,
                              where.slurm, str(directory.path("slurm")), gpus=recipe.device != "cpu")
     schedule = execute(steps, directory, executor, fingerprint, force, where.retries, on_event)
-    if schedule.failures:
-        raise StepsFailedError(steps, schedule.failures)
-    return _summary(recipe, schedule.outcomes, directory)
+    if not schedule.failures:
+        return _summary(recipe, schedule.outcomes, directory, set()), None
+    error = StepsFailedError(steps, schedule.failures)
+    if not error.failed_devices or any(not step.device for step in steps if step.id in schedule.failures):
+        raise error
+    return _summary(recipe, schedule.outcomes, directory, set(error.failed_devices)), error
 
 
-def _summary(recipe, outcomes, directory) -> dict:
+def _summary(recipe, outcomes, directory, failed_devices: set[str]) -> dict:
     from tapvits_cli.artifacts.metric_set import read_metric_set
     from tapvits_cli.artifacts.model import read_model_spec
     from tapvits_cli.artifacts.report import read_report
@@ -272,6 +285,8 @@ def _summary(recipe, outcomes, directory) -> dict:
     base_parameters = int(base_artifact.metadata["model.parameters"])
     results = []
     for device in recipe.devices:
+        if device.name in failed_devices:
+            continue
         where = f"devices/{device.name}"
         own = [o for o in outcomes if o.step.device == device.name]
         report = read_report(directory.path(f"{where}/report.json")) if f"{where}/eval" in by_id else None
@@ -285,6 +300,7 @@ def _summary(recipe, outcomes, directory) -> dict:
     summary = summarize(recipe.name, recipe.budget, results, base_parameters, recipe.thresholds, shared)
     summary["steps"] = {"total": len(outcomes), **{source: sum(o.source == source for o in outcomes)
                                                   for source in ("ran", "skipped", "cache")}}
+    summary["failed_devices"] = sorted(failed_devices)
     return summary
 
 

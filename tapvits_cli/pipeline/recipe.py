@@ -29,7 +29,7 @@ VERSION = 1
 TOP_LEVEL = ("version", "extends", "name", "seed", "device", "public", "base_model", "extractor", "devices",
              "budget", "stages", "thresholds")
 THRESHOLDS = ("min-top1", "min-mean-top1")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MAX_EXTENDS = 16
 
 # check_stage(stage, options, path) → the options, checked and normalised; raises UsageError.
@@ -54,6 +54,7 @@ class Device:
     gmm: str | None = None
     private: str | None = None
     test: str | None = None
+    profile: str | None = None   # the latency profile a real device sent with its GMM (from an inbox)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Recipe:
     budget: float
     stages: Mapping[str, Mapping[str, Any] | None]   # None: the stage is switched off
     thresholds: Mapping[str, float]
+    inboxes: tuple[str, ...] = ()   # folders or globs of uploaded device files (pipeline/inbox.py)
 
     @property
     def prunes(self) -> bool:
@@ -243,7 +245,7 @@ def parse_recipe(document: Mapping[str, Any], default_name: str, check_stage: St
     if version < 1:
         raise UsageError("recipe: 'version' must be 1")
     name = _typed(document, "name", str, "", default_name)
-    if not _NAME.match(name):
+    if not NAME_PATTERN.match(name):
         raise UsageError(f"recipe: 'name' {name!r} must be letters, digits, '_', '.' or '-'")
     device = _typed(document, "device", str, "", "auto")
     if device not in ("auto", "cpu", "cuda"):
@@ -270,14 +272,14 @@ def parse_recipe(document: Mapping[str, Any], default_name: str, check_stage: St
         if not 0.0 <= value <= 1.0:
             raise UsageError(f"recipe: 'thresholds.{key}' must lie in [0, 1], not {value}")
         thresholds[key] = value
-    devices = _parse_devices(document.get("devices"))
+    devices, inboxes = _parse_devices(document.get("devices"))
     if thresholds and not any(d.test for d in devices):
         raise UsageError("recipe: thresholds need at least one device with a 'test' split to evaluate on")
     return Recipe(
         name=name, seed=_typed(document, "seed", int, "", 0), device=device,
         public=_typed(document, "public", str, ""), base_model=_parse_base(document.get("base_model"), check_stage),
         extractor=_typed(document, "extractor", str, "", BASE_EXTRACTOR), devices=devices, budget=budget,
-        stages=stages, thresholds=thresholds)
+        stages=stages, thresholds=thresholds, inboxes=inboxes)
 
 
 def _parse_base(value: Any, check_stage: StageCheck) -> BaseModel:
@@ -296,16 +298,24 @@ def _parse_base(value: Any, check_stage: StageCheck) -> BaseModel:
     return BaseModel(model=model, args=args, train=check_stage("train", options, "base_model.train"))
 
 
-def _parse_devices(value: Any) -> tuple[Device, ...]:
+def _parse_devices(value: Any) -> tuple[tuple[Device, ...], tuple[str, ...]]:
+    """The listed devices, and the inboxes (``{inbox: FOLDER_OR_GLOB}`` entries) to take more from at run time."""
     if not isinstance(value, list) or not value:
         raise UsageError("recipe: 'devices' must be a non-empty list")
-    devices, names = [], set()
+    devices, names, inboxes = [], set(), []
     for index, entry in enumerate(value):
         path = f"devices[{index}]"
         entry = _require_mapping(entry, path)
-        _check_keys(entry, ("name", "gmm", "private", "test"), path)
+        if "inbox" in entry:
+            _check_keys(entry, ("inbox",), path)
+            inbox = _typed(entry, "inbox", str, f"{path}.")
+            if not inbox.strip():
+                raise UsageError(f"recipe: '{path}.inbox' must name a folder or a glob of GMM files")
+            inboxes.append(inbox)
+            continue
+        _check_keys(entry, ("name", "gmm", "private", "test", "profile", "inbox"), path)
         name = _typed(entry, "name", str, f"{path}.")
-        if not _NAME.match(name):
+        if not NAME_PATTERN.match(name):
             raise UsageError(f"recipe: '{path}.name' {name!r} must be letters, digits, '_', '.' or '-'")
         if name in names:
             raise UsageError(f"recipe: device name '{name}' is used twice")
@@ -313,10 +323,13 @@ def _parse_devices(value: Any) -> tuple[Device, ...]:
         if ("gmm" in entry) == ("private" in entry):
             raise UsageError(f"recipe: '{path}' needs exactly one of 'gmm' (a real device's GMM file) and "
                              "'private' (a simulated device's private dataset reference)")
+        if "profile" in entry and "gmm" not in entry:
+            raise UsageError(f"recipe: '{path}.profile' is a real device's latency profile: it goes with 'gmm'")
         devices.append(Device(name=name, gmm=_typed(entry, "gmm", str, f"{path}.", None),
                               private=_typed(entry, "private", str, f"{path}.", None),
-                              test=_typed(entry, "test", str, f"{path}.", None)))
-    return tuple(devices)
+                              test=_typed(entry, "test", str, f"{path}.", None),
+                              profile=_typed(entry, "profile", str, f"{path}.", None)))
+    return tuple(devices), tuple(inboxes)
 
 
 def to_document(recipe: Recipe) -> dict:

@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from tapvits_cli.errors import DataUnavailableError, ExitCode, TapvitsError, UsageError
+from tapvits_cli.errors import DataUnavailableError, ExitCode, TapvitsError, UsageError, environment_failure
 from tapvits_cli.pipeline.runner import StepOutcome, step_key
 from tapvits_cli.pipeline.steps import Input, Step
 
@@ -115,6 +115,11 @@ def perform(work: Work, step: Step, threads: int | None = None, directory: str |
         work(step)
     except TapvitsError as exc:
         return StepFailure(str(exc), exc.exit_code)
+    except OSError as exc:   # a full disk or a read-only path: exit 9, as in a serial run; anything else is a crash
+        refused = environment_failure(exc, exc.filename or "writing")
+        if refused is None:
+            raise
+        return StepFailure(f"{step.id}: {refused}", refused.exit_code)
     return time.perf_counter() - started
 
 
@@ -370,7 +375,11 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
                 if len(running) >= executor.slots:
                     break
                 waiting.remove(step)
-                key = step_key(step, input_sha256, dataset_fingerprint)
+                try:   # a dataset reference that does not resolve fails its device, not the run
+                    key = step_key(step, input_sha256, dataset_fingerprint)
+                except TapvitsError as exc:
+                    fail(step, StepFailure(f"{step.id}: {exc}", exc.exit_code))
+                    continue
                 if not force and run_directory.finished(step.id, step.output, key):
                     finish(step, StepOutcome(step, "skipped", run_directory.seconds(step.id) or 0.0))
                 elif not force and (cached := run_directory.restore_from_cache(key, step.output)) is not None:

@@ -1,0 +1,183 @@
+"""Issue 18 benchmark: one fleet of simulated digits devices, serially, with ``--jobs 2`` and on Ray.
+
+A cloud serving devices spends most of its time in the per-device chain (fit-gmm → select
+→ score → allocate → prune → finetune → eval); the shared steps (base model, pool
+features) run once. This measures that chain for ``--devices`` simulated digits devices
+(default 24; each holds 2 to 4 random classes of digits' test split, private half
+fold=0/2, held-out half fold=1/2) through the real CLI, three ways:
+
+* ``serial``: ``tapvits run`` one step at a time, with every core's threads;
+* ``jobs2``: ``tapvits run --jobs 2`` (two worker processes, cores/2 threads each);
+* ``ray``: ``tapvits run --executor ray`` on a local Ray instance of 2 CPUs (1 per step).
+
+The base model and the pool features are made once beforehand and copied into each
+configuration's run directory (recorded as finished), so every configuration times the
+devices' steps only. Reported: wall time, devices per minute, speed-up against serial,
+and, from the serial run's per-stage seconds, the cloud CPU time per device and a
+projection for 10,000 devices at several numbers of parallel slots (ideal scaling: the
+per-device chain is independent, the shared steps run once). Goals (issue 18): ``jobs2``
+≥ 1.7× serial; Ray within 15% of ``jobs2``.
+
+    bash .ci/env python benchmarks/fleet.py                    # about 10 minutes on 2 idle cores
+    bash .ci/env python benchmarks/fleet.py --devices 6 --configs serial,jobs2
+
+Run it on an otherwise idle machine: the comparison is between ways of using the same
+cores. Writes benchmarks/results/fleet.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = RESULTS / "fleet-work"
+CONFIGS = {
+    "serial": [],
+    "jobs2": ["--jobs", "2"],
+    "ray": ["--executor", "ray", "--jobs", "2", "--cpus-per-step", "1"],
+}
+SHARED = ("base", "public/features")
+PROJECTED_DEVICES = 10_000
+PROJECTED_SLOTS = (2, 64, 512)
+
+
+def recipe(devices: int, epochs: int) -> dict:
+    rng = np.random.default_rng(0)
+    entries = []
+    for index in range(devices):
+        classes = ",".join(str(c) for c in sorted(rng.choice(10, size=int(rng.integers(2, 5)), replace=False)))
+        entries.append({"name": f"d{index:02d}", "private": f"digits:split=test:classes={classes}:fold=0/2",
+                        "test": f"digits:split=test:classes={classes}:fold=1/2"})
+    return {
+        "version": 1, "name": "fleet-benchmark", "device": "cpu", "public": "digits:split=train",
+        "base_model": {"train": {"model": "vit_tiny_patch16_224", "epochs": 10, "batch-size": 64, "lr": 2e-3,
+                                 "args": {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32,
+                                          "depth": 2, "num_heads": 2}}},
+        "devices": entries, "budget": 0.7,
+        "stages": {"fit-gmm": {"covariance": "diag", "min-samples": 20, "components": "1-3"},
+                   "select": {"metric-size": 64, "finetune-size": 256},
+                   "finetune": {"epochs": epochs, "distill": True},
+                   "eval": {"latency-repeats": 2}},
+    }
+
+
+def tapvits(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "tapvits"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        sys.exit(f"fleet benchmark: {' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+    return result
+
+
+def prepare_shared(recipe_path: Path) -> Path:
+    """A run directory holding only the shared steps (base model, pool features), made once."""
+    shared = WORK / "shared"
+    one_device = WORK / "shared.yaml"
+    document = yaml.safe_load(recipe_path.read_text())
+    one_device.write_text(yaml.safe_dump({**document, "devices": document["devices"][:1],
+                                          "stages": {**document["stages"], "finetune": False, "eval": False},
+                                          "budget": 1.0}, sort_keys=False))
+    tapvits("-q", "run", str(one_device), "--run-dir", str(shared))
+    return shared
+
+
+def seeded_run_directory(shared: Path, name: str) -> Path:
+    """A fresh run directory whose shared steps are already recorded as finished."""
+    target = WORK / name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for part in ("base", "public"):
+        shutil.copytree(shared / part, target / part)
+    state = json.loads((shared / "run.json").read_text())
+    state["steps"] = {k: v for k, v in state["steps"].items() if k in SHARED}
+    (target / "run.json").write_text(json.dumps(state))
+    return target
+
+
+def measure(recipe_path: Path, shared: Path, name: str, devices: int) -> dict:
+    run_dir = seeded_run_directory(shared, name)
+    started = time.perf_counter()
+    tapvits("--json", "run", str(recipe_path), "--run-dir", str(run_dir), *CONFIGS[name])
+    wall = time.perf_counter() - started
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"]["skipped"] == len(SHARED) and not summary["failed_devices"], summary["steps"]
+    stage_seconds: dict[str, float] = {}
+    for row in summary["devices"]:
+        for stage, seconds in row["stage_seconds"].items():
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds / devices
+    return {"config": name, "options": CONFIGS[name], "wall_seconds": round(wall, 1),
+            "devices_per_minute": round(60 * devices / wall, 2),
+            "top1": {row["device"]: row["top1"] for row in summary["devices"]},
+            "stage_seconds_per_device": {k: round(v, 3) for k, v in stage_seconds.items()}}
+
+
+def markdown(report: dict) -> str:
+    rows = report["configs"]
+    serial = next((r for r in rows if r["config"] == "serial"), None)
+    lines = [f"# Fleet benchmark: {report['devices']} simulated digits devices", "",
+             f"{report['machine']}; per-device chain only (shared steps made beforehand).", "",
+             "| executor | options | wall (s) | devices/min | speed-up vs serial |", "|---|---|---:|---:|---:|"]
+    for row in rows:
+        speedup = f"{serial['wall_seconds'] / row['wall_seconds']:.2f}×" if serial else "–"
+        lines.append(f"| {row['config']} | `{' '.join(row['options']) or '(none)'}` | {row['wall_seconds']} | "
+                     f"{row['devices_per_minute']} | {speedup} |")
+    if report.get("projection"):
+        projection = report["projection"]
+        lines += ["", f"Cloud seconds per device, by stage (serial run): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in projection["stage_seconds_per_device"].items())
+                      + f"; total {projection['seconds_per_device']:.2f} s.", "",
+                  f"| parallel slots | {PROJECTED_DEVICES:,} devices (hours, ideal scaling) |", "|---:|---:|"]
+        lines += [f"| {slots} | {hours:.2f} |" for slots, hours in projection["hours"].items()]
+    same = report.get("same_top1")
+    if same is not None:
+        lines += ["", f"Same top-1 per device in every configuration: {'yes' if same else 'NO'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per device")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    args = parser.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configs: {', '.join(sorted(unknown))}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    recipe_path = WORK / "fleet.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe(args.devices, args.epochs), sort_keys=False))
+    shared = prepare_shared(recipe_path)
+    rows = []
+    for name in configs:
+        rows.append(measure(recipe_path, shared, name, args.devices))
+        print(f"{name}: {rows[-1]['wall_seconds']} s, {rows[-1]['devices_per_minute']} devices/min", flush=True)
+    report = {"devices": args.devices, "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+              "configs": rows, "same_top1": all(r["top1"] == rows[0]["top1"] for r in rows)}
+    serial = next((r for r in rows if r["config"] == "serial"), None)
+    if serial:
+        per_device = sum(serial["stage_seconds_per_device"].values())
+        report["projection"] = {"stage_seconds_per_device": serial["stage_seconds_per_device"],
+                                "seconds_per_device": round(per_device, 3),
+                                "hours": {slots: PROJECTED_DEVICES * per_device / slots / 3600
+                                          for slots in PROJECTED_SLOTS}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fleet.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "fleet.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
