@@ -34,7 +34,7 @@ import numpy as np
 
 from tapvits_cli.errors import UnsatisfiableBudgetError
 from tapvits_cli.models.units import CostModel
-from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES, BUDGET_KINDS
+from tapvits_cli.vocabulary import ALLOCATION_STRATEGIES, BUDGET_KINDS, UNIT_KINDS
 
 _BISECTION_STEPS = 60
 
@@ -48,6 +48,14 @@ class Allocation:
     base_params: int
     base_macs: int
     target: float                    # in the budget's measure
+
+    def kept_units(self, cost: CostModel) -> dict[str, tuple[np.ndarray, ...]]:
+        """:attr:`keep` in the one shape plans and pruning use: unit kind → per block, the kept indices."""
+        blocks = 1 + max(layer.block for layer in cost.layers)
+        by_kind = {kind: [np.zeros(0, dtype=np.int64)] * blocks for kind in UNIT_KINDS}
+        for layer, kept in zip(cost.layers, self.keep):
+            by_kind[layer.kind][layer.block] = kept
+        return {kind: tuple(per_block) for kind, per_block in by_kind.items()}
 
 
 class _Strategy:

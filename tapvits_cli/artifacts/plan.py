@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -67,15 +67,15 @@ class Plan:
         return self.model["weights_sha256"]
 
 
-def write_plan(path: str | os.PathLike, keep: Mapping[tuple[int, str], Any], strategy: str,
+def write_plan(path: str | os.PathLike, keep: Mapping[str, Sequence[Any]], strategy: str,
                budget: Mapping[str, Any], achieved: Mapping[str, Any], base: Mapping[str, int],
                model: Mapping[str, Any], scores_sha256: str, params: Mapping[str, Any],
                inputs: Mapping[str, LineageEntry]):
-    """``keep`` maps (block, kind) to the kept unit indices."""
+    """``keep`` maps each unit kind to the kept unit indices per block, as :attr:`Plan.keep` reads them back."""
     import torch
 
     tensors = {f"blocks.{block}.{kind}.keep": torch.as_tensor(np.sort(np.asarray(indices, dtype=np.int64)))
-               for (block, kind), indices in keep.items()}
+               for kind, per_block in keep.items() for block, indices in enumerate(per_block)}
     metadata = {
         f"{KIND}.strategy": strategy,
         f"{KIND}.budget": compact_json(dict(budget)),

@@ -60,7 +60,7 @@ def run(options: Options) -> Result:
     result = allocate(cost, unit_scores, scores.layer_importance, budget_kind, value, options.strategy,
                       options.min_keep, options.allow_branch_removal, options.temperature, options.tolerance)
 
-    keep = {(layer.block, layer.kind): kept for layer, kept in zip(cost.layers, result.keep)}
+    keep = result.kept_units(cost)
     achieved = {"params": result.params, "params_fraction": result.params / result.base_params,
                 "macs": result.macs, "macs_fraction": result.macs / result.base_macs}
     params = {"budget": value, "budget_kind": budget_kind, "strategy": options.strategy, "min_keep": options.min_keep,
@@ -72,7 +72,7 @@ def run(options: Options) -> Result:
     log(f"{options.strategy}: {result.params:,} of {result.base_params:,} parameters "
         f"({achieved['params_fraction']:.4f}), {result.macs:,} of {result.base_macs:,} MACs "
         f"({achieved['macs_fraction']:.4f})", level=1)
-    ratios = {kind: [round(len(keep[(block, kind)]) / widths.units(kind), 4) for block, widths in enumerate(scores.blocks)]
+    ratios = {kind: [round(len(kept) / widths.units(kind), 4) for kept, widths in zip(keep[kind], scores.blocks)]
               for kind in UNIT_KINDS}
     return Result(str(path), {"output": str(path), "kind": "plan", "strategy": options.strategy,
                               "budget": {"kind": budget_kind, "value": value}, "achieved": achieved,
