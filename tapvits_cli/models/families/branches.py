@@ -14,6 +14,8 @@ block has one): the block holds an :class:`EmptyBranch` there and computes ``x +
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn as nn
 
@@ -123,3 +125,50 @@ def neuron_weights(mlp) -> list[OwnedWeights]:
     if mlp.fc1.bias is not None:
         owned.append(OwnedWeights(mlp.fc1.bias, lambda t: t.reshape(hidden, 1)))
     return owned
+
+
+def slice_blocks(blocks: Sequence, attn_keep: Sequence, mlp_keep: Sequence, head_dim: Callable[[nn.Module], int],
+                 heads_kept: Callable[[nn.Module, torch.Tensor], None]) -> None:
+    """Keep, in place, only the listed heads and MLP neurons of each block (sorted indices): the
+    loop every family shares. ``head_dim(attn)`` is the family's head width, ``heads_kept(attn,
+    heads)`` slices what else its heads own once q, k, v and ``proj`` are sliced. An empty
+    list removes the branch (see :class:`EmptyBranch`)."""
+    for index, (blk, heads, neurons) in enumerate(zip(blocks, attn_keep, mlp_keep)):
+        attn, mlp = blk.attn, blk.mlp
+        check_prunable(index, attn, mlp)
+        heads = torch.as_tensor(heads, dtype=torch.long, device=attn.qkv.weight.device)
+        neurons = torch.as_tensor(neurons, dtype=torch.long, device=mlp.fc1.weight.device)
+        if len(heads) == 0:
+            remove_branch(blk, "attn", head_dim(attn))
+        elif len(heads) < attn.num_heads:
+            keep_heads(attn, heads, head_dim(attn))
+            heads_kept(attn, heads)
+        if len(neurons) == 0:
+            remove_branch(blk, "mlp")
+        elif len(neurons) < mlp.fc1.out_features:
+            keep_neurons(mlp, neurons)
+
+
+def resize_blocks(blocks: Sequence, widths: Sequence, head_dim: Callable[[nn.Module], int],
+                  heads_resized: Callable[[nn.Module, int], None]) -> None:
+    """Resize each block's attention and MLP to ``widths`` (fresh, uninitialised weights): the loop
+    every family shares when loading a pruned artifact. ``heads_resized(attn, heads)`` resizes
+    what else the family's heads own. Width 0 removes the branch."""
+    if len(widths) != len(blocks):
+        raise ValueError(f"{len(widths)} block widths for a model with {len(blocks)} blocks")
+    for index, (blk, width) in enumerate(zip(blocks, widths)):
+        attn, mlp = blk.attn, blk.mlp
+        if width.head_dim != head_dim(attn):
+            raise ValueError(f"block {index}: head_dim {width.head_dim} differs from the architecture's "
+                             f"{head_dim(attn)}")
+        if width.heads != attn.num_heads or width.mlp_hidden != mlp.fc1.out_features:
+            check_prunable(index, attn, mlp)
+        if width.heads == 0:
+            remove_branch(blk, "attn", head_dim(attn))
+        elif width.heads != attn.num_heads:
+            resize_heads(attn, width.heads, width.head_dim)
+            heads_resized(attn, width.heads)
+        if width.mlp_hidden == 0:
+            remove_branch(blk, "mlp")
+        elif width.mlp_hidden != mlp.fc1.out_features:
+            resize_mlp(mlp, width.mlp_hidden)

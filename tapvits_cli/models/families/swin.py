@@ -35,9 +35,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from tapvits_cli.models.families.branches import (EmptyBranch, check_prunable, head_weights, keep_heads,
-                                                  keep_neurons, mlp_hidden, neuron_weights, remove_branch,
-                                                  resize_heads, resize_mlp)
+from tapvits_cli.models.families.branches import (EmptyBranch, check_prunable, head_weights, mlp_hidden,
+                                                  neuron_weights, resize_blocks, slice_blocks)
 from tapvits_cli.models.spec import BlockWidths
 from tapvits_cli.models.units import (BlockSequence, CostModel, LayerCost, OwnedWeights, UnitLayer,
                                       unit_params)
@@ -74,25 +73,7 @@ def set_block_widths(model, widths: Sequence[BlockWidths]) -> None:
     Used when loading a pruned artifact: the architecture is rebuilt at the recorded
     widths, then the stored weights are loaded strictly on top. Width 0 removes the branch.
     """
-    blocks = stage_blocks(model)
-    if len(widths) != len(blocks):
-        raise ValueError(f"{len(widths)} block widths for a model with {len(blocks)} blocks")
-    for index, (blk, width) in enumerate(zip(blocks, widths)):
-        attn, mlp, head_dim = blk.attn, blk.mlp, _head_dim(blk.attn)
-        if width.head_dim != head_dim:
-            raise ValueError(f"block {index}: head_dim {width.head_dim} differs from the architecture's {head_dim}")
-        if width.heads != attn.num_heads or width.mlp_hidden != mlp.fc1.out_features:
-            check_prunable(index, attn, mlp)
-        if width.heads == 0:
-            remove_branch(blk, "attn", head_dim)
-        elif width.heads != attn.num_heads:
-            resize_heads(attn, width.heads, head_dim)
-            entries = attn.relative_position_bias_table.shape[0]
-            attn.relative_position_bias_table = nn.Parameter(torch.empty(entries, width.heads))
-        if width.mlp_hidden == 0:
-            remove_branch(blk, "mlp")
-        elif width.mlp_hidden != mlp.fc1.out_features:
-            resize_mlp(mlp, width.mlp_hidden)
+    resize_blocks(stage_blocks(model), widths, _head_dim, _bias_table_resized)
 
 
 def prune_blocks(model, attn_keep: Sequence, mlp_keep: Sequence) -> None:
@@ -102,22 +83,19 @@ def prune_blocks(model, attn_keep: Sequence, mlp_keep: Sequence) -> None:
     neuron its ``fc1`` row and ``fc2`` column. Output biases stay whole. An empty list
     removes the branch (see :class:`~tapvits_cli.models.families.branches.EmptyBranch`).
     """
-    for index, (blk, heads, neurons) in enumerate(zip(stage_blocks(model), attn_keep, mlp_keep)):
-        attn, mlp = blk.attn, blk.mlp
-        check_prunable(index, attn, mlp)
-        heads = torch.as_tensor(heads, dtype=torch.long, device=attn.qkv.weight.device)
-        neurons = torch.as_tensor(neurons, dtype=torch.long, device=mlp.fc1.weight.device)
-        if len(heads) == 0:
-            remove_branch(blk, "attn", _head_dim(attn))
-        elif len(heads) < attn.num_heads:
-            table = attn.relative_position_bias_table
-            keep_heads(attn, heads, _head_dim(attn))
-            attn.relative_position_bias_table = nn.Parameter(table.detach().index_select(1, heads).clone(),
-                                                             requires_grad=table.requires_grad)
-        if len(neurons) == 0:
-            remove_branch(blk, "mlp")
-        elif len(neurons) < mlp.fc1.out_features:
-            keep_neurons(mlp, neurons)
+    slice_blocks(stage_blocks(model), attn_keep, mlp_keep, _head_dim, _bias_table_kept)
+
+
+def _bias_table_kept(attn, heads: torch.Tensor) -> None:
+    """A Swin head also owns its column of the relative position bias table."""
+    table = attn.relative_position_bias_table
+    attn.relative_position_bias_table = nn.Parameter(table.detach().index_select(1, heads).clone(),
+                                                     requires_grad=table.requires_grad)
+
+
+def _bias_table_resized(attn, heads: int) -> None:
+    entries = attn.relative_position_bias_table.shape[0]
+    attn.relative_position_bias_table = nn.Parameter(torch.empty(entries, heads))
 
 
 def _padded_resolution(blk) -> tuple[int, int]:

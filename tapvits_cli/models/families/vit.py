@@ -22,9 +22,8 @@ from typing import Sequence
 
 import torch
 
-from tapvits_cli.models.families.branches import (EmptyBranch, check_prunable, head_weights, keep_heads,
-                                                  keep_neurons, mlp_hidden, neuron_weights, remove_branch,
-                                                  resize_heads, resize_mlp)
+from tapvits_cli.models.families.branches import (EmptyBranch, check_prunable, head_weights, mlp_hidden,
+                                                  neuron_weights, resize_blocks, slice_blocks)
 from tapvits_cli.models.spec import BlockWidths
 from tapvits_cli.models.units import BlockSequence, CostModel, LayerCost, UnitLayer, unit_params
 
@@ -52,23 +51,7 @@ def set_block_widths(model, widths: Sequence[BlockWidths]) -> None:
     Used when loading a pruned artifact: the architecture is rebuilt at the recorded
     widths, then the stored weights are loaded strictly on top. Width 0 removes the branch.
     """
-    if len(widths) != len(model.blocks):
-        raise ValueError(f"{len(widths)} block widths for a model with {len(model.blocks)} blocks")
-    for index, (blk, width) in enumerate(zip(model.blocks, widths)):
-        attn, mlp = blk.attn, blk.mlp
-        if width.head_dim != attn.head_dim:
-            raise ValueError(f"block {index}: head_dim {width.head_dim} differs from the architecture's {attn.head_dim}")
-        if width.heads != attn.num_heads or width.mlp_hidden != mlp.fc1.out_features:
-            check_prunable(index, attn, mlp)
-        if width.heads == 0:
-            remove_branch(blk, "attn", attn.head_dim)
-        elif width.heads != attn.num_heads:
-            resize_heads(attn, width.heads, width.head_dim)
-            attn.attn_dim = width.heads * width.head_dim
-        if width.mlp_hidden == 0:
-            remove_branch(blk, "mlp")
-        elif width.mlp_hidden != mlp.fc1.out_features:
-            resize_mlp(mlp, width.mlp_hidden)
+    resize_blocks(model.blocks, widths, _head_dim, _heads_resized)
 
 
 def prune_blocks(model, attn_keep: Sequence, mlp_keep: Sequence) -> None:
@@ -79,20 +62,19 @@ def prune_blocks(model, attn_keep: Sequence, mlp_keep: Sequence) -> None:
     a neuron its row of ``fc1`` and column of ``fc2``. Output biases stay whole. An empty
     list removes the branch (see :class:`EmptyBranch`).
     """
-    for index, (blk, heads, neurons) in enumerate(zip(model.blocks, attn_keep, mlp_keep)):
-        attn, mlp = blk.attn, blk.mlp
-        check_prunable(index, attn, mlp)
-        heads = torch.as_tensor(heads, dtype=torch.long, device=attn.qkv.weight.device)
-        neurons = torch.as_tensor(neurons, dtype=torch.long, device=mlp.fc1.weight.device)
-        if len(heads) == 0:
-            remove_branch(blk, "attn", attn.head_dim)
-        elif len(heads) < attn.num_heads:
-            keep_heads(attn, heads, attn.head_dim)
-            attn.attn_dim = len(heads) * attn.head_dim
-        if len(neurons) == 0:
-            remove_branch(blk, "mlp")
-        elif len(neurons) < mlp.fc1.out_features:
-            keep_neurons(mlp, neurons)
+    slice_blocks(model.blocks, attn_keep, mlp_keep, _head_dim, _heads_resized_to_kept)
+
+
+def _head_dim(attn) -> int:
+    return attn.head_dim
+
+
+def _heads_resized(attn, heads: int) -> None:
+    attn.attn_dim = heads * attn.head_dim   # timm's Attention reshapes its output by attn_dim
+
+
+def _heads_resized_to_kept(attn, heads: torch.Tensor) -> None:
+    _heads_resized(attn, len(heads))
 
 
 def unit_layers(model) -> list[UnitLayer]:
