@@ -6,6 +6,7 @@ naming the import, instead of waiting for a maintainer to notice.
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT_NAMES = ("layers", "logic-without-files", "no-cycles")
+THIN = 80   # lines: a cli/ module longer than this says why in its docstring
 
 
 def lint_imports(root: Path = ROOT) -> subprocess.CompletedProcess:
@@ -50,3 +52,12 @@ def test_a_violation_fails(tmp_path, files, broken):
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert broken in " ".join(result.stdout.split()), result.stdout[-3000:]
+
+
+def test_cli_modules_are_thin_or_say_why():
+    """cli/ parses, calls a stage and renders; a longer module states its reason ("Longer than …")."""
+    for path in sorted((ROOT / "tapvits_cli" / "cli").glob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > THIN:
+            assert "longer" in (ast.get_docstring(ast.parse(text)) or "").lower(), \
+                f"cli/{path.name} has {len(text.splitlines())} lines and its docstring does not say why"

@@ -1,4 +1,8 @@
-"""``tapvits inspect PATH...``: what any file or run directory tapvits wrote is, and its key figures."""
+"""``tapvits inspect PATH...``: what any file or run directory tapvits wrote is, and its key figures.
+
+Longer than a stage's subcommand because it renders every kind's text view itself; the
+documents come from ``reporting/``.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ progress bars go to a rich console on stderr; rich honours ``NO_COLOR`` itself.
 
 Output that is not a terminal (a pipe, a CI log, a file) is read by programs and pasted
 into shells, so there consoles never wrap or truncate (a hash stays whole, a logged
-command line stays one line) and no line ends in spaces.
+command line stays one line) and no line ends in spaces. Longer than a subcommand's
+module because it holds the consoles, progress and results of all of them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""``tapvits profile``: a model's architecture → this device's latency table (a profile artifact)."""
+"""``tapvits profile``: a model's architecture → this device's latency table (a profile artifact).
+
+Longer than the pipeline's subcommands: it is not on the stage API yet, so it checks its
+options and writes the artifact itself (``latency/`` measures).
+"""
 
 from __future__ import annotations
 
