@@ -292,6 +292,19 @@ def test_ray_runs_the_recipe_to_the_same_top1(tmp_path, tapvits, serial_run):
     assert run_digests(run) == run_digests(serial)
 
 
+def test_slurm_jobs_ask_for_a_gpu_only_for_finetune_and_refuse_unknown_settings(tmp_path):
+    pytest.importorskip("submitit")
+    executor = schedule.SlurmExecutor(print, str(tmp_path), {"timeout_min": 60}, cpus=4, gpus=True, cluster="debug")
+    assert "gpus_per_node" not in executor._submitters[False]._executor.parameters
+    assert executor._submitters[True]._executor.parameters["gpus_per_node"] == 1
+    assert schedule.slurm_parameters(["partition=gpu", "time=30", "mem_gb=16", "cluster=local"]) == (
+        {"slurm_partition": "gpu", "timeout_min": 30, "mem_gb": 16}, "local")
+    with pytest.raises(UsageError, match="--slurm: Unknown executor 'bogus'"):
+        schedule.SlurmExecutor(print, str(tmp_path), {"bogus_key": 1}, cluster="local")
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        schedule.slurm_parameters(["partition"])
+
+
 def test_submitit_local_jobs_stand_in_for_slurm_in_a_run(tmp_path, tapvits, serial_run):
     pytest.importorskip("submitit")
     recipe, serial, expected = serial_run

@@ -249,19 +249,25 @@ class SlurmExecutor:
         if cluster == "slurm" and shutil.which("sbatch") is None:
             raise DataUnavailableError("--executor slurm: no Slurm on this machine (sbatch not found); "
                                        "run from a Slurm login node")
-        self.work, self.cpus, self.gpus = work, cpus, gpus
+        self.work, self.cpus = work, cpus
         self.slots = jobs or 1_000_000   # Slurm queues what it cannot start yet
-        self._executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        # One submitter per kind of job: parameters stick to a submitter, and a CPU job must
+        # not carry a GPU request (not even --gpus-per-node=0, which some clusters refuse).
+        self._submitters = {False: submitit.AutoExecutor(folder=folder, cluster=cluster)}
+        if gpus:
+            self._submitters[True] = submitit.AutoExecutor(folder=folder, cluster=cluster)
         try:
-            self._executor.update_parameters(cpus_per_task=cpus, **parameters)
-        except (ValueError, TypeError) as exc:
+            for wants_gpu, submitter in self._submitters.items():
+                gpu = {"gpus_per_node": 1} if wants_gpu else {}
+                submitter.update_parameters(cpus_per_task=cpus, **parameters, **gpu)
+        except (ValueError, TypeError, NameError) as exc:   # submitit's words for a key or value it does not take
             raise UsageError(f"--slurm: {str(exc).splitlines()[0]}") from None
         self._jobs: list = []
 
     def submit(self, step: Step) -> Future:
-        self._executor.update_parameters(name=f"tapvits-{step.id.replace('/', '-')}",
-                                         gpus_per_node=1 if self.gpus and step.stage == "finetune" else 0)
-        job = self._executor.submit(perform, self.work, step, self.cpus, os.getcwd())
+        submitter = self._submitters[step.stage == "finetune" and True in self._submitters]
+        submitter.update_parameters(name=f"tapvits-{step.id.replace('/', '-')}")
+        job = submitter.submit(perform, self.work, step, self.cpus, os.getcwd())
         future: Future = Future()
 
         def follow() -> None:
