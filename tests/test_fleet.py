@@ -274,6 +274,9 @@ def test_a_missing_engine_exits_8_naming_the_extra(tmp_path, tapvits, monkeypatc
         result = tapvits("run", recipe, "--run-dir", tmp_path / extra, "--executor", "slurm" if extra == "slurm" else "ray")
         assert result.exit_code == ExitCode.DATA_UNAVAILABLE
         assert f'pip install "tapvits[{extra}]"' in result.stderr
+        assert not (tmp_path / extra).exists()   # refused before the run directory is made
+    mixed = tapvits("run", recipe, "--run-dir", tmp_path / "mixed", "--jobs", "2", "--address", "auto")
+    assert mixed.exit_code == ExitCode.USAGE and "--address names a Ray cluster" in mixed.stderr
 
 
 def test_ray_runs_the_recipe_to_the_same_top1(tmp_path, tapvits, serial_run):

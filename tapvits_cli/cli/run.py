@@ -179,6 +179,7 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
     from tapvits_cli.artifacts.run_directory import RunDirectory
     from tapvits_cli.pipeline.recipe import apply_setting, parse_recipe, parse_yaml_value, read_recipe_document, to_document
     from tapvits_cli.pipeline.inbox import take_inboxes
+    from tapvits_cli.pipeline.schedule import check_executor_options
     from tapvits_cli.pipeline.steps import build_steps
 
     document = read_recipe_document(recipe_path)
@@ -194,12 +195,13 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
              "\n".join(_command_line(s, root) for s in steps))
         return
     _check_external_inputs(steps)
+    where = Where(executor or ("local" if jobs and jobs > 1 else "serial"), jobs, cpus_per_step, address,
+                  slurm_settings, retries)
+    check_executor_options(where.executor, jobs, address, slurm_settings)
     directory = RunDirectory(root, cache)
     try:
         directory.write_recipe(to_document(recipe))
         directory.write_commands([_command_line(s, root) for s in steps])
-        where = Where(executor or ("local" if jobs and jobs > 1 else "serial"), jobs, cpus_per_step, address,
-                      slurm_settings, retries)
         summary, failed = _execute(recipe, steps, directory, root, force, where)
         summary["skipped_uploads"] = [{"file": upload.file, "reason": upload.reason} for upload in skipped_uploads]
         directory.write_summary(summary)

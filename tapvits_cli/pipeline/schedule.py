@@ -312,16 +312,24 @@ def slurm_parameters(settings: Sequence[str]) -> tuple[dict[str, Any], str]:
     return parameters, cluster
 
 
-def make_executor(name: str, work: Work, serial_work: Work, jobs: int | None, cpus_per_step: int | None,
-                  address: str | None, slurm: Sequence[str], log_folder: str, gpus: bool):
-    """The executor the run's options ask for; ``serial_work`` runs in this process, ``work`` in workers."""
+def check_executor_options(name: str, jobs: int | None, address: str | None, slurm: Sequence[str]) -> None:
+    """Refuse options that do not go together, and a missing engine, before the run touches any file."""
     if address is not None and name != "ray":
         raise UsageError("--address names a Ray cluster: use it with --executor ray")
     if slurm and name != "slurm":
         raise UsageError("--slurm sets Slurm jobs: use it with --executor slurm")
+    if name == "serial" and jobs not in (None, 1):
+        raise UsageError(f"--jobs {jobs} runs steps side by side: use --executor local (the default with --jobs)")
+    slurm_parameters(slurm)
+    if name in EXTRAS:
+        require_extra(name)
+
+
+def make_executor(name: str, work: Work, serial_work: Work, jobs: int | None, cpus_per_step: int | None,
+                  address: str | None, slurm: Sequence[str], log_folder: str, gpus: bool):
+    """The executor the run's options ask for; ``serial_work`` runs in this process, ``work`` in workers."""
+    check_executor_options(name, jobs, address, slurm)
     if name == "serial":
-        if jobs not in (None, 1):
-            raise UsageError(f"--jobs {jobs} runs steps side by side: use --executor local (the default with --jobs)")
         return SerialExecutor(serial_work)
     if name == "local":
         return LocalExecutor(work, jobs or available_cpus(), cpus_per_step)
