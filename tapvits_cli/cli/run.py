@@ -149,7 +149,8 @@ def _command_line(step, root: str) -> str:
                    "datasets and cache on a file system they share with this machine, at the same paths.")
 @click.option("--address", metavar="ADDR", help="The Ray cluster to use (auto, ray://HOST:10001) [default: a local one].")
 @click.option("--cpus-per-step", type=click.IntRange(min=1), metavar="N",
-              help="CPU threads a step gets [default: cores/jobs locally, 1 on Ray and Slurm].")
+              help="CPU threads a step gets in a worker [default: cores/jobs locally, 1 on Ray and Slurm; "
+                   "a serial run: OMP_NUM_THREADS].")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
               help="Attempts more for a step whose worker crashed or was killed (a refused input is not retried).")
 @click.option("--slurm", "slurm_settings", multiple=True, metavar="KEY=VALUE",
