@@ -17,6 +17,7 @@ from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, wri
 from tapvits_cli.artifacts.digests import tensor_rule, tensors_sha256
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
+from tapvits_cli.vocabulary import COVARIANCE_TYPES
 
 KIND = "gmm"
 VERSION = 3   # v3: gmm.tensors_sha256 by the container tensor-hash rule (v2: per-component guarantees)
@@ -115,7 +116,7 @@ def _covariance_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
 
 def _parse(artifact: ArtifactFile):
     """Metadata and tensors into a Mixture and GmmInfo; structural checks only."""
-    from tapvits_cli.gmm.mixture import COVARIANCE_TYPES, Mixture, Projection
+    from tapvits_cli.gmm.mixture import Mixture, Projection
 
     for key in _REQUIRED_KEYS:
         if f"{NAMESPACE}.{key}" not in artifact.metadata:

@@ -15,8 +15,6 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from tapvits_cli.vocabulary import COVARIANCE_TYPES  # noqa: F401  (artifacts/gmm.py reads it from here until issue 20's edit lands)
-
 SCORING_BLOCK_ROWS = 4096
 
 
