@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
-from tapvits_cli.stages.common import argument, artifact_lineage, made_for, option
+from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, made_for, option
 from tapvits_cli.stages.feedback import log
 from tapvits_cli.vocabulary import DEFAULT_ALLOCATION_STRATEGY, UNIT_KINDS
 
@@ -25,12 +24,6 @@ class Options:
     model_path: str | None = option("--model", recipe=False)
     seed: int = 0
     device: str = "auto"
-
-
-@dataclass(frozen=True)
-class Result:
-    output: str
-    document: dict[str, Any]   # what --json prints
 
 
 def run(options: Options) -> Result:

@@ -21,6 +21,14 @@ from typing import Any, Callable
 GLOBAL_FIELDS = ("seed", "device")
 
 
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What a stage that writes one artifact returns: its path and what ``--json`` prints."""
+
+    output: str
+    document: dict[str, Any]
+
+
 def argument(default: Any = dataclasses.MISSING) -> Any:
     """A positional argument (an input: the run names it, so a recipe does not); None is left out."""
     return dataclasses.field(default=default, metadata={"positional": True, "recipe": False})

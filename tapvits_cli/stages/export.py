@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from tapvits_cli.errors import UsageError
 from tapvits_cli.models.onnx_export import DEFAULT_OPSET, TOLERANCE   # light: torch and onnx load inside functions
-from tapvits_cli.stages.common import argument, artifact_lineage, comma_list, option
+from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, comma_list, option
 from tapvits_cli.stages.feedback import log
 
 
@@ -24,12 +23,6 @@ class Options:
     check: bool = option("--check", True, off="--no-check")
     seed: int = 0
     device: str = "auto"   # export runs on the CPU whatever is asked
-
-
-@dataclass(frozen=True)
-class Result:
-    output: str
-    document: dict[str, Any]
 
 
 def run(options: Options) -> Result:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from tapvits_cli.stages.common import argument, option
+from tapvits_cli.stages.common import Written as Result, argument, option
 from tapvits_cli.stages.feedback import log, progress
 
 
@@ -18,12 +17,6 @@ class Options:
     restart: bool = option("--restart", False, recipe=False)   # a run resumes a half-written table
     seed: int = 0
     device: str = "auto"
-
-
-@dataclass(frozen=True)
-class Result:
-    output: str
-    document: dict[str, Any]
 
 
 def run(options: Options) -> Result:

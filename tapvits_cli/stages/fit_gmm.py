@@ -7,10 +7,9 @@ fingerprint, never by its reference (which may name a private path).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.stages.common import argument, comma_list, dataset_lineage, option
+from tapvits_cli.stages.common import Written as Result, argument, comma_list, dataset_lineage, option
 from tapvits_cli.stages.feedback import log
 from tapvits_cli.vocabulary import DP_DEFAULT_COMPONENTS, DP_DEFAULT_ITERATIONS
 
@@ -40,12 +39,6 @@ class Options:
     batch_size: int = option("--batch-size", 256)
     seed: int = 0
     device: str = "auto"
-
-
-@dataclass(frozen=True)
-class Result:
-    output: str
-    document: dict[str, Any]
 
 
 def run(options: Options) -> Result:

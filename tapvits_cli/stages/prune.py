@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
-from tapvits_cli.stages.common import argument, artifact_lineage, comma_list, made_for, option
+from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, comma_list, made_for, option
 from tapvits_cli.stages.feedback import log
 from tapvits_cli.vocabulary import MERGE_METHODS
 
@@ -25,12 +24,6 @@ class Options:
     proportional_attention: bool | None = option("--proportional-attention", off="--no-proportional-attention")
     seed: int = 0
     device: str = "auto"
-
-
-@dataclass(frozen=True)
-class Result:
-    output: str
-    document: dict[str, Any]
 
 
 def check_merge_options(options: Options) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
-from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option
+from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, dataset_lineage, option
 from tapvits_cli.stages.feedback import log, progress
 from tapvits_cli.vocabulary import BUDGET_FRACTION, DEFAULT_CRITERION
 
@@ -31,12 +30,6 @@ class Options:
     max_samples: int | None = option("--max-samples")
     seed: int = 0
     device: str = "auto"
-
-
-@dataclass(frozen=True)
-class Result:
-    output: str
-    document: dict[str, Any]
 
 
 def parse_weights(text: str, option: str) -> tuple[float, float, float]:

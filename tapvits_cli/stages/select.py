@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
-from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option
+from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, dataset_lineage, option
 from tapvits_cli.stages.feedback import log, progress
 from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, RATIO_STRATEGIES
 
@@ -27,12 +26,6 @@ class Options:
     batch_size: int = option("--batch-size", 256, recipe=False)   # a run's pool is a feature table: no embedding
     seed: int = 0
     device: str = "auto"
-
-
-@dataclass(frozen=True)
-class Result:
-    output: str
-    document: dict[str, Any]
 
 
 def _is_artifact(pool: str) -> bool:
