@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from tapvits_cli.errors import NotImplementedStageError, ParameterError, UsageError
+from tapvits_cli.gmm.fit import default_pca_dim
 from tapvits_cli.gmm.mixture import Mixture, Projection, unit_rows
-from tapvits_cli.vocabulary import DP_COVARIANCE_TYPES, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS  # noqa: F401
+from tapvits_cli.vocabulary import DP_COVARIANCE_TYPES, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS
 
 DEFAULT_DELTA = 1e-5
 # Share of ρ per release: the projection's mean and second moment, then EM, split evenly
@@ -61,8 +62,6 @@ def default_private_dim(samples: int, feature_dim: int) -> int:
     12 samples, at most 32) capped at :data:`DP_DEFAULT_DIM` and at the feature dimension:
     every release's noise grows with d, so fewer dimensions than a plain fit would use.
     """
-    from tapvits_cli.gmm.fit import default_pca_dim
-
     return min(DP_DEFAULT_DIM, default_pca_dim(samples, feature_dim) or feature_dim)
 
 
