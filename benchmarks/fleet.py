@@ -18,8 +18,8 @@ projection for 10,000 devices at several numbers of parallel slots (ideal scalin
 per-device chain is independent, the shared steps run once). Goals (issue 18): ``jobs2``
 ≥ 1.7× serial; Ray within 15% of ``jobs2``.
 
-    bash .ci/env python benchmarks/fleet.py                    # about 10 minutes on 2 idle cores
-    bash .ci/env python benchmarks/fleet.py --devices 6 --configs serial,jobs2
+    bash .ci/env python benchmarks/fleet.py                    # about 7 minutes on 2 idle cores
+    bash .ci/env python benchmarks/fleet.py --devices 6 --configs serial,jobs2 --rounds 1
 
 Run it on an otherwise idle machine: the comparison is between ways of using the same
 cores. Writes benchmarks/results/fleet.{json,md}.
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -123,16 +124,36 @@ def measure(recipe_path: Path, shared: Path, name: str, devices: int) -> dict:
             "stage_seconds_per_device": {k: round(v, 3) for k, v in stage_seconds.items()}}
 
 
+def combine(name: str, runs: list[dict], serial_runs: list[dict] | None) -> dict:
+    """One config's row: the median wall time over rounds, and the median of its per-round speed-ups
+    against the serial run of the same round."""
+    walls = [run["wall_seconds"] for run in runs]
+    wall = statistics.median(walls)
+    row = {**runs[0], "wall_seconds": round(wall, 1), "wall_seconds_per_round": walls,
+           "devices_per_minute": round(60 * len(runs[0]["top1"]) / wall, 2)}
+    if any(run["top1"] != runs[0]["top1"] for run in runs):
+        row["top1"] = None   # differs between rounds: reported as not the same
+    if serial_runs:
+        speedups = [s["wall_seconds"] / run["wall_seconds"] for s, run in zip(serial_runs, runs)]
+        row["speedup_per_round"] = [round(x, 3) for x in speedups]
+        row["speedup"] = round(statistics.median(speedups), 3)
+    return row
+
+
 def markdown(report: dict) -> str:
     rows = report["configs"]
     serial = next((r for r in rows if r["config"] == "serial"), None)
     lines = [f"# Fleet benchmark: {report['devices']} simulated digits devices", "",
-             f"{report['machine']}; per-device chain only (shared steps made beforehand).", "",
-             "| executor | options | wall (s) | devices/min | speed-up vs serial |", "|---|---|---:|---:|---:|"]
+             f"{report['machine']}; per-device chain only (shared steps made beforehand); "
+             f"{report['rounds']} interleaved rounds, medians.", "",
+             "| executor | options | wall (s), median | wall per round (s) | devices/min | speed-up vs serial, "
+             "median (per round) |", "|---|---|---:|---|---:|---|"]
     for row in rows:
-        speedup = f"{serial['wall_seconds'] / row['wall_seconds']:.2f}×" if serial else "–"
+        speedup = (f"{row['speedup']:.2f}× ({', '.join(f'{x:.2f}' for x in row['speedup_per_round'])})"
+                   if serial else "–")
         lines.append(f"| {row['config']} | `{' '.join(row['options']) or '(none)'}` | {row['wall_seconds']} | "
-                     f"{row['devices_per_minute']} | {speedup} |")
+                     f"{', '.join(str(w) for w in row['wall_seconds_per_round'])} | {row['devices_per_minute']} | "
+                     f"{speedup} |")
     if report.get("projection"):
         projection = report["projection"]
         lines += ["", f"Cloud seconds per device, by stage (serial run): "
@@ -150,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per device")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     args = parser.parse_args()
     configs = [c for c in args.configs.split(",") if c]
@@ -160,12 +182,16 @@ def main() -> None:
     recipe_path = WORK / "fleet.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe(args.devices, args.epochs), sort_keys=False))
     shared = prepare_shared(recipe_path)
-    rows = []
-    for name in configs:
-        rows.append(measure(recipe_path, shared, name, args.devices))
-        print(f"{name}: {rows[-1]['wall_seconds']} s, {rows[-1]['devices_per_minute']} devices/min", flush=True)
-    report = {"devices": args.devices, "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-              "configs": rows, "same_top1": all(r["top1"] == rows[0]["top1"] for r in rows)}
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for round_ in range(1, args.rounds + 1):   # interleaved, so a slow spell of a shared machine hits every config
+        for name in configs:
+            runs[name].append(measure(recipe_path, shared, name, args.devices))
+            print(f"round {round_}, {name}: {runs[name][-1]['wall_seconds']} s", flush=True)
+    rows = [combine(name, runs[name], runs.get("serial")) for name in configs]
+    report = {"devices": args.devices, "rounds": args.rounds,
+              "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+              "configs": rows,
+              "same_top1": all(r["top1"] is not None and r["top1"] == rows[0]["top1"] for r in rows)}
     serial = next((r for r in rows if r["config"] == "serial"), None)
     if serial:
         per_device = sum(serial["stage_seconds_per_device"].values())

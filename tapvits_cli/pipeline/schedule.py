@@ -36,6 +36,9 @@ from tapvits_cli.pipeline.steps import Input, Step
 
 EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}   # executor: (module, pip extra)
 
+# Imported once by the local executor's fork server; tapvits_cli first: it sets OpenMP's wait policy before torch loads.
+WORKER_PRELOAD = ("tapvits_cli", "torch", "timm", "tapvits_cli.cli.main")
+
 Work = Callable[[Step], None]   # runs one step in the worker's process; must pickle for all but serial
 
 
@@ -98,6 +101,13 @@ def share_threads(threads: int | None) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(threads)
+
+
+def _preload() -> None:
+    import importlib
+
+    for module in WORKER_PRELOAD:
+        importlib.import_module(module)
 
 
 def perform(work: Work, step: Step, threads: int | None = None, directory: str | None = None) -> float | StepFailure:
@@ -169,9 +179,13 @@ class SerialExecutor:
 class LocalExecutor:
     """``jobs`` worker processes on this machine, each with ``threads`` torch threads.
 
-    Workers are spawned, not forked: a fork of a process that already runs torch's
-    thread pools can deadlock. A worker that dies breaks the pool; the next submission
-    starts a new one (the steps that were in it come back as retryable failures).
+    Workers are not forked from this process (a fork of a process that already runs
+    torch's thread pools can deadlock) but from a fork server that imported
+    :data:`WORKER_PRELOAD` and ran nothing: torch and timm take seconds of CPU to import,
+    paid once instead of once per worker, and the workers start while this process is
+    still working out step keys. Where there is no fork server, workers are spawned.
+    A worker that dies breaks the pool; the next submission starts a new one (the steps
+    that were in it come back as retryable failures).
     """
 
     def __init__(self, work: Work, jobs: int, threads: int | None = None):
@@ -183,8 +197,17 @@ class LocalExecutor:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(max_workers=self.slots, mp_context=multiprocessing.get_context("spawn"),
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(list(WORKER_PRELOAD))
+        else:
+            context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=context,
                                    initializer=share_threads, initargs=(self.threads,))
+        # Start every worker now, from another thread: starting blocks until the fork server
+        # has imported its modules, and this process has step keys to work out meanwhile.
+        threading.Thread(target=lambda: [pool.submit(os.getpid) for _ in range(self.slots)], daemon=True).start()
+        return pool
 
     def submit(self, step: Step) -> Future:
         from concurrent.futures.process import BrokenProcessPool
@@ -220,6 +243,9 @@ class RayExecutor:
         self.gpus = use_gpus and ray.cluster_resources().get("GPU", 0) >= 1
         self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
         self._task = ray.remote(perform)
+        preload = ray.remote(_preload).options(num_cpus=cpus, max_retries=0)
+        for _ in range(self.slots):   # workers import torch and timm now, while this process works out step keys
+            preload.remote()
 
     def submit(self, step: Step) -> Future:
         options: dict[str, Any] = {"num_cpus": self.cpus, "max_retries": 0}
