@@ -45,10 +45,10 @@ DP_DEFAULT_DIM = 16
 DP_DEFAULT_ITERATIONS = 4
 
 # -- selection (select) -----------------------------------------------------------------------
-SELECTION_STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "random")
+SELECTION_STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "class-prior", "random")
 DEFAULT_SELECTION_STRATEGY = "ratio-stratified"  # chosen on benchmarks/partitions.py (README "Selection")
 RATIO_STRATEGIES = ("ratio", "ratio-stratified")            # need a public mixture: a score besides the likelihood
-STRATIFIED_STRATEGIES = ("stratified", "ratio-stratified")  # per-component quotas
+QUOTA_STRATEGIES = ("stratified", "ratio-stratified", "class-prior")  # quotas per component, or per pool class
 
 # -- importance (score) -----------------------------------------------------------------------
 CRITERIA = ("composite", "magnitude", "taylor", "random")

@@ -450,7 +450,8 @@ def check_metric_set(a: Artifact) -> None:
         group = _group(handle, "selection", "metric-set")
         m, f = (int(_text(group.attrs[k])) for k in ("metric_size", "finetune_size"))
         require(1 <= m <= f <= pool["samples"], "metric_size / finetune_size out of range")
-        require(_text(group.attrs.get("strategy", "")) in ("topk", "stratified", "ratio", "ratio-stratified", "random"),
+        strategy = _text(group.attrs.get("strategy", ""))
+        require(strategy in ("topk", "stratified", "ratio", "ratio-stratified", "class-prior", "random"),
                 "unknown strategy")
         ids = _dataset(group, "ids", "int64", (f,))
         ll = _dataset(group, "log_likelihood", "float64", (f,))
@@ -463,6 +464,15 @@ def check_metric_set(a: Artifact) -> None:
     require(bool((component >= 0).all() and (label >= 0).all()), "negative component or label")
     for part in (ll[:m], ll[m:]):
         require(bool((np.diff(part) <= 0).all()), "rows are not ordered by decreasing log-likelihood")
+    require(("metric-set.class_prior" in a.strings) == (strategy == "class-prior"),
+            "metric-set.class_prior goes with the class-prior strategy, and only with it")
+    if strategy == "class-prior":
+        shares = a.json_key("metric-set.class_prior", dict).get("shares")
+        require(isinstance(shares, list) and len(shares) > 0, "metric-set.class_prior has no shares")
+        shares = np.asarray(shares, dtype=float)
+        require(bool(np.isfinite(shares).all() and (shares >= 0).all()) and abs(shares.sum() - 1) <= 1e-4,
+                "class shares are not finite, non-negative and summing to 1")
+        require(int(label.max()) < len(shares), "a label has no class share")
     if "metric-set.coverage" in a.strings:
         record = a.json_key("metric-set.coverage", dict)
         weights = np.asarray(record["weights"], dtype=float)

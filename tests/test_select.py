@@ -22,6 +22,13 @@ def scores(n: int = 5000, components: int = 4, seed: int = 0):
     return np.round(rng.normal(size=n), 1), rng.integers(0, components, n).astype(np.int32)
 
 
+def class_prior_inputs(strategy: str, n: int = 5000) -> dict:
+    """The class-prior strategy's labels and class shares (seeded); nothing for the others."""
+    if strategy != "class-prior":
+        return {}
+    return {"labels": np.random.default_rng(5).integers(0, 5, n), "class_shares": [0.4, 0.0, 0.3, 0.2, 0.1]}
+
+
 def in_order(loglik: np.ndarray) -> bool:
     return bool((np.diff(loglik) <= 0).all())
 
@@ -46,10 +53,11 @@ def test_streaming_in_chunks_changes_nothing(strategy):
     loglik, component = scores()
     score = ratio_scores(loglik) if strategy in RATIO_STRATEGIES else None
     weights = [0.5, 0.3, 0.15, 0.05]
-    whole = select(loglik, component, weights, 64, 640, strategy, seed=3, score=score)
+    whole = select(loglik, component, weights, 64, 640, strategy, seed=3, score=score, **class_prior_inputs(strategy))
     for chunk_rows in (1, 13, 1000):
         np.testing.assert_array_equal(select(loglik, component, weights, 64, 640, strategy, seed=3,
-                                             chunk_rows=chunk_rows, score=score), whole)
+                                             chunk_rows=chunk_rows, score=score, **class_prior_inputs(strategy)),
+                                      whole)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -57,7 +65,7 @@ def test_metric_set_is_the_head_of_the_finetuning_set(strategy):
     loglik, component = scores()
     score = ratio_scores(loglik) if strategy in RATIO_STRATEGIES else loglik
     chosen = select(loglik, component, [0.5, 0.3, 0.15, 0.05], 64, 640, strategy, seed=1,
-                    score=score if strategy in RATIO_STRATEGIES else None)
+                    score=score if strategy in RATIO_STRATEGIES else None, **class_prior_inputs(strategy))
     assert len(chosen) == 640 == len(np.unique(chosen))
     assert in_order(loglik[chosen[:64]]) and in_order(loglik[chosen[64:]])
     if strategy != "random":  # the metric set is the best part of the fine-tuning set, by the strategy's score
@@ -231,8 +239,11 @@ def test_public_mixture_uses_the_device_projection_and_a_feasible_k():
     assert len(positions) == 300 and (np.diff(positions) > 0).all()
     np.testing.assert_array_equal(positions, sample_positions(len(features), 300, seed=4))
     np.testing.assert_array_equal(sample_positions(50, 300, seed=4), np.arange(50))
-    chunks = ((None, features[i:i + 700], None) for i in range(0, len(features), 700))
-    np.testing.assert_array_equal(rows_at(chunks, positions), features[positions])
+    labels = np.arange(len(features)) % 7
+    chunks = ((None, features[i:i + 700], labels[i:i + 700]) for i in range(0, len(features), 700))
+    picked_features, picked_labels = rows_at(chunks, positions)
+    np.testing.assert_array_equal(picked_features, features[positions])
+    np.testing.assert_array_equal(picked_labels, labels[positions])
 
 
 def test_impossible_sizes_are_refused():
@@ -463,3 +474,99 @@ def test_broken_metric_sets_are_rejected(gmm_file, table_file, tmp_path, tapvits
     for edit, code, needle in cases:
         result = broken(edit)
         assert result.exit_code == code and needle in result.stderr, (needle, result.stderr)
+
+
+# --- class-prior --------------------------------------------------------------------------------
+
+def test_class_prior_recovers_the_device_shares_of_overlapping_classes():
+    """Shares by EM over draws of the device mixture; a neighbouring class the device lacks
+    overlaps its classes yet gets (almost) nothing, and the estimate does not depend on the pool's own mix."""
+    from tapvits_cli.selection.class_prior import MIN_CLASS_SHARE, estimate_class_prior
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0, 0], [3, 0, 0], [0, 3, 0], [1.5, 0, 0], [9, 9, 9]], dtype=float)
+    labels = np.repeat(np.arange(5), [2000, 400, 1500, 1500, 1500])          # the pool's mix is not the device's
+    features = centres[labels] + rng.normal(size=(len(labels), 3))
+    private = rng.choice([0, 1, 2], size=1500, p=[0.6, 0.3, 0.1])            # class 3 sits between 0 and 1
+    device = device_mixture(centres[private] + rng.normal(size=(1500, 3)), 3)
+    prior = estimate_class_prior(device, features, labels, classes=6, draws=20000, seed=0)
+    assert prior.converged and prior.draws == 20000 and prior.pool_rows == len(labels)
+    assert prior.shares.sum() == pytest.approx(1.0) and prior.shares[5] == 0.0   # a class without pool rows
+    np.testing.assert_allclose(prior.shares[:3], [0.6, 0.3, 0.1], atol=0.06)
+    assert prior.shares[3] <= 0.06 and prior.shares[4] == 0.0                  # overlapping: small; far: none
+    assert ((prior.shares == 0) | (prior.shares >= MIN_CLASS_SHARE)).all()
+    again = estimate_class_prior(device, features, labels, classes=6, draws=20000, seed=0)
+    np.testing.assert_array_equal(prior.shares, again.shares)                  # seeded
+    with pytest.raises(UsageError, match="labelled pool"):
+        estimate_class_prior(device, features, labels, classes=4)
+
+
+def test_class_prior_quotas_follow_the_shares_and_the_supply():
+    loglik, component = scores()
+    inputs = class_prior_inputs("class-prior")
+    labels, shares = inputs["labels"], inputs["class_shares"]
+    chosen = select(loglik, component, [0.25] * 4, 64, 640, "class-prior", **inputs)
+    supply = np.bincount(labels, minlength=5)
+    finetune_quota = proportional_quotas(shares, 640, supply)
+    np.testing.assert_array_equal(np.bincount(labels[chosen], minlength=5), finetune_quota)
+    np.testing.assert_array_equal(np.bincount(labels[chosen[:64]], minlength=5),
+                                  proportional_quotas(shares, 64, finetune_quota))
+    assert finetune_quota[1] == 0                                              # a class the device does not hold
+    for c in range(5):                                                         # within a class: the most likely
+        members = np.flatnonzero(labels == c)
+        best = members[np.lexsort((members, -loglik[members]))[:finetune_quota[c]]]
+        assert set(chosen[labels[chosen] == c]) == set(best)
+    with pytest.raises(ValueError, match="class shares go with the class-prior strategy"):
+        select(loglik, component, [0.25] * 4, 64, 640, "class-prior")
+    with pytest.raises(ValueError, match="needs labels in 0..4"):
+        select(loglik, component, [0.25] * 4, 64, 640, "class-prior", labels=labels + 1, class_shares=shares)
+
+
+def test_class_prior_covers_a_dense_and_a_broad_class_with_high_precision():
+    from tapvits_cli.selection.class_prior import estimate_class_prior
+
+    features, labels, private_features = dense_and_broad_pool()
+    device = device_mixture(private_features, 2)
+    prior = estimate_class_prior(device, features, labels, classes=5, seed=0)
+    loglik, component = device.log_likelihood(features)
+    chosen = select(loglik, component, device.weights, 200, 1200, "class-prior", labels=labels,
+                    class_shares=prior.shares)
+    for part in (chosen, chosen[:200]):
+        share = np.bincount(labels[part], minlength=5) / len(part)
+        assert share[0] >= 0.4 and share[1] >= 0.4 and share[:2].sum() >= 0.98, share
+
+
+def test_class_prior_from_the_command_line(gmm_file, table_file, tmp_path, tapvits, tiny_model_file):
+    """Recorded shares, per-class quotas in the file, the same selection from a dataset pool,
+    and a metric set whose recorded shares were tampered with is refused (exit 3)."""
+    out = tmp_path / "prior.h5"
+    options = ("--strategy", "class-prior", "--public-sample", "300", "--prior-draws", "5000")
+    result = select_cli(tapvits, gmm_file, table_file, out, *options, "--json")
+    assert result.exit_code == 0, result.stderr
+    body = result.json()
+    assert "class prior:" in result.stderr
+    metric_set = read_metric_set(out)
+    shares = np.asarray(metric_set.class_prior["shares"])
+    assert metric_set.strategy == "class-prior" and body["class_prior"] == metric_set.class_prior
+    assert len(shares) == 10 and shares.sum() == pytest.approx(1.0, abs=1e-5)
+    assert metric_set.class_prior["draws"] == 5000 and metric_set.class_prior["pool_rows"] == 300
+    held = set(np.flatnonzero(shares))
+    assert set(metric_set.labels) <= held                                      # no row of a class without a share
+    assert tapvits("inspect", "--json", out).json()["figures"]["class_prior"]["classes_held"] == len(held)
+    from_data = tmp_path / "prior-data.h5"
+    result = select_cli(tapvits, gmm_file, POOL, from_data, "--extractor", tiny_model_file, *options)
+    assert result.exit_code == 0, result.stderr
+    np.testing.assert_array_equal(read_metric_set(from_data).ids, metric_set.ids)
+
+    import json as json_module
+    import shutil
+
+    tampered = tmp_path / "tampered.h5"
+    shutil.copy(out, tampered)
+    with h5py.File(tampered, "r+") as handle:
+        key = next(k for k in handle.attrs if k.endswith(".class_prior"))
+        record = json_module.loads(handle.attrs[key])
+        record["shares"] = [0.5] * len(record["shares"])
+        handle.attrs[key] = json_module.dumps(record, separators=(",", ":"))
+    result = tapvits("validate", tampered)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT and "sum to 1" in result.stderr

@@ -47,6 +47,7 @@ class MetricSet:
     score: np.ndarray | None = None                  # the ratio strategies' density ratio, per row
     coverage: Mapping[str, Any] | None = None        # selection.coverage.selection_coverage(...)
     public_mixture: Mapping[str, Any] | None = None  # what the ratio strategies fitted on the pool
+    class_prior: Mapping[str, Any] | None = None     # the class-prior strategy's estimated class shares
 
     @property
     def metric_ids(self) -> np.ndarray:
@@ -72,11 +73,12 @@ class MetricSet:
 def write_metric_set(path: str | os.PathLike, selection, pool: Mapping[str, Any], gmm_sha256: str,
                      extractor_sha256: str, params: Mapping[str, Any],
                      inputs: Mapping[str, LineageEntry] | None = None, coverage: Mapping[str, Any] | None = None,
-                     public_mixture: Mapping[str, Any] | None = None):
+                     public_mixture: Mapping[str, Any] | None = None, class_prior: Mapping[str, Any] | None = None):
     """Write a :class:`~tapvits_cli.selection.Selection` whose columns hold ``ids`` and ``labels``.
 
-    ``coverage`` (``selection.selection_coverage``) and ``public_mixture`` (what a ratio
-    strategy fitted) are optional attributes; a selection with a ``score`` writes its column.
+    ``coverage`` (``selection.selection_coverage``), ``public_mixture`` (what a ratio
+    strategy fitted) and ``class_prior`` (the class-prior strategy's estimate) are optional
+    attributes; a selection with a ``score`` writes its column.
     """
     header = Header(kind=KIND, version=VERSION, inputs=dict(inputs or {}), params=dict(params))
     metadata = {
@@ -88,6 +90,8 @@ def write_metric_set(path: str | os.PathLike, selection, pool: Mapping[str, Any]
         metadata[f"{KIND}.coverage"] = compact_json(dict(coverage))
     if public_mixture is not None:
         metadata[f"{KIND}.public_mixture"] = compact_json(dict(public_mixture))
+    if class_prior is not None:
+        metadata[f"{KIND}.class_prior"] = compact_json(dict(class_prior))
     columns = {"ids": selection.columns["ids"], "log_likelihood": selection.log_likelihood,
                "component": selection.component, "label": selection.columns["labels"]}
 
@@ -162,7 +166,7 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
             sizes[name] = int(value)
         strategy = _attr(group.attrs.get("strategy"))
     optional = {}
-    for key in ("coverage", "public_mixture"):
+    for key in ("coverage", "public_mixture", "class_prior"):
         if f"{KIND}.{key}" in artifact.metadata:
             optional[key] = artifact.json_field(f"{KIND}.{key}")
             if not isinstance(optional[key], dict):
@@ -188,6 +192,7 @@ def _check(metric_set: MetricSet) -> None:
     if lengths != {metric_set.finetune_size}:
         raise artifact.fail(f"every column must have finetune_size ({metric_set.finetune_size}) rows")
     _check_coverage(metric_set)
+    _check_class_prior(metric_set)
     samples = metric_set.pool["samples"]
     if ids.min() < 0 or len(np.unique(ids)) != len(ids):
         raise artifact.fail("ids must be distinct non-negative integers")
@@ -202,6 +207,26 @@ def _check(metric_set: MetricSet) -> None:
         if (np.diff(part) > 0).any():
             raise artifact.fail("rows must be ordered by decreasing log_likelihood within the metric set "
                                   "and within the rest")
+
+
+def _check_class_prior(metric_set: MetricSet) -> None:
+    """The class-prior strategy records its class shares (and only it): finite, ≥ 0, summing to 1,
+    one per class of the pool, so every selected row's label has a share."""
+    prior, artifact = metric_set.class_prior, metric_set.artifact
+    if (metric_set.strategy == "class-prior") != (prior is not None):
+        raise artifact.fail(f"'{KIND}.class_prior' goes with the class-prior strategy, and only with it")
+    if prior is None:
+        return
+    shares = prior.get("shares")
+    if (not isinstance(shares, list) or not shares
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in shares)):
+        raise artifact.fail(f"'{KIND}.class_prior' must hold 'shares', a non-empty list of numbers")
+    shares = np.asarray(shares, dtype=np.float64)
+    if not np.isfinite(shares).all() or (shares < 0).any() or abs(shares.sum() - 1.0) > 1e-4:
+        raise artifact.fail(f"'{KIND}.class_prior' shares must be finite, non-negative and sum to 1")
+    if len(metric_set.labels) and metric_set.labels.max() >= len(shares):
+        raise artifact.fail(f"label {int(metric_set.labels.max())} has no class share (the shares cover "
+                            f"{len(shares)} classes)")
 
 
 def _check_coverage(metric_set: MetricSet) -> None:
@@ -253,6 +278,8 @@ def _summarize(artifact: ArtifactFile) -> Summary:
             figures[f"worst_component_ratio_{part}"] = round(coverage[part]["worst_ratio"], 4)
     if metric_set.public_mixture is not None:
         figures["public_mixture"] = dict(metric_set.public_mixture)
+    if metric_set.class_prior is not None:
+        figures["class_prior"] = dict(metric_set.class_prior)
     if metric_set.score is not None:
         figures["density_ratio_metric"] = [float(metric_set.score[: metric_set.metric_size].min()),
                                    float(metric_set.score[: metric_set.metric_size].max())]

@@ -22,12 +22,16 @@ from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEG
 @click.option("--strategy", type=click.Choice(SELECTION_STRATEGIES), default=DEFAULT_SELECTION_STRATEGY, show_default=True,
               help="topk: highest log-likelihood (the paper); stratified: per-component quotas by mixture weight, "
                    "most likely first; ratio: highest density ratio against a mixture of the public pool; "
-                   "ratio-stratified: the quotas of stratified, filled by density ratio; random: seeded uniform "
-                   "sample (ablation).")
+                   "ratio-stratified: the quotas of stratified, filled by density ratio; class-prior: quotas per "
+                   "class of the labelled pool by the device's estimated class shares, most likely first; "
+                   "random: seeded uniform sample (ablation).")
 @click.option("--public-components", type=click.IntRange(min=1), default=20, show_default=True,
               help="Components of the public-pool mixture (ratio strategies only; fewer if the sample is small).")
 @click.option("--public-sample", type=click.IntRange(min=1), default=10000, show_default=True,
-              help="Pool rows, a seeded uniform sample, the public mixture is fitted on (ratio strategies only).")
+              help="Pool rows, a seeded uniform sample, the public mixture (ratio strategies) or the class "
+                   "densities (class-prior) are fitted on.")
+@click.option("--prior-draws", type=click.IntRange(min=1), default=20000, show_default=True,
+              help="Draws of the device's GMM the class shares are estimated on (class-prior only).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True,
               help="Feature-table rows scored at a time (memory stays bounded by this).")
 @click.option("-e", "--extractor", "extractor_name", metavar="EXTRACTOR",
@@ -36,7 +40,7 @@ from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEG
               help="Images embedded per forward pass (dataset --pool only).")
 @global_options
 def command(gmm: str, pool: str, output: str, metric_size: int, finetune_size: int, strategy: str,
-            public_components: int, public_sample: int, chunk_rows: int, extractor_name: str | None,
+            public_components: int, public_sample: int, prior_draws: int, chunk_rows: int, extractor_name: str | None,
             batch_size: int) -> None:
     """Score every public sample of POOL under the device's GMM and keep the best.
 
@@ -45,7 +49,10 @@ def command(gmm: str, pool: str, output: str, metric_size: int, finetune_size: i
     fingerprint must equal the pool's (exit code 4 otherwise). A pool of any size is
     scored in chunks with bounded memory. The ratio strategies first fit a mixture of
     the public pool (--public-sample rows) in the GMM's projection and rank by
-    log p_device - log p_public. Reports coverage: how the selected rows' shares per
+    log p_device - log p_public. The class-prior strategy estimates the device's share
+    of each class of the labelled pool (EM over draws of the GMM against per-class
+    Gaussians of --public-sample pool rows) and fills a quota per class, so classes
+    that only look like the device's get none. Reports coverage: how the selected rows' shares per
     mixture component compare with the component weights (1 - total variation).
 
     Example: tapvits select device.gmm.safetensors --pool pool.h5 -o device.metric.h5

@@ -51,16 +51,18 @@ def sample_positions(pool_size: int, sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, SAMPLE_STREAM]).choice(pool_size, sample, replace=False))
 
 
-def rows_at(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], positions: np.ndarray) -> np.ndarray:
-    """Features of the rows at sorted ``positions`` of a ``(ids, features, labels)`` chunk stream."""
-    picked, seen = [], 0
-    for _, features, _ in chunks:
-        inside = positions[(positions >= seen) & (positions < seen + len(features))]
-        picked.append(np.asarray(features)[inside - seen])
+def rows_at(chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+            positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of the rows at sorted ``positions`` of a ``(ids, features, labels)`` chunk stream."""
+    features_picked, labels_picked, seen = [], [], 0
+    for _, features, labels in chunks:
+        inside = positions[(positions >= seen) & (positions < seen + len(features))] - seen
+        features_picked.append(np.asarray(features)[inside])
+        labels_picked.append(np.asarray(labels)[inside])
         seen += len(features)
     if seen <= positions[-1]:
         raise ValueError(f"the pool streamed {seen} rows, fewer than position {int(positions[-1])} needs")
-    return np.concatenate(picked)
+    return np.concatenate(features_picked), np.concatenate(labels_picked)
 
 
 def _per_component_minimum(covariance_type: str, dim: int) -> int:

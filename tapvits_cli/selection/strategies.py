@@ -17,12 +17,16 @@ public regions from winning by density alone.
 * ``ratio``: the highest density ratio.
 * ``ratio-stratified``: the quotas of ``stratified``, filled inside each component by
   density ratio.
+* ``class-prior``: a quota per *class* of the labelled pool in proportion to the device's
+  estimated class shares (:mod:`.class_prior`), filled inside each class by log-likelihood,
+  so classes that merely look like the device's get no quota; the metric set has quotas too.
 * ``random``: a seeded uniform sample; the ablation floor.
 
 A pool is never held whole: :class:`StreamingSelection` keeps a running best
 ``finetune_size`` rows (per component for the stratified strategies), merged with each
 chunk by partial partitioning, so memory is bounded by one chunk plus K × ``finetune_size``
-rows and the result equals a full sort of the pool (exact ties included).
+rows (K strata: components or classes) and the result equals a full sort of the pool
+(exact ties included).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.vocabulary import RATIO_STRATEGIES, SELECTION_STRATEGIES, STRATIFIED_STRATEGIES
+from tapvits_cli.vocabulary import QUOTA_STRATEGIES, RATIO_STRATEGIES, SELECTION_STRATEGIES
 
 
 
@@ -107,7 +111,7 @@ class StreamingSelection:
     """Feed scored chunks in pool order with :meth:`update`, then take :meth:`result`."""
 
     def __init__(self, strategy: str, pool_size: int, metric_size: int, finetune_size: int,
-                 mixture_weights, seed: int = 0) -> None:
+                 mixture_weights, seed: int = 0, class_shares=None) -> None:
         if strategy not in SELECTION_STRATEGIES:
             raise UsageError(f"unknown selection strategy '{strategy}'; choose one of {', '.join(SELECTION_STRATEGIES)}")
         if not 1 <= metric_size <= finetune_size:
@@ -119,8 +123,12 @@ class StreamingSelection:
         self.strategy, self.pool_size = strategy, pool_size
         self.metric_size, self.finetune_size = metric_size, finetune_size
         self.weights = np.asarray(mixture_weights, dtype=np.float64)
+        if (strategy == "class-prior") != (class_shares is not None):
+            raise ValueError("class shares go with the class-prior strategy, and only with it")
+        # quotas are per stratum: a mixture component, or for class-prior a pool class
+        self.stratum_weights = self.weights if class_shares is None else np.asarray(class_shares, dtype=np.float64)
         self._seen = 0
-        self._counts = np.zeros(len(self.weights), dtype=np.int64)
+        self._counts = np.zeros(len(self.stratum_weights), dtype=np.int64)
         self._kept: dict[str, np.ndarray] | None = None
         if strategy == "random":
             # Floyd's sampling inside numpy for small fractions: O(finetune_size) memory.
@@ -148,21 +156,27 @@ class StreamingSelection:
             raise ValueError("every array of a chunk must have the same length")
         if n and (component.min() < 0 or component.max() >= len(self.weights)):
             raise ValueError(f"components must lie in 0..{len(self.weights) - 1}")
+        stratum = component
+        if self.strategy == "class-prior":
+            stratum = np.asarray(columns.get("labels", np.zeros(0)), dtype=np.int64)
+            if len(stratum) != n or (n and (stratum.min() < 0 or stratum.max() >= len(self.stratum_weights))):
+                raise ValueError(f"the class-prior strategy needs labels in 0..{len(self.stratum_weights) - 1}")
         positions = np.arange(self._seen, self._seen + n, dtype=np.int64)
         self._seen += n
         if self._seen > self.pool_size:
             raise ValueError(f"the pool streamed more than the announced {self.pool_size} rows")
-        self._counts += np.bincount(component, minlength=len(self.weights))
-        chunk = {"position": positions, "loglik": loglik, "score": score, "component": component, **columns}
+        self._counts += np.bincount(stratum, minlength=len(self.stratum_weights))
+        chunk = {"position": positions, "loglik": loglik, "score": score, "component": component,
+                 "stratum": stratum, **columns}
         if self.strategy == "random":
             spot = np.searchsorted(self._chosen, positions).clip(max=len(self._chosen) - 1)
             chunk = {k: v[self._chosen[spot] == positions] for k, v in chunk.items()}
         rows = chunk if self._kept is None else {k: np.concatenate([self._kept[k], chunk[k]]) for k in chunk}
         if self.strategy in ("topk", "ratio"):
             rows = {k: v[_best(rows["score"], rows["position"], self.finetune_size)] for k, v in rows.items()}
-        elif self.strategy in STRATIFIED_STRATEGIES:
+        elif self.strategy in QUOTA_STRATEGIES:
             keep = [members[_best(rows["score"][members], rows["position"][members], self.finetune_size)]
-                    for members in (np.flatnonzero(rows["component"] == c) for c in range(len(self.weights)))]
+                    for members in (np.flatnonzero(rows["stratum"] == c) for c in range(len(self.stratum_weights)))]
             rows = {k: v[np.concatenate(keep)] for k, v in rows.items()}
         self._kept = rows
 
@@ -178,21 +192,21 @@ class StreamingSelection:
             rank = self._draw_rank[np.searchsorted(self._chosen, rows["position"])]
             in_metric, in_finetune = rank < self.metric_size, np.ones(len(rank), dtype=bool)
         else:
-            finetune_quota = proportional_quotas(self.weights, self.finetune_size, self._counts)
-            metric_quota = proportional_quotas(self.weights, self.metric_size, finetune_quota)
-            order = np.lexsort((rows["position"], -rows["score"], rows["component"]))
-            sorted_component = rows["component"][order]
-            first = np.searchsorted(sorted_component, sorted_component)
+            finetune_quota = proportional_quotas(self.stratum_weights, self.finetune_size, self._counts)
+            metric_quota = proportional_quotas(self.stratum_weights, self.metric_size, finetune_quota)
+            order = np.lexsort((rows["position"], -rows["score"], rows["stratum"]))
+            sorted_stratum = rows["stratum"][order]
+            first = np.searchsorted(sorted_stratum, sorted_stratum)
             rank = np.empty(len(order), dtype=np.int64)
             rank[order] = np.arange(len(order)) - first
-            in_finetune = rank < finetune_quota[rows["component"]]
-            in_metric = rank < metric_quota[rows["component"]]
+            in_finetune = rank < finetune_quota[rows["stratum"]]
+            in_metric = rank < metric_quota[rows["stratum"]]
         metric = np.flatnonzero(in_metric)
         rest = np.flatnonzero(in_finetune & ~in_metric)
         order = np.concatenate([metric[_order(rows["loglik"][metric], rows["position"][metric])],
                                 rest[_order(rows["loglik"][rest], rows["position"][rest])]])
         rows = {k: v[order] for k, v in rows.items()}
-        columns = {k: v for k, v in rows.items() if k not in ("position", "loglik", "score", "component")}
+        columns = {k: v for k, v in rows.items() if k not in ("position", "loglik", "score", "component", "stratum")}
         return Selection(positions=rows["position"], log_likelihood=rows["loglik"], component=rows["component"],
                          columns=columns, metric_size=self.metric_size, finetune_size=self.finetune_size,
                          strategy=self.strategy,
@@ -200,10 +214,13 @@ class StreamingSelection:
 
 
 def select_from_scores(scored_chunks: Iterable[tuple[np.ndarray, ...]], pool_size: int, mixture_weights,
-                       metric_size: int, finetune_size: int, strategy: str = "topk", seed: int = 0) -> Selection:
+                       metric_size: int, finetune_size: int, strategy: str = "topk", seed: int = 0,
+                       class_shares=None) -> Selection:
     """Select from ``(ids, loglik, component, labels)`` chunks (what ``gmm.score_in_chunks`` yields),
-    or ``(ids, loglik, component, labels, score)`` chunks (``density_ratio.score_ratio_in_chunks``)."""
-    selection = StreamingSelection(strategy, pool_size, metric_size, finetune_size, mixture_weights, seed)
+    or ``(ids, loglik, component, labels, score)`` chunks (``density_ratio.score_ratio_in_chunks``);
+    ``class_shares`` are the class-prior strategy's estimated shares of the pool's classes."""
+    selection = StreamingSelection(strategy, pool_size, metric_size, finetune_size, mixture_weights, seed,
+                                   class_shares)
     for ids, loglik, component, labels, *score in scored_chunks:
         selection.update(loglik, component, score[0] if score else None, ids=np.asarray(ids, dtype=np.int64),
                          labels=np.asarray(labels, dtype=np.int64))
@@ -211,17 +228,22 @@ def select_from_scores(scored_chunks: Iterable[tuple[np.ndarray, ...]], pool_siz
 
 
 def select(loglik, component, mixture_weights, metric_size: int, finetune_size: int,
-           strategy: str = "topk", seed: int = 0, chunk_rows: int | None = None, score=None) -> np.ndarray:
+           strategy: str = "topk", seed: int = 0, chunk_rows: int | None = None, score=None,
+           labels=None, class_shares=None) -> np.ndarray:
     """Ordered pool positions for in-memory scores: the first ``metric_size`` are the metric set.
 
-    ``score`` is the ranking score of the ratio strategies (e.g. a density ratio);
-    ``chunk_rows`` streams the arrays in chunks of that size (the result is the same).
+    ``score`` is the ranking score of the ratio strategies (e.g. a density ratio), ``labels``
+    and ``class_shares`` the pool's labels and the device's class shares of the class-prior
+    strategy; ``chunk_rows`` streams the arrays in chunks of that size (the result is the same).
     """
     loglik, component = np.asarray(loglik), np.asarray(component)
     score = None if score is None else np.asarray(score)
-    selection = StreamingSelection(strategy, len(loglik), metric_size, finetune_size, mixture_weights, seed)
+    columns = {} if labels is None else {"labels": np.asarray(labels, dtype=np.int64)}
+    selection = StreamingSelection(strategy, len(loglik), metric_size, finetune_size, mixture_weights, seed,
+                                   class_shares)
     step = chunk_rows or max(1, len(loglik))
     for start in range(0, len(loglik), step):
         part = slice(start, start + step)
-        selection.update(loglik[part], component[part], None if score is None else score[part])
+        selection.update(loglik[part], component[part], None if score is None else score[part],
+                         **{name: column[part] for name, column in columns.items()})
     return selection.result().positions

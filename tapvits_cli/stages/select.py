@@ -21,6 +21,7 @@ class Options:
     strategy: str = option("--strategy", DEFAULT_SELECTION_STRATEGY)
     public_components: int = option("--public-components", 20)
     public_sample: int = option("--public-sample", 10000)
+    prior_draws: int = option("--prior-draws", 20000)
     chunk_rows: int = option("--chunk-rows", 65536)
     extractor_name: str | None = option("--extractor", recipe=False)
     batch_size: int = option("--batch-size", 256, recipe=False)   # a run's pool is a feature table: no embedding
@@ -68,6 +69,7 @@ def run(options: Options) -> Result:
     from tapvits_cli.models.extract import extract_features
     from tapvits_cli.runtime import resolve_device, seed_everything
     from tapvits_cli.selection import select_from_scores, selection_coverage
+    from tapvits_cli.selection.class_prior import estimate_class_prior
     from tapvits_cli.selection.density_ratio import (fit_public_mixture, rows_at, sample_positions,
                                                      score_ratio_in_chunks)
     from tapvits_cli.stages.extractor import resolve_extractor
@@ -87,8 +89,9 @@ def run(options: Options) -> Result:
             table = stack.enter_context(open_feature_table(pool))
             _require_same_extractor(gmm, info, pool, table.extractor_sha256, table.extractor)
             pool_size, description = table.rows, table.dataset
+            classes = table.dataset.get("num_classes")
 
-            def sample_features(positions):
+            def sample_rows(positions):
                 return rows_at(table.iter_chunks(chunk_rows), positions)
 
             chunks = table.iter_chunks(chunk_rows)
@@ -101,35 +104,47 @@ def run(options: Options) -> Result:
             extractor, inputs["extractor"] = resolve_extractor(extractor_name, device)
             _require_same_extractor(gmm, info, f"--extractor {extractor_name}", fingerprint_sha256(extractor.fingerprint),
                                     extractor.fingerprint)
-            pool_size, description = len(dataset), dataset.provenance()
+            pool_size, description, classes = len(dataset), dataset.provenance(), dataset.num_classes
 
-            def sample_features(positions):   # embeds only the sampled rows
-                return np.concatenate([f for _, f, _ in extract_features(extractor, dataset, batch_size, device,
-                                                                         positions=positions)])
+            def sample_rows(positions):   # embeds only the sampled rows
+                rows = list(extract_features(extractor, dataset, batch_size, device, positions=positions))
+                return np.concatenate([f for _, f, _ in rows]), np.concatenate([y for _, _, y in rows])
 
             chunks = extract_features(extractor, dataset, batch_size, device)
             inputs["pool"] = dataset_lineage(dataset)
         started = time.perf_counter()
-        public = None
+        public = prior = None
         if strategy in RATIO_STRATEGIES:
-            positions = sample_positions(pool_size, public_sample, options.seed)
-            public = fit_public_mixture(sample_features(positions), mixture, public_components, options.seed)
+            features, _ = sample_rows(sample_positions(pool_size, public_sample, options.seed))
+            public = fit_public_mixture(features, mixture, public_components, options.seed)
             log(f"public mixture: {public.mixture.components} {public.mixture.covariance_type}-covariance "
                 f"components on {public.samples:,} pool rows in {public.fit_seconds:.1f} s"
                 + ("" if public.converged else " (EM did not converge)"))
+        elif strategy == "class-prior":
+            features, labels = sample_rows(sample_positions(pool_size, public_sample, options.seed))
+            classes = classes if isinstance(classes, int) else int(labels.max()) + 1
+            prior = estimate_class_prior(mixture, features, labels, classes, options.prior_draws, options.seed)
+            held = np.flatnonzero(prior.shares)
+            log(f"class prior: {len(held)} of {classes} classes held, "
+                + ", ".join(f"{c}: {prior.shares[c]:.1%}" for c in held[np.argsort(-prior.shares[held])][:10])
+                + f" ({prior.iterations} EM iterations over {prior.draws:,} draws of the device mixture"
+                + ("" if prior.converged else ", not converged") + ")")
         with progress("scoring pool", pool_size) as advance:
             scored = (score_ratio_in_chunks(mixture, public.mixture, chunks, advance) if public is not None
                       else score_in_chunks(mixture, chunks, advance))
             selection = select_from_scores(scored, pool_size, mixture.weights, metric_size, finetune_size,
-                                           strategy, options.seed)
+                                           strategy, options.seed,
+                                           class_shares=None if prior is None else prior.shares)
         scoring_seconds = time.perf_counter() - started
 
     params = {"metric_size": metric_size, "finetune_size": finetune_size, "strategy": strategy,
               "public_components": public_components, "public_sample": public_sample,
+              "prior_draws": options.prior_draws,
               "chunk_rows": chunk_rows, "batch_size": batch_size, "seed": options.seed, "device": device}
     coverage = selection_coverage(selection.component, mixture.weights, metric_size)
     path = write_metric_set(output, selection, description, inputs["gmm"].sha256, info.extractor_sha256, params, inputs,
-                            coverage=coverage, public_mixture=public.describe() if public is not None else None)
+                            coverage=coverage, public_mixture=public.describe() if public is not None else None,
+                            class_prior=prior.describe() if prior is not None else None)
     loglik = selection.log_likelihood
     metric = loglik[:metric_size]
     log(f"{strategy}: metric set {metric_size:,} and fine-tuning set {finetune_size:,} of {pool_size:,} pool samples; "
@@ -140,4 +155,5 @@ def run(options: Options) -> Result:
           "finetune_size": finetune_size, "pool_samples": pool_size, "scoring_seconds": round(scoring_seconds, 3),
           "log_likelihood": {"metric": [float(metric.min()), float(metric.max())],
                              "finetune": [float(loglik.min()), float(loglik.max())]},
-          "coverage": coverage, **({"public_mixture": public.describe()} if public is not None else {})})
+          "coverage": coverage, **({"public_mixture": public.describe()} if public is not None else {}),
+          **({"class_prior": prior.describe()} if prior is not None else {})})
