@@ -112,12 +112,12 @@ pruned=$(cloud tapvits prune "$base" "$plan" -o pruned.safetensors)
 model=$(cloud tapvits finetune "$pruned" --data "$public" --metric-set "$metric" --teacher "$base" \
   --epochs "$EPOCHS" --lr 1e-3 -o model.safetensors)
 
-# The latency of each model on the device, from the device's profile alone (latency.predict_model).
+# The latency of each model on the device, from the device's profile alone (payloads.latency_table.predict_model).
 predict='
 import sys
 from tapvits_cli.artifacts.model import read_model_spec
 from tapvits_cli.artifacts.profile import read_profile
-from tapvits_cli.latency import predict_model
+from tapvits_cli.payloads.latency_table import predict_model
 profile = read_profile(sys.argv[1])
 print(f"  the device: {profile.cpu or profile.device}, {profile.runtime} {profile.runtime_version}, "
       f"{profile.threads} threads", file=sys.stderr)

@@ -119,7 +119,7 @@ def test_profile_without_torch_runs_on_onnxruntime(tmp_path, tapvits, tiny_model
     torch path measures (same fingerprint, so the cloud's predict_model accepts it for any pruned model)."""
     from tapvits_cli.artifacts.model import read_model_spec
     from tapvits_cli.artifacts.profile import read_profile
-    from tapvits_cli.latency.table import predict_model
+    from tapvits_cli.payloads.latency_table import predict_model
 
     args = ("--batch-sizes", "1,3", "--widths", "1,48", "--repeats", "2", "--warmup", "1", "--threads", "1")
     device = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "device.json", *args)

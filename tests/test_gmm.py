@@ -13,8 +13,8 @@ from tapvits_cli.artifacts.digests import fingerprint_sha256
 from tapvits_cli.artifacts.gmm import GmmInfo, read_gmm, write_gmm
 from tapvits_cli.errors import ExitCode, UsageError
 from tapvits_cli.gmm.fit import check_feasible, fit_mixture
-from tapvits_cli.gmm.privacy import min_support
-from tapvits_cli.gmm.mixture import Mixture, score_in_chunks
+from tapvits_cli.payloads.guarantees import min_support
+from tapvits_cli.payloads.mixture import Mixture, score_in_chunks
 
 PRIVATE = "digits:classes=0,1"  # 287 training images of two digits
 
@@ -362,8 +362,8 @@ def _device_sets():
 @pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
 def test_every_written_component_keeps_the_guarantees(covariance):
     from tapvits_cli.gmm.fit import default_pca_dim
-    from tapvits_cli.gmm.privacy import (MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO, audit_against_data,
-                                         median_neighbour_distance)
+    from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance
+    from tapvits_cli.payloads.guarantees import MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO
 
     written = 0
     for features in _device_sets():
@@ -389,7 +389,7 @@ def test_a_component_on_one_sample_is_rejected():
     """EM left alone puts a component on an isolated sample; the search must reject that K."""
     from sklearn.mixture import GaussianMixture
 
-    from tapvits_cli.gmm.privacy import audit_parameters
+    from tapvits_cli.payloads.guarantees import audit_parameters
 
     rng = np.random.default_rng(0)
     features = np.concatenate([rng.normal(size=(60, 3)), rng.normal(loc=8.0, size=(60, 3)), [[40.0, -40.0, 40.0]]])
@@ -460,7 +460,7 @@ def test_audit_gmm_fails_a_mean_placed_on_a_private_sample(gmm_file, tiny_model_
 # --- differential privacy -------------------------------------------------------------------
 
 def test_zcdp_accounting():
-    from tapvits_cli.gmm.dp import epsilon_for, gaussian_sigma, rho_for
+    from tapvits_cli.payloads.zcdp import epsilon_for, gaussian_sigma, rho_for
 
     for epsilon, delta in ((1.0, 1e-5), (3.0, 1e-6), (10.0, 1e-5)):
         rho = rho_for(epsilon, delta)
@@ -475,7 +475,8 @@ def test_zcdp_accounting():
 
 def test_released_noise_matches_the_mechanism():
     """The noisy mean released for the projection has the standard deviation the formula gives."""
-    from tapvits_cli.gmm.dp import gaussian_sigma, private_projection
+    from tapvits_cli.gmm.dp import private_projection
+    from tapvits_cli.payloads.zcdp import gaussian_sigma
 
     rng = np.random.default_rng(0)
     unit = rng.normal(size=(50, 6))
@@ -489,7 +490,8 @@ def test_released_noise_matches_the_mechanism():
 def test_private_fit_finds_separated_clusters_and_records_its_budget():
     from sklearn.metrics import adjusted_rand_score
 
-    from tapvits_cli.gmm.dp import BUDGET_SHARES, fit_private_mixture, gaussian_sigma
+    from tapvits_cli.gmm.dp import BUDGET_SHARES, fit_private_mixture
+    from tapvits_cli.payloads.zcdp import gaussian_sigma
 
     features = clusters(3, 1000, 10, seed=1) + 100.0  # unit-normalising keeps the clusters apart
     truth = np.repeat(np.arange(3), 1000)

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
 from tapvits_cli.artifacts.profile import read_profile
 from tapvits_cli.errors import ExitCode, IncompatibleArtifactError, NotImplementedStageError, UsageError
-from tapvits_cli.latency.table import (BranchTable, LatencyProfile, check_fits, default_mlp_widths,
+from tapvits_cli.payloads.latency_table import (BranchTable, LatencyProfile, check_fits, default_mlp_widths,
                                        predict_latency, predict_model)
 from tapvits_cli.models.spec import BlockWidths, ModelSpec, TokenMerging
 from tests.test_protocol_examples import assert_one_line_failure

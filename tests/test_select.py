@@ -8,8 +8,8 @@ import pytest
 
 from tapvits_cli.artifacts.metric_set import read_metric_set
 from tapvits_cli.errors import ExitCode, UsageError
-from tapvits_cli.selection import (StreamingSelection, class_coverage, component_coverage, proportional_quotas, select,
-                                   selection_coverage)
+from tapvits_cli.payloads.coverage import class_coverage, component_coverage, selection_coverage
+from tapvits_cli.selection import StreamingSelection, proportional_quotas, select
 from tapvits_cli.vocabulary import RATIO_STRATEGIES, SELECTION_STRATEGIES as STRATEGIES
 
 POOL = "digits:split=test"  # 364 public images of all ten digits
@@ -183,7 +183,7 @@ def device_mixture(private_features: np.ndarray, components: int, pca_dim: int |
     """A device's mixture built directly (the device side is not under test here)."""
     from sklearn.mixture import GaussianMixture
 
-    from tapvits_cli.gmm.mixture import Mixture, Projection
+    from tapvits_cli.payloads.mixture import Mixture, Projection
 
     mean = private_features.mean(axis=0)
     axes = None if pca_dim is None else np.linalg.svd(private_features - mean, full_matrices=False)[2][:pca_dim]

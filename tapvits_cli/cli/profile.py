@@ -71,7 +71,7 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
     batch size, interleaved over --repeats rounds after --warmup. Only the architecture
     of MODEL matters (pruned or not, the unpruned widths are profiled; weights are not
     used). The latency of any pruned model of that architecture is then predicted from
-    the table (tapvits_cli.latency.predict_model). ViT/DeiT models only.
+    the table (tapvits_cli.payloads.latency_table.predict_model). ViT/DeiT models only.
 
     Without torch (the device install) the blocks run on onnxruntime and the architecture
     is read from MODEL's header; give it the unpruned base model (a pruned one is profiled
@@ -114,7 +114,7 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
               "threads": profile.threads, "seed": CURRENT.seed, "device": device}
     inputs = {"model": LineageEntry(sha256_file(model_path), "model", Path(model_path).name)}
     path = write_profile(output, profile, params, inputs)
-    from tapvits_cli.latency.table import predict_latency
+    from tapvits_cli.payloads.latency_table import predict_latency
 
     predicted = {b: predict_latency(profile, profile.blocks, b).total_ms for b in profile.batch_sizes}
     if CURRENT.verbosity >= 0:

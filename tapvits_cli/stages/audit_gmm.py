@@ -34,7 +34,8 @@ def run(options: Options) -> Result:
     from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.artifacts.gmm import read_gmm
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance, membership_auc, min_support
+    from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance, membership_auc
+    from tapvits_cli.payloads.guarantees import min_support
     from tapvits_cli.runtime import resolve_device
     from tapvits_cli.stages.extractor import embed_dataset, resolve_extractor
 

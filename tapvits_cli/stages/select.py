@@ -64,10 +64,11 @@ def run(options: Options) -> Result:
     from tapvits_cli.artifacts.gmm import read_gmm
     from tapvits_cli.artifacts.metric_set import write_metric_set
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.gmm.mixture import score_in_chunks
     from tapvits_cli.models.extract import extract_features
+    from tapvits_cli.payloads.coverage import selection_coverage
+    from tapvits_cli.payloads.mixture import score_in_chunks
     from tapvits_cli.runtime import resolve_device, seed_everything
-    from tapvits_cli.selection import select_from_scores, selection_coverage
+    from tapvits_cli.selection import select_from_scores
     from tapvits_cli.selection.density_ratio import (fit_public_mixture, rows_at, sample_positions,
                                                      score_ratio_in_chunks)
     from tapvits_cli.stages.extractor import resolve_extractor
