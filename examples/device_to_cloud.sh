@@ -122,7 +122,7 @@ profile = read_profile(sys.argv[1])
 print(f"  the device: {profile.cpu or profile.device}, {profile.runtime} {profile.runtime_version}, "
       f"{profile.threads} threads", file=sys.stderr)
 for path in sys.argv[2:]:
-    spec = read_model_spec(path)[1]
+    spec = read_model_spec(path).spec
     times = ", ".join(f"batch {b}: {predict_model(profile, spec, b, path).total_ms:.3f} ms" for b in profile.batch_sizes)
     print(f"  {path} on the device, predicted: {times}", file=sys.stderr)
 '

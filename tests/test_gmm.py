@@ -118,7 +118,8 @@ def test_mean_noise_is_seeded_and_scaled():
 def test_fit_gmm_end_to_end(gmm_file, tiny_model_file, tapvits):
     from tapvits_cli.artifacts.model import load_extractor
 
-    mixture, info, artifact = read_gmm(gmm_file)
+    read = read_gmm(gmm_file)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
     extractor = load_extractor(tiny_model_file)
     assert isinstance(mixture, Mixture) and mixture.dim == 8 and mixture.feature_dim == 24
     assert info.samples == 287 and info.extractor == extractor.fingerprint
@@ -156,15 +157,16 @@ def test_json_result_and_options(tmp_path, tapvits, tiny_model_file):
     assert result.exit_code == 0, result.stderr
     document = result.json()
     assert document["kind"] == "gmm" and document["samples"] == 287 and set(document["bic"]) == {"2", "3"}
-    mixture, _, artifact = read_gmm(out)
+    read = read_gmm(out)
+    mixture, artifact = read.mixture, read.artifact
     assert mixture.covariance_type == "diag" and mixture.projection.components is None
     assert "projection.components" not in artifact.tensors and (mixture.projection.scale == 1).all()
     default = tmp_path / "default.safetensors"
     assert fit_cli(tapvits, tiny_model_file, default).exit_code == 0
-    assert read_gmm(default)[0].dim == 23  # one dimension per 12 of the 287 samples, below the 24 features
+    assert read_gmm(default).mixture.dim == 23  # one dimension per 12 of the 287 samples, below the 24 features
     small = tmp_path / "small.safetensors"
     assert fit_cli(tapvits, tiny_model_file, small, "--covariance", "diag", data="digits:classes=0,1:sample=60").exit_code == 0
-    assert read_gmm(small)[0].dim == 5
+    assert read_gmm(small).mixture.dim == 5
 
 
 def test_cli_refusals(tmp_path, tapvits, tiny_model_file):
@@ -198,7 +200,7 @@ def test_same_seed_same_file_content(tmp_path, tapvits, tiny_model_file):
     assert first.keys() == second.keys()
     for name in first:
         assert (first[name] == second[name]).all(), name
-    assert read_gmm(paths[0])[0].components == read_gmm(paths[1])[0].components
+    assert read_gmm(paths[0]).mixture.components == read_gmm(paths[1]).mixture.components
 
 
 def rewrite(src, dst, tensors=None, drop=(), **metadata):
@@ -284,7 +286,8 @@ def test_write_gmm_round_trip(tmp_path):
                        extract_seconds=0.0, extractor={"architecture": "synthetic", "feature_dim": 6},
                        privacy={"min_samples": 50, "noise_scale": 0.0})
         path = write_gmm(tmp_path / f"{covariance}.safetensors", result.mixture, info, {"seed": 0})
-        mixture, read_info, _ = read_gmm(path)
+        read = read_gmm(path)
+        mixture, read_info = read.mixture, read.info
         assert read_info.bic == result.bic_per_k and read_info.extractor_sha256 == info.extractor_sha256
         np.testing.assert_array_equal(mixture.log_likelihood(features)[0], result.mixture.log_likelihood(features)[0])
 
@@ -315,7 +318,8 @@ def test_no_private_sample_can_be_read_back(tmp_path, tapvits, tiny_model_file, 
     result = fit_cli(tapvits, tiny_model_file, out, *projection, data=str(source))
     assert result.exit_code == 0, result.stderr
     blob = out.read_bytes()
-    mixture, info, artifact = read_gmm(out)
+    read = read_gmm(out)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
 
     dataset = open_dataset(str(source))
     features = np.concatenate([f for _, f, _ in extract_features(load_extractor(tiny_model_file), dataset)])
@@ -421,7 +425,8 @@ def test_audit_gmm_reports_support_distances_and_membership(gmm_file, tiny_model
                      "--held-out", "digits:split=test:classes=0,1", "--json")
     assert result.exit_code == 0, result.stderr
     report = result.json()
-    mixture, info, _ = read_gmm(gmm_file)
+    read = read_gmm(gmm_file)
+    mixture, info = read.mixture, read.info
     assert report["ok"] is True and report["violations"] == [] and report["min_support"] == 18
     assert len(report["components"]) == mixture.components
     assert sum(row["assigned"] for row in report["components"]) == info.samples
@@ -442,7 +447,8 @@ def test_audit_gmm_fails_a_mean_placed_on_a_private_sample(gmm_file, tiny_model_
     from tapvits_cli.data import open_dataset
     from tapvits_cli.models.extract import extract_features
 
-    mixture, info, artifact = read_gmm(gmm_file)
+    read = read_gmm(gmm_file)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
     features = np.concatenate([f for _, f, _ in extract_features(load_extractor(tiny_model_file),
                                                                   open_dataset(PRIVATE))])
     means = mixture.means.copy()
@@ -512,7 +518,8 @@ def test_fit_gmm_with_differential_privacy(tmp_path, tapvits, tiny_model_file):
     result = fit_cli(tapvits, tiny_model_file, out, "--dp-epsilon", "3", "--components", "2", "--json")
     assert result.exit_code == 0, result.stderr
     assert result.json()["dp"]["epsilon"] == pytest.approx(3.0) and result.json()["bic"] == {}
-    mixture, info, artifact = read_gmm(out)
+    read = read_gmm(out)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
     assert mixture.projection.unit_norm and artifact.metadata["gmm.unit_norm"] == "true"
     assert mixture.covariance_type == "diag" and info.bic == {}
     assert info.privacy["dp"]["accounting"] == "zCDP" and info.privacy["dp"]["delta"] == 1e-5

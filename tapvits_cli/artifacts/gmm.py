@@ -86,12 +86,21 @@ def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[s
     return write_safetensors(path, tensors, header, {f"{NAMESPACE}.{k}": v for k, v in metadata.items()})
 
 
-def read_gmm(path: str | os.PathLike):
-    """``(mixture, info, artifact)`` from a gmm artifact, after every check of protocol/gmm.md."""
+@dataclass(frozen=True)
+class Gmm:
+    """A read gmm artifact: the mixture, everything else it says (all aggregate), the opened file."""
+
+    mixture: Mixture
+    info: GmmInfo
+    artifact: ArtifactFile
+
+
+def read_gmm(path: str | os.PathLike) -> Gmm:
+    """Read and check a gmm artifact (every rule of protocol/gmm.md)."""
     artifact = read_artifact(path, expect=KIND)
     mixture, info, stored_cholesky = _parse(artifact)
     _check(artifact, mixture, info, stored_cholesky)
-    return mixture, info, artifact
+    return Gmm(mixture, info, artifact)
 
 
 # --- parsing and checks -------------------------------------------------------------------

@@ -97,7 +97,8 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
     else:
         device = "cpu"
     seed_everything(CURRENT.seed)
-    artifact, spec = read_model_spec(model_path)
+    model = read_model_spec(model_path)
+    spec = model.spec
     gpu = None
     if device == "cuda":
         import torch
@@ -107,7 +108,7 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
         profile = measure_profile(spec, sizes, runtime=runtime, device=device, tokens=tokens, mlp_widths=mlp_widths,
                                   repeats=repeats, warmup=warmup, threads=threads, cpu=cpu_name(), gpu=gpu,
                                   seed=CURRENT.seed, on_progress=advance,
-                                  tensors={name: info.shape for name, info in artifact.tensors.items()},
+                                  tensors={name: info.shape for name, info in model.artifact.tensors.items()},
                                   source=str(model_path))
     params = {"runtime": runtime, "batch_sizes": list(profile.batch_sizes), "tokens": tokens,
               "widths": list(mlp_widths) if mlp_widths else None, "repeats": repeats, "warmup": warmup,

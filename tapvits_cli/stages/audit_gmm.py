@@ -42,10 +42,11 @@ def run(options: Options) -> Result:
     gmm = options.gmm
     if options.max_auc is not None and options.held_out_ref is None:
         raise UsageError("--max-auc needs --held-out: the AUC compares fitted with held-out samples")
-    mixture, info, artifact = read_gmm(gmm)
+    read = read_gmm(gmm)
+    mixture, info = read.mixture, read.info
     device = resolve_device(options.device)
     private = open_dataset(options.private_ref)
-    recorded = artifact.header.inputs.get("data")
+    recorded = read.artifact.header.inputs.get("data")
     if recorded is None or recorded.sha256 != private.fingerprint():
         raise IncompatibleArtifactError(f"{gmm} was not fitted on {options.private_ref}: its data fingerprint "
                                         f"differs (an audit against other samples would prove nothing)")

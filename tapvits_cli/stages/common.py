@@ -112,11 +112,12 @@ def dataset_lineage(dataset, name: str | None = None):
     return LineageEntry(dataset.fingerprint(), "dataset", str(dataset.ref) if name is None else name)
 
 
-def made_for(record_sha256: str, record_blocks, model_artifact, model_spec) -> bool:
-    """Whether scores or a plan that record a model (``weights_sha256`` and block widths) were made for this model.
+def made_for(record_sha256: str, record_blocks, model) -> bool:
+    """Whether scores or a plan that record a model (``weights_sha256`` and block widths) were made for ``model``
+    (a read model artifact: ``artifacts.model.ModelFile`` or ``LoadedModel``).
 
     The rule ``allocate --model`` and ``prune`` apply alike: the same weights (by content,
     so a re-saved copy still matches) and the same widths per block.
     """
-    return (model_artifact.metadata.get("model.weights_sha256") == record_sha256
-            and tuple(model_spec.blocks) == tuple(record_blocks))
+    return (model.artifact.metadata.get("model.weights_sha256") == record_sha256
+            and tuple(model.spec.blocks) == tuple(record_blocks))

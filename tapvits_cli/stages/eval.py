@@ -61,7 +61,8 @@ def run(options: Options) -> Result:
     device = resolve_device(options.device)
     seed_everything(options.seed)
     dataset = open_dataset(options.data)
-    model, spec, artifact = load_model(options.model_path, device=device)
+    loaded = load_model(options.model_path, device=device)
+    model, spec = loaded.module, loaded.spec
     if len(dataset) and int(dataset.labels.max()) >= spec.num_classes:
         raise IncompatibleArtifactError(f"{options.model_path} has {spec.num_classes} classes, but {dataset.ref} has "
                                         f"label {int(dataset.labels.max())}; evaluate on a dataset with its classes")
@@ -75,7 +76,7 @@ def run(options: Options) -> Result:
                                    f"{accuracy.loss}: its weights are damaged or overflow; no report written")
     names = spec.class_names or dataset.class_names
     body = {
-        "model": {"architecture": spec.architecture, "weights_sha256": artifact.metadata["model.weights_sha256"]},
+        "model": {"architecture": spec.architecture, "weights_sha256": loaded.artifact.metadata["model.weights_sha256"]},
         "dataset": str(dataset.ref),
         "samples": accuracy.samples, "top1": accuracy.top1, "top5": accuracy.top5, "top5_k": accuracy.top5_k,
         "loss": accuracy.loss,

@@ -79,7 +79,8 @@ def run(options: Options) -> Result:
     extractor_name, batch_size = options.extractor_name, options.batch_size
     seed_everything(options.seed)
     device = resolve_device(options.device)
-    mixture, info, _ = read_gmm(gmm)
+    read = read_gmm(gmm)
+    mixture, info = read.mixture, read.info
     inputs = {"gmm": artifact_lineage(gmm, "gmm")}
     with contextlib.ExitStack() as stack:
         if _is_artifact(pool):
