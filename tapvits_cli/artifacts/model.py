@@ -328,8 +328,8 @@ def load_extractor(path: str | os.PathLike, device: str = "cpu"):
     from tapvits_cli.models.extract import make_extractor
 
     loaded = load_model(path, device=device)
-    spec = loaded.spec
-    return make_extractor(loaded.module, spec.architecture, spec.kwargs, loaded.artifact.metadata["model.weights_sha256"],
+    spec, weights_sha256 = loaded.spec, loaded.artifact.metadata["model.weights_sha256"]
+    return make_extractor(loaded.module, spec.architecture, spec.kwargs, weights_sha256,
                           Preprocessing.from_dict(spec.preprocessing))
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from tapvits_cli.artifacts.containers import ArtifactFile, read_json_body, write_json
 from tapvits_cli.artifacts.header import Header, LineageEntry
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
-from tapvits_cli.payloads.latency_table import RUNTIMES, BranchTable, LatencyProfile, predict_latency
+from tapvits_cli.payloads.latency_table import BranchTable, LatencyProfile, predict_latency
+from tapvits_cli.vocabulary import RUNTIMES
 
 KIND = "profile"
 VERSION = 1
