@@ -7,7 +7,7 @@ of 1,536, 197 tokens at 224×224) is profiled with the code ``tapvits profile`` 
 by the model factory at those widths, as ``load_model`` rebuilds a pruned artifact) are
 timed whole with the code ``tapvits eval`` runs (``evaluation.measure_latency``), at batch
 1 and 32, on the CPU with 2 threads. Their predicted latency
-(``latency.table.predict_latency``) is compared with the measured one: relative error
+(``payloads.latency_table.predict_latency``) is compared with the measured one: relative error
 |predicted − measured| / measured, median and worst over the 20 models per batch size.
 Targets: median ≤ 10 %, worst ≤ 20 %.
 
@@ -51,7 +51,7 @@ import torch
 
 from tapvits_cli.evaluation.metrics import measure_latency
 from tapvits_cli.latency.measure import measure_profile
-from tapvits_cli.latency.table import BranchTable, predict_latency
+from tapvits_cli.payloads.latency_table import BranchTable, predict_latency
 from tapvits_cli.models.factory import build_model
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
 

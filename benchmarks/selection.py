@@ -93,7 +93,8 @@ def extractor_accuracy(extractor: Path, test_ref: str) -> float:
     from tapvits_cli.data import open_dataset
     from tapvits_cli.data.preprocess import Preprocessing, iterate_batches
 
-    model, spec, _ = load_model(extractor)
+    loaded = load_model(extractor)
+    model, spec = loaded.module, loaded.spec
     dataset = open_dataset(test_ref)
     preprocessing = Preprocessing.from_dict(spec.preprocessing)
     correct = 0

@@ -112,17 +112,17 @@ pruned=$(cloud tapvits prune "$base" "$plan" -o pruned.safetensors)
 model=$(cloud tapvits finetune "$pruned" --data "$public" --metric-set "$metric" --teacher "$base" \
   --epochs "$EPOCHS" --lr 1e-3 -o model.safetensors)
 
-# The latency of each model on the device, from the device's profile alone (latency.predict_model).
+# The latency of each model on the device, from the device's profile alone (payloads.latency_table.predict_model).
 predict='
 import sys
 from tapvits_cli.artifacts.model import read_model_spec
 from tapvits_cli.artifacts.profile import read_profile
-from tapvits_cli.latency import predict_model
+from tapvits_cli.payloads.latency_table import predict_model
 profile = read_profile(sys.argv[1])
 print(f"  the device: {profile.cpu or profile.device}, {profile.runtime} {profile.runtime_version}, "
       f"{profile.threads} threads", file=sys.stderr)
 for path in sys.argv[2:]:
-    spec = read_model_spec(path)[1]
+    spec = read_model_spec(path).spec
     times = ", ".join(f"batch {b}: {predict_model(profile, spec, b, path).total_ms:.3f} ms" for b in profile.batch_sizes)
     print(f"  {path} on the device, predicted: {times}", file=sys.stderr)
 '

@@ -1,4 +1,4 @@
-"""Process-wide settings every stage shares: seeding and device choice."""
+"""Process-wide settings every stage shares: seeding and device choice, and the machine's CPU name."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ def seed_everything(seed: int) -> None:
         import torch
 
         torch.manual_seed(seed)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def torch_available() -> bool:

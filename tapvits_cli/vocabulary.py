@@ -62,6 +62,10 @@ BUDGET_KINDS = ("params", "macs")
 # -- token merging (prune) --------------------------------------------------------------------
 MERGE_METHODS = ("bipartite", "neighbour")
 
+# -- latency (profile) ------------------------------------------------------------------------
+# What a device's latency table is measured on (``profile --runtime``, a profile's runtime.name).
+RUNTIMES = ("torch", "onnxruntime")
+
 
 @dataclass(frozen=True)
 class Interval:

@@ -40,9 +40,14 @@ def test_import_contracts_hold():
     ({"selection/_probe.py": "from tapvits_cli.artifacts import plan\n"},
      "tapvits_cli.selection._probe -> tapvits_cli.artifacts.plan"),
     ({"data/_probe.py": "from tapvits_cli.models import units\n"}, "tapvits_cli.data._probe -> tapvits_cli.models.units"),
+    ({"artifacts/_probe.py": "from tapvits_cli.gmm import fit\n"}, "tapvits_cli.artifacts._probe -> tapvits_cli.gmm.fit"),
+    ({"selection/_probe.py": "from tapvits_cli.gmm import fit\n"}, "tapvits_cli.selection._probe -> tapvits_cli.gmm.fit"),
+    ({"payloads/_probe.py": "from tapvits_cli.latency import measure\n"},
+     "tapvits_cli.payloads._probe -> tapvits_cli.latency.measure"),
     ({"models/_probe.py": "from tapvits_cli.models import _echo\n", "models/_echo.py": "from tapvits_cli.models import _probe\n"},
      "No cycles are allowed in tapvits_cli.models"),
-], ids=["logic-reads-files", "layer-upwards", "cycle"])
+], ids=["logic-reads-files", "layer-upwards", "artifacts-import-logic", "logic-imports-other-logic",
+         "payloads-import-logic", "cycle"])
 def test_a_violation_fails(tmp_path, files, broken):
     """The contracts are live: each kind of violation, in a copy of the package, breaks them."""
     shutil.copytree(ROOT / "tapvits_cli", tmp_path / "tapvits_cli", ignore=shutil.ignore_patterns("__pycache__"))

@@ -144,7 +144,7 @@ def test_each_layout_converts_with_new_classes_and_image_size(tmp_path, tapvits,
         assert result.exit_code == 0, result.stderr
         assert result.json()["weights_layout"] == detected
         assert tapvits("validate", out).exit_code == 0
-        return load_model(out)[0], result.json()["adapted"]
+        return load_model(out).module, result.json()["adapted"]
 
     same, notes = convert("same")
     assert torch.equal(pre_logits(same, x), pre_logits(source, x))
@@ -280,7 +280,7 @@ def test_transformers_deit_without_teacher_head_gets_a_fresh_distillation_head(t
     result = tapvits("--json", "create-model", arch, *model_args(kwargs), "--weights", checkpoint, "-o", out)
     assert result.exit_code == 0, result.stderr
     assert [n.split(":")[0] for n in result.json()["adapted"]] == ["classifier head_dist reset"]
-    loaded = load_model(out)[0].state_dict()
+    loaded = load_model(out).module.state_dict()
     assert torch.equal(loaded["head.weight"], source.head.weight)
     assert not torch.equal(loaded["head_dist.weight"], source.head_dist.weight)
 
@@ -295,7 +295,7 @@ def test_rgb_weights_adapt_to_one_input_channel(tmp_path, tapvits):
                      "-o", out)
     assert result.exit_code == 0, result.stderr
     assert result.json()["adapted"] == ["patch_embed.proj adapted: 3 → 1 input channels"]
-    grey = load_model(out)[0]
+    grey = load_model(out).module
     assert torch.equal(grey.patch_embed.proj.weight, source.patch_embed.proj.weight.sum(dim=1, keepdim=True))
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(pre_logits(grey, x), pre_logits(source, x.repeat(1, 3, 1, 1)))

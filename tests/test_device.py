@@ -90,10 +90,10 @@ def test_fit_gmm_without_torch_gives_the_torch_paths_gmm(tmp_path, tapvits, tiny
     assert device.returncode == 0, device.stderr
     assert tapvits("fit-gmm", private, "--extractor", tiny_model_file, "--covariance", "diag",
                    "-o", torch_gmm).exit_code == 0
-    (a, a_info, a_file), (b, b_info, _) = read_gmm(onnx_gmm), read_gmm(torch_gmm)
-    assert a_info.extractor_sha256 == b_info.extractor_sha256 and a.components == b.components
-    np.testing.assert_allclose(a.means, b.means, atol=1e-3)
-    assert a_file.header.inputs["extractor"].kind == "file"
+    a, b = read_gmm(onnx_gmm), read_gmm(torch_gmm)
+    assert a.info.extractor_sha256 == b.info.extractor_sha256 and a.mixture.components == b.mixture.components
+    np.testing.assert_allclose(a.mixture.means, b.mixture.means, atol=1e-3)
+    assert a.artifact.header.inputs["extractor"].kind == "file"
     audit = tapvits_without_torch("audit-gmm", onnx_gmm, "--private", private, "--extractor", onnx_extractor_file,
                                   "--held-out", "digits:split=test:classes=0,1", "-q")
     assert audit.returncode == 0, audit.stderr
@@ -119,7 +119,7 @@ def test_profile_without_torch_runs_on_onnxruntime(tmp_path, tapvits, tiny_model
     torch path measures (same fingerprint, so the cloud's predict_model accepts it for any pruned model)."""
     from tapvits_cli.artifacts.model import read_model_spec
     from tapvits_cli.artifacts.profile import read_profile
-    from tapvits_cli.latency.table import predict_model
+    from tapvits_cli.payloads.latency_table import predict_model
 
     args = ("--batch-sizes", "1,3", "--widths", "1,48", "--repeats", "2", "--warmup", "1", "--threads", "1")
     device = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "device.json", *args)
@@ -130,7 +130,7 @@ def test_profile_without_torch_runs_on_onnxruntime(tmp_path, tapvits, tiny_model
     assert (on_device.runtime, on_device.threads, on_device.tokens) == ("onnxruntime", 1, on_torch.tokens)
     assert on_device.model == on_torch.model and on_device.attn.widths == on_torch.attn.widths == (1, 2, 3)
     assert np.all(on_device.mlp.median_ms > 0) and np.all(np.asarray(on_device.embed_ms) > 0)
-    prediction = predict_model(on_device, read_model_spec(tiny_model_file)[1], 3)
+    prediction = predict_model(on_device, read_model_spec(tiny_model_file).spec, 3)
     assert prediction.total_ms > prediction.embed_ms + prediction.head_ms > 0
     refused = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "t.json", "--runtime", "torch")
     assert refused.returncode == ExitCode.DATA_UNAVAILABLE and "needs torch" in refused.stderr

@@ -150,7 +150,8 @@ def overflowing_model(tiny_model_file, tmp_path):
 
     from tapvits_cli.artifacts.model import load_model, write_model
 
-    model, spec, _ = load_model(tiny_model_file)
+    loaded = load_model(tiny_model_file)
+    model, spec = loaded.module, loaded.spec
     with torch.no_grad():
         model.head.weight.fill_(3e38)
         model.head.weight[::2].fill_(-3e38)
@@ -167,7 +168,8 @@ def test_evaluate_counts_non_finite_outputs(overflowing_model, tiny_model_file):
 
     dataset = open_dataset("digits:split=test:indices=0-49")
     for path, finite in ((tiny_model_file, True), (overflowing_model, False)):
-        model, spec, _ = load_model(path)
+        loaded = load_model(path)
+        model, spec = loaded.module, loaded.spec
         accuracy = evaluate(model, dataset, Preprocessing.from_dict(spec.preprocessing), 16, "cpu")
         assert accuracy.finite is finite
         assert accuracy.nonfinite == (0 if finite else 50)

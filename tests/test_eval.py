@@ -28,7 +28,8 @@ def _direct_logits(model_file):
     from tapvits_cli.data import open_dataset
     from tapvits_cli.data.preprocess import Preprocessing
 
-    model, spec, _ = load_model(model_file)
+    loaded = load_model(model_file)
+    model, spec = loaded.module, loaded.spec
     dataset = open_dataset("digits:split=test")
     images = Preprocessing.from_dict(spec.preprocessing)(torch.from_numpy(dataset.images(range(len(dataset)))))
     with torch.no_grad():

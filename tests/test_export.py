@@ -43,7 +43,8 @@ def onnx_matches_pytorch(model_file, onnx_file, batch_sizes):
     """Largest |onnxruntime - PyTorch| over fresh random batches (not the exporter's own check batches)."""
     from tapvits_cli.artifacts.model import load_model
 
-    model, spec, _ = load_model(model_file)
+    loaded = load_model(model_file)
+    model, spec = loaded.module, loaded.spec
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(123)
     worst = 0.0
@@ -79,7 +80,7 @@ def test_metadata_props_carry_the_source_model(tapvits, tmp_path, narrow_model_f
     assert tapvits("export", narrow_model_file, "-o", out, "--no-check", "--opset", "18").exit_code == 0
     graph = onnx.load(str(out))
     props = {p.key: p.value for p in graph.metadata_props}
-    artifact, _ = read_model_spec(narrow_model_file)
+    artifact = read_model_spec(narrow_model_file).artifact
     assert props["tapvits.export"] == "onnx" and props["tapvits.export_version"] == "1"
     assert "tapvits.kind" not in props   # an export is not an artifact
     assert json.loads(props["tapvits.inputs"]) == {

@@ -39,7 +39,8 @@ def test_trains_from_scratch_to_a_sensible_train_accuracy(tmp_path, tapvits):
                      "--lr", "1e-2", "--label-smoothing", "0", "-o", out)
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{out}\n"
-    model, spec, artifact = load_model(out)
+    loaded = load_model(out)
+    model, spec, artifact = loaded.module, loaded.spec, loaded.artifact
     dataset = open_dataset("digits")
     preprocessing = Preprocessing.from_dict(spec.preprocessing)
     with torch.no_grad():
@@ -93,7 +94,7 @@ def test_resume_after_an_interrupted_epoch_gives_the_uninterrupted_weights(tmp_p
     out = tmp_path / "resumed.safetensors"
     interrupted = tapvits("finetune", *args, "-o", out)
     assert interrupted.exit_code == ExitCode.INTERRUPTED and not out.exists()
-    assert checkpoint.read_checkpoint(f"{out}.ckpt")[1]["epoch"] == 1
+    assert checkpoint.read_checkpoint(f"{out}.ckpt").state["epoch"] == 1
     monkeypatch.setattr(checkpoint, "write_checkpoint", write)
     resumed = tapvits("finetune", *args, "-o", out)
     assert resumed.exit_code == 0, resumed.stderr
@@ -214,7 +215,7 @@ def test_a_pruned_model_keeps_its_widths(tmp_path, tapvits):
     write_model(pruned, model, describe_model(model, TINY_VIT, TINY_VIT_KWARGS), {})
     result = tapvits("finetune", pruned, "--data", SMALL, "--epochs", "1", "--batch-size", "32", "-o", out)
     assert result.exit_code == 0, result.stderr
-    assert read_model_spec(out)[1].blocks == widths
+    assert read_model_spec(out).spec.blocks == widths
     assert tapvits("validate", out).exit_code == 0
 
 

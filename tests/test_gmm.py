@@ -13,8 +13,8 @@ from tapvits_cli.artifacts.digests import fingerprint_sha256
 from tapvits_cli.artifacts.gmm import GmmInfo, read_gmm, write_gmm
 from tapvits_cli.errors import ExitCode, UsageError
 from tapvits_cli.gmm.fit import check_feasible, fit_mixture
-from tapvits_cli.gmm.privacy import min_support
-from tapvits_cli.gmm.mixture import Mixture, score_in_chunks
+from tapvits_cli.payloads.guarantees import min_support
+from tapvits_cli.payloads.mixture import Mixture, score_in_chunks
 
 PRIVATE = "digits:classes=0,1"  # 287 training images of two digits
 
@@ -118,7 +118,8 @@ def test_mean_noise_is_seeded_and_scaled():
 def test_fit_gmm_end_to_end(gmm_file, tiny_model_file, tapvits):
     from tapvits_cli.artifacts.model import load_extractor
 
-    mixture, info, artifact = read_gmm(gmm_file)
+    read = read_gmm(gmm_file)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
     extractor = load_extractor(tiny_model_file)
     assert isinstance(mixture, Mixture) and mixture.dim == 8 and mixture.feature_dim == 24
     assert info.samples == 287 and info.extractor == extractor.fingerprint
@@ -156,15 +157,16 @@ def test_json_result_and_options(tmp_path, tapvits, tiny_model_file):
     assert result.exit_code == 0, result.stderr
     document = result.json()
     assert document["kind"] == "gmm" and document["samples"] == 287 and set(document["bic"]) == {"2", "3"}
-    mixture, _, artifact = read_gmm(out)
+    read = read_gmm(out)
+    mixture, artifact = read.mixture, read.artifact
     assert mixture.covariance_type == "diag" and mixture.projection.components is None
     assert "projection.components" not in artifact.tensors and (mixture.projection.scale == 1).all()
     default = tmp_path / "default.safetensors"
     assert fit_cli(tapvits, tiny_model_file, default).exit_code == 0
-    assert read_gmm(default)[0].dim == 23  # one dimension per 12 of the 287 samples, below the 24 features
+    assert read_gmm(default).mixture.dim == 23  # one dimension per 12 of the 287 samples, below the 24 features
     small = tmp_path / "small.safetensors"
     assert fit_cli(tapvits, tiny_model_file, small, "--covariance", "diag", data="digits:classes=0,1:sample=60").exit_code == 0
-    assert read_gmm(small)[0].dim == 5
+    assert read_gmm(small).mixture.dim == 5
 
 
 def test_cli_refusals(tmp_path, tapvits, tiny_model_file):
@@ -198,7 +200,7 @@ def test_same_seed_same_file_content(tmp_path, tapvits, tiny_model_file):
     assert first.keys() == second.keys()
     for name in first:
         assert (first[name] == second[name]).all(), name
-    assert read_gmm(paths[0])[0].components == read_gmm(paths[1])[0].components
+    assert read_gmm(paths[0]).mixture.components == read_gmm(paths[1]).mixture.components
 
 
 def rewrite(src, dst, tensors=None, drop=(), **metadata):
@@ -284,7 +286,8 @@ def test_write_gmm_round_trip(tmp_path):
                        extract_seconds=0.0, extractor={"architecture": "synthetic", "feature_dim": 6},
                        privacy={"min_samples": 50, "noise_scale": 0.0})
         path = write_gmm(tmp_path / f"{covariance}.safetensors", result.mixture, info, {"seed": 0})
-        mixture, read_info, _ = read_gmm(path)
+        read = read_gmm(path)
+        mixture, read_info = read.mixture, read.info
         assert read_info.bic == result.bic_per_k and read_info.extractor_sha256 == info.extractor_sha256
         np.testing.assert_array_equal(mixture.log_likelihood(features)[0], result.mixture.log_likelihood(features)[0])
 
@@ -315,7 +318,8 @@ def test_no_private_sample_can_be_read_back(tmp_path, tapvits, tiny_model_file, 
     result = fit_cli(tapvits, tiny_model_file, out, *projection, data=str(source))
     assert result.exit_code == 0, result.stderr
     blob = out.read_bytes()
-    mixture, info, artifact = read_gmm(out)
+    read = read_gmm(out)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
 
     dataset = open_dataset(str(source))
     features = np.concatenate([f for _, f, _ in extract_features(load_extractor(tiny_model_file), dataset)])
@@ -362,8 +366,8 @@ def _device_sets():
 @pytest.mark.parametrize("covariance", ["full", "tied", "diag", "spherical"])
 def test_every_written_component_keeps_the_guarantees(covariance):
     from tapvits_cli.gmm.fit import default_pca_dim
-    from tapvits_cli.gmm.privacy import (MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO, audit_against_data,
-                                         median_neighbour_distance)
+    from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance
+    from tapvits_cli.payloads.guarantees import MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO
 
     written = 0
     for features in _device_sets():
@@ -389,7 +393,7 @@ def test_a_component_on_one_sample_is_rejected():
     """EM left alone puts a component on an isolated sample; the search must reject that K."""
     from sklearn.mixture import GaussianMixture
 
-    from tapvits_cli.gmm.privacy import audit_parameters
+    from tapvits_cli.payloads.guarantees import audit_parameters
 
     rng = np.random.default_rng(0)
     features = np.concatenate([rng.normal(size=(60, 3)), rng.normal(loc=8.0, size=(60, 3)), [[40.0, -40.0, 40.0]]])
@@ -421,7 +425,8 @@ def test_audit_gmm_reports_support_distances_and_membership(gmm_file, tiny_model
                      "--held-out", "digits:split=test:classes=0,1", "--json")
     assert result.exit_code == 0, result.stderr
     report = result.json()
-    mixture, info, _ = read_gmm(gmm_file)
+    read = read_gmm(gmm_file)
+    mixture, info = read.mixture, read.info
     assert report["ok"] is True and report["violations"] == [] and report["min_support"] == 18
     assert len(report["components"]) == mixture.components
     assert sum(row["assigned"] for row in report["components"]) == info.samples
@@ -442,7 +447,8 @@ def test_audit_gmm_fails_a_mean_placed_on_a_private_sample(gmm_file, tiny_model_
     from tapvits_cli.data import open_dataset
     from tapvits_cli.models.extract import extract_features
 
-    mixture, info, artifact = read_gmm(gmm_file)
+    read = read_gmm(gmm_file)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
     features = np.concatenate([f for _, f, _ in extract_features(load_extractor(tiny_model_file),
                                                                   open_dataset(PRIVATE))])
     means = mixture.means.copy()
@@ -460,7 +466,7 @@ def test_audit_gmm_fails_a_mean_placed_on_a_private_sample(gmm_file, tiny_model_
 # --- differential privacy -------------------------------------------------------------------
 
 def test_zcdp_accounting():
-    from tapvits_cli.gmm.dp import epsilon_for, gaussian_sigma, rho_for
+    from tapvits_cli.payloads.zcdp import epsilon_for, gaussian_sigma, rho_for
 
     for epsilon, delta in ((1.0, 1e-5), (3.0, 1e-6), (10.0, 1e-5)):
         rho = rho_for(epsilon, delta)
@@ -475,7 +481,8 @@ def test_zcdp_accounting():
 
 def test_released_noise_matches_the_mechanism():
     """The noisy mean released for the projection has the standard deviation the formula gives."""
-    from tapvits_cli.gmm.dp import gaussian_sigma, private_projection
+    from tapvits_cli.gmm.dp import private_projection
+    from tapvits_cli.payloads.zcdp import gaussian_sigma
 
     rng = np.random.default_rng(0)
     unit = rng.normal(size=(50, 6))
@@ -489,7 +496,8 @@ def test_released_noise_matches_the_mechanism():
 def test_private_fit_finds_separated_clusters_and_records_its_budget():
     from sklearn.metrics import adjusted_rand_score
 
-    from tapvits_cli.gmm.dp import BUDGET_SHARES, fit_private_mixture, gaussian_sigma
+    from tapvits_cli.gmm.dp import BUDGET_SHARES, fit_private_mixture
+    from tapvits_cli.payloads.zcdp import gaussian_sigma
 
     features = clusters(3, 1000, 10, seed=1) + 100.0  # unit-normalising keeps the clusters apart
     truth = np.repeat(np.arange(3), 1000)
@@ -510,7 +518,8 @@ def test_fit_gmm_with_differential_privacy(tmp_path, tapvits, tiny_model_file):
     result = fit_cli(tapvits, tiny_model_file, out, "--dp-epsilon", "3", "--components", "2", "--json")
     assert result.exit_code == 0, result.stderr
     assert result.json()["dp"]["epsilon"] == pytest.approx(3.0) and result.json()["bic"] == {}
-    mixture, info, artifact = read_gmm(out)
+    read = read_gmm(out)
+    mixture, info, artifact = read.mixture, read.info, read.artifact
     assert mixture.projection.unit_norm and artifact.metadata["gmm.unit_norm"] == "true"
     assert mixture.covariance_type == "diag" and info.bic == {}
     assert info.privacy["dp"]["accounting"] == "zCDP" and info.privacy["dp"]["delta"] == 1e-5

@@ -26,7 +26,8 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     model = tiny()
     spec = describe_model(model, TINY_VIT, TINY_VIT_KWARGS, [str(i) for i in range(10)])
     path = write_model(tmp_path / "m.safetensors", model, spec, params={"seed": 0})
-    loaded, loaded_spec, artifact = load_model(path)
+    read = load_model(path)
+    loaded, loaded_spec, artifact = read.module, read.spec, read.artifact
     assert loaded_spec == spec
     assert torch.equal(loaded(inputs()), model(inputs()))
     assert artifact.header.kind == "model"
@@ -50,7 +51,7 @@ def test_pruned_widths_rebuild_from_the_artifact(tmp_path):
     spec = describe_model(model, TINY_VIT, TINY_VIT_KWARGS)
     assert spec.blocks[0].heads == 2 and spec.blocks[0].mlp_hidden == 30
     path = write_model(tmp_path / "p.safetensors", model, spec, params={})
-    loaded, _, _ = load_model(path)
+    loaded = load_model(path).module
     assert torch.equal(loaded(inputs()), model.eval()(inputs()))
     assert loaded.blocks[0].attn.qkv.out_features == 3 * 2 * 8
 
@@ -68,7 +69,8 @@ def test_torch_checkpoint_import(tmp_path, tapvits, wrap):
     out = tmp_path / "m.safetensors"
     result = tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--weights", checkpoint, "-o", out)
     assert result.exit_code == 0, result.stderr
-    loaded, _, artifact = load_model(out)
+    read = load_model(out)
+    loaded, artifact = read.module, read.artifact
     assert torch.equal(loaded(inputs()), source(inputs()))
     assert artifact.header.inputs["weights"].kind == "file"
 
@@ -81,7 +83,7 @@ def test_safetensors_weights_import(tmp_path, tapvits):
     save_file(source.state_dict(), str(weights))
     out = tmp_path / "m.safetensors"
     assert tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--weights", weights, "-o", out).exit_code == 0
-    assert torch.equal(load_model(out)[0](inputs()), source(inputs()))
+    assert torch.equal(load_model(out).module(inputs()), source(inputs()))
 
 
 def test_pickled_module_is_refused(tmp_path):
@@ -104,7 +106,8 @@ def test_unsupported_family_is_generic_and_not_prunable(tmp_path, tapvits):
     out = tmp_path / "resnet.safetensors"
     result = tapvits("--json", "create-model", "resnet18", "-a", "num_classes=3", "-o", out)
     assert result.exit_code == 0 and result.json()["family"] == "generic"
-    loaded, spec, _ = load_model(out)
+    read = load_model(out)
+    loaded, spec = read.module, read.spec
     assert spec.blocks == () and loaded(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     with pytest.raises(NotImplementedStageError, match="supported families: vit"):
         family_module(spec.family)

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
 from tapvits_cli.artifacts.profile import read_profile
 from tapvits_cli.errors import ExitCode, IncompatibleArtifactError, NotImplementedStageError, UsageError
-from tapvits_cli.latency.table import (BranchTable, LatencyProfile, check_fits, default_mlp_widths,
+from tapvits_cli.payloads.latency_table import (BranchTable, LatencyProfile, check_fits, default_mlp_widths,
                                        predict_latency, predict_model)
 from tapvits_cli.models.spec import BlockWidths, ModelSpec, TokenMerging
 from tests.test_protocol_examples import assert_one_line_failure
@@ -137,7 +137,8 @@ def test_measured_table_grows_with_width_and_predicts_the_whole_model(tmp_path, 
     kwargs = {**TINY_VIT_KWARGS, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 8.0}
     path = tmp_path / "wide.safetensors"
     assert tapvits("create-model", TINY_VIT, *model_args(kwargs), "-o", path).exit_code == 0
-    model, spec, _ = load_model(path)
+    loaded = load_model(path)
+    model, spec = loaded.module, loaded.spec
     images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     profiles, measured = [], []
     with torch.inference_mode():
@@ -165,7 +166,8 @@ def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_
     from tapvits_cli.models.factory import describe_model
     from tapvits_cli.pruning import prune_model
 
-    model, spec, _ = load_model(tiny_model_file)
+    loaded = load_model(tiny_model_file)
+    model, spec = loaded.module, loaded.spec
     pruned = prune_model(model, {"attn": [[0, 2], []], "mlp": [list(range(10)), list(range(30))]})
     pruned_spec = describe_model(pruned, spec.architecture, spec.kwargs)
     pruned_file = tmp_path / "pruned.safetensors"
@@ -174,7 +176,7 @@ def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_
     assert tapvits("profile", pruned_file, "-o", out, *PROFILE_ARGS).exit_code == 0
     profile = read_profile(out)
     assert profile.blocks == (FULL, FULL) and profile.attn.widths == (1, 2, 3)
-    prediction = predict_model(read_profile(out), read_model_spec(pruned_file)[1], 4)
+    prediction = predict_model(read_profile(out), read_model_spec(pruned_file).spec, 4)
     assert prediction.attn_ms[1] == 0.0   # block 1 lost its attention
     assert prediction.total_ms == pytest.approx(prediction.embed_ms + prediction.head_ms + prediction.blocks_ms.sum())
 
@@ -318,7 +320,8 @@ def test_architecture_reader_refuses_layouts_it_does_not_build(tmp_path, tapvits
 
     path = tmp_path / "qknorm.safetensors"
     assert tapvits("create-model", TINY_VIT, *model_args({**TINY_VIT_KWARGS, "qk_norm": True}), "-o", path).exit_code == 0
-    artifact, spec = read_model_spec(path)
+    read = read_model_spec(path)
+    artifact, spec = read.artifact, read.spec
     with pytest.raises(NotImplementedStageError, match="k_norm"):
         read_architecture(spec, {name: info.shape for name, info in artifact.tensors.items()})
     result = tapvits("profile", path, "-o", tmp_path / "p.json", "--runtime", "onnxruntime")

@@ -75,7 +75,8 @@ def test_pruned_model_equals_masked_model_and_reloads(tmp_path):
     assert count_parameters(pruned) == cost.params([len(keep[layer.kind][layer.block]) for layer in cost.layers])
 
     path = write_model(tmp_path / "pruned.safetensors", pruned, spec, params={})
-    reloaded, reloaded_spec, _ = load_model(path)
+    loaded = load_model(path)
+    reloaded, reloaded_spec = loaded.module, loaded.spec
     assert reloaded_spec.blocks == spec.blocks
     with torch.no_grad():
         assert torch.equal(reloaded(images), actual)
@@ -93,13 +94,14 @@ def test_prune_command_end_to_end(scores_file, tiny_model_file, tmp_path, tapvit
     document = result.json()
     plan = read_plan(plan_path)
     assert document["params_before"] == plan.base["params"]
-    assert document["params_after"] == plan.achieved["params"] == count_parameters(load_model(out)[0])
+    assert document["params_after"] == plan.achieved["params"] == count_parameters(load_model(out).module)
     assert abs(document["params_fraction"] - 0.7) <= 0.0035
     assert tapvits("validate", out).exit_code == 0
-    reloaded, spec, artifact = load_model(out)
+    loaded = load_model(out)
+    reloaded, spec, artifact = loaded.module, loaded.spec, loaded.artifact
     assert spec.blocks == plan.pruned_blocks and set(artifact.header.inputs) == {"model", "plan"}
 
-    base, _, _ = load_model(tiny_model_file)
+    base = load_model(tiny_model_file).module
     images = torch.randn(8, 1, 8, 8)
     with torch.no_grad(), masked(base, plan.keep):
         expected = base(images)

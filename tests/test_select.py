@@ -8,8 +8,8 @@ import pytest
 
 from tapvits_cli.artifacts.metric_set import read_metric_set
 from tapvits_cli.errors import ExitCode, UsageError
-from tapvits_cli.selection import (StreamingSelection, class_coverage, component_coverage, proportional_quotas, select,
-                                   selection_coverage)
+from tapvits_cli.payloads.coverage import class_coverage, component_coverage, selection_coverage
+from tapvits_cli.selection import StreamingSelection, proportional_quotas, select
 from tapvits_cli.vocabulary import RATIO_STRATEGIES, SELECTION_STRATEGIES as STRATEGIES
 
 POOL = "digits:split=test"  # 364 public images of all ten digits
@@ -191,7 +191,7 @@ def device_mixture(private_features: np.ndarray, components: int, pca_dim: int |
     """A device's mixture built directly (the device side is not under test here)."""
     from sklearn.mixture import GaussianMixture
 
-    from tapvits_cli.gmm.mixture import Mixture, Projection
+    from tapvits_cli.payloads.mixture import Mixture, Projection
 
     mean = private_features.mean(axis=0)
     axes = None if pca_dim is None else np.linalg.svd(private_features - mean, full_matrices=False)[2][:pca_dim]
@@ -299,7 +299,8 @@ def test_select_from_a_feature_table(gmm_file, table_file, tmp_path, tapvits):
     assert metric_set.pool == {"reference": str(dataset.ref), "fingerprint": dataset.fingerprint(), "samples": 364}
     np.testing.assert_array_equal(metric_set.labels, dataset.labels[dataset.positions_of(metric_set.ids)])
     assert metric_set.gmm_sha256 == sha256_file(gmm_file)
-    mixture, info, _ = read_gmm(gmm_file)
+    read = read_gmm(gmm_file)
+    mixture, info = read.mixture, read.info
     assert metric_set.extractor_sha256 == info.extractor_sha256
     with open_feature_table(table_file) as table:
         ids, features, _ = next(table.iter_chunks(table.rows))
@@ -369,7 +370,7 @@ def test_ratio_strategies_from_the_command_line(gmm_file, table_file, tmp_path, 
     assert metric_set.strategy == "ratio" and metric_set.score is not None
     assert metric_set.public_mixture == body["public_mixture"]
     # the same ranking recomputed by hand: the public mixture on the same seeded 200 rows
-    mixture, _, _ = read_gmm(gmm_file)
+    mixture = read_gmm(gmm_file).mixture
     with open_feature_table(table_file) as table:
         ids, features, _ = next(table.iter_chunks(table.rows))
     public = fit_public_mixture(features[sample_positions(len(ids), 200, 0)], mixture, 3, 0)
@@ -413,7 +414,7 @@ def test_a_gmm_from_another_extractor_is_refused(gmm_file, tmp_path, tapvits):
 
     with open_feature_table(table) as opened:
         table_sha = opened.extractor_sha256
-    assert read_gmm(gmm_file)[1].extractor_sha256[:12] in result.stderr and table_sha[:12] in result.stderr
+    assert read_gmm(gmm_file).info.extractor_sha256[:12] in result.stderr and table_sha[:12] in result.stderr
     assert "vit_tiny_patch16_224" in result.stderr
     on_the_fly = select_cli(tapvits, gmm_file, POOL, tmp_path / "m.h5", "--extractor", other)
     assert on_the_fly.exit_code == ExitCode.INCOMPATIBLE

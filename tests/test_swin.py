@@ -78,7 +78,8 @@ def test_pruned_swin_equals_masked_swin_and_reloads(kwargs, fused_attention, tmp
                                                                           (2, 12, 60)]
     path = write_model(tmp_path / "pruned.safetensors", pruned, spec, params={})
     assert tapvits("validate", path).exit_code == 0
-    reloaded, reloaded_spec, artifact = load_model(path)
+    loaded = load_model(path)
+    reloaded, reloaded_spec, artifact = loaded.module, loaded.spec, loaded.artifact
     attention_path(reloaded, fused_attention)
     assert reloaded_spec.family == "swin" and reloaded_spec.blocks == spec.blocks
     assert "layers.0.blocks.1.norm1.weight" not in artifact.tensors and "layers.1.blocks.0.mlp.fc1.weight" not in artifact.tensors
@@ -156,10 +157,11 @@ def test_score_allocate_prune_chain_reloads_without_pickle(metric_set_file, tmp_
     assert inspected.exit_code == 0 and '"swin"' in inspected.stdout
 
     plan = read_plan(plan_path)
-    reloaded, spec, _ = load_model(pruned_path)
+    loaded = load_model(pruned_path)
+    reloaded, spec = loaded.module, loaded.spec
     assert spec.family == "swin" and spec.blocks == plan.pruned_blocks
     assert pruned.json()["params_after"] == plan.achieved["params"] == count_parameters(reloaded)
-    base, _, _ = load_model(base_path)
+    base = load_model(base_path).module
     x = images(4)
     with torch.no_grad(), masked(base, plan.keep):
         expected = base(x)
@@ -177,7 +179,7 @@ def test_unsupported_families_fail_naming_the_supported_ones(metric_set_file, tm
     assert_one_line_failure(refused, ExitCode.NOT_IMPLEMENTED)
     assert "resnet18" in refused.stderr and "vit (timm VisionTransformer" in refused.stderr \
         and "swin (timm SwinTransformer" in refused.stderr
-    model, _, _ = load_model(path)
+    model = load_model(path).module
     with pytest.raises(NotImplementedStageError, match="supported families: vit .*, swin"):
         prune_model(model, {"attn": [], "mlp": []})
     with pytest.raises(NotImplementedStageError, match="convnext_atto .* cannot be scored or pruned"):

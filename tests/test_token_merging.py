@@ -214,9 +214,10 @@ def test_prune_sets_keeps_and_clears_merging_through_the_artifact(scores_file, t
     assert tapvits("prune", first, plan_path, "-o", pruned).exit_code == 0
     assert read_artifact(pruned).header.params["token_merging"] == setting
     assert tapvits("validate", pruned).exit_code == 0
-    reloaded, spec, _ = load_model(pruned)
+    loaded = load_model(pruned)
+    reloaded, spec = loaded.module, loaded.spec
     assert spec.token_merging == TokenMerging("bipartite", (0, 3))
-    base, _, _ = load_model(tiny_model_file)
+    base = load_model(tiny_model_file).module
     plain = prune_model(base, read_plan(plan_path).keep)
     batch = torch.randn(8, 1, 8, 8)
     with torch.no_grad():
@@ -225,10 +226,11 @@ def test_prune_sets_keeps_and_clears_merging_through_the_artifact(scores_file, t
     replaced = tmp_path / "replaced.safetensors"
     assert tapvits("prune", pruned, "--merge", "neighbour", "--merge-schedule", "1,0", "--no-proportional-attention",
                    "-o", replaced).exit_code == 0
-    assert load_model(replaced)[1].token_merging == TokenMerging("neighbour", (1, 0), proportional_attention=False)
+    assert load_model(replaced).spec.token_merging == TokenMerging("neighbour", (1, 0), proportional_attention=False)
     cleared = tmp_path / "cleared.safetensors"
     assert tapvits("prune", replaced, "--merge", "none", "-o", cleared).exit_code == 0
-    cleared_model, cleared_spec, cleared_artifact = load_model(cleared)
+    loaded = load_model(cleared)
+    cleared_model, cleared_spec, cleared_artifact = loaded.module, loaded.spec, loaded.artifact
     assert cleared_spec.token_merging is None and "model.token_merging" not in cleared_artifact.metadata
     with torch.no_grad():
         assert torch.equal(cleared_model(batch), plain(batch))
@@ -265,7 +267,7 @@ def test_finetune_eval_and_export_see_the_merging(tiny_model_file, tmp_path, tap
     tuned = tmp_path / "tuned.safetensors"
     assert tapvits("finetune", merged_file, "--data", "digits:sample=64", "--batch-size", "32", "--max-steps", "2",
                    "--no-checkpoint", "-o", tuned).exit_code == 0
-    assert load_model(tuned)[1].token_merging == TokenMerging("neighbour", (1, 1))
+    assert load_model(tuned).spec.token_merging == TokenMerging("neighbour", (1, 1))
 
     report = tapvits("--json", "eval", merged_file, "--data", "digits:split=test", "--no-latency",
                      "-o", tmp_path / "r.json").json()
@@ -275,7 +277,7 @@ def test_finetune_eval_and_export_see_the_merging(tiny_model_file, tmp_path, tap
 
     onnx_file = tmp_path / "merged.onnx"
     assert tapvits("export", merged_file, "-o", onnx_file).exit_code == 0          # checked at batch 1 and 3
-    model_, _, _ = load_model(merged_file)
+    model_ = load_model(merged_file).module
     batch = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,8 +39,16 @@ def write_checkpoint(directory: str | os.PathLike, state: Mapping[str, Any], run
     return path
 
 
-def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(run, state)`` of the directory's checkpoint, or None when it holds none."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A read checkpoint: the run it belongs to (parameters and input hashes) and the state to resume."""
+
+    run: dict[str, Any]
+    state: dict[str, Any]    # epoch, step, model/optimizer/scheduler states, history
+
+
+def read_checkpoint(directory: str | os.PathLike) -> Checkpoint | None:
+    """The directory's checkpoint, or None when it holds none."""
     import torch
 
     path = checkpoint_path(directory)
@@ -52,7 +61,7 @@ def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[
         run = json.loads(state.pop("run"))
     except Exception as exc:  # torch raises assorted types for foreign or truncated files
         raise InvalidArtifactError(f"{path}: unreadable checkpoint ({exc}); delete it to start afresh") from None
-    return run, state
+    return Checkpoint(run, state)
 
 
 def remove_checkpoint(directory: str | os.PathLike) -> None:

@@ -17,6 +17,9 @@ from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, wri
 from tapvits_cli.artifacts.digests import tensor_rule, tensors_sha256
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
+from tapvits_cli.payloads.guarantees import audit_parameters, min_support
+from tapvits_cli.payloads.mixture import Mixture, Projection
+from tapvits_cli.payloads.zcdp import epsilon_for
 from tapvits_cli.vocabulary import COVARIANCE_TYPES
 
 KIND = "gmm"
@@ -49,7 +52,7 @@ class GmmInfo:
 
 def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[str, Any],
               inputs: Mapping[str, LineageEntry] | None = None):
-    """Write a fitted :class:`~tapvits_cli.gmm.mixture.Mixture` and its provenance; returns the path.
+    """Write a fitted :class:`~tapvits_cli.payloads.mixture.Mixture` and its provenance; returns the path.
 
     NumPy only: this runs on the device, which has no torch.
     """
@@ -83,12 +86,21 @@ def write_gmm(path: str | os.PathLike, mixture, info: GmmInfo, params: Mapping[s
     return write_safetensors(path, tensors, header, {f"{NAMESPACE}.{k}": v for k, v in metadata.items()})
 
 
-def read_gmm(path: str | os.PathLike):
-    """``(mixture, info, artifact)`` from a gmm artifact, after every check of protocol/gmm.md."""
+@dataclass(frozen=True)
+class Gmm:
+    """A read gmm artifact: the mixture, everything else it says (all aggregate), the opened file."""
+
+    mixture: Mixture
+    info: GmmInfo
+    artifact: ArtifactFile
+
+
+def read_gmm(path: str | os.PathLike) -> Gmm:
+    """Read and check a gmm artifact (every rule of protocol/gmm.md)."""
     artifact = read_artifact(path, expect=KIND)
     mixture, info, stored_cholesky = _parse(artifact)
     _check(artifact, mixture, info, stored_cholesky)
-    return mixture, info, artifact
+    return Gmm(mixture, info, artifact)
 
 
 # --- parsing and checks -------------------------------------------------------------------
@@ -116,8 +128,6 @@ def _covariance_shape(covariance_type: str, k: int, d: int) -> tuple[int, ...]:
 
 def _parse(artifact: ArtifactFile):
     """Metadata and tensors into a Mixture and GmmInfo; structural checks only."""
-    from tapvits_cli.gmm.mixture import Mixture, Projection
-
     for key in _REQUIRED_KEYS:
         if f"{NAMESPACE}.{key}" not in artifact.metadata:
             raise artifact.fail(f"required key '{NAMESPACE}.{key}' is missing")
@@ -200,8 +210,6 @@ def _check(artifact: ArtifactFile, mixture, info: GmmInfo, stored_cholesky: np.n
 
 def _check_dp_record(artifact: ArtifactFile, dp, info: GmmInfo) -> None:
     """A differentially private fit states its (ε, δ) and ρ, and computed no BIC (that would spend budget)."""
-    from tapvits_cli.gmm.dp import epsilon_for
-
     if not isinstance(dp, dict) or not all(finite_number(dp.get(key)) for key in ("epsilon", "delta", "rho")):
         raise artifact.fail(f"'{NAMESPACE}.privacy.dp' must hold the numbers epsilon, delta and rho")
     if not (dp["epsilon"] > 0 and 0 < dp["delta"] < 1 and dp["rho"] > 0):
@@ -215,8 +223,6 @@ def _check_dp_record(artifact: ArtifactFile, dp, info: GmmInfo) -> None:
 
 def _check_guarantees(artifact: ArtifactFile, mixture, info: GmmInfo) -> None:
     """The per-component guarantees that the parameters alone show (protocol/gmm.md)."""
-    from tapvits_cli.gmm.privacy import audit_parameters, min_support
-
     violations = audit_parameters(mixture, info.samples).violations(min_support(mixture.covariance_type, mixture.dim))
     if violations:
         raise artifact.fail(f"breaks a per-component privacy guarantee: {violations[0]}")
@@ -228,8 +234,6 @@ def _validate(artifact: ArtifactFile) -> None:
 
 
 def _summarize(artifact: ArtifactFile) -> Summary:
-    from tapvits_cli.gmm.privacy import audit_parameters
-
     mixture, info, _ = _parse(artifact)
     extractor = info.extractor
     figures = {

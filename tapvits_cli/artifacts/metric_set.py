@@ -18,6 +18,7 @@ from tapvits_cli.artifacts.containers import ArtifactFile, hdf5_reading, set_gro
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import IncompatibleArtifactError
+from tapvits_cli.payloads.coverage import selection_coverage
 from tapvits_cli.vocabulary import SELECTION_STRATEGIES
 
 KIND = "metric-set"
@@ -45,7 +46,7 @@ class MetricSet:
     extractor_sha256: str
     artifact: ArtifactFile
     score: np.ndarray | None = None                  # the ratio strategies' density ratio, per row
-    coverage: Mapping[str, Any] | None = None        # selection.coverage.selection_coverage(...)
+    coverage: Mapping[str, Any] | None = None        # payloads.coverage.selection_coverage(...)
     public_mixture: Mapping[str, Any] | None = None  # what the ratio strategies fitted on the pool
     class_prior: Mapping[str, Any] | None = None     # the class-prior strategy's estimated class shares
 
@@ -76,7 +77,7 @@ def write_metric_set(path: str | os.PathLike, selection, pool: Mapping[str, Any]
                      public_mixture: Mapping[str, Any] | None = None, class_prior: Mapping[str, Any] | None = None):
     """Write a :class:`~tapvits_cli.selection.Selection` whose columns hold ``ids`` and ``labels``.
 
-    ``coverage`` (``selection.selection_coverage``), ``public_mixture`` (what a ratio
+    ``coverage`` (``payloads.coverage.selection_coverage``), ``public_mixture`` (what a ratio
     strategy fitted) and ``class_prior`` (the class-prior strategy's estimate) are optional
     attributes; a selection with a ``score`` writes its column.
     """
@@ -231,8 +232,6 @@ def _check_class_prior(metric_set: MetricSet) -> None:
 
 def _check_coverage(metric_set: MetricSet) -> None:
     """The recorded coverage must be what the component column and the recorded weights give."""
-    from tapvits_cli.selection import selection_coverage
-
     coverage, artifact = metric_set.coverage, metric_set.artifact
     if coverage is None:
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
@@ -123,20 +124,39 @@ def _parse_integer(text: str) -> int:
     return int(text)
 
 
-def read_model_spec(path: str | os.PathLike) -> tuple[ArtifactFile, ModelSpec]:
+@dataclass(frozen=True)
+class ModelFile:
+    """A model artifact read without building its module: the architecture and the opened file
+    (header, metadata, tensor shapes); ``weights`` (name → tensor) once :func:`verify_model` checked them."""
+
+    spec: ModelSpec
+    artifact: ArtifactFile
+    weights: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model artifact loaded by :func:`load_model`: the module (eval mode), its architecture, the opened file."""
+
+    module: Any            # torch.nn.Module
+    spec: ModelSpec
+    artifact: ArtifactFile
+
+
+def read_model_spec(path: str | os.PathLike) -> ModelFile:
     """Header and architecture only, without loading any weight (nor checking the architecture)."""
     artifact = read_artifact(path, expect=KIND)
-    return artifact, spec_from_metadata(artifact.metadata, str(path))
+    return ModelFile(spec_from_metadata(artifact.metadata, str(path)), artifact)
 
 
-def verify_model(path: str | os.PathLike) -> tuple[ArtifactFile, ModelSpec, dict]:
-    """``(artifact, spec, state dict)`` after every rule ``validate`` applies to a model.
+def verify_model(path: str | os.PathLike) -> ModelFile:
+    """The model file with its ``weights``, after every rule ``validate`` applies to a model.
 
     For consumers that need the model's identity but not a module (``allocate --model``):
     they refuse exactly what ``validate`` refuses.
     """
-    artifact, spec = read_model_spec(path)
-    return artifact, spec, _verified_state(artifact, spec)
+    read = read_model_spec(path)
+    return ModelFile(read.spec, read.artifact, _verified_state(read.artifact, read.spec))
 
 
 def _verified_state(artifact: ArtifactFile, spec: ModelSpec) -> dict:
@@ -146,8 +166,8 @@ def _verified_state(artifact: ArtifactFile, spec: ModelSpec) -> dict:
     return state
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu"):
-    """``(module, spec, artifact)`` from a model artifact, in eval mode, its content verified.
+def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """The module of a model artifact, in eval mode on ``device``, its content verified.
 
     Every rule of ``validate`` runs first (:func:`verify_model`): the architecture is rebuilt
     on the ``meta`` device and checked against the tensors and the metadata before any
@@ -158,12 +178,12 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
     """
     from tapvits_cli.models.factory import build_model
 
-    artifact, spec, state = verify_model(path)
+    verified = verify_model(path)
     try:
-        model = build_model(spec, state, source=str(path))
+        model = build_model(verified.spec, verified.weights, source=str(path))
     except RuntimeError as exc:
         raise InvalidArtifactError(f"{path}: weights do not fit the recorded architecture ({_first_line(exc)})") from None
-    return model.to(device), spec, artifact
+    return LoadedModel(model.to(device), verified.spec, verified.artifact)
 
 
 def check_weights(artifact: ArtifactFile, state: Mapping[str, Any]) -> None:
@@ -307,8 +327,9 @@ def load_extractor(path: str | os.PathLike, device: str = "cpu"):
     from tapvits_cli.data.preprocess import Preprocessing
     from tapvits_cli.models.extract import make_extractor
 
-    model, spec, artifact = load_model(path, device=device)
-    return make_extractor(model, spec.architecture, spec.kwargs, artifact.metadata["model.weights_sha256"],
+    loaded = load_model(path, device=device)
+    spec, weights_sha256 = loaded.spec, loaded.artifact.metadata["model.weights_sha256"]
+    return make_extractor(loaded.module, spec.architecture, spec.kwargs, weights_sha256,
                           Preprocessing.from_dict(spec.preprocessing))
 
 

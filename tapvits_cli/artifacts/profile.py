@@ -2,7 +2,7 @@
 
 See protocol/profile.md. ``tapvits profile`` writes it on the device; the cloud reads it to
 predict the latency of any pruned model of that architecture on that device
-(``latency.table.predict_latency``) without the device.
+(``payloads.latency_table.predict_latency``) without the device.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 from tapvits_cli.artifacts.containers import ArtifactFile, read_json_body, write_json
 from tapvits_cli.artifacts.header import Header, LineageEntry
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
-from tapvits_cli.latency.table import RUNTIMES, BranchTable, LatencyProfile
+from tapvits_cli.payloads.latency_table import BranchTable, LatencyProfile, predict_latency
+from tapvits_cli.vocabulary import RUNTIMES
 
 KIND = "profile"
 VERSION = 1
@@ -129,8 +130,6 @@ def _validate(artifact: ArtifactFile) -> None:
 def _summarize(artifact: ArtifactFile) -> Summary:
     """Figures, then per batch size one table of milliseconds per block at each measured width."""
     profile = _parse(artifact)
-    from tapvits_cli.latency.table import predict_latency
-
     figures = {
         "architecture": profile.model["architecture"], "kwargs": dict(profile.model["kwargs"]),
         "blocks": len(profile.blocks), "tokens": profile.tokens,

@@ -1,1 +1,1 @@
-"""The command line: thin modules that parse options, call stage logic and write artifacts."""
+"""The command line: thin modules that parse options, call ``stages.<name>.run`` and render its result."""

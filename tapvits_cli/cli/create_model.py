@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
-from tapvits_cli.cli.output import emit, log
-from tapvits_cli.errors import UsageError
-from tapvits_cli.models.arguments import parse_model_args
+from tapvits_cli.cli.options import WritingCommand, global_options
+from tapvits_cli.cli.output import emit
 
 
 @click.command("create-model", cls=WritingCommand, short_help="Create a model artifact from a timm architecture (random, file or pretrained weights).")
@@ -46,31 +44,8 @@ def command(architecture: str, output: str, model_args: tuple[str, ...], weights
     tapvits create-model deit_tiny_patch16_224 --weights deit_tiny.pth -a num_classes=10
     -a img_size=112 -o deit10.safetensors
     """
-    from tapvits_cli.artifacts.external import read_weights_file
-    from tapvits_cli.artifacts.files import sha256_file
-    from tapvits_cli.artifacts.header import LineageEntry
-    from tapvits_cli.artifacts.model import write_model
-    from tapvits_cli.models.checkpoints import import_checkpoint
-    from tapvits_cli.models.factory import count_parameters, create_model, describe_model
-    from tapvits_cli.runtime import seed_everything
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import create_model
 
-    if weights and pretrained:
-        raise UsageError("--weights and --pretrained are exclusive: choose one source of weights")
-    kwargs = parse_model_args(model_args)
-    seed_everything(CURRENT.seed)
-    model = create_model(architecture, kwargs, pretrained=pretrained)
-    inputs, imported = {}, {}
-    if weights:
-        layout, notes = import_checkpoint(model, read_weights_file(weights), f"{weights} ({architecture} {kwargs or ''})")
-        log(f"{click.format_filename(weights, shorten=True)}: {layout} layout", level=1)
-        for note in notes:
-            log(note)
-        imported = {"weights_layout": layout, "adapted": notes}
-        inputs["weights"] = LineageEntry(sha256_file(weights), "file", click.format_filename(weights, shorten=True))
-    names = [n.strip() for n in class_names.split(",")] if class_names else None
-    spec = describe_model(model, architecture, kwargs, names)
-    params = {"architecture": architecture, "kwargs": kwargs, "pretrained": pretrained, "seed": CURRENT.seed}
-    path = write_model(output, model, spec, params, inputs)
-    parameters = count_parameters(model)
-    log(f"{architecture}: {parameters:,} parameters, family {spec.family}, {len(spec.blocks)} blocks", level=1)
-    emit({"output": str(path), "kind": "model", "parameters": parameters, "family": spec.family, **imported}, str(path))
+    result = run_stage(create_model)
+    emit(result.document, result.output)

@@ -41,16 +41,10 @@ def command(reference: str) -> None:
       tapvits dataset "fashion-mnist:split=test:classes=0,1:fold=1/2"
       tapvits dataset "fashion-mnist:split=test:dirichlet=0.1:part=2/5:fold=0/2"
     """
-    import numpy as np
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import dataset
 
-    from tapvits_cli.data import open_dataset
-
-    dataset = open_dataset(reference)
-    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
-    document = {
-        **dataset.provenance(),
-        "class_counts": {name: int(n) for name, n in zip(dataset.class_names, counts) if n},
-    }
+    document = run_stage(dataset).document
     if CURRENT.json:
         emit(document)
         return

@@ -1,33 +1,13 @@
-"""``tapvits fit-gmm``: on a device, private images → a Gaussian mixture artifact, nothing per sample.
-
-Longer than most subcommands for its many fitting options and their ``--help``; the work
-is ``stages.fit_gmm``.
-"""
+"""``tapvits fit-gmm``: on a device, private images → a Gaussian mixture artifact, nothing per sample."""
 
 from __future__ import annotations
-
-import re
 
 import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
-from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
+from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options, integer_ranges
 from tapvits_cli.cli.output import emit
-from tapvits_cli.vocabulary import (COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_DEFAULT_DIM,
-                                   DP_DEFAULT_ITERATIONS)
-
-def parse_components(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    """'2-10', '3' or '2,4,8' → sorted distinct K >= 1 (None: the default of the fitting mode)."""
-    if value is None:
-        return None
-    ks: set[int] = set()
-    for item in value.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
-        low, high = (int(match[1]), int(match[2] or match[1])) if match else (0, -1)
-        if not match or low < 1 or high < low:
-            raise click.BadParameter(f"expected K >= 1 as a range or list like 2-10 or 2,4,8, got {value!r}")
-        ks.update(range(low, high + 1))
-    return sorted(ks)
+from tapvits_cli.vocabulary import COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS
 
 
 @click.command("fit-gmm", cls=WritingCommand, short_help="On a device: fit a Gaussian mixture to features of private images.")
@@ -41,7 +21,7 @@ def parse_components(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--no-pca", is_flag=True, help="Fit the mixture on the full feature vectors (no PCA).")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
               help="Scale each feature to unit variance before PCA and fitting.")
-@click.option("--components", default=None, callback=parse_components,
+@click.option("--components", default=None, callback=integer_ranges(1, "K >= 1 as a range or list like 2-10 or 2,4,8"),
               help="Numbers of components K to try; the lowest BIC wins (range or list: 2-10, 2,4,8)  "
                    f"[default: 2-10; {DP_DEFAULT_COMPONENTS} with --dp-epsilon, which fits one K]")
 @click.option("--covariance", type=click.Choice(COVARIANCE_TYPES), default=None,

@@ -1,7 +1,6 @@
 """``tapvits inspect PATH...``: what any file or run directory tapvits wrote is, and its key figures.
 
-Longer than a stage's subcommand because it renders every kind's text view itself; the
-documents come from ``reporting/``.
+The documents and their text view come from ``reporting/``.
 """
 
 from __future__ import annotations
@@ -43,50 +42,11 @@ def command(paths: tuple[str, ...], units: bool, blocks: tuple[int, ...]) -> Non
     if CURRENT.json:
         emit(documents[0] if len(documents) == 1 else {"inspected": documents})
         return
+    from tapvits_cli.reporting.text import document_tables
+
+    out = console(stderr=False)
     for index, document in enumerate(documents):
         if index:
             click.echo()
-        _render(document)
-
-
-def _cell(name: str, value) -> str:
-    """A value as the text view shows it: fractions as percentages, floats to 4 significant digits."""
-    from tapvits_cli.reporting.inspection import FRACTION_NAMES
-
-    if isinstance(value, bool) or value is None:
-        return "–" if value is None else str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.2%}" if name in FRACTION_NAMES else f"{value:.4g}"
-    if isinstance(value, (dict, list)):
-        import json
-
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
-def _render(document: dict) -> None:
-    import json
-
-    from rich.table import Table
-
-    out = console(stderr=False)
-    head = Table(show_header=False, box=None, pad_edge=False)
-    head.add_column(style="bold")
-    head.add_column()
-    for key in ("path", "kind", "version", "format", "producer", "producer_version", "created"):
-        if document.get(key) is not None:
-            head.add_row(key, str(document[key]))
-    for role, entry in document["inputs"].items():
-        head.add_row(f"input {role}", f"{entry['kind']} {entry['name']} sha256:{entry['sha256']}")
-    if document["params"]:
-        head.add_row("params", json.dumps(document["params"], sort_keys=True))
-    for key, value in document["figures"].items():
-        head.add_row(key, _cell(key, value))
-    out.print(head, markup=False)
-    for table in document["tables"]:
-        view = Table(title=table["title"], title_justify="left")
-        for column in table["columns"]:
-            view.add_column(column, justify="right")
-        for row in table["rows"]:
-            view.add_row(*(_cell(column, v) for column, v in zip(table["columns"], row)))
-        out.print(view, markup=False)
+        for table in document_tables(document):
+            out.print(table, markup=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -111,6 +112,23 @@ class FiniteFloat(click.FloatRange):
 
     def _describe_range(self) -> str:
         return "" if self.min is None and self.max is None else super()._describe_range()
+
+
+def integer_ranges(minimum: int, expected: str) -> Callable:
+    """A click callback reading ``'2-10'``, ``'3'`` or ``'1,3,5-7'`` as sorted distinct integers ≥ ``minimum``
+    (None stays None); any other text is refused as "expected ``expected``"."""
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+        if value is None:
+            return None
+        found: set[int] = set()
+        for item in value.split(","):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+            low, high = (int(match[1]), int(match[2] or match[1])) if match else (minimum, minimum - 1)
+            if not match or low < minimum or high < low:
+                raise click.BadParameter(f"expected {expected}, got {value!r}")
+            found.update(range(low, high + 1))
+        return sorted(found)
+    return parse
 
 
 def _named_files(value: Any) -> Iterator[str]:

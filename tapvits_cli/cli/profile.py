@@ -1,52 +1,20 @@
-"""``tapvits profile``: a model's architecture → this device's latency table (a profile artifact).
-
-Longer than the pipeline's subcommands: it is not on the stage API yet, so it checks its
-options and writes the artifact itself (``latency/`` measures).
-"""
+"""``tapvits profile``: a model's architecture → this device's latency table (a profile artifact)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from tapvits_cli.cli.options import CURRENT, WritingCommand, global_options
-from tapvits_cli.cli.output import emit, progress_bar, stderr_console
-from tapvits_cli.errors import UsageError
-
-
-def _integers(option: str, text: str | None) -> tuple[int, ...] | None:
-    """'1,32' → (1, 32); positive integers only."""
-    if text is None:
-        return None
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise UsageError(f"{option} must be positive integers separated by commas (e.g. 1,32), got '{text}'")
-    return values
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module says."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from tapvits_cli.cli.options import WritingCommand, global_options
+from tapvits_cli.cli.output import emit
+from tapvits_cli.stages.profile import AUTO_RUNTIME
+from tapvits_cli.vocabulary import RUNTIMES
 
 
 @click.command("profile", cls=WritingCommand,
                short_help="Measure this device's latency for a model's blocks at every prunable width.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Profile artifact to write (.json).")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto",
+@click.option("--runtime", type=click.Choice([AUTO_RUNTIME, *RUNTIMES]), default=AUTO_RUNTIME,
               help="Runtime the blocks run on; onnxruntime (CPU provider) builds them as ONNX graphs with NumPy "
                    "alone, so the device install profiles too  [default: torch where installed, else onnxruntime]")
 @click.option("--batch-sizes", default="1,32", show_default=True, metavar="B,B", help="Batch sizes to measure.")
@@ -71,7 +39,7 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
     batch size, interleaved over --repeats rounds after --warmup. Only the architecture
     of MODEL matters (pruned or not, the unpruned widths are profiled; weights are not
     used). The latency of any pruned model of that architecture is then predicted from
-    the table (tapvits_cli.latency.predict_model). ViT/DeiT models only.
+    the table (tapvits_cli.payloads.latency_table.predict_model). ViT/DeiT models only.
 
     Without torch (the device install) the blocks run on onnxruntime and the architecture
     is read from MODEL's header; give it the unpruned base model (a pruned one is profiled
@@ -79,47 +47,8 @@ def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens
 
     Example: tapvits profile base.safetensors -o device.profile.json --batch-sizes 1,32
     """
-    from tapvits_cli.artifacts.files import sha256_file
-    from tapvits_cli.artifacts.header import LineageEntry
-    from tapvits_cli.artifacts.model import read_model_spec
-    from tapvits_cli.artifacts.profile import write_profile
-    from tapvits_cli.latency.measure import measure_profile
-    from tapvits_cli.runtime import resolve_device, seed_everything, torch_available
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import profile
 
-    sizes = _integers("--batch-sizes", batch_sizes)
-    mlp_widths = _integers("--widths", widths)
-    if runtime == "auto":
-        runtime = "torch" if torch_available() else "onnxruntime"
-    if runtime == "torch":
-        device = resolve_device(CURRENT.device)
-    elif CURRENT.device not in ("cpu", "auto"):
-        raise UsageError("--runtime onnxruntime runs on the CPU provider: use --device cpu")
-    else:
-        device = "cpu"
-    seed_everything(CURRENT.seed)
-    artifact, spec = read_model_spec(model_path)
-    gpu = None
-    if device == "cuda":
-        import torch
-
-        gpu = torch.cuda.get_device_name(torch.device(device))
-    with progress_bar("profile", warmup + repeats) as advance:
-        profile = measure_profile(spec, sizes, runtime=runtime, device=device, tokens=tokens, mlp_widths=mlp_widths,
-                                  repeats=repeats, warmup=warmup, threads=threads, cpu=cpu_name(), gpu=gpu,
-                                  seed=CURRENT.seed, on_progress=advance,
-                                  tensors={name: info.shape for name, info in artifact.tensors.items()},
-                                  source=str(model_path))
-    params = {"runtime": runtime, "batch_sizes": list(profile.batch_sizes), "tokens": tokens,
-              "widths": list(mlp_widths) if mlp_widths else None, "repeats": repeats, "warmup": warmup,
-              "threads": profile.threads, "seed": CURRENT.seed, "device": device}
-    inputs = {"model": LineageEntry(sha256_file(model_path), "model", Path(model_path).name)}
-    path = write_profile(output, profile, params, inputs)
-    from tapvits_cli.latency.table import predict_latency
-
-    predicted = {b: predict_latency(profile, profile.blocks, b).total_ms for b in profile.batch_sizes}
-    if CURRENT.verbosity >= 0:
-        stderr_console().print(f"profiled {spec.architecture} on {profile.runtime} {profile.runtime_version} "
-                               f"({profile.threads} threads, {profile.cpu or profile.device}); unpruned model: "
-                               + ", ".join(f"batch {b} {ms:.2f} ms" for b, ms in predicted.items()))
-    emit({"path": str(path), "runtime": profile.runtime, "batch_sizes": list(profile.batch_sizes),
-          "tokens": profile.tokens, "unpruned_ms": {str(b): ms for b, ms in predicted.items()}}, str(path))
+    result = run_stage(profile)
+    emit(result.document, result.output)

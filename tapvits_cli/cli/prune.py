@@ -1,9 +1,5 @@
 """``tapvits prune``: a model and a plan made for it → the physically smaller model artifact,
-optionally with token merging set (or cleared) — also on a model without a plan.
-
-Longer than most subcommands only for its ``--help`` (four examples) and the parsers of
-block lists; the work is ``stages.prune``.
-"""
+optionally with token merging set (or cleared) — also on a model without a plan."""
 
 from __future__ import annotations
 
@@ -11,23 +7,10 @@ import re
 
 import click
 
-from tapvits_cli.cli.options import WritingCommand, global_options
+from tapvits_cli.cli.options import WritingCommand, global_options, integer_ranges
 from tapvits_cli.cli.output import emit
 from tapvits_cli.stages.prune import NO_MERGING
 from tapvits_cli.vocabulary import MERGE_METHODS
-
-
-def parse_blocks(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    """'0-5', '3' or '1,3,5-7' → sorted distinct block indices."""
-    if value is None:
-        return None
-    blocks: set[int] = set()
-    for item in value.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
-        if not match or int(match[2] or match[1]) < int(match[1]):
-            raise click.BadParameter(f"expected block indices like 0-5 or 1,3,5, got {value!r}")
-        blocks.update(range(int(match[1]), int(match[2] or match[1]) + 1))
-    return sorted(blocks)
 
 
 def parse_schedule(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -49,7 +32,7 @@ def parse_schedule(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--merge-amount", type=click.IntRange(min=0), default=None, metavar="N",
               help="In each merging block: tokens removed (bipartite) or pairs of adjacent columns/rows merged "
                    "(neighbour).")
-@click.option("--merge-layers", callback=parse_blocks, default=None, metavar="BLOCKS",
+@click.option("--merge-layers", callback=integer_ranges(0, "block indices like 0-5 or 1,3,5"), default=None, metavar="BLOCKS",
               help="Blocks that merge, with --merge-amount, e.g. 0-5 or 1,3,5  [default: all]")
 @click.option("--merge-schedule", callback=parse_schedule, default=None, metavar="A0,A1,…",
               help="One amount per block (0: no merge there), instead of --merge-amount.")

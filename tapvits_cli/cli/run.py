@@ -284,8 +284,7 @@ def _summary(recipe, outcomes, directory, failed_devices: set[str]) -> dict:
 
     by_id = {outcome.step.id: outcome for outcome in outcomes}
     base_path = recipe.base_model.artifact or str(directory.path("base/model.safetensors"))
-    base_artifact, _ = read_model_spec(base_path)
-    base_parameters = int(base_artifact.metadata["model.parameters"])
+    base_parameters = int(read_model_spec(base_path).artifact.metadata["model.parameters"])
     results = []
     for device in recipe.devices:
         if device.name in failed_devices:

@@ -6,7 +6,6 @@ import click
 
 from tapvits_cli.cli.options import CURRENT, global_options
 from tapvits_cli.cli.output import emit
-from tapvits_cli.errors import TapvitsError
 
 
 @click.command("validate", short_help="Check artifacts against the protocol; non-zero exit on failure.")
@@ -18,18 +17,11 @@ def command(paths: tuple[str, ...]) -> None:
     Prints "PATH: ok (KIND vN)" per valid file on stdout; the first failure is one
     line on stderr and sets the exit code (3 invalid, 4 incompatible).
     """
-    from tapvits_cli.artifacts.kinds import validate_artifact
+    from tapvits_cli.cli.stage_call import run_stage
+    from tapvits_cli.stages import validate
 
-    results, failure = [], None
-    for path in paths:
-        try:
-            artifact = validate_artifact(path)
-        except TapvitsError as exc:
-            results.append({"path": path, "valid": False, "error": str(exc)})
-            failure = failure or exc
-            continue
-        header = artifact.header
-        results.append({"path": path, "valid": True, "kind": header.kind, "version": header.version})
+    result = run_stage(validate)
+    results, failure = result.results, result.failure
     if CURRENT.json:
         emit({"results": results})
     elif any(r["valid"] for r in results):

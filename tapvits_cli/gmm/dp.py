@@ -21,7 +21,7 @@ artifact records it):
    Privacy: Simplifications, Extensions, and Lower Bounds", TCC 2016): a Gaussian
    mechanism of L2 sensitivity Δ and noise σ is Δ²/(2σ²)-zCDP, zCDP composes by
    addition, and ρ-zCDP implies (ρ + 2√(ρ ln(1/δ)), δ)-DP. The (ε, δ) asked for is turned
-   into the total ρ, split as :data:`BUDGET_SHARES` says.
+   into the total ρ, split as :data:`BUDGET_SHARES` says (:mod:`tapvits_cli.payloads.zcdp`).
 
 L2 sensitivities under replacement of one sample (rᵢ is a probability vector, ‖zᵢ‖ ≤ R):
 sum of unit vectors 2; second-moment matrix √2 (‖uuᵀ − vvᵀ‖_F ≤ √2 for unit u, v);
@@ -39,7 +39,8 @@ import numpy as np
 
 from tapvits_cli.errors import NotImplementedStageError, ParameterError, UsageError
 from tapvits_cli.gmm.fit import default_pca_dim
-from tapvits_cli.gmm.mixture import Mixture, Projection, unit_rows
+from tapvits_cli.payloads.mixture import Mixture, Projection, unit_rows
+from tapvits_cli.payloads.zcdp import epsilon_for, gaussian_sigma, rho_for
 from tapvits_cli.vocabulary import DP_COVARIANCE_TYPES, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS
 
 DEFAULT_DELTA = 1e-5
@@ -51,7 +52,7 @@ BUDGET_SHARES = {"projection_mean": 0.05, "projection_second_moment": 0.15, "em"
 # bound is loose when the features share a direction, and noise grows with R².
 CLIP_RMS_MULTIPLE = 3.0
 # Component variances are floored at this fraction of the noisy data variance (post-processing),
-# which keeps every written component well above the variance guarantee of gmm.privacy.
+# which keeps every written component well above the variance guarantee of payloads.guarantees.
 VARIANCE_FLOOR = 0.05
 
 
@@ -63,26 +64,6 @@ def default_private_dim(samples: int, feature_dim: int) -> int:
     every release's noise grows with d, so fewer dimensions than a plain fit would use.
     """
     return min(DP_DEFAULT_DIM, default_pca_dim(samples, feature_dim) or feature_dim)
-
-
-def rho_for(epsilon: float, delta: float) -> float:
-    """The largest ρ whose ρ-zCDP implies (ε, δ)-DP: ρ = (√(ln(1/δ) + ε) − √ln(1/δ))²."""
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ParameterError(f"{{dp_epsilon}} must be a finite number > 0, got {epsilon}")
-    if not 0 < delta < 1:
-        raise ParameterError(f"{{dp_delta}} must lie strictly between 0 and 1, got {delta}")
-    log_term = math.log(1 / delta)
-    return (math.sqrt(log_term + epsilon) - math.sqrt(log_term)) ** 2
-
-
-def epsilon_for(rho: float, delta: float) -> float:
-    """The ε that ρ-zCDP guarantees at δ: ρ + 2√(ρ ln(1/δ))."""
-    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
-
-
-def gaussian_sigma(sensitivity: float, rho: float) -> float:
-    """Noise standard deviation that makes a query of L2 ``sensitivity`` ρ-zCDP: Δ / √(2ρ)."""
-    return sensitivity / math.sqrt(2 * rho)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ The refusal rules exist for privacy as much as for statistics (protocol/gmm.md):
 * before fitting, a fit is refused, or a K dropped, when the samples cannot support it
   on average: at least ``min_samples`` samples in total (default 50), a projection
   dimension d below the sample count and at most the feature dimension D, and
-  ``n / K`` at least :func:`~tapvits_cli.gmm.privacy.min_support` for the covariance type;
+  ``n / K`` at least :func:`~tapvits_cli.payloads.guarantees.min_support` for the covariance type;
 * after fitting, a K is rejected when any one component breaks the per-component
-  guarantees of :mod:`tapvits_cli.gmm.privacy` (support, variance floor, distance of
+  guarantees of :mod:`tapvits_cli.payloads.guarantees` (support, variance floor, distance of
   its mean to the nearest private sample): averages say nothing about the smallest
   component, and EM readily puts one component on a single sample.
 
@@ -25,10 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from tapvits_cli.errors import ParameterError, UsageError
-from tapvits_cli.gmm.mixture import Mixture, Projection
+from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance
+from tapvits_cli.payloads.guarantees import component_variances, min_support
+from tapvits_cli.payloads.mixture import Mixture, Projection
 from tapvits_cli.vocabulary import COVARIANCE_TYPES
-from tapvits_cli.gmm.privacy import (audit_against_data, component_variances, median_neighbour_distance,
-                                     min_support)
 
 DEFAULT_MIN_SAMPLES = 50
 DEFAULT_COMPONENTS = range(2, 11)

@@ -1,13 +1,8 @@
-"""Latency on a device: the measured table of a ``profile`` and the latency of a pruned model predicted from it.
+"""Latency on a device: measuring the table of a ``profile`` (``tapvits profile``).
 
-``table`` is pure (no torch): what the cloud needs to predict. ``measure`` times real
-blocks with torch or onnxruntime (``tapvits profile``); on onnxruntime the blocks are the
-graphs of ``onnx_graphs`` and the architecture is read by ``architecture``, neither of
-which needs torch, so the device install profiles too.
+``measure`` times real blocks with torch or onnxruntime; on onnxruntime the blocks are
+the graphs of ``onnx_graphs`` and the architecture is read by ``architecture``, neither
+of which needs torch, so the device install profiles too. The table itself and the
+latency of a pruned model predicted from it (pure, no torch: what the cloud needs) are
+:mod:`tapvits_cli.payloads.latency_table`, which the profile artifact reads and writes.
 """
-
-from tapvits_cli.latency.table import (BranchTable, LatencyPrediction, LatencyProfile, check_fits, model_fingerprint,
-                                       predict_latency, predict_model)
-
-__all__ = ["BranchTable", "LatencyPrediction", "LatencyProfile", "check_fits", "model_fingerprint", "predict_latency",
-           "predict_model"]

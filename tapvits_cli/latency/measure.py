@@ -35,8 +35,9 @@ import numpy as np
 
 from tapvits_cli.errors import NotImplementedStageError, UsageError
 from tapvits_cli.latency.architecture import Architecture, read_architecture
-from tapvits_cli.latency.table import RUNTIMES, BranchTable, LatencyProfile, default_mlp_widths, model_fingerprint
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
+from tapvits_cli.payloads.latency_table import BranchTable, LatencyProfile, default_mlp_widths, model_fingerprint
+from tapvits_cli.vocabulary import RUNTIMES
 
 Runner = Callable[[int], float]   # run(batch) -> milliseconds of one forward pass
 

@@ -4,7 +4,7 @@ Pure: the caller reads the reports and metric sets and passes their contents in.
 Selection precision is the share of the selected public images whose label is one the
 device's private data holds; it exists only for simulated devices, whose private labels
 the benchmark may look at (a real device's labels never leave it), and so do class
-recall and the smallest class's ratio (``selection.coverage.class_coverage``). Component
+recall and the smallest class's ratio (``payloads.coverage.class_coverage``). Component
 coverage is label-free: the metric set records it for every device.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tapvits_cli.selection.coverage import class_coverage
+from tapvits_cli.payloads.coverage import class_coverage
 
 
 @dataclass(frozen=True)

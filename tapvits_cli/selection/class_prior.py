@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.gmm.mixture import Mixture
+from tapvits_cli.payloads.mixture import Mixture
 
 MIN_CLASS_SHARE = 0.01   # estimated shares below this (or below 0.1 / classes) get no quota
 DRAW_STREAM = 11         # default_rng([seed, 11]) draws the samples of the device mixture

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.gmm.mixture import Mixture
+from tapvits_cli.payloads.mixture import Mixture
 
 SAMPLE_STREAM = 7   # default_rng([seed, 7]) draws the pool rows the public mixture is fitted on
 

@@ -42,8 +42,8 @@ def run(options: Options) -> Result:
                          "use --strategy uniform or global, or score again with the KL probes")
     inputs = {"scores": artifact_lineage(options.scores_path, "scores")}
     if options.model_path:
-        artifact, spec, _ = verify_model(options.model_path)   # every rule validate applies, weights included
-        if not made_for(scores.model_sha256, scores.blocks, artifact, spec):
+        model = verify_model(options.model_path)   # every rule validate applies, weights included
+        if not made_for(scores.model_sha256, scores.blocks, model):
             raise IncompatibleArtifactError(f"{options.scores_path} was computed on another model (weights "
                                             f"{scores.model_sha256[:12]}) than {options.model_path}: score this "
                                             "model first")

@@ -34,17 +34,19 @@ def run(options: Options) -> Result:
     from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.artifacts.gmm import read_gmm
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance, membership_auc, min_support
+    from tapvits_cli.gmm.privacy import audit_against_data, median_neighbour_distance, membership_auc
+    from tapvits_cli.payloads.guarantees import min_support
     from tapvits_cli.runtime import resolve_device
     from tapvits_cli.stages.extractor import embed_dataset, resolve_extractor
 
     gmm = options.gmm
     if options.max_auc is not None and options.held_out_ref is None:
         raise UsageError("--max-auc needs --held-out: the AUC compares fitted with held-out samples")
-    mixture, info, artifact = read_gmm(gmm)
+    read = read_gmm(gmm)
+    mixture, info = read.mixture, read.info
     device = resolve_device(options.device)
     private = open_dataset(options.private_ref)
-    recorded = artifact.header.inputs.get("data")
+    recorded = read.artifact.header.inputs.get("data")
     if recorded is None or recorded.sha256 != private.fingerprint():
         raise IncompatibleArtifactError(f"{gmm} was not fitted on {options.private_ref}: its data fingerprint "
                                         f"differs (an audit against other samples would prove nothing)")

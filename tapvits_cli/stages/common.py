@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from tapvits_cli.errors import UsageError
+
 # Process-wide options every stage takes; rendered after its own, as the global options.
 GLOBAL_FIELDS = ("seed", "device")
 
@@ -47,6 +49,17 @@ def comma_list(values) -> str:
     return ",".join(str(v) for v in values)
 
 
+def positive_integers(flag: str, text: str) -> tuple[int, ...]:
+    """``"1,32"`` → ``(1, 32)``: the value of a list option of positive integers (batch sizes, widths)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} must be positive integers separated by commas (e.g. 1,32), got '{text}'")
+    return values
+
+
 def command_tokens(options) -> list[Any]:
     """The subcommand's arguments that make ``options``: positional arguments, then every
     option that differs from its default, then the global options (``--seed``, ``--device``).
@@ -61,8 +74,11 @@ def command_tokens(options) -> list[Any]:
         return render(value) if isinstance(value, (str, int, float, list, tuple)) else value
 
     fields = [f for f in dataclasses.fields(options) if f.name not in GLOBAL_FIELDS]
-    tokens = [text(getattr(options, f.name)) for f in fields
-              if f.metadata.get("positional") and getattr(options, f.name) is not None]
+    tokens = []
+    for field in fields:
+        value = getattr(options, field.name)
+        if field.metadata.get("positional") and value is not None:
+            tokens += [text(item) for item in value] if isinstance(value, tuple) else [text(value)]
     for field in fields:
         if field.metadata.get("positional"):
             continue
@@ -112,11 +128,12 @@ def dataset_lineage(dataset, name: str | None = None):
     return LineageEntry(dataset.fingerprint(), "dataset", str(dataset.ref) if name is None else name)
 
 
-def made_for(record_sha256: str, record_blocks, model_artifact, model_spec) -> bool:
-    """Whether scores or a plan that record a model (``weights_sha256`` and block widths) were made for this model.
+def made_for(record_sha256: str, record_blocks, model) -> bool:
+    """Whether scores or a plan that record a model (``weights_sha256`` and block widths) were made for ``model``
+    (a read model artifact: ``artifacts.model.ModelFile`` or ``LoadedModel``).
 
     The rule ``allocate --model`` and ``prune`` apply alike: the same weights (by content,
     so a re-saved copy still matches) and the same widths per block.
     """
-    return (model_artifact.metadata.get("model.weights_sha256") == record_sha256
-            and tuple(model_spec.blocks) == tuple(record_blocks))
+    return (model.artifact.metadata.get("model.weights_sha256") == record_sha256
+            and tuple(model.spec.blocks) == tuple(record_blocks))

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
-from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option
+from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
+from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option, positive_integers
 from tapvits_cli.stages.feedback import progress
 
 
@@ -36,16 +36,6 @@ class Result:
     below_threshold: str | None   # why top-1 misses --min-top1 (the report is written anyway)
 
 
-def batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise UsageError(f"--latency-batches must be positive integers separated by commas (e.g. 1,32), got '{text}'")
-    return sizes
-
-
 def run(options: Options) -> Result:
     import torch
 
@@ -57,11 +47,12 @@ def run(options: Options) -> Result:
     from tapvits_cli.models.factory import count_parameters
     from tapvits_cli.runtime import resolve_device, seed_everything
 
-    sizes = () if options.no_latency else batch_sizes(options.latency_batches)
+    sizes = () if options.no_latency else positive_integers("--latency-batches", options.latency_batches)
     device = resolve_device(options.device)
     seed_everything(options.seed)
     dataset = open_dataset(options.data)
-    model, spec, artifact = load_model(options.model_path, device=device)
+    loaded = load_model(options.model_path, device=device)
+    model, spec = loaded.module, loaded.spec
     if len(dataset) and int(dataset.labels.max()) >= spec.num_classes:
         raise IncompatibleArtifactError(f"{options.model_path} has {spec.num_classes} classes, but {dataset.ref} has "
                                         f"label {int(dataset.labels.max())}; evaluate on a dataset with its classes")
@@ -75,7 +66,7 @@ def run(options: Options) -> Result:
                                    f"{accuracy.loss}: its weights are damaged or overflow; no report written")
     names = spec.class_names or dataset.class_names
     body = {
-        "model": {"architecture": spec.architecture, "weights_sha256": artifact.metadata["model.weights_sha256"]},
+        "model": {"architecture": spec.architecture, "weights_sha256": loaded.artifact.metadata["model.weights_sha256"]},
         "dataset": str(dataset.ref),
         "samples": accuracy.samples, "top1": accuracy.top1, "top5": accuracy.top5, "top5_k": accuracy.top5_k,
         "loss": accuracy.loss,

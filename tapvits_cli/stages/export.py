@@ -61,9 +61,10 @@ def _logits_graph(model: str, params: dict):
 
     if not os.path.isfile(model):
         raise UsageError(f"MODEL '{model}' is not a file (a built-in extractor exports only with --features)")
-    module, spec, artifact = load_model(model, device="cpu")
+    loaded = load_model(model, device="cpu")
     source = artifact_lineage(model, "model")
-    return module, tuple(spec.preprocessing["input_size"]), OUTPUT_NAME, export_provenance(artifact.metadata, source, params)
+    return (loaded.module, tuple(loaded.spec.preprocessing["input_size"]), OUTPUT_NAME,
+            export_provenance(loaded.artifact.metadata, source, params))
 
 
 def _features_graph(model: str, raw_input: tuple[int, int, int] | None, params: dict):

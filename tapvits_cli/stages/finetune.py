@@ -102,8 +102,9 @@ def run(options: Options) -> Result:
 
         teacher_model, distill_weight = None, options.distill_weight
         if options.teacher:
-            teacher_model, teacher_spec, _ = load_model(options.teacher)
-            _check_teacher(options.teacher, teacher_spec, num_classes, preprocessing)
+            teacher = load_model(options.teacher)
+            teacher_model = teacher.module
+            _check_teacher(options.teacher, teacher.spec, num_classes, preprocessing)
             inputs["teacher"] = artifact_lineage(options.teacher, "model")
             distill_weight = DEFAULT_DISTILL_WEIGHT if distill_weight is None else distill_weight
 
@@ -174,7 +175,8 @@ def _student(options: Options, dataset):
     from tapvits_cli.models.factory import create_model, describe_model
 
     if options.model_file:
-        model, spec, _ = load_model(options.model_file)
+        loaded = load_model(options.model_file)
+        model, spec = loaded.module, loaded.spec
     else:
         kwargs = parse_model_args(options.model_args)
         kwargs.setdefault("num_classes", dataset.num_classes)
@@ -218,7 +220,7 @@ def resume_state(directory: str, run_identity: dict, required: bool) -> dict | N
         if required:
             raise UsageError(f"--resume: no checkpoint in {directory}")
         return None
-    stored, state = found
+    stored, state = found.run, found.state
     if stored != run_identity:
         differing = sorted({f"{part}.{key}" for part in ("params", "inputs")
                             for key in set(stored.get(part, {})) | set(run_identity[part])

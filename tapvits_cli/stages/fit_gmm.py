@@ -48,7 +48,7 @@ def run(options: Options) -> Result:
     from tapvits_cli.data import open_dataset
     from tapvits_cli.gmm.dp import default_private_dim
     from tapvits_cli.gmm.fit import check_feasible, default_pca_dim
-    from tapvits_cli.gmm.privacy import MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO, min_support
+    from tapvits_cli.payloads.guarantees import MIN_DISTANCE_RATIO, MIN_VARIANCE_RATIO, min_support
     from tapvits_cli.runtime import resolve_device, seed_everything
     from tapvits_cli.stages.extractor import embed_dataset, resolve_extractor
 
@@ -134,7 +134,7 @@ def _fit_private(features, k, covariance, dim, epsilon, delta, iterations, seed)
     import time
 
     from tapvits_cli.gmm.dp import fit_private_mixture
-    from tapvits_cli.gmm.privacy import audit_parameters, min_support
+    from tapvits_cli.payloads.guarantees import audit_parameters, min_support
 
     start = time.perf_counter()
     support = min_support(covariance, dim)

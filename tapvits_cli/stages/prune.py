@@ -55,14 +55,15 @@ def run(options: Options) -> Result:
     from tapvits_cli.pruning import prune_model
 
     check_merge_options(options)
-    model, spec, artifact = load_model(options.model_path)
+    loaded = load_model(options.model_path)
+    model, spec = loaded.module, loaded.spec
     inputs = {"model": artifact_lineage(options.model_path, "model")}
     params = {}
     result = model
     if options.plan_path:
         plan = read_plan(options.plan_path)
-        if not made_for(plan.model_sha256, plan.base_blocks, artifact, spec):
-            weights = artifact.metadata["model.weights_sha256"]
+        if not made_for(plan.model_sha256, plan.base_blocks, loaded):
+            weights = loaded.artifact.metadata["model.weights_sha256"]
             raise IncompatibleArtifactError(f"{options.plan_path} was made for the model with weights "
                                             f"{plan.model_sha256[:12]}, {options.model_path} has {weights[:12]}: "
                                             "score and allocate this model first")

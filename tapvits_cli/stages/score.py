@@ -82,7 +82,8 @@ def run(options: Options) -> Result:
             f"{metric_set_path} indexes the pool '{metric_set.pool['reference']}' (fingerprint "
             f"{metric_set.pool['fingerprint'][:12]}), but '{dataset.ref}' has fingerprint {dataset.fingerprint()[:12]}: "
             "pass the pool the metric set was selected from")
-    network, spec, model_artifact = load_model(model, device=device)
+    loaded = load_model(model, device=device)
+    network, spec = loaded.module, loaded.spec
     family_module(spec.family, spec.architecture)   # a generic model is refused, naming the supported families
     ids = metric_set.metric_ids[:max_samples] if max_samples else metric_set.metric_ids
     positions = metric_set.positions_in(dataset, ids)
@@ -107,7 +108,7 @@ def run(options: Options) -> Result:
               "seed": options.seed, "device": device}
     inputs = {"model": artifact_lineage(model, "model"), "metric-set": artifact_lineage(metric_set_path, "metric-set"),
               "pool": dataset_lineage(dataset)}
-    record = model_record(spec, model_artifact.metadata["model.weights_sha256"])
+    record = model_record(spec, loaded.artifact.metadata["model.weights_sha256"])
     path = write_scores(output, result.layers, result.layer_importance, criterion, record, samples.count, fraction,
                         recorded_weights, params, inputs)
     seconds = {k: round(v, 3) for k, v in result.seconds.items()}

@@ -65,10 +65,11 @@ def run(options: Options) -> Result:
     from tapvits_cli.artifacts.gmm import read_gmm
     from tapvits_cli.artifacts.metric_set import write_metric_set
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.gmm.mixture import score_in_chunks
     from tapvits_cli.models.extract import extract_features
+    from tapvits_cli.payloads.coverage import selection_coverage
+    from tapvits_cli.payloads.mixture import score_in_chunks
     from tapvits_cli.runtime import resolve_device, seed_everything
-    from tapvits_cli.selection import select_from_scores, selection_coverage
+    from tapvits_cli.selection import select_from_scores
     from tapvits_cli.selection.class_prior import estimate_class_prior
     from tapvits_cli.selection.density_ratio import (fit_public_mixture, rows_at, sample_positions,
                                                      score_ratio_in_chunks)
@@ -80,7 +81,8 @@ def run(options: Options) -> Result:
     extractor_name, batch_size = options.extractor_name, options.batch_size
     seed_everything(options.seed)
     device = resolve_device(options.device)
-    mixture, info, _ = read_gmm(gmm)
+    read = read_gmm(gmm)
+    mixture, info = read.mixture, read.info
     inputs = {"gmm": artifact_lineage(gmm, "gmm")}
     with contextlib.ExitStack() as stack:
         if _is_artifact(pool):

@@ -29,8 +29,6 @@ import numpy as np
 from tapvits_cli.errors import IncompatibleArtifactError, NotImplementedStageError, UsageError
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
 
-RUNTIMES = ("torch", "onnxruntime")
-
 
 @dataclass(frozen=True)
 class BranchTable:
