@@ -62,7 +62,14 @@ def positive_integers(flag: str, text: str) -> tuple[int, ...]:
 
 def command_tokens(options) -> list[Any]:
     """The subcommand's arguments that make ``options``: positional arguments, then every
-    option that differs from its default, then the global options (``--seed``, ``--device``).
+    option a recipe may set (defaults included) and every other option that differs from
+    its default, then the global options (``--seed``, ``--device``).
+
+    Defaults are spelled out because the line is also what a step's key hashes and what
+    ``commands.sh`` replays: a default that changes in a later version then changes the
+    key (the step runs again instead of a stale result being reused) and leaves an old
+    ``commands.sh`` meaning what it meant. Only what no flag can say is left out: None,
+    and a default-off flag without a negative spelling.
 
     Values are rendered as text, except placeholders a caller put in place of a file or
     dataset (``tapvits run``'s inputs and outputs, which it names once it knows where),
@@ -83,11 +90,12 @@ def command_tokens(options) -> list[Any]:
         if field.metadata.get("positional"):
             continue
         value = getattr(options, field.name)
-        if value == field.default:
+        if value is None or (value == field.default and not field.metadata["recipe"]):
             continue
         flag, render = field.metadata["flag"], field.metadata["render"]
         if isinstance(value, bool):
-            tokens.append(flag if value else field.metadata["off"])
+            if value or field.metadata["off"]:
+                tokens.append(flag if value else field.metadata["off"])
         elif field.metadata["multiple"]:
             for item in value:
                 tokens += [flag, text(item, render)]
