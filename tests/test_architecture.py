@@ -66,3 +66,19 @@ def test_cli_modules_are_thin_or_say_why():
         if len(text.splitlines()) > THIN:
             assert "longer" in (ast.get_docstring(ast.parse(text)) or "").lower(), \
                 f"cli/{path.name} has {len(text.splitlines())} lines and its docstring does not say why"
+
+
+READER_PREFIXES = ("read_", "load_", "open_", "verify_")
+
+
+def test_readers_return_one_object_never_a_tuple():
+    """artifacts/ readers return one object with named fields (``read_gmm`` → ``Gmm``), never a tuple
+    whose order each caller must know (the convention of ``artifacts/__init__.py``)."""
+    for path in sorted((ROOT / "tapvits_cli" / "artifacts").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith(READER_PREFIXES)):
+                continue
+            where = f"artifacts/{path.name}: {node.name}"
+            assert node.returns is None or not ast.unparse(node.returns).lower().startswith("tuple"), where
+            assert not any(isinstance(inner, ast.Return) and isinstance(inner.value, ast.Tuple)
+                           for inner in ast.walk(node)), where
