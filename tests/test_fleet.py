@@ -308,12 +308,27 @@ def test_slurm_jobs_ask_for_a_gpu_only_for_finetune_and_refuse_unknown_settings(
         schedule.slurm_parameters(["partition"])
 
 
+def test_a_recipe_names_its_slurm_settings_and_flags_override_them(tmp_path):
+    from tapvits_cli.cli.run import check_stage
+    from tapvits_cli.pipeline.recipe import parse_recipe, to_document
+
+    recipe = parse_recipe({**TINY_RECIPE, "slurm": {"partition": "gpu", "time": 30}}, "fleet", check_stage)
+    assert recipe.slurm == ("partition=gpu", "time=30")
+    assert to_document(recipe)["slurm"] == {"partition": "gpu", "time": "30"}
+    assert parse_recipe(to_document(recipe), "fleet", check_stage).slurm == recipe.slurm
+    assert schedule.slurm_parameters([*recipe.slurm, "time=90"])[0] == {"slurm_partition": "gpu", "timeout_min": 90}
+    for bad in ({"time": None}, {"partition": ""}, {"exclusive": True}, ["partition=gpu"]):
+        with pytest.raises(UsageError, match="slurm"):
+            parse_recipe({**TINY_RECIPE, "slurm": bad}, "fleet", check_stage)
+
+
 def test_submitit_local_jobs_stand_in_for_slurm_in_a_run(tmp_path, tapvits, serial_run):
+    """The recipe's slurm section is what makes this run local (cluster=local); a flag overrides its time."""
     pytest.importorskip("submitit")
-    recipe, serial, expected = serial_run
+    _, serial, expected = serial_run
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "slurm": {"cluster": "local", "time": 5}})
     run = _copy_forgetting(serial, tmp_path / "run", ("devices/low/eval",))
-    result = tapvits("--json", "run", recipe, "--run-dir", run, "--executor", "slurm", "--slurm", "cluster=local",
-                     "--slurm", "time=10")
+    result = tapvits("--json", "run", recipe, "--run-dir", run, "--executor", "slurm", "--slurm", "time=10")
     assert result.exit_code == 0, result.stderr
     summary = result.json()
     assert summary["steps"]["ran"] == 1 and summary["devices"][0]["top1"] == expected["devices"][0]["top1"]

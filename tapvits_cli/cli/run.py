@@ -155,7 +155,7 @@ def _command_line(step, root: str) -> str:
               help="Attempts more for a step whose worker crashed or was killed (a refused input is not retried).")
 @click.option("--slurm", "slurm_settings", multiple=True, metavar="KEY=VALUE",
               help="A Slurm job setting, repeatable: partition=NAME, time=MINUTES, any submitit parameter "
-                   "(mem_gb=16); cluster=local rehearses on this machine.")
+                   "(mem_gb=16); cluster=local rehearses on this machine. Overrides the recipe's slurm section.")
 @global_options
 def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], cache: str | None, force: bool,
             dry_run: bool, jobs: int | None, executor: str | None, address: str | None, cpus_per_step: int | None,
@@ -196,9 +196,12 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
              "\n".join(_command_line(s, root) for s in steps))
         return
     _check_external_inputs(steps)
-    where = Where(executor or ("local" if jobs and jobs > 1 else "serial"), jobs, cpus_per_step, address,
-                  slurm_settings, retries)
-    check_executor_options(where.executor, jobs, address, slurm_settings)
+    chosen = executor or ("local" if jobs and jobs > 1 else "serial")
+    check_executor_options(chosen, jobs, address, slurm_settings)
+    # the recipe's slurm section, then the flags: a flag overrides the recipe's value of its key
+    where = Where(chosen, jobs, cpus_per_step, address,
+                  recipe.slurm + slurm_settings if chosen == "slurm" else slurm_settings, retries)
+    check_executor_options(chosen, jobs, address, where.slurm)
     directory = RunDirectory(root, cache)
     try:
         directory.write_recipe(to_document(recipe))

@@ -27,7 +27,7 @@ from tapvits_cli.vocabulary import BASE_EXTRACTOR, BUDGET_FRACTION, OPTIONAL_STA
 
 VERSION = 1
 TOP_LEVEL = ("version", "extends", "name", "seed", "device", "public", "base_model", "extractor", "devices",
-             "budget", "stages", "thresholds")
+             "budget", "stages", "thresholds", "slurm")
 THRESHOLDS = ("min-top1", "min-mean-top1")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MAX_EXTENDS = 16
@@ -70,6 +70,7 @@ class Recipe:
     stages: Mapping[str, Mapping[str, Any] | None]   # None: the stage is switched off
     thresholds: Mapping[str, float]
     inboxes: tuple[str, ...] = ()   # folders or globs of uploaded device files (pipeline/inbox.py)
+    slurm: tuple[str, ...] = ()     # KEY=VALUE Slurm job settings, as `run --slurm` takes them (which override them)
 
     @property
     def prunes(self) -> bool:
@@ -279,7 +280,23 @@ def parse_recipe(document: Mapping[str, Any], default_name: str, check_stage: St
         name=name, seed=_typed(document, "seed", int, "", 0), device=device,
         public=_typed(document, "public", str, ""), base_model=_parse_base(document.get("base_model"), check_stage),
         extractor=_typed(document, "extractor", str, "", BASE_EXTRACTOR), devices=devices, budget=budget,
-        stages=stages, thresholds=thresholds, inboxes=inboxes)
+        stages=stages, thresholds=thresholds, inboxes=inboxes, slurm=_parse_slurm(document.get("slurm")))
+
+
+def _parse_slurm(value: Any) -> tuple[str, ...]:
+    """``slurm: {partition: gpu, time: 60, mem_gb: 16}`` → ``("partition=gpu", "time=60", "mem_gb=16")``.
+
+    Where and how long a fleet's jobs run is part of the recipe a cluster user keeps;
+    ``tapvits run --executor slurm`` applies it, and ``--slurm`` flags override it key by
+    key. Other executors ignore it, so the same recipe also runs on one machine.
+    """
+    settings = _require_mapping(value or {}, "slurm")
+    out = []
+    for key, setting in settings.items():
+        if isinstance(setting, bool) or not isinstance(setting, (str, int, float)) or str(setting).strip() == "":
+            raise UsageError(f"recipe: 'slurm.{key}' must be a string or a number, e.g. partition: gpu or time: 60")
+        out.append(f"{key}={setting}")
+    return tuple(out)
 
 
 def _parse_base(value: Any, check_stage: StageCheck) -> BaseModel:
@@ -344,4 +361,5 @@ def to_document(recipe: Recipe) -> dict:
         "budget": recipe.budget,
         "stages": {stage: (False if options is None else dict(options)) for stage, options in recipe.stages.items()},
         "thresholds": dict(recipe.thresholds),
+        **({"slurm": dict(setting.split("=", 1) for setting in recipe.slurm)} if recipe.slurm else {}),
     }
