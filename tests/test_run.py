@@ -107,6 +107,24 @@ def test_variants_override_a_base_recipe(tmp_path, tapvits):
     assert "cycle" in tapvits("run", cycle, "--dry-run").stderr
 
 
+def test_old_recipe_keys_of_renamed_options_still_work_with_a_warning(tmp_path, tapvits):
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": {
+        **TINY_RECIPE["stages"], "finetune": {"epochs": 1, "distill": True, "warmup": 0.2, "temperature": 2},
+        "eval": {"warmup": 1}}})
+    result = tapvits("--json", "run", recipe, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert ("recipe: 'stages.finetune.warmup' is deprecated and will be removed in the next version; "
+            "use 'stages.finetune.warmup-fraction'") in result.stderr
+    assert "'stages.eval.warmup' is deprecated" in result.stderr
+    commands = {step["id"]: step["command"] for step in result.json()["steps"]}
+    assert "--warmup-fraction 0.2 " in commands["devices/low/finetune"]
+    assert "--distill-temperature 2.0 " in commands["devices/low/finetune"]
+    assert "--warmup-runs 1 " in commands["devices/low/eval"]
+    both = write_recipe(tmp_path, {**TINY_RECIPE, "stages": {"eval": {"warmup": 1, "warmup-runs": 2}}}, "both.yaml")
+    refused = tapvits("run", both, "--dry-run")
+    assert refused.exit_code == ExitCode.USAGE and "deprecated spelling of 'stages.eval.warmup-runs'" in refused.stderr
+
+
 def test_a_variant_removes_a_base_key_with_null(tmp_path, tapvits):
     write_recipe(tmp_path, TINY_RECIPE, "base.yaml")
     variant = write_recipe(tmp_path, {"extends": "base.yaml", "name": "nodepth",

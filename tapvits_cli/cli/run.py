@@ -21,7 +21,7 @@ from typing import Any, Mapping, NamedTuple
 import click
 
 from tapvits_cli.cli import allocate, eval_cmd, features, finetune, fit_gmm, prune, score, select
-from tapvits_cli.cli.options import CURRENT, Settings, global_options, restore_settings
+from tapvits_cli.cli.options import CURRENT, Settings, deprecation_line, global_options, restore_settings
 from tapvits_cli.cli.output import emit, log, progress_bar, stderr_console
 from tapvits_cli.cli.stage_call import flag_names
 from tapvits_cli.errors import BelowThresholdError, ParameterError, TapvitsError, UsageError
@@ -57,7 +57,7 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
     name = "finetune" if stage == "train" else stage
     known = {o.lstrip("-") for p in STAGE_COMMANDS[name].params for o in (*p.opts, *p.secondary_opts)} | {"help"}
     checked: dict[str, Any] = {}
-    for key, value in options.items():
+    for key, value in _renamed_keys(STAGE_COMMANDS[name], options, path).items():
         if key in extra:
             if not isinstance(value, bool):
                 raise UsageError(f"recipe: '{path}.{key}' must be true or false")
@@ -84,6 +84,23 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
                 raise UsageError(f"recipe: '{path}.{key}': {exc.message}") from None
         checked[key] = texts if option.multiple else texts[0]
     return checked
+
+
+def _renamed_keys(command: click.Command, options: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A recipe section with the old spellings of renamed options (``RenamingCommand.renamed``)
+    replaced by the new ones, each use logged as deprecated, as on the command line."""
+    renamed = {old.lstrip("-"): new.lstrip("-") for old, new in getattr(command, "renamed", {}).items()}
+    section: dict[str, Any] = {}
+    for key, value in options.items():
+        new = renamed.get(key)
+        if new is None:
+            section[key] = value
+            continue
+        if new in options:
+            raise UsageError(f"recipe: '{path}.{key}' is the deprecated spelling of '{path}.{new}': give only '{new}'")
+        log(deprecation_line("recipe", f"'{path}.{key}'", f"'{path}.{new}'"))
+        section[new] = value
+    return section
 
 
 def stage_fields(stage: str, checked: Mapping[str, Any]) -> dict[str, Any]:

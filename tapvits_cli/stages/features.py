@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tapvits_cli.stages.common import Written as Result, argument, option
+from tapvits_cli.stages.common import Written as Result, option
 from tapvits_cli.stages.feedback import log, progress
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
-    data: str = argument()
+    data: str = option("--data", recipe=False)
     extractor_name: str = option("--extractor", recipe=False)
     output: str = option("-o", recipe=False)
     batch_size: int = option("--batch-size", 256)
