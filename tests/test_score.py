@@ -201,6 +201,8 @@ def test_score_command_writes_a_valid_artifact(tiny_model_file, metric_set_file,
     assert set(scores.artifact.header.inputs) == {"model", "metric-set", "pool"}
     inspected = tapvits("inspect", out)
     assert inspected.exit_code == 0 and "KL attn" in inspected.stdout and "█" in inspected.stdout
+    figures = tapvits("--json", "inspect", out).json()["figures"]
+    assert figures["weights"] == {"attn": [0.1, 0.1, 0.8], "mlp": [0.8, 0.1, 0.1]}   # a plain key
 
     taylor = tmp_path / "taylor.safetensors"
     result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--criterion", "taylor",
