@@ -28,6 +28,23 @@ def table_file(tmp_path, tapvits, tiny_model_file):
     return path
 
 
+def test_features_reports_images_per_second_and_ends_with_a_summary(tmp_path, tapvits, tiny_model_file, monkeypatch):
+    from tapvits_cli.cli import output
+
+    monkeypatch.setattr(output, "PLAIN_PROGRESS_SECONDS", 0.0)   # a line per batch on this pipe
+    result = features_cli(tapvits, tiny_model_file, tmp_path / "pool.h5", "--json")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("embedding images 64/200 (32%), ") and line.endswith(" images/s") for line in lines)
+    assert lines[-1].startswith("embedded 200 images in ") and "images/s: 200 rows × 24 features from" in lines[-1]
+    document = result.json()
+    assert document["images_per_second"] > 0 and document["seconds"] > 0
+    positional = tapvits("features", POOL, "-e", tiny_model_file, "-o", tmp_path / "old.h5", "--batch-size", "64")
+    assert positional.exit_code == 0, positional.stderr   # the old spelling, for one more version
+    assert f"a positional argument is deprecated and will be removed in the next version; use --data {POOL}" \
+        in positional.stderr
+
+
 def test_table_holds_every_sample_with_its_label_and_features(table_file, tiny_model_file, tapvits):
     from tapvits_cli.artifacts.model import load_extractor
     from tapvits_cli.data import open_dataset
