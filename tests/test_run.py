@@ -285,6 +285,9 @@ def test_run_shows_plain_progress_lines_on_a_pipe(tmp_path, tapvits, monkeypatch
     assert any(line.startswith("[1/8] base ") and "(train " in line for line in ticks)   # the step's own progress
     assert any(", ETA " in line for line in ticks)              # once a step has finished
     assert re.match(r"^8 of 8 steps done in \d+:\d\d$", closing)
+    bars = tapvits("run", recipe, "--run-dir", tmp_path / "run", "--force", "--progress")   # bars forced on a pipe
+    assert bars.exit_code == 0 and any(re.match(r"^steps ━+ 8/8 \d+:\d\d:\d\d$", line)   # their last state
+                                       for line in bars.stderr.splitlines()), bars.stderr
     quiet = tapvits("run", recipe, "--run-dir", tmp_path / "run", "--force", "-q")
     assert quiet.exit_code == 0
     assert not any(" steps done" in line or line.startswith("[") for line in quiet.stderr.splitlines())

@@ -58,7 +58,8 @@ class RunDisplay:
 
             self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
-                                  TextColumn("{task.fields[status]}"), console=output.stderr_console(), transient=True)
+                                  TextColumn("{task.fields[status]}"), console=output.stderr_console(),
+                                  transient=sys.stderr.isatty())   # forced bars on a pipe leave their last state
             self._bars.start()
             self._overall = self._bars.add_task("steps", total=self.tracker.total, eta="", status="")
         if self.mode != "off":
@@ -87,7 +88,7 @@ class RunDisplay:
                 self._tasks[step.id] = self._bars.add_task(self._name(step.id), total=None, eta="", status="")
             elif event in ("done", "failed") and step.id in self._tasks:
                 self._bars.remove_task(self._tasks.pop(step.id))
-            self._bars.update(self._overall, completed=self.tracker.done)
+            self._bars.update(self._overall, completed=self.tracker.done, eta=self._run_eta(time.monotonic()))
 
     def step_progress(self, step: Any) -> Callable[[str, int | None], Any]:
         """A stage's progress (see ``stages.feedback``) that advances ``step``'s own bar or line."""
@@ -130,6 +131,10 @@ class RunDisplay:
                      f"elapsed" + ("" if left is None else f", ETA {output.format_duration(left)}"))
         return "; ".join(parts)
 
+    def _run_eta(self, now: float) -> str:
+        left = self.tracker.time_left(now)
+        return "" if left is None or self.tracker.done == self.tracker.total else f"ETA {output.format_duration(left)}"
+
     def _name(self, step_id: str) -> str:
         return f"[{self.tracker.position(step_id)}/{self.tracker.total}] {step_id}"
 
@@ -142,8 +147,7 @@ class RunDisplay:
                     self._write(self.line(now))
                     self._printed = True
                     continue
-                left = self.tracker.time_left(now)
-                self._bars.update(self._overall, eta="" if left is None else f"ETA {output.format_duration(left)}")
+                self._bars.update(self._overall, eta=self._run_eta(now))
                 for step_id, task in self._tasks.items():
                     running = self.tracker.running.get(step_id)
                     own = running.time_left(now) if running is not None else None
