@@ -80,7 +80,7 @@ def base_model(work: Path) -> tuple[Path, str]:
 
 def fit_on_device(venv: Path, extractor: Path, work: Path, name: str) -> dict:
     started = time.perf_counter()
-    result = run(venv / "bin" / "tapvits", "--json", "fit-gmm", PRIVATE, "--extractor", extractor,
+    result = run(venv / "bin" / "tapvits", "--json", "fit-gmm", "--data", PRIVATE, "--extractor", extractor,
                  "-o", work / f"{name}.gmm.safetensors")
     wall = time.perf_counter() - started
     if result.returncode != 0:
@@ -167,7 +167,7 @@ def main() -> None:
         profiles = {
             "vit": profile_on_device(venv, model, work, "vit", ("--batch-sizes", "1,32")),
             "deit-small-224": profile_on_device(venv, deit_small(work), work, "deit-small-224",
-                                                ("--batch-sizes", "1", "--repeats", "5", "--warmup", "1")),
+                                                ("--batch-sizes", "1", "--repeats", "5", "--warmup-runs", "1")),
         }
         load = os.getloadavg()
     finally:

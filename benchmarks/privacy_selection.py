@@ -113,7 +113,7 @@ def main() -> None:
             where = WORK / f"dp-{epsilon:g}" / device["name"]
             where.mkdir(parents=True, exist_ok=True)
             gmm, metric = where / "gmm.safetensors", where / "metric.h5"
-            fitted = tapvits("fit-gmm", device["private"], "--extractor", str(base), "--dp-epsilon", str(epsilon),
+            fitted = tapvits("fit-gmm", "--data", device["private"], "--extractor", str(base), "--dp-epsilon", str(epsilon),
                              "-o", str(gmm))
             if fitted.returncode != 0:
                 per_device[device["name"]] = {"error": fitted.stderr.strip()[-300:]}

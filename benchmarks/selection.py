@@ -110,7 +110,7 @@ def precision_benchmark(args) -> dict:
     extractor, train_seconds = train_extractor(args.epochs, train_ref)
     table = CACHE / f"pool-{extractor.stem}.h5"
     if not table.exists():
-        tapvits("features", train_ref, "--extractor", extractor, "-o", table, "--batch-size", 512)
+        tapvits("features", "--data", train_ref, "--extractor", extractor, "-o", table, "--batch-size", 512)
     metric, finetune = (640, 6400) if not args.quick else (64, 640)
     rows, costs = [], []
     work = RESULTS / "selection-work"
@@ -118,7 +118,7 @@ def precision_benchmark(args) -> dict:
     for device, classes in enumerate(DEVICES):
         private = f"{test_ref}:classes={classes[0]},{classes[1]}:fold=0/2"
         gmm = work / f"device{device}.gmm.safetensors"
-        _, wall = tapvits("fit-gmm", private, "--extractor", extractor, "-o", gmm)
+        _, wall = tapvits("fit-gmm", "--data", private, "--extractor", extractor, "-o", gmm)
         figures = inspect(gmm)["figures"]
         costs.append({"device": device, "samples": figures["samples"], "components": figures["components"],
                       "extract_seconds": figures["extract_seconds"], "fit_seconds": figures["fit_seconds"],

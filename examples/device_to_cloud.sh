@@ -84,7 +84,7 @@ else
     --batch-size 64 --lr 2e-3 -o base.safetensors)
 fi
 echo "== cloud: embed the public pool once, and export the extractor for the device" >&2
-pool=$(cloud tapvits features "$public" --extractor "$base" -o pool.h5)
+pool=$(cloud tapvits features --data "$public" --extractor "$base" -o pool.h5)
 extractor=$(cloud tapvits export "$base" --features -o extractor.onnx)
 send cloud device "$extractor"
 send cloud device "$base"
@@ -92,12 +92,12 @@ send cloud device "$base"
 echo "== device: fit a GMM to features of its private images (offline, onnxruntime)" >&2
 # ~90 samples: diagonal covariances in 7 dims (one per 12 samples); fit-gmm refuses a mixture
 # whose components would describe individual private images.
-gmm=$(device tapvits fit-gmm "$private" --extractor "$extractor" --covariance diag -o gmm.safetensors)
+gmm=$(device tapvits fit-gmm --data "$private" --extractor "$extractor" --covariance diag -o gmm.safetensors)
 echo "== device: audit the GMM against its private data before it leaves (exit 6 on a breach)" >&2
 device tapvits audit-gmm "$gmm" --private "$private" --held-out "$held_out" --extractor "$extractor" >&2
 echo "== device: measure its latency for the base model's blocks at every prunable width" >&2
 profile=$(device tapvits profile "$base" -o device.profile.json --batch-sizes "$PROFILE_BATCHES" \
-  --repeats "$PROFILE_REPEATS" --warmup 1)
+  --repeats "$PROFILE_REPEATS" --warmup-runs 1)
 send device cloud "$gmm"
 send device cloud "$profile"
 
@@ -109,7 +109,7 @@ metric=$(cloud tapvits select "$gmm" --pool "$pool" --strategy ratio-stratified 
 scores=$(cloud tapvits score "$base" --metric-set "$metric" --budget "$BUDGET" -o scores.safetensors)
 plan=$(cloud tapvits allocate "$scores" --budget "$BUDGET" -o plan.safetensors)
 pruned=$(cloud tapvits prune "$base" "$plan" -o pruned.safetensors)
-model=$(cloud tapvits finetune "$pruned" --data "$public" --metric-set "$metric" --teacher "$base" \
+model=$(cloud tapvits finetune "$pruned" --finetune-set "$metric" --teacher "$base" \
   --epochs "$EPOCHS" --lr 1e-3 -o model.safetensors)
 
 # The latency of each model on the device, from the device's profile alone (payloads.latency_table.predict_model).

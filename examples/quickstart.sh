@@ -15,11 +15,11 @@ base=$(tapvits finetune --model vit_tiny_patch16_224 -a img_size=8 -a patch_size
   -a embed_dim=64 -a depth=4 -a num_heads=4 --data "$public" --epochs 25 --batch-size 64 --lr 2e-3 \
   -o "$out/base.safetensors")
 echo "== cloud: embed the public pool once" >&2
-pool=$(tapvits features "$public" --extractor "$base" -o "$out/pool.h5")
+pool=$(tapvits features --data "$public" --extractor "$base" -o "$out/pool.h5")
 
 echo "== device: fit a GMM to its private features (only this file leaves the device)" >&2
 # ~90 samples: diagonal covariances in 7 dims (one per 12 samples).
-gmm=$(tapvits fit-gmm "$private" --extractor "$base" --covariance diag -o "$out/device.gmm.safetensors")
+gmm=$(tapvits fit-gmm --data "$private" --extractor "$base" --covariance diag -o "$out/device.gmm.safetensors")
 echo "== device: audit the GMM against its private data (per-component support, distances, membership)" >&2
 tapvits audit-gmm "$gmm" --private "$private" --held-out "digits:split=test:classes=0-4:fold=1/2" \
   --extractor "$base" >&2
@@ -33,7 +33,7 @@ plan=$(tapvits allocate "$scores" --budget 0.7 -o "$out/device.plan.safetensors"
 echo "== cloud: prune the model to the plan" >&2
 pruned=$(tapvits prune "$base" "$plan" -o "$out/device.pruned.safetensors")
 echo "== cloud: fine-tune the pruned model on the device's public fine-tuning set, distilling the base" >&2
-device_model=$(tapvits finetune "$pruned" --data "$public" --metric-set "$metric" --teacher "$base" \
+device_model=$(tapvits finetune "$pruned" --finetune-set "$metric" --teacher "$base" \
   --epochs 8 --lr 1e-3 -o "$out/device.model.safetensors")
 echo "== device: evaluate on its held-out private half (never seen by any stage)" >&2
 report=$(tapvits eval "$device_model" --data "digits:split=test:classes=0-4:fold=1/2" \

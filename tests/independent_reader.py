@@ -696,8 +696,7 @@ def step_key(command_line: str, version: str) -> str:
         before = args[position - 1] if position else ""
         if before in ("-o", "--output"):
             rendered.append("<output>")
-        elif (before in DATASET_OPTIONS or (before == "--pool" and stage == "score")
-              or (position == 0 and stage in ("features", "fit-gmm"))):
+        elif before in DATASET_OPTIONS:
             rendered.append({"dataset": digits_fingerprint(token)})
         elif Path(token).is_file():
             rendered.append({"artifact": sha256_hex(Path(token).read_bytes())})

@@ -107,6 +107,7 @@ def test_plan_round_trip(scores_file, tiny_model_file, tmp_path, tapvits):
     out = tmp_path / "plan.safetensors"
     result = tapvits("allocate", scores_file, "--budget", "0.7", "--model", tiny_model_file, "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
+    assert "warning" not in result.stderr          # scored for 0.7 (the default probe fraction 0.3)
     document = result.json()
     assert abs(document["achieved"]["params_fraction"] - 0.7) <= 0.0035
     assert tapvits("validate", out).exit_code == 0
@@ -144,3 +145,14 @@ def test_allocate_refusals(scores_file, tmp_path, tapvits):
     macs = tapvits("allocate", scores_file, "--budget-macs", "0.6", "--strategy", "global", "-o", out, "--json")
     assert macs.exit_code == 0, macs.stderr
     assert abs(macs.json()["achieved"]["macs_fraction"] - 0.6) <= 0.003
+
+
+def test_a_plan_for_another_budget_than_the_probes_warns(scores_file, tmp_path, tapvits):
+    out = tmp_path / "plan.safetensors"
+    other = tapvits("allocate", scores_file, "--budget", "0.6", "--tolerance", "0.05", "-o", out)
+    assert other.exit_code == 0, other.stderr
+    assert ("was probed for a budget of 0.7 (score --budget 0.7, i.e. --probe-fraction 0.3), but this plan is for "
+            "--budget 0.6") in other.stderr
+    uniform = tapvits("allocate", scores_file, "--budget", "0.6", "--strategy", "uniform", "--tolerance", "0.05",
+                      "-o", out)
+    assert uniform.exit_code == 0 and "warning" not in uniform.stderr   # only kl uses the probes

@@ -64,8 +64,8 @@ def chain(tmp_path_factory) -> dict[str, Path]:
         ("report", "report.json"))}
     steps = [
         ("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-o", files["model"]),
-        ("features", "digits", "--extractor", files["model"], "-o", files["features"]),
-        ("fit-gmm", "digits:split=test:classes=0,1", "--extractor", files["model"], "--covariance", "diag",
+        ("features", "--data", "digits", "--extractor", files["model"], "-o", files["features"]),
+        ("fit-gmm", "--data", "digits:split=test:classes=0,1", "--extractor", files["model"], "--covariance", "diag",
          "--min-samples", "40", "-o", files["gmm"]),
         ("select", files["gmm"], "--pool", files["features"], "--metric-size", "16", "--finetune-size", "32",
          "-o", files["metric-set"]),
@@ -92,7 +92,7 @@ READERS = {
         "score": lambda f: ("score", BAD, "--metric-set", f["metric-set"], "--max-samples", "8",
                             "--no-layer-importance", "-o", OUT),
         "allocate": lambda f: ("allocate", f["scores"], "--budget", "0.7", "--model", BAD, "-o", OUT),
-        "features": lambda f: ("features", "digits:split=test:indices=0-15", "--extractor", BAD, "-o", OUT),
+        "features": lambda f: ("features", "--data", "digits:split=test:indices=0-15", "--extractor", BAD, "-o", OUT),
     },
     "features": {
         "select": lambda f: ("select", f["gmm"], "--pool", BAD, "--metric-size", "8", "--finetune-size", "16",
@@ -106,7 +106,7 @@ READERS = {
     "metric-set": {
         "score": lambda f: ("score", f["model"], "--metric-set", BAD, "--max-samples", "8", "--no-layer-importance",
                             "-o", OUT),
-        "finetune": lambda f: ("finetune", f["model"], "--data", "digits", "--metric-set", BAD, "--max-steps", "1",
+        "finetune": lambda f: ("finetune", f["model"], "--data", "digits", "--finetune-set", BAD, "--max-steps", "1",
                                "--batch-size", "8", "--no-checkpoint", "-o", OUT),
     },
     "scores": {

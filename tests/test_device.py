@@ -85,10 +85,10 @@ def test_fit_gmm_without_torch_gives_the_torch_paths_gmm(tmp_path, tapvits, tiny
 
     private = "digits:classes=0,1"
     onnx_gmm, torch_gmm = tmp_path / "onnx.gmm.safetensors", tmp_path / "torch.gmm.safetensors"
-    device = tapvits_without_torch("fit-gmm", private, "--extractor", onnx_extractor_file, "--covariance", "diag",
+    device = tapvits_without_torch("fit-gmm", "--data", private, "--extractor", onnx_extractor_file, "--covariance", "diag",
                                    "-o", onnx_gmm)
     assert device.returncode == 0, device.stderr
-    assert tapvits("fit-gmm", private, "--extractor", tiny_model_file, "--covariance", "diag",
+    assert tapvits("fit-gmm", "--data", private, "--extractor", tiny_model_file, "--covariance", "diag",
                    "-o", torch_gmm).exit_code == 0
     a, b = read_gmm(onnx_gmm), read_gmm(torch_gmm)
     assert a.info.extractor_sha256 == b.info.extractor_sha256 and a.mixture.components == b.mixture.components
@@ -105,12 +105,12 @@ def test_cloud_commands_without_torch_name_the_install(tmp_path, tiny_model_file
     assert result.returncode == ExitCode.DATA_UNAVAILABLE
     assert result.stderr == ('tapvits: error: `tapvits export` needs torch, which the device install lacks: '
                              'pip install "tapvits[cloud]"\n')
-    wrong = tapvits_without_torch("fit-gmm", "fashion-mnist:split=test:classes=0,1:sample=60", "--extractor",
+    wrong = tapvits_without_torch("fit-gmm", "--data", "fashion-mnist:split=test:classes=0,1:sample=60", "--extractor",
                                   onnx_extractor_file, "-o", tmp_path / "g.safetensors")
     assert wrong.returncode == ExitCode.USAGE and "--raw-input 1,28,28" in wrong.stderr
     logits = tmp_path / "logits.onnx"
     logits.write_bytes(b"not a graph")
-    unreadable = tapvits_without_torch("fit-gmm", "digits", "--extractor", logits, "-o", tmp_path / "g.safetensors")
+    unreadable = tapvits_without_torch("fit-gmm", "--data", "digits", "--extractor", logits, "-o", tmp_path / "g.safetensors")
     assert unreadable.returncode == ExitCode.INVALID_ARTIFACT and unreadable.stderr.count("\n") == 1
 
 
@@ -121,7 +121,7 @@ def test_profile_without_torch_runs_on_onnxruntime(tmp_path, tapvits, tiny_model
     from tapvits_cli.artifacts.profile import read_profile
     from tapvits_cli.payloads.latency_table import predict_model
 
-    args = ("--batch-sizes", "1,3", "--widths", "1,48", "--repeats", "2", "--warmup", "1", "--threads", "1")
+    args = ("--batch-sizes", "1,3", "--widths", "1,48", "--repeats", "2", "--warmup-runs", "1", "--threads", "1")
     device = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "device.json", *args)
     assert device.returncode == 0, device.stderr
     assert tapvits_without_torch("validate", tmp_path / "device.json").returncode == 0

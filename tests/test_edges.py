@@ -195,7 +195,7 @@ def test_finetune_refuses_a_model_with_non_finite_outputs(overflowing_model, tap
 def test_finetune_stops_when_training_diverges(tiny_model_file, tapvits, tmp_path):
     out = tmp_path / "out.safetensors"
     result = tapvits("finetune", tiny_model_file, "--data", "digits:split=test:indices=0-127", "--lr", "1e36",
-                     "--min-lr", "0", "--warmup", "0", "--max-steps", "8", "--batch-size", "16", "--log-every", "1",
+                     "--min-lr", "0", "--warmup-fraction", "0", "--max-steps", "8", "--batch-size", "16", "--log-every", "1",
                      "-o", out)
     assert result.exit_code == ExitCode.USAGE, result.stderr
     assert "training diverged" in _one_error_line(result.stderr)
@@ -237,9 +237,9 @@ WRITERS = [
     ("eval {model} --data {data}:split=all -o {OUT}", "data"),
     ("prune {model} {plan} -o {OUT}", "model"),
     ("prune {model} {plan} -o {OUT}", "plan"),
-    ("features {data} -e {extractor} -o {OUT}", "data"),
-    ("features digits -e {extractor} -o {OUT}", "extractor"),
-    ("fit-gmm {data} -e {extractor} -o {OUT}", "data"),
+    ("features --data {data} -e {extractor} -o {OUT}", "data"),
+    ("features --data digits -e {extractor} -o {OUT}", "extractor"),
+    ("fit-gmm --data {data} -e {extractor} -o {OUT}", "data"),
     ("select {gmm} --pool {pool} -o {OUT}", "gmm"),
     ("select {gmm} --pool {pool} -o {OUT}", "pool"),
     ("score {model} --metric-set {metric} -o {OUT}", "metric"),
@@ -248,7 +248,7 @@ WRITERS = [
     ("allocate {scores} --budget 0.7 --model {model} -o {OUT}", "model"),
     ("finetune {model} --data digits -o {OUT}", "model"),
     ("finetune {model} --data digits --teacher {teacher} -o {OUT}", "teacher"),
-    ("finetune {model} --data digits --metric-set {metric} -o {OUT}", "metric"),
+    ("finetune {model} --data digits --finetune-set {metric} -o {OUT}", "metric"),
     ("export {model} -o {OUT}", "model"),
     ("create-model " + TINY_VIT + " --weights {weights} -o {OUT}", "weights"),
 ]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_VIT, TINY_VIT_KWARGS
 
-FAST = ("--latency-repeats", "2", "--warmup", "1")
+FAST = ("--latency-repeats", "2", "--warmup-runs", "1")
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def flip_last_tensor_bit(path: Path, offset_from_end: int = 20) -> None:
 
 def test_a_full_disk_stops_features_before_any_work(tmp_path, tapvits, tiny_model_file):
     with small_mount(tmp_path / "small", "64k") as small:
-        result = tapvits("features", "digits", "--extractor", tiny_model_file, "-o", small / "pool.h5")
+        result = tapvits("features", "--data", "digits", "--extractor", tiny_model_file, "-o", small / "pool.h5")
         assert result.exit_code == ExitCode.ENVIRONMENT
         assert result.stderr.count("\n") == 1 and "No space left on device" in result.stderr
         assert list(small.iterdir()) == []   # no partial file for a resume to trust
@@ -45,7 +45,7 @@ def test_a_full_disk_stops_features_before_any_work(tmp_path, tapvits, tiny_mode
 
 def test_a_read_only_directory_is_an_environment_error(tmp_path, tapvits, tiny_model_file):
     with small_mount(tmp_path / "ro", "1m", read_only=True) as read_only:
-        result = tapvits("fit-gmm", "-q", "digits:classes=0,1", "--extractor", tiny_model_file, "--covariance",
+        result = tapvits("fit-gmm", "-q", "--data", "digits:classes=0,1", "--extractor", tiny_model_file, "--covariance",
                          "diag", "-o", read_only / "g.safetensors")
         assert result.exit_code == ExitCode.ENVIRONMENT and "Read-only file system" in result.stderr
         assert result.stderr.count("\n") == 1
@@ -60,7 +60,7 @@ def test_a_bit_flipped_model_is_refused_by_every_consumer(tmp_path, tapvits, tin
         "prune": None,  # needs a plan; covered through finetune and export below
         "finetune": ("finetune", flipped, "--data", "digits:sample=20", "--epochs", "1", "-o", tmp_path / "m.safetensors"),
         "export": ("export", flipped, "-o", tmp_path / "m.onnx"),
-        "features": ("features", "digits:sample=20", "--extractor", flipped, "-o", tmp_path / "p.h5"),
+        "features": ("features", "--data", "digits:sample=20", "--extractor", flipped, "-o", tmp_path / "p.h5"),
     }
     for name, args in consumers.items():
         if args is None:
@@ -73,9 +73,9 @@ def test_a_bit_flipped_model_is_refused_by_every_consumer(tmp_path, tapvits, tin
 
 def test_corrupted_feature_rows_are_caught_by_select(tmp_path, tapvits, tiny_model_file):
     pool = tmp_path / "pool.h5"
-    assert tapvits("features", "digits", "--extractor", tiny_model_file, "-o", pool).exit_code == 0
+    assert tapvits("features", "--data", "digits", "--extractor", tiny_model_file, "-o", pool).exit_code == 0
     gmm = tmp_path / "g.safetensors"
-    fitted = tapvits("fit-gmm", "digits:split=test:classes=0,1", "--extractor", tiny_model_file, "--covariance",
+    fitted = tapvits("fit-gmm", "--data", "digits:split=test:classes=0,1", "--extractor", tiny_model_file, "--covariance",
                      "diag", "--min-samples", "40", "-o", gmm)
     assert fitted.exit_code == 0, fitted.stderr
     with h5py.File(pool, "r+") as handle:
@@ -102,17 +102,17 @@ def test_a_damaged_partial_table_is_not_resumed(tmp_path, tapvits, tiny_model_fi
         return original(self, two(), on_progress)
 
     monkeypatch.setattr(features_artifact.FeatureTableWriter, "write_batches", stop_after_two)
-    interrupted = tapvits("features", "digits", "--extractor", tiny_model_file, "--batch-size", "100", "-o", pool)
+    interrupted = tapvits("features", "--data", "digits", "--extractor", tiny_model_file, "--batch-size", "100", "-o", pool)
     assert interrupted.exit_code == ExitCode.INTERRUPTED
     monkeypatch.setattr(features_artifact.FeatureTableWriter, "write_batches", original)
     partial = features_artifact.partial_path(pool)
     with h5py.File(partial, "r+") as handle:
         assert handle.attrs["features.rows_done"] == "200"
         handle["features/features"][150] = np.zeros(handle["features/features"].shape[1])  # a lost write
-    refused = tapvits("features", "digits", "--extractor", tiny_model_file, "--batch-size", "100", "-o", pool)
+    refused = tapvits("features", "--data", "digits", "--extractor", tiny_model_file, "--batch-size", "100", "-o", pool)
     assert refused.exit_code == ExitCode.INVALID_ARTIFACT and "--restart" in refused.stderr
     assert not pool.exists()
-    redone = tapvits("features", "digits", "--extractor", tiny_model_file, "--batch-size", "100", "--restart", "-o", pool)
+    redone = tapvits("features", "--data", "digits", "--extractor", tiny_model_file, "--batch-size", "100", "--restart", "-o", pool)
     assert redone.exit_code == 0 and tapvits("validate", pool).exit_code == 0
 
 

@@ -16,7 +16,7 @@ POOL = "digits:indices=0-199"  # 200 images: 4 batches of 64 (the last one 8)
 
 
 def features_cli(tapvits, model, output, *extra, data=POOL):
-    return tapvits("features", data, "--extractor", model, "-o", output, "--batch-size", "64", *extra)
+    return tapvits("features", "--data", data, "--extractor", model, "-o", output, "--batch-size", "64", *extra)
 
 
 @pytest.fixture
@@ -26,6 +26,23 @@ def table_file(tmp_path, tapvits, tiny_model_file):
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{path}\n"
     return path
+
+
+def test_features_reports_images_per_second_and_ends_with_a_summary(tmp_path, tapvits, tiny_model_file, monkeypatch):
+    from tapvits_cli.cli import output
+
+    monkeypatch.setattr(output, "PLAIN_PROGRESS_SECONDS", 0.0)   # a line per batch on this pipe
+    result = features_cli(tapvits, tiny_model_file, tmp_path / "pool.h5", "--json")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("embedding images 64/200 (32%), ") and line.endswith(" images/s") for line in lines)
+    assert lines[-1].startswith("embedded 200 images in ") and "images/s: 200 rows × 24 features from" in lines[-1]
+    document = result.json()
+    assert document["images_per_second"] > 0 and document["seconds"] > 0
+    positional = tapvits("features", POOL, "-e", tiny_model_file, "-o", tmp_path / "old.h5", "--batch-size", "64")
+    assert positional.exit_code == 0, positional.stderr   # the old spelling, for one more version
+    assert f"a positional argument is deprecated and will be removed in the next version; use --data {POOL}" \
+        in positional.stderr
 
 
 def test_table_holds_every_sample_with_its_label_and_features(table_file, tiny_model_file, tapvits):
@@ -85,9 +102,9 @@ def interrupting_progress_bar(description, total):
     """Stands in for the CLI's progress bar: Ctrl-C once two batches are written."""
     done = []
 
-    def advance(n=1):
+    def advance(n=1, status=None):   # n images
         done.append(n)
-        if sum(done) >= 2:
+        if sum(done) >= 128:
             raise KeyboardInterrupt
 
     yield advance
@@ -146,7 +163,7 @@ def test_partial_from_another_run_is_refused_until_restart(tiny_model_file, tmp_
     assert tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--seed", "5", "-o", other_model).exit_code == 0
     refusals = {
         "different extractor": features_cli(tapvits, other_model, output),
-        "batch_size=64": tapvits("features", POOL, "-e", tiny_model_file, "-o", output, "--batch-size", "32"),
+        "batch_size=64": tapvits("features", "--data", POOL, "-e", tiny_model_file, "-o", output, "--batch-size", "32"),
         "different number of rows": features_cli(tapvits, tiny_model_file, output, data="digits:indices=0-99"),
     }
     for reason, result in refusals.items():
@@ -216,7 +233,7 @@ def test_writer_refuses_non_finite_features(tiny_model_file, tmp_path):
 
 
 def test_unknown_extractor_is_a_usage_error(tmp_path, tapvits):
-    result = tapvits("features", "digits", "-e", "resnet-9000", "-o", tmp_path / "x.h5")
+    result = tapvits("features", "--data", "digits", "-e", "resnet-9000", "-o", tmp_path / "x.h5")
     assert result.exit_code == ExitCode.USAGE and "efficientnet-lite0" in result.stderr
 
 
@@ -281,7 +298,7 @@ def test_lite0_extractor_embeds_digits(tmp_path, tapvits):
     assert first.fingerprint["architecture"] == "tf_efficientnet_lite0"
     assert first.fingerprint["preprocessing"]["input_size"] == [3, 224, 224]
     output = tmp_path / "lite0.h5"
-    result = tapvits("--json", "features", "digits:indices=0-3", "-e", "efficientnet-lite0", "-o", output)
+    result = tapvits("--json", "features", "--data", "digits:indices=0-3", "-e", "efficientnet-lite0", "-o", output)
     assert result.exit_code == 0, result.stderr
     assert result.json()["dim"] == 1280 and result.json()["extractor_sha256"] == fingerprint_sha256(first.fingerprint)
     assert tapvits("validate", output).exit_code == 0

@@ -125,7 +125,7 @@ def test_distillation_from_a_teacher_changes_the_result(tmp_path, tapvits, tiny_
     args = [tiny_model_file, "--data", SMALL, "--epochs", "1", "--batch-size", "32", "--no-checkpoint"]
     plain, distilled, zero = (tmp_path / f"{n}.safetensors" for n in ("plain", "distilled", "zero"))
     assert tapvits("finetune", *args, "-o", plain).exit_code == 0
-    result = tapvits("finetune", *args, "--teacher", teacher, "--temperature", "2", "-o", distilled)
+    result = tapvits("finetune", *args, "--teacher", teacher, "--distill-temperature", "2", "-o", distilled)
     assert result.exit_code == 0, result.stderr
     assert tapvits("finetune", *args, "--teacher", teacher, "--distill-weight", "0", "-o", zero).exit_code == 0
     sha = {p: header(p).metadata["model.weights_sha256"] for p in (plain, distilled, zero)}
@@ -267,7 +267,8 @@ def test_incompatible_models_are_refused(tmp_path, tapvits, tiny_model_file):
     assert not out.exists()
 
 
-def test_a_metric_set_restricts_training_to_its_finetuning_samples(tmp_path, tapvits, tiny_model_file):
+def test_a_finetune_set_restricts_training_to_its_samples_from_the_pool_it_records(tmp_path, tapvits,
+                                                                                    tiny_model_file):
     from tapvits_cli.artifacts.metric_set import write_metric_set
     from tapvits_cli.data import open_dataset
     from tapvits_cli.selection import Selection
@@ -282,12 +283,18 @@ def test_a_metric_set_restricts_training_to_its_finetuning_samples(tmp_path, tap
     write_metric_set(metric_set, selection, pool.provenance(), "0" * 64, "0" * 64, {})
     args = [tiny_model_file, "--epochs", "1", "--batch-size", "32", "--no-checkpoint"]
     restricted, same_samples = tmp_path / "restricted.safetensors", tmp_path / "indices.safetensors"
-    result = tapvits("finetune", *args, "--data", "digits", "--metric-set", metric_set, "-o", restricted)
+    result = tapvits("finetune", *args, "--finetune-set", metric_set, "-o", restricted)   # no --data: its pool
     assert result.exit_code == 0, result.stderr
     indices = ",".join(map(str, ids))
     assert tapvits("finetune", *args, "--data", f"digits:indices={indices}", "-o", same_samples).exit_code == 0
     made = header(restricted).header
     assert made.params["train_samples"] == rows and set(made.inputs) == {"data", "model", "metric-set"}
+    assert made.params["data"] == "digits:split=train"
     assert header(restricted).metadata["model.weights_sha256"] == header(same_samples).metadata["model.weights_sha256"]
-    other_pool = tapvits("finetune", *args, "--data", "digits:split=test", "--metric-set", metric_set, "-o", restricted)
+    old_spelling = tapvits("finetune", *args, "--data", "digits", "--metric-set", metric_set, "-o", restricted)
+    assert old_spelling.exit_code == 0 and "--metric-set is deprecated" in old_spelling.stderr
+    assert header(restricted).metadata["model.weights_sha256"] == header(same_samples).metadata["model.weights_sha256"]
+    other_pool = tapvits("finetune", *args, "--data", "digits:split=test", "--finetune-set", metric_set, "-o", restricted)
     assert other_pool.exit_code == ExitCode.INCOMPATIBLE and "--data digits:split=train" in other_pool.stderr
+    no_data = tapvits("finetune", *args, "-o", restricted)
+    assert no_data.exit_code == ExitCode.USAGE and "--finetune-set FILE" in no_data.stderr

@@ -20,7 +20,7 @@ PRIVATE = "digits:classes=0,1"  # 287 training images of two digits
 
 
 def fit_cli(tapvits, model, output, *extra, data=PRIVATE):
-    return tapvits("fit-gmm", data, "--extractor", model, "-o", output, *extra)
+    return tapvits("fit-gmm", "--data", data, "--extractor", model, "-o", output, *extra)
 
 
 @pytest.fixture

@@ -60,3 +60,50 @@ def test_a_misspelled_architecture_gets_the_near_match(tapvits, tmp_path, typo, 
 def test_a_name_with_no_near_spelling_lists_its_family(tapvits, tmp_path):
     result = tapvits("create-model", "vit_nothing_like_it", "-o", tmp_path / "m.safetensors")
     assert result.exit_code == ExitCode.USAGE and "models of that family: vit_" in result.stderr
+
+
+# -- renamed options: the old spelling works for one version, with a warning, and is not in --help
+
+def test_every_renamed_option_names_a_real_option_and_only_the_new_one_is_in_the_help(tapvits):
+    renamed = {name: command for name, command in cli.commands.items() if getattr(command, "renamed", None)}
+    assert {"eval", "profile", "finetune"} <= set(renamed)
+    for name, command in renamed.items():
+        flags = {flag for param in command.params for flag in param.opts}
+        text = tapvits(name, "--help").stdout
+        for old, new in command.renamed.items():
+            assert new in flags and old not in flags, (name, old, new)
+            assert f"{new} " in text and f"{old} " not in text, (name, old)
+
+
+def test_modernize_rewrites_old_spellings_but_never_a_value():
+    from tapvits_cli.cli.options import modernize
+
+    values, renamed = {"--warmup-runs": 1, "--data": 1, "-o": 1}, {"--warmup": "--warmup-runs"}
+    args, used = modernize(["m", "--warmup", "3", "-o", "--warmup", "--", "--warmup"], renamed, None, values)
+    assert args == ["m", "--warmup-runs", "3", "-o", "--warmup", "--", "--warmup"]   # a value and after -- stay
+    assert used == [("--warmup", "--warmup-runs")]
+    assert modernize(["--warmup=4"], renamed, None, values)[0] == ["--warmup-runs=4"]
+    with pytest.raises(click.UsageError, match="--warmup-runs is given twice"):
+        modernize(["--warmup", "3", "--warmup-runs=4"], renamed, None, values)
+    args, used = modernize(["-o", "out", "digits:split=test", "x"], {}, "--data", values)
+    assert args == ["-o", "out", "--data", "digits:split=test", "x"]   # only the first bare token; click refuses x
+    assert used == [("a positional argument", "--data digits:split=test")]
+
+
+def test_an_option_given_in_both_spellings_is_refused(tapvits, tmp_path):
+    result = tapvits("eval", tmp_path / "m.safetensors", "--data", "digits:split=test", "--warmup", "1", "--warmup-runs", "2",
+                     "-o", tmp_path / "r.json")
+    assert result.exit_code == ExitCode.USAGE and "--warmup-runs is given twice" in result.stderr
+
+
+def test_an_old_spelling_still_works_and_says_it_is_deprecated(tapvits, tiny_model_file, tmp_path):
+    from tapvits_cli.artifacts.report import read_report
+
+    args = ("eval", tiny_model_file, "--data", "digits:split=test:sample=20", "--latency-batches", "1",
+            "--latency-repeats", "1", "--warmup", "2", "-o", tmp_path / "r.json")
+    result = tapvits(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "--warmup is deprecated and will be removed in the next version; use --warmup-runs" in result.stderr
+    assert read_report(tmp_path / "r.json")["latency"][0]["warmup"] == 2
+    quiet = tapvits(*args, "-q")
+    assert quiet.exit_code == 0 and "deprecated" not in quiet.stderr

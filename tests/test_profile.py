@@ -18,7 +18,7 @@ from tests.test_protocol_examples import assert_one_line_failure
 
 # The tiny ViT: 2 blocks of 3 heads of 8, MLP 48, 4x4 patches + the class token = 17 tokens.
 FULL = BlockWidths(3, 8, 48)
-PROFILE_ARGS = ("--batch-sizes", "4,1", "--widths", "1,24,48", "--repeats", "3", "--warmup", "1", "--threads", "1")
+PROFILE_ARGS = ("--batch-sizes", "4,1", "--widths", "1,24,48", "--repeats", "3", "--warmup-runs", "1", "--threads", "1")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_
 def test_onnxruntime_runtime(tiny_model_file, tmp_path, tapvits):
     out = tmp_path / "ort.json"
     result = tapvits("profile", tiny_model_file, "-o", out, "--runtime", "onnxruntime", "--batch-sizes", "2",
-                     "--widths", "48", "--repeats", "1", "--warmup", "0", "--threads", "1")
+                     "--widths", "48", "--repeats", "1", "--warmup-runs", "0", "--threads", "1")
     assert result.exit_code == 0, result.stderr
     import onnxruntime
 
@@ -355,7 +355,7 @@ def test_profile_on_onnxruntime_refuses_headers_that_lie(tiny_model_file, tmp_pa
     broken = tmp_path / "broken.safetensors"
     _rewrite_header(tiny_model_file, broken, change)
     out = tmp_path / "p.json"
-    result = tapvits("profile", broken, "-o", out, "--runtime", "onnxruntime", "--repeats", "1", "--warmup", "0")
+    result = tapvits("profile", broken, "-o", out, "--runtime", "onnxruntime", "--repeats", "1", "--warmup-runs", "0")
     assert result.exit_code in (ExitCode.INVALID_ARTIFACT, ExitCode.NOT_IMPLEMENTED), result.stderr
     assert_one_line_failure(result, result.exit_code)
     assert needle in result.stderr and not out.exists()

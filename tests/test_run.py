@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,24 @@ def test_variants_override_a_base_recipe(tmp_path, tapvits):
     assert commands["devices/low/select"].startswith("tapvits select runs/magnitude/devices/low/gmm.safetensors")
     cycle = write_recipe(tmp_path, {"extends": "cycle.yaml"}, "cycle.yaml")
     assert "cycle" in tapvits("run", cycle, "--dry-run").stderr
+
+
+def test_old_recipe_keys_of_renamed_options_still_work_with_a_warning(tmp_path, tapvits):
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "stages": {
+        **TINY_RECIPE["stages"], "finetune": {"epochs": 1, "distill": True, "warmup": 0.2, "temperature": 2},
+        "eval": {"warmup": 1}}})
+    result = tapvits("--json", "run", recipe, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert ("recipe: 'stages.finetune.warmup' is deprecated and will be removed in the next version; "
+            "use 'stages.finetune.warmup-fraction'") in result.stderr
+    assert "'stages.eval.warmup' is deprecated" in result.stderr
+    commands = {step["id"]: step["command"] for step in result.json()["steps"]}
+    assert "--warmup-fraction 0.2 " in commands["devices/low/finetune"]
+    assert "--distill-temperature 2.0 " in commands["devices/low/finetune"]
+    assert "--warmup-runs 1 " in commands["devices/low/eval"]
+    both = write_recipe(tmp_path, {**TINY_RECIPE, "stages": {"eval": {"warmup": 1, "warmup-runs": 2}}}, "both.yaml")
+    refused = tapvits("run", both, "--dry-run")
+    assert refused.exit_code == ExitCode.USAGE and "deprecated spelling of 'stages.eval.warmup-runs'" in refused.stderr
 
 
 def test_a_variant_removes_a_base_key_with_null(tmp_path, tapvits):
@@ -219,3 +238,56 @@ def test_score_probes_at_the_budget_unless_probes_are_skipped(tmp_path, tapvits)
                       "--set", "stages.allocate.strategy=uniform").json()["steps"]
     score = next(s["command"] for s in skipped if s["id"] == "devices/low/score")
     assert "--no-layer-importance" in score and "--budget" not in score
+
+
+def test_run_progress_estimates_the_rest_from_finished_steps_of_the_same_stage():
+    from tapvits_cli.pipeline.progress import RunProgress
+    from tapvits_cli.pipeline.runner import StepOutcome
+    from tapvits_cli.pipeline.schedule import StepFailure
+    from tapvits_cli.pipeline.steps import Input, Output, Step
+
+    def step(step_id, stage, needs=()):
+        return Step(step_id, stage, (*[Input(n) for n in needs], Output(step_id)), step_id)
+
+    steps = [step("base", "finetune"), step("a/score", "score", ["base"]), step("a/finetune", "finetune", ["a/score"]),
+             step("b/score", "score", ["base"]), step("b/finetune", "finetune", ["b/score"])]
+    progress = RunProgress(steps, started=0.0)
+    progress.on_event("start", steps[0], None, now=0.0)
+    assert progress.time_left(5.0) is None                       # nothing to go by yet
+    progress.begin_work("base", "train", 100, now=0.0)
+    progress.advance("base", 25, "epoch 1/4 loss 1.2")
+    assert progress.running["base"].time_left(10.0) == pytest.approx(30.0)   # 25 units in 10 s, 75 to go
+    progress.on_event("done", steps[0], StepOutcome(steps[0], "ran", 40.0), now=40.0)
+    progress.on_event("start", steps[1], None, now=40.0)
+    progress.on_event("done", steps[1], StepOutcome(steps[1], "ran", 10.0), now=50.0)
+    # a/finetune and b/finetune as long as base (40 s), b/score as a/score (10 s)
+    assert progress.done == 2 and progress.time_left(50.0) == pytest.approx(90.0)
+    progress.on_event("start", steps[2], None, now=50.0)
+    assert progress.time_left(60.0) == pytest.approx(80.0)       # the running one has 30 s left
+    progress.on_event("failed", steps[3], StepFailure("b/score: no", 2), now=61.0)
+    assert progress.done == 4 and progress.time_left(61.0) == pytest.approx(29.0)   # b/finetune will not start
+
+
+def test_run_shows_plain_progress_lines_on_a_pipe(tmp_path, tapvits, monkeypatch):
+    from tapvits_cli.cli import output
+
+    monkeypatch.setattr(output, "PLAIN_PROGRESS_SECONDS", 0.2)
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "devices": TINY_RECIPE["devices"][:1],
+                                     "stages": {**TINY_RECIPE["stages"], "finetune": False}})
+    result = tapvits("run", recipe, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("[1/8] base: tapvits finetune --model") for line in lines)
+    *ticks, closing = [line for line in lines if " steps done" in line]
+    pattern = re.compile(r"^(\[\d/8\] [a-z/-]+ \d+:\d\d( \(.*\))?; )?\d of 8 steps done, \d+:\d\d elapsed"
+                         r"(, ETA \d+:\d\d)?$")
+    assert ticks and all(pattern.match(line) for line in ticks), ticks
+    assert any(line.startswith("[1/8] base ") and "(train " in line for line in ticks)   # the step's own progress
+    assert any(", ETA " in line for line in ticks)              # once a step has finished
+    assert re.match(r"^8 of 8 steps done in \d+:\d\d$", closing)
+    bars = tapvits("run", recipe, "--run-dir", tmp_path / "run", "--force", "--progress")   # bars forced on a pipe
+    assert bars.exit_code == 0 and any(re.match(r"^steps ━+ 8/8 \d+:\d\d:\d\d$", line)   # their last state
+                                       for line in bars.stderr.splitlines()), bars.stderr
+    quiet = tapvits("run", recipe, "--run-dir", tmp_path / "run", "--force", "-q")
+    assert quiet.exit_code == 0
+    assert not any(" steps done" in line or line.startswith("[") for line in quiet.stderr.splitlines())

@@ -201,6 +201,8 @@ def test_score_command_writes_a_valid_artifact(tiny_model_file, metric_set_file,
     assert set(scores.artifact.header.inputs) == {"model", "metric-set", "pool"}
     inspected = tapvits("inspect", out)
     assert inspected.exit_code == 0 and "KL attn" in inspected.stdout and "█" in inspected.stdout
+    figures = tapvits("--json", "inspect", out).json()["figures"]
+    assert figures["weights"] == {"attn": [0.1, 0.1, 0.8], "mlp": [0.8, 0.1, 0.1]}   # a plain key
 
     taylor = tmp_path / "taylor.safetensors"
     result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--criterion", "taylor",
@@ -211,7 +213,7 @@ def test_score_command_writes_a_valid_artifact(tiny_model_file, metric_set_file,
 
 def test_score_command_refuses_bad_input(tiny_model_file, metric_set_file, tmp_path, tapvits):
     out = tmp_path / "s.safetensors"
-    other_pool = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--pool", "digits:split=test", "-o", out)
+    other_pool = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--data", "digits:split=test", "-o", out)
     assert_one_line_failure(other_pool, ExitCode.INCOMPATIBLE)
     assert "fingerprint" in other_pool.stderr
     both = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--budget", "0.7",

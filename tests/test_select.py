@@ -264,7 +264,7 @@ def test_impossible_sizes_are_refused():
 @pytest.fixture
 def gmm_file(tmp_path, tapvits, tiny_model_file):
     path = tmp_path / "device.gmm.safetensors"
-    result = tapvits("fit-gmm", DEVICE, "--extractor", tiny_model_file, "--pca-dim", "8", "-o", path)
+    result = tapvits("fit-gmm", "--data", DEVICE, "--extractor", tiny_model_file, "--pca-dim", "8", "-o", path)
     assert result.exit_code == 0, result.stderr
     return path
 
@@ -272,7 +272,7 @@ def gmm_file(tmp_path, tapvits, tiny_model_file):
 @pytest.fixture
 def table_file(tmp_path, tapvits, tiny_model_file):
     path = tmp_path / "pool.h5"
-    result = tapvits("features", POOL, "--extractor", tiny_model_file, "--batch-size", "64", "-o", path)
+    result = tapvits("features", "--data", POOL, "--extractor", tiny_model_file, "--batch-size", "64", "-o", path)
     assert result.exit_code == 0, result.stderr
     return path
 
@@ -340,7 +340,7 @@ def test_selection_prefers_the_devices_classes(table_file, tmp_path, tapvits, ti
     precision measured 0.70-0.90 over seven tiny-model seeds, random 0.25. (Standardised
     PCA to 8 dims measured 0.25-0.60 on these untrained features, hence the defaults here.)"""
     gmm = tmp_path / "default.gmm.safetensors"
-    assert tapvits("fit-gmm", DEVICE, "--extractor", tiny_model_file, "-o", gmm).exit_code == 0
+    assert tapvits("fit-gmm", "--data", DEVICE, "--extractor", tiny_model_file, "-o", gmm).exit_code == 0
     precision = {}
     for strategy in ("topk", "stratified", "random"):
         out = tmp_path / f"{strategy}.h5"
@@ -406,7 +406,7 @@ def test_a_gmm_from_another_extractor_is_refused(gmm_file, tmp_path, tapvits):
     other = tmp_path / "other.safetensors"
     assert tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "--seed", "1", "-o", other).exit_code == 0
     table = tmp_path / "other-pool.h5"
-    assert tapvits("features", POOL, "--extractor", other, "-o", table).exit_code == 0
+    assert tapvits("features", "--data", POOL, "--extractor", other, "-o", table).exit_code == 0
     result = select_cli(tapvits, gmm_file, table, tmp_path / "m.h5")
     assert result.exit_code == ExitCode.INCOMPATIBLE and result.stdout == ""
     from tapvits_cli.artifacts.features import open_feature_table

@@ -15,23 +15,24 @@ EXAMPLES = {
     "prune": dict(model_path="m.safetensors", plan_path="p.safetensors", output="o.safetensors", merge="bipartite",
                   merge_amount=2, merge_layers=[0, 2, 3], proportional_attention=False),
     "eval": dict(model_path="m.safetensors", data="digits:split=test", output="r.json", batch_size=8,
-                 latency_batches="1,4", no_latency=True, min_top1=0.5),
+                 latency_batches="1,4", warmup_runs=2, no_latency=True, min_top1=0.5),
     "finetune": dict(architecture="vit_tiny_patch16_224", model_args=("img_size=8", "patch_size=4"), data="digits",
-                     metric_set="s.h5", output="m.safetensors", epochs=2, lr=0.0002, min_lr=0.0, augment="crop,flip",
-                     teacher="t.safetensors", distill_weight=0.25, checkpoint_dir="ckpt", resume=True),
+                     finetune_set="s.h5", output="m.safetensors", epochs=2, lr=0.0002, min_lr=0.0, augment="crop,flip",
+                     warmup_fraction=0.2, teacher="t.safetensors", distill_weight=0.25, distill_temperature=2.0,
+                     checkpoint_dir="ckpt", resume=True),
     "fit-gmm": dict(data="digits:classes=0,1", extractor_name="efficientnet-lite0", output="g.safetensors", pca_dim=8,
                     standardize=False, components=[2, 3, 5], covariance="diag", reg_covar=1e-4, dp_epsilon=3.0),
     "features": dict(data="digits", extractor_name="m.safetensors", output="f.h5", batch_size=16, restart=True),
     "select": dict(gmm="g.safetensors", pool="f.h5", output="s.h5", metric_size=32, finetune_size=64,
                    strategy="ratio", public_components=3, chunk_rows=100),
-    "score": dict(model="m.safetensors", metric_set_path="s.h5", pool="digits", output="sc.safetensors",
+    "score": dict(model="m.safetensors", metric_set_path="s.h5", data="digits", output="sc.safetensors",
                   criterion="magnitude", mlp_weights="1,0,0", budget=0.5, batch_size=8, max_samples=16),
     "audit-gmm": dict(gmm="g.safetensors", private_ref="digits:classes=0,1", extractor_name="m.safetensors",
                       held_out_ref="digits:classes=0,1:fold=1/2", max_auc=0.6, batch_size=32),
     "export": dict(model="m.safetensors", output="m.onnx", features_graph=True, raw_input=(1, 8, 8), batch_size=2,
                    dynamic_batch=False, opset=17, check=False),
     "profile": dict(model_path="m.safetensors", output="d.profile.json", runtime="onnxruntime", batch_sizes="1,4",
-                    tokens=5, widths="1,2", repeats=3, warmup=1, threads=2),
+                    tokens=5, widths="1,2", repeats=3, warmup_runs=1, threads=2),
     "create-model": dict(architecture="vit_tiny_patch16_224", output="m.safetensors",
                          model_args=("img_size=8", "patch_size=4"), weights="w.safetensors", class_names="a,b"),
     "dataset": dict(reference="digits:classes=0,1"),
@@ -88,6 +89,6 @@ def test_logic_names_parameters_and_the_command_line_names_flags(tmp_path, tapvi
         check_feasible(500, 64, [2], "full", 80)
     assert str(refused.value) == "pca_dim 80 must lie in 1..64 (the feature dimension)"
     assert str(refused.value.naming(flag_names(command))) == "--pca-dim 80 must lie in 1..64 (the feature dimension)"
-    result = tapvits("fit-gmm", "digits:split=test:classes=0,1", "--extractor", tiny_model_file, "--pca-dim", "999",
+    result = tapvits("fit-gmm", "--data", "digits:split=test:classes=0,1", "--extractor", tiny_model_file, "--pca-dim", "999",
                      "-o", tmp_path / "g.safetensors")
     assert result.exit_code == 2 and "error: --pca-dim 999 must lie in 1.." in result.stderr

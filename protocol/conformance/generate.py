@@ -165,17 +165,17 @@ def make_valid(work: Path) -> dict[str, Path]:
 
     model = step("model.safetensors", "create-model", "vit_tiny_patch16_224",
                  *[t for k, v in MODEL_ARGS.items() for t in ("-a", f"{k}={v}")])
-    features = step("features.h5", "features", POOL, "--extractor", model)
-    gmm = step("gmm.safetensors", "fit-gmm", PRIVATE, "--extractor", model, "--covariance", "diag",
+    features = step("features.h5", "features", "--data", POOL, "--extractor", model)
+    gmm = step("gmm.safetensors", "fit-gmm", "--data", PRIVATE, "--extractor", model, "--covariance", "diag",
                "--components", "2-3", "--pca-dim", "4", "--min-samples", "40")
     metric = step("metric-set.h5", "select", gmm, "--pool", features, "--metric-size", "16", "--finetune-size", "48")
-    scores = step("scores.safetensors", "score", model, "--metric-set", metric, "--pool", POOL, "--budget", "0.7",
+    scores = step("scores.safetensors", "score", model, "--metric-set", metric, "--data", POOL, "--budget", "0.7",
                   "--hsic-batch", "8")
     plan = step("plan.safetensors", "allocate", scores, "--budget", "0.7", "--model", model, "--tolerance", "0.05")
     pruned = step("pruned.safetensors", "prune", model, plan)
     step("report.json", "eval", pruned, "--data", HELD_OUT, "--no-latency")
     step("profile.json", "profile", model, "--batch-sizes", "1,2", "--widths", "1,24", "--repeats", "1",
-         "--warmup", "0", "--threads", "1", "--runtime", "torch")
+         "--warmup-runs", "0", "--threads", "1", "--runtime", "torch")
 
     tensors, _ = safetensors_parts(model)   # the versions before the container tensor hash
     made["model-v1.safetensors"] = rewrite_safetensors(model, work / "model-v1.safetensors", tapvits__version="1",

@@ -202,7 +202,7 @@ class FeatureTableWriter:
 
         Each batch must continue the table's ids in order (they were fixed when the
         partial file was created); after it is written and flushed, ``rows_done``
-        advances and ``on_progress(1)`` is called.
+        advances and ``on_progress(rows)`` is called with the batch's row count.
         """
         for ids, features, labels in batches:
             start, stop = self.rows_done, self.rows_done + len(ids)
@@ -229,7 +229,7 @@ class FeatureTableWriter:
                     f"rerun to resume from the last committed row")) from None
             self.rows_done = stop
             if on_progress is not None:
-                on_progress(1)
+                on_progress(len(ids))
 
     def finish(self) -> Path:
         """Close the complete table, flush it to disk and rename it onto the output."""

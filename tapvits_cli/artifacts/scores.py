@@ -146,7 +146,7 @@ def _summarize(artifact: ArtifactFile) -> Summary:
         "probe_fraction": scores.probe_fraction,
     }
     if scores.weights:
-        figures["weights (α,β,γ)"] = scores.weights
+        figures["weights"] = scores.weights   # per unit kind: α, β, γ of the composite
     importance = scores.layer_importance
     columns = ["block", "heads", "neurons"]
     columns += ["KL attn", "rel. attn", "KL mlp", "rel. mlp"] if importance is not None else ["mean head score", "mean neuron score"]

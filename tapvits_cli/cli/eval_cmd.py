@@ -9,7 +9,8 @@ from tapvits_cli.cli.output import emit, stderr_console
 from tapvits_cli.errors import BelowThresholdError
 
 
-@click.command("eval", cls=WritingCommand, short_help="Accuracy, MACs and latency of a model on a labelled set.")
+@click.command("eval", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
+               short_help="Accuracy, MACs and latency of a model on a labelled set.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", required=True, metavar="REF",
               help="Labelled dataset reference, e.g. fashion-mnist:split=test.")
@@ -20,13 +21,14 @@ from tapvits_cli.errors import BelowThresholdError
               help="Batch sizes at which latency is measured.")
 @click.option("--latency-repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed runs per batch size (the median and p90 are reported).")
-@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed runs before timing.")
+@click.option("--warmup-runs", type=click.IntRange(0), default=5, show_default=True,
+              help="Untimed runs per batch size before the timed ones.")
 @click.option("--no-latency", is_flag=True, help="Skip the latency measurement.")
 @click.option("--min-top1", type=FiniteFloat(0, 1), metavar="X",
               help="Exit with code 6 when top-1 accuracy is below X (the report is written anyway).")
 @global_options
 def command(model_path: str, data: str, output: str, batch_size: int, latency_batches: str, latency_repeats: int,
-            warmup: int, no_latency: bool, min_top1: float | None) -> None:
+            warmup_runs: int, no_latency: bool, min_top1: float | None) -> None:
     """Measure MODEL on --data: top-1, top-5, loss, per-class accuracy, parameters, MACs
     (torch's FLOP counter, MACs = FLOPs / 2) and latency (median and p90 of repeated
     runs after a warm-up, thread count recorded).

@@ -1,4 +1,8 @@
-"""``tapvits finetune``: fine-tune a model artifact, or train a timm model from random initialisation."""
+"""``tapvits finetune``: fine-tune a model artifact, or train a timm model from random initialisation.
+
+Longer than most subcommands for its many training options and their ``--help``; the work
+is ``stages.finetune``.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,20 @@ from tapvits_cli.cli.output import emit
 from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGHT
 
 
-@click.command("finetune", cls=WritingCommand, short_help="Fine-tune a model artifact (optionally distilling a teacher), or train one from scratch.")
+@click.command("finetune", cls=WritingCommand,
+               renamed={"--warmup": "--warmup-fraction", "--temperature": "--distill-temperature",
+                        "--metric-set": "--finetune-set"},
+               short_help="Fine-tune a model artifact (optionally distilling a teacher), or train one from scratch.")
 @click.argument("model_file", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "architecture", metavar="NAME",
               help="Train from random initialisation: a timm architecture name (instead of MODEL_FILE).")
 @click.option("-a", "--arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="timm keyword argument for --model, repeatable; num_classes defaults to the data's.")
-@click.option("--data", required=True, metavar="REF", help="Training data: a dataset reference (see `tapvits dataset`).")
-@click.option("--metric-set", type=click.Path(exists=True, dir_okay=False),
-              help="Train only on this metric set's fine-tuning samples (their ids index --data).")
+@click.option("--data", metavar="REF",
+              help="Training data: a dataset reference (see `tapvits dataset`) [default with --finetune-set: the pool "
+                   "it was selected from]; its fingerprint must match that pool's.")
+@click.option("--finetune-set", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Train only on the fine-tuning set of this metric-set artifact from `tapvits select`.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model artifact to write (.safetensors).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Passes over the training samples (--max-steps can stop earlier).")
@@ -27,8 +36,9 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
 @click.option("--lr", type=FiniteFloat(), default=5e-4, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--min-lr", type=FiniteFloat(), default=1e-6, show_default=True, help="Learning rate at the end of the cosine decay.")
 @click.option("--weight-decay", type=FiniteFloat(), default=0.05, show_default=True, help="AdamW weight decay (not on biases and norms).")
-@click.option("--warmup", type=FiniteFloat(), default=0.1, show_default=True, help="Linear warm-up, as a fraction of all steps.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up in steps (overrides --warmup).")
+@click.option("--warmup-fraction", type=FiniteFloat(0, 1), default=0.1, show_default=True,
+              help="Linear warm-up, as a fraction of all steps.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up in steps (overrides --warmup-fraction).")
 @click.option("--label-smoothing", type=FiniteFloat(), default=0.1, show_default=True,
               help="Cross-entropy target: 1 − ε on the true class, ε spread evenly over all classes (0: one-hot).")
 @click.option("--augment", default="", metavar="LIST",
@@ -38,7 +48,8 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
               help="Model artifact to distil from (e.g. the unpruned model).")
 @click.option("--distill-weight", type=FiniteFloat(),
               help=f"λ in (1−λ)·CE + λ·T²·KL(teacher‖student) [default with --teacher: {DEFAULT_DISTILL_WEIGHT}].")
-@click.option("--temperature", type=FiniteFloat(), default=4.0, show_default=True, help="Distillation temperature T.")
+@click.option("--distill-temperature", type=FiniteFloat(0, min_open=True), default=4.0, show_default=True,
+              help="Temperature T that softens teacher and student outputs for distillation.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False),
               help=f"Keep a checkpoint here after every epoch [default: OUTPUT{CHECKPOINT_SUFFIX}, deleted on success].")
 @click.option("--no-checkpoint", is_flag=True, help="Write no checkpoint (an interrupted run starts over).")
@@ -48,13 +59,14 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Read the loss back every N steps (for the progress line).")
 @global_options
-def command(model_file: str | None, architecture: str | None, model_args: tuple[str, ...], data: str,
-            metric_set: str | None, output: str, epochs: int, max_steps: int | None, batch_size: int, lr: float,
-            min_lr: float, weight_decay: float, warmup: float, warmup_steps: int | None, label_smoothing: float,
+def command(model_file: str | None, architecture: str | None, model_args: tuple[str, ...], data: str | None,
+            finetune_set: str | None, output: str, epochs: int, max_steps: int | None, batch_size: int, lr: float,
+            min_lr: float, weight_decay: float, warmup_fraction: float, warmup_steps: int | None, label_smoothing: float,
             augment: str, grad_clip: float | None, teacher: str | None, distill_weight: float | None,
-            temperature: float, checkpoint_dir: str | None, no_checkpoint: bool, resume: bool, workers: int,
+            distill_temperature: float, checkpoint_dir: str | None, no_checkpoint: bool, resume: bool, workers: int,
             log_every: int) -> None:
-    """Fine-tune MODEL_FILE on --data, or train --model NAME from random initialisation.
+    """Fine-tune MODEL_FILE on --data (or the fine-tuning set --finetune-set), or train --model NAME
+    from random initialisation.
 
     AdamW with linear warm-up and cosine decay, label smoothing, optional batch
     augmentation and response distillation from --teacher. Seeded (--seed): the same
@@ -66,8 +78,8 @@ def command(model_file: str | None, architecture: str | None, model_args: tuple[
     Examples:
 
     \b
-      tapvits finetune pruned.safetensors --data fashion-mnist \\
-          --metric-set device0.h5 --teacher base.safetensors -o device0.safetensors
+      tapvits finetune pruned.safetensors --finetune-set device0.h5 \\
+          --teacher base.safetensors -o device0.safetensors
       torchrun --standalone --nproc_per_node=2 -m tapvits_cli finetune \\
           --model vit_tiny_patch16_224 -a img_size=28 -a patch_size=4 -a in_chans=1 \\
           --data fashion-mnist --epochs 10 --augment crop -o base.safetensors

@@ -10,8 +10,10 @@ from tapvits_cli.cli.output import emit
 from tapvits_cli.vocabulary import COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS
 
 
-@click.command("fit-gmm", cls=WritingCommand, short_help="On a device: fit a Gaussian mixture to features of private images.")
-@click.argument("data")
+@click.command("fit-gmm", cls=WritingCommand, positional="--data",
+               short_help="On a device: fit a Gaussian mixture to features of private images.")
+@click.option("--data", required=True, metavar="REF",
+              help="The private images: a dataset reference (see `tapvits dataset`); never recorded in the artifact.")
 @click.option("-e", "--extractor", "extractor_name", required=True, metavar="EXTRACTOR", help=EXTRACTOR_HELP)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GMM artifact to write (.safetensors).")
 @click.option("--pca-dim", type=click.IntRange(min=1), default=None,
@@ -50,7 +52,7 @@ def command(data: str, extractor_name: str, output: str, pca_dim: int | None, no
             components: list[int] | None, covariance: str | None, reg_covar: float, min_samples: int,
             noise_scale: float, dp_epsilon: float | None, dp_delta: float, dp_iterations: int, max_iter: int,
             n_init: int, batch_size: int) -> None:
-    """Fit a Gaussian mixture to EXTRACTOR features of the private dataset DATA.
+    """Fit a Gaussian mixture to EXTRACTOR features of the private dataset --data.
 
     Runs on the device, offline. Features are standardised and PCA-projected (the
     projection travels inside the artifact), one mixture is fitted per K and the lowest
@@ -58,12 +60,12 @@ def command(data: str, extractor_name: str, output: str, pca_dim: int | None, no
     component supported by enough samples, a variance well above the regulariser, a
     mean away from every private sample). The artifact holds only the mixture, the
     projection and aggregate provenance (extractor fingerprint, sample count, BIC per K,
-    timings): no image, label, feature vector or per-sample value, and not the DATA
+    timings): no image, label, feature vector or per-sample value, and not the --data
     reference either. A fit that cannot keep the guarantees is refused (exit 2; see
     protocol/gmm.md). With --dp-epsilon the mixture is differentially private instead,
     and the budget spent is recorded in the artifact.
 
-    Example: tapvits fit-gmm "fashion-mnist:split=train:classes=0,1:fold=0/2"
+    Example: tapvits fit-gmm --data "fashion-mnist:split=train:classes=0,1:fold=0/2"
     --extractor base.safetensors -o device.gmm.safetensors
     """
     from tapvits_cli.cli.stage_call import run_stage

@@ -5,9 +5,10 @@ given on the subcommand wins over one given on the group; both win over the
 ``TAPVITS_*`` environment variable, which wins over the default.
 
 The shared checks live here so that a rule about options holds for every subcommand at
-once: :class:`FiniteFloat` (no NaN or infinity in any float option) and
-:class:`WritingCommand` (``-o`` never names an input or a directory). It is longer than
-a subcommand's module because it holds those rules for all of them.
+once: :class:`FiniteFloat` (no NaN or infinity in any float option),
+:class:`RenamingCommand` (a renamed option's old spelling works for one more version)
+and :class:`WritingCommand` (``-o`` never names an input or a directory). It is longer
+than a subcommand's module because it holds those rules for all of them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import click
 from click.core import ParameterSource
@@ -173,7 +176,79 @@ def check_output_path(output: str, inputs: dict[str, Any]) -> None:
                                  "the input: choose another output path")
 
 
-class WritingCommand(click.Command):
+def deprecation_line(where: str, old: str, new: str) -> str:
+    """The one line on stderr that a deprecated spelling was used (a command line's, or a recipe key's)."""
+    return f"{where}: {old} is deprecated and will be removed in the next version; use {new}"
+
+
+def modernize(args: list[str], renamed: Mapping[str, str], positional: str | None,
+              value_options: Mapping[str, int]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``args`` with every old spelling replaced by its new one, and the (old, new) pairs that were used.
+
+    ``renamed`` maps an old option spelling to its new one; ``positional`` is the option a
+    former positional argument became (the first bare token is then passed to it);
+    ``value_options`` says how many values each option takes, so that a value is never
+    mistaken for an option or a positional argument. Nothing after ``--`` changes.
+    """
+    out: list[str] = []
+    used: list[tuple[str, str]] = []
+    index = 0
+    while index < len(args):
+        token = args[index]
+        index += 1
+        if token == "--":
+            out += args[index - 1:]
+            break
+        if token.startswith("-") and len(token) > 1:
+            name, equals, value = token.partition("=") if token.startswith("--") else (token[:2], "", token[2:])
+            if name in renamed:
+                used.append((name, renamed[name]))
+                name = renamed[name]
+            out.append(name + equals + value)
+            if not equals and not value and name in value_options:   # its values follow as tokens
+                out += args[index:index + value_options[name]]
+                index += value_options[name]
+        elif positional is not None and not any(old == "a positional argument" for old, _ in used):
+            used.append(("a positional argument", f"{positional} {shlex.quote(token)}"))
+            out += [positional, token]
+        else:
+            out.append(token)
+    for old, new in used:
+        flag = new.split()[0]
+        if sum(token.partition("=")[0] == flag for token in out) > 1:
+            raise click.UsageError(f"{flag} is given twice (once as its deprecated spelling, {old}): give it once")
+    return out, used
+
+
+class RenamingCommand(click.Command):
+    """A subcommand that still reads the spellings an option had before it was renamed, for one version.
+
+    ``renamed`` maps an old option spelling to its new one (``{"--warmup": "--warmup-runs"}``);
+    ``positional`` is the option a former positional argument became (``"--data"``). The
+    old spellings are not declared, so ``--help`` does not show them; each use prints one
+    deprecation line on stderr (not with ``-q``) and then means exactly the new spelling.
+    ``tapvits run`` reads a recipe's old keys through ``renamed`` the same way.
+    """
+
+    def __init__(self, *args: Any, renamed: Mapping[str, str] | None = None, positional: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.renamed = dict(renamed or {})
+        self.positional = positional
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        value_options = {name: param.nargs for param in self.params
+                         if isinstance(param, click.Option) and not param.is_flag and not param.count
+                         for name in param.opts}
+        args, used = modernize(args, self.renamed, self.positional, value_options)
+        rest = super().parse_args(ctx, args)
+        if CURRENT.verbosity >= 0:
+            for old, new in used:
+                sys.stderr.write(deprecation_line(ctx.command_path, old, new) + "\n")
+        return rest
+
+
+class WritingCommand(RenamingCommand):
     """A subcommand that writes ``-o/--output``: the output is checked against every other
     parameter (by :func:`check_output_path`) after parsing, before any work starts."""
 

@@ -135,7 +135,8 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
         yield advance
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``75`` → ``1:15``, ``3725`` → ``1:02:05``."""
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
@@ -158,9 +159,9 @@ def plain_progress(description: str, total: int | None,
         done, elapsed = state["done"], now - start
         rate = done / elapsed if elapsed > 0 else 0.0
         parts = [f"{description} {done}/{total}" + (f" ({done / total:.0%})" if total else "") if total is not None
-                 else f"{description} {done}", f"{rate:.3g}/s", f"{_duration(elapsed)} elapsed"]
+                 else f"{description} {done}", f"{rate:.3g}/s", f"{format_duration(elapsed)} elapsed"]
         if total and rate > 0 and done < total:
-            parts.append(f"ETA {_duration((total - done) / rate)}")
+            parts.append(f"ETA {format_duration((total - done) / rate)}")
         if state["status"]:
             parts.append(str(state["status"]))
         return ", ".join(parts)
@@ -187,5 +188,5 @@ def plain_progress(description: str, total: int | None,
         if state["printed"]:
             now = time.monotonic()
             ending = "done" if finished else "stopped"
-            write(f"{line(now).split(', ')[0]} {ending} in {_duration(now - start)}"
+            write(f"{line(now).split(', ')[0]} {ending} in {format_duration(now - start)}"
                   + (f", {state['status']}" if state["status"] else ""))

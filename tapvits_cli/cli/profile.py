@@ -10,7 +10,7 @@ from tapvits_cli.stages.profile import AUTO_RUNTIME
 from tapvits_cli.vocabulary import RUNTIMES
 
 
-@click.command("profile", cls=WritingCommand,
+@click.command("profile", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
                short_help="Measure this device's latency for a model's blocks at every prunable width.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Profile artifact to write (.json).")
@@ -24,19 +24,19 @@ from tapvits_cli.vocabulary import RUNTIMES
                                                "to the full width]; heads are measured at every count")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed rounds (the median is kept).")
-@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
+@click.option("--warmup-runs", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
 @click.option("--threads", type=click.IntRange(1), metavar="T",
               help="Intra-op threads  [default: torch's; on onnxruntime the cores available]")
 @global_options
 def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens: int | None, widths: str | None,
-            repeats: int, warmup: int, threads: int | None) -> None:
+            repeats: int, warmup_runs: int, threads: int | None) -> None:
     """Measure how long this machine takes for MODEL's building blocks at every width pruning
     can produce, and write the table as a profile artifact (protocol/profile.md).
 
     Each block kind is timed as pruned models build it: attention at every head count
     (MLP removed), the MLP at a grid of hidden widths (attention removed), a block with
     both removed, and the fixed parts (patch embedding, final norm + classifier), at each
-    batch size, interleaved over --repeats rounds after --warmup. Only the architecture
+    batch size, interleaved over --repeats rounds after --warmup-runs. Only the architecture
     of MODEL matters (pruned or not, the unpruned widths are profiled; weights are not
     used). The latency of any pruned model of that architecture is then predicted from
     the table (tapvits_cli.payloads.latency_table.predict_model). ViT/DeiT models only.

@@ -21,7 +21,7 @@ from typing import Any, Mapping, NamedTuple
 import click
 
 from tapvits_cli.cli import allocate, eval_cmd, features, finetune, fit_gmm, prune, score, select
-from tapvits_cli.cli.options import CURRENT, Settings, global_options, restore_settings
+from tapvits_cli.cli.options import CURRENT, Settings, deprecation_line, global_options, restore_settings
 from tapvits_cli.cli.output import emit, log, progress_bar, stderr_console
 from tapvits_cli.cli.stage_call import flag_names
 from tapvits_cli.errors import BelowThresholdError, ParameterError, TapvitsError, UsageError
@@ -57,7 +57,7 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
     name = "finetune" if stage == "train" else stage
     known = {o.lstrip("-") for p in STAGE_COMMANDS[name].params for o in (*p.opts, *p.secondary_opts)} | {"help"}
     checked: dict[str, Any] = {}
-    for key, value in options.items():
+    for key, value in _renamed_keys(STAGE_COMMANDS[name], options, path).items():
         if key in extra:
             if not isinstance(value, bool):
                 raise UsageError(f"recipe: '{path}.{key}' must be true or false")
@@ -86,6 +86,23 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
     return checked
 
 
+def _renamed_keys(command: click.Command, options: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A recipe section with the old spellings of renamed options (``RenamingCommand.renamed``)
+    replaced by the new ones, each use logged as deprecated, as on the command line."""
+    renamed = {old.lstrip("-"): new.lstrip("-") for old, new in getattr(command, "renamed", {}).items()}
+    section: dict[str, Any] = {}
+    for key, value in options.items():
+        new = renamed.get(key)
+        if new is None:
+            section[key] = value
+            continue
+        if new in options:
+            raise UsageError(f"recipe: '{path}.{key}' is the deprecated spelling of '{path}.{new}': give only '{new}'")
+        log(deprecation_line("recipe", f"'{path}.{key}'", f"'{path}.{new}'"))
+        section[new] = value
+    return section
+
+
 def stage_fields(stage: str, checked: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of ``stages.<stage>.Options`` from a checked recipe section: each value
     parsed as the subcommand parses its option (type and callback), so ``2-3`` becomes ``[2, 3]``."""
@@ -102,13 +119,12 @@ def stage_fields(stage: str, checked: Mapping[str, Any]) -> dict[str, Any]:
 def _invoke(step, root: str) -> None:
     """Run one step: its stage, called with its options, in this process.
 
-    The run reports each step itself, so the stage's own log lines and progress show
-    only with ``-v``; a stage's error names the step.
+    The run reports each step itself, so the stage's own log lines show only with ``-v``
+    (its progress goes where the caller installed it); a stage's error names the step.
     """
     from tapvits_cli.stages import feedback, stage_module
 
-    reporting = feedback.silenced() if CURRENT.verbosity < 1 else feedback.installed(log, progress_bar)
-    with reporting:
+    with feedback.installed(log=log if CURRENT.verbosity >= 1 else feedback.no_log):
         try:
             stage_module(step.stage).run(step.resolved(root))
         except ParameterError as exc:
@@ -124,8 +140,11 @@ def _invoke_in_worker(step, root: str, settings: Settings) -> None:
     Module-level so that executors can pickle it. The worker calls the stage function as
     :func:`_invoke` does; the settings only decide what it reports (``-v``, progress).
     """
+    from tapvits_cli.stages import feedback
+
     restore_settings(settings)
-    _invoke(step, root)
+    with feedback.installed(progress=progress_bar if CURRENT.verbosity >= 1 else feedback.no_progress):
+        _invoke(step, root)
 
 
 def _command_line(step, root: str) -> str:
@@ -169,6 +188,8 @@ def command(recipe_path: str, run_dir: str | None, settings: tuple[str, ...], ca
     unchanged is skipped, so a rerun after an interruption or an edit redoes only what
     changed. Prints the run directory (the summary with --json); a table goes to stderr.
     Exits with code 6 when a threshold of the recipe fails (the summary is written first).
+    While it runs, a terminal shows a bar for the whole run (steps done, ETA) and one for
+    each running step; elsewhere a plain line every 30 s says the same (-q: nothing).
 
     Devices run side by side with --jobs N (local processes) or on Ray or Slurm
     (--executor); shared steps run once, first. A device whose step fails does not stop
@@ -242,8 +263,10 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
 
     A failed shared step leaves no device to summarise, so its error is raised at once.
     """
+    from tapvits_cli.cli.run_progress import RunDisplay
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.pipeline.schedule import StepsFailedError, execute, make_executor
+    from tapvits_cli.pipeline.schedule import StepsFailedError, available_cpus, execute, make_executor
+    from tapvits_cli.stages import feedback
 
     fingerprints: dict[str, str] = {}
 
@@ -254,8 +277,11 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
 
     total = len(steps)
     position = {step.id: index for index, step in enumerate(steps, start=1)}
+    display = RunDisplay(steps, parallel=1 if where.executor == "serial" else
+                         min(where.jobs or available_cpus(), max(1, len(recipe.devices))))
 
     def on_event(event: str, step, detail) -> None:
+        display.on_event(event, step, detail)
         if event == "start":
             log(f"[{position[step.id]}/{total}] {step.id}: {_command_line(step, root)}")
         elif event == "retry":
@@ -266,10 +292,15 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
             log(f"[{position[step.id]}/{total}] {step.id}: unchanged, "
                 f"{'reused from the cache' if detail.source == 'cache' else 'skipped'}", level=1)
 
+    def in_this_process(step) -> None:
+        with feedback.installed(progress=display.step_progress(step)):
+            _invoke(step, root)
+
     executor = make_executor(where.executor, functools.partial(_invoke_in_worker, root=root, settings=copy.copy(CURRENT)),
-                             lambda step: _invoke(step, root), where.jobs, where.cpus_per_step, where.address,
+                             in_this_process, where.jobs, where.cpus_per_step, where.address,
                              where.slurm, str(directory.path("slurm")), gpus=recipe.device != "cpu")
-    schedule = execute(steps, directory, executor, fingerprint, force, where.retries, on_event)
+    with display:
+        schedule = execute(steps, directory, executor, fingerprint, force, where.retries, on_event)
     if not schedule.failures:
         return _summary(recipe, schedule.outcomes, directory, set()), None
     error = StepsFailedError(steps, schedule.failures)

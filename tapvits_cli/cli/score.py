@@ -10,12 +10,13 @@ from tapvits_cli.stages.score import DEFAULT_PROBE_FRACTION
 from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
 
 
-@click.command("score", cls=WritingCommand, short_help="Score every MLP neuron and attention head on a metric set.")
+@click.command("score", cls=WritingCommand, renamed={"--pool": "--data"},
+               short_help="Score every MLP neuron and attention head on a metric set.")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--metric-set", "metric_set_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Metric set from `tapvits select`; its first metric_size samples are scored.")
-@click.option("--pool", help="Dataset reference of the public pool the metric set indexes "
-                             "[default: the reference the metric set records]; its fingerprint must match.")
+@click.option("--data", metavar="REF", help="Dataset reference of the public pool the metric set indexes "
+                                         "[default: the reference the metric set records]; its fingerprint must match.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Scores artifact to write (.safetensors).")
 @click.option("--criterion", type=click.Choice(CRITERIA), default=DEFAULT_CRITERION,
               show_default=True, help="composite: activity/redundancy/HSIC relevance (METHOD.md); baselines: L1 weight "
@@ -35,7 +36,7 @@ from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
               help="Samples per HSIC mini-batch (consecutive metric-set samples, independent of --batch-size).")
 @click.option("--max-samples", type=click.IntRange(min=2), help="Score only the first N samples of the metric set.")
 @global_options
-def command(model: str, metric_set_path: str, pool: str | None, output: str, criterion: str, mlp_weights: str,
+def command(model: str, metric_set_path: str, data: str | None, output: str, criterion: str, mlp_weights: str,
             attn_weights: str, probe_fraction: float | None, budget: float | None, no_layer_importance: bool,
             batch_size: int, hsic_batch: int, max_samples: int | None) -> None:
     """Score every MLP neuron and attention head of MODEL on the metric set, and every layer by KL.

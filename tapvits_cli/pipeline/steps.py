@@ -126,8 +126,9 @@ def build_steps(recipe: Recipe, stage_fields: StageFields) -> list[Step]:
             # The KL probes remove the share of units the budget will remove, unless told otherwise or skipped.
             if "probe_fraction" not in score_fields and not score_fields.get("no_layer_importance"):
                 score_fields["budget"] = recipe.budget
+            # score and finetune read the pool from the metric set, which records it: no --data
             scores = add(f"{where}/score", "score", f"{where}/scores.safetensors", device.name, model=base,
-                         metric_set_path=metric, pool=public, **score_fields)
+                         metric_set_path=metric, **score_fields)
             plan = add(f"{where}/allocate", "allocate", f"{where}/plan.safetensors", device.name, scores_path=scores,
                        budget=recipe.budget, model_path=base, **opts("allocate", recipe.stages["allocate"]))
             model = add(f"{where}/prune", "prune", f"{where}/pruned.safetensors", device.name, model_path=base,
@@ -136,7 +137,7 @@ def build_steps(recipe: Recipe, stage_fields: StageFields) -> list[Step]:
             finetune_options = dict(recipe.stages["finetune"])
             teacher = {"teacher": base} if finetune_options.pop("distill", False) else {}
             model = add(f"{where}/finetune", "finetune", f"{where}/model.safetensors", device.name, model_file=model,
-                        data=public, metric_set=metric, **teacher, **opts("finetune", finetune_options))
+                        finetune_set=metric, **teacher, **opts("finetune", finetune_options))
         if device.test and recipe.stage_enabled("eval"):
             add(f"{where}/eval", "eval", f"{where}/report.json", device.name, model_path=model,
                 data=DatasetArg(device.test), **opts("eval", recipe.stages["eval"]))

@@ -52,6 +52,7 @@ def run(options: Options) -> Result:
     unit_scores = {key: values["score"] for key, values in scores.values.items()}
     result = allocate(cost, unit_scores, scores.layer_importance, budget_kind, value, options.strategy,
                       options.min_keep, options.allow_branch_removal, options.temperature, options.tolerance)
+    _warn_on_another_budget(options, scores, value)
 
     keep = result.kept_units(cost)
     achieved = {"params": result.params, "params_fraction": result.params / result.base_params,
@@ -70,3 +71,22 @@ def run(options: Options) -> Result:
     return Result(str(path), {"output": str(path), "kind": "plan", "strategy": options.strategy,
                               "budget": {"kind": budget_kind, "value": value}, "achieved": achieved,
                               "keep_ratios": ratios})
+
+
+def _warn_on_another_budget(options: Options, scores, budget: float) -> None:
+    """A warning when the kl strategy plans for another budget than the scores' KL probes were made for.
+
+    ``score --budget B`` probes each layer with the share 1 − B of its units removed, so
+    that its layer importance measures the pruning the plan will do; a plan for another
+    budget still works, but on importances measured for other cuts. A recipe gives both
+    stages its one budget; by hand the two can differ, and this says so.
+    """
+    if options.strategy != "kl" or scores.probe_fraction is None:
+        return
+    probed = 1 - scores.probe_fraction
+    if abs(probed - budget) > 1e-6:
+        flag = "--budget" if options.budget is not None else "--budget-macs"
+        log(f"warning: {options.scores_path} was probed for a budget of {probed:.4g} (score --budget "
+            f"{probed:.4g}, i.e. --probe-fraction {scores.probe_fraction:.4g}), but this plan is for {flag} "
+            f"{budget:.4g}: the kl layer importance was measured for another cut; score again with --budget "
+            f"{budget:.4g} to match")

@@ -22,7 +22,7 @@ class Options:
     batch_size: int = option("--batch-size", 256)
     latency_batches: str = option("--latency-batches", "1,32")
     latency_repeats: int = option("--latency-repeats", 20)
-    warmup: int = option("--warmup", 5)
+    warmup_runs: int = option("--warmup-runs", 5)
     no_latency: bool = option("--no-latency", False)
     min_top1: float | None = option("--min-top1", recipe=False)   # a recipe's thresholds gate the run instead
     seed: int = 0
@@ -75,11 +75,11 @@ def run(options: Options) -> Result:
                       for label, samples, correct, value in accuracy.per_class()],
         "parameters": count_parameters(model),
         "macs": count_macs(model, preprocessing.input_size),
-        "latency": [measure_latency(model, preprocessing.input_size, size, options.warmup, options.latency_repeats,
+        "latency": [measure_latency(model, preprocessing.input_size, size, options.warmup_runs, options.latency_repeats,
                                     device) for size in sizes],
     }
     params = {"batch_size": options.batch_size, "latency_batches": list(sizes),
-              "latency_repeats": options.latency_repeats, "warmup": options.warmup, "min_top1": options.min_top1,
+              "latency_repeats": options.latency_repeats, "warmup": options.warmup_runs, "min_top1": options.min_top1,
               "seed": options.seed, "device": device, "threads": torch.get_num_threads()}
     inputs = {"model": artifact_lineage(options.model_path, "model"), "data": dataset_lineage(dataset)}
     path = write_report(options.output, body, params, inputs)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tapvits_cli.stages.common import Written as Result, argument, option
+from tapvits_cli.stages.common import Written as Result, option
 from tapvits_cli.stages.feedback import log, progress
 
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
-    data: str = argument()
+    data: str = option("--data", recipe=False)
     extractor_name: str = option("--extractor", recipe=False)
     output: str = option("-o", recipe=False)
     batch_size: int = option("--batch-size", 256)
@@ -20,6 +20,8 @@ class Options:
 
 
 def run(options: Options) -> Result:
+    import time
+
     import numpy as np
 
     from tapvits_cli.artifacts.digests import fingerprint_sha256
@@ -40,16 +42,29 @@ def run(options: Options) -> Result:
             log(f"resuming {writer.partial}: {resumed_from} of {writer.rows} rows already embedded")
         batches = extract_features(extractor, dataset, options.batch_size, device,
                                    positions=np.arange(resumed_from, len(dataset)))
+        started = time.perf_counter()
         try:
-            with progress("embedding", -(-len(dataset) // options.batch_size)) as advance:
-                advance(resumed_from // options.batch_size)
-                writer.write_batches(batches, on_progress=advance)
+            with progress("embedding images", len(dataset)) as advance:
+                advance(resumed_from)
+
+                def embedded(rows: int) -> None:
+                    seconds = time.perf_counter() - started
+                    rate = (writer.rows_done - resumed_from) / seconds if seconds > 0 else None
+                    advance(rows, None if rate is None else f"{rate:.0f} images/s")
+
+                writer.write_batches(batches, on_progress=embedded)
         except KeyboardInterrupt:
             log(f"stopped after {writer.rows_done} of {writer.rows} rows, kept in {writer.partial}; "
                 "run the same command again to resume")
             raise
+        seconds = time.perf_counter() - started
         path = writer.finish()
-    log(f"{writer.rows} rows × {writer.dim} features from {extractor.fingerprint['architecture']}", level=1)
+    images = writer.rows - resumed_from
+    speed = images / seconds if seconds > 0 and images else None
+    log(f"embedded {images:,} images in {seconds:.1f} s" + (f", {speed:.0f} images/s" if speed else "")
+        + (f" (rows 0-{resumed_from - 1} were already there)" if resumed_from else "")
+        + f": {writer.rows:,} rows × {writer.dim} features from {extractor.fingerprint['architecture']}")
     return Result(str(path), {"output": str(path), "kind": "features", "rows": writer.rows, "dim": writer.dim,
-                              "resumed_from": resumed_from,
+                              "resumed_from": resumed_from, "seconds": round(seconds, 3),
+                              "images_per_second": None if speed is None else round(speed, 1),
                               "extractor_sha256": fingerprint_sha256(extractor.fingerprint)})

@@ -2,8 +2,9 @@
 
 A stage never prints. It calls :func:`log` and :func:`progress`, which do what the caller
 installed with :func:`install`: the command line shows rich logs and progress bars on
-stderr (``cli/output.py``), ``tapvits run`` keeps its stages quiet unless ``-v``, and a
-worker process of another executor may install its own. Until something is installed
+stderr (``cli/output.py``), ``tapvits run`` keeps its stages' log lines quiet unless ``-v``
+and draws their progress as the current step's bar, and a worker process of another
+executor may install its own. Until something is installed
 both are silent, so calling ``stages.<name>.run(options)`` from Python prints nothing.
 """
 
@@ -16,16 +17,18 @@ Log = Callable[..., None]                                           # log(messag
 Progress = Callable[[str, "int | None"], ContextManager[Callable[..., None]]]   # progress(description, total)
 
 
-def _no_log(message: str, level: int = 0) -> None:
+def no_log(message: str, level: int = 0) -> None:
+    """A log that drops every line."""
     return None
 
 
 @contextlib.contextmanager
-def _no_progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+def no_progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """Progress that shows nothing."""
     yield lambda n=1, status=None: None
 
 
-_installed: dict[str, Callable] = {"log": _no_log, "progress": _no_progress}
+_installed: dict[str, Callable] = {"log": no_log, "progress": no_progress}
 
 
 def install(log: Log, progress: Progress) -> None:
@@ -36,23 +39,19 @@ def install(log: Log, progress: Progress) -> None:
 
 def silence() -> None:
     """No log line and no progress (a non-main training process, a quiet run)."""
-    install(_no_log, _no_progress)
+    install(no_log, no_progress)
 
 
 @contextlib.contextmanager
-def installed(log: Log, progress: Progress) -> Iterator[None]:
-    """:func:`install` for the duration of a ``with`` block, then whatever was installed before."""
+def installed(log: Log | None = None, progress: Progress | None = None) -> Iterator[None]:
+    """:func:`install` for the duration of a ``with`` block, then whatever was installed before;
+    a ``log`` or ``progress`` left out stays as it is."""
     saved = dict(_installed)
-    install(log, progress)
+    install(log or saved["log"], progress or saved["progress"])
     try:
         yield
     finally:
         _installed.update(saved)
-
-
-def silenced() -> ContextManager[None]:
-    """:func:`silence` for the duration of a ``with`` block."""
-    return installed(_no_log, _no_progress)
 
 
 def log(message: str, level: int = 0) -> None:

@@ -24,8 +24,8 @@ class Options:
     model_file: str | None = argument(None)
     architecture: str | None = option("--model", recipe=False)
     model_args: tuple[str, ...] = option("-a", (), multiple=True, recipe=False)
-    data: str = option("--data", recipe=False)
-    metric_set: str | None = option("--metric-set", recipe=False)
+    data: str | None = option("--data", recipe=False)   # default: the pool the fine-tuning set records
+    finetune_set: str | None = option("--finetune-set", recipe=False)
     output: str = option("-o", recipe=False)
     epochs: int = option("--epochs", 3)
     max_steps: int | None = option("--max-steps")
@@ -33,14 +33,14 @@ class Options:
     lr: float = option("--lr", 5e-4)
     min_lr: float = option("--min-lr", 1e-6)
     weight_decay: float = option("--weight-decay", 0.05)
-    warmup: float = option("--warmup", 0.1)
+    warmup_fraction: float = option("--warmup-fraction", 0.1)
     warmup_steps: int | None = option("--warmup-steps")
     label_smoothing: float = option("--label-smoothing", 0.1)
     augment: str = option("--augment", "")
     grad_clip: float | None = option("--grad-clip")
     teacher: str | None = option("--teacher", recipe=False)
     distill_weight: float | None = option("--distill-weight")
-    temperature: float = option("--temperature", 4.0)
+    distill_temperature: float = option("--distill-temperature", 4.0)
     checkpoint_dir: str | None = option("--checkpoint-dir", recipe=False)
     no_checkpoint: bool = option("--no-checkpoint", False, recipe=False)
     resume: bool = option("--resume", False, recipe=False)
@@ -65,6 +65,8 @@ def check_options(options: Options) -> None:
         raise UsageError("--distill-weight needs --teacher")
     if options.no_checkpoint and (options.resume or options.checkpoint_dir):
         raise UsageError("--no-checkpoint excludes --resume and --checkpoint-dir")
+    if options.data is None and options.finetune_set is None:
+        raise UsageError("give the training data: --data REF, or --finetune-set FILE (which records its pool)")
 
 
 def run(options: Options) -> Result:
@@ -80,12 +82,17 @@ def run(options: Options) -> Result:
     with process_group(options.device) as processes:
         if not processes.is_main:
             feedback.silence()
-        dataset = open_dataset(options.data)
+        metric_set = None
+        if options.finetune_set:
+            from tapvits_cli.artifacts.metric_set import read_metric_set
+
+            metric_set = read_metric_set(options.finetune_set)
+        dataset = open_dataset(options.data or metric_set.pool["reference"])
         inputs = {"data": dataset_lineage(dataset)}
         positions = None
-        if options.metric_set:
-            positions = _metric_set_positions(options.metric_set, dataset)
-            inputs["metric-set"] = artifact_lineage(options.metric_set, "metric-set")
+        if metric_set is not None:
+            positions = _finetune_positions(options.finetune_set, metric_set, dataset)
+            inputs["metric-set"] = artifact_lineage(options.finetune_set, "metric-set")
 
         seed_everything(options.seed)
         model, spec, preprocessing = _student(options, dataset)
@@ -110,10 +117,10 @@ def run(options: Options) -> Result:
 
         config = TrainConfig(
             epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, weight_decay=options.weight_decay,
-            warmup_fraction=options.warmup, warmup_steps=options.warmup_steps, min_lr=options.min_lr,
+            warmup_fraction=options.warmup_fraction, warmup_steps=options.warmup_steps, min_lr=options.min_lr,
             label_smoothing=options.label_smoothing,
             augmentation=Augmentation.parse(options.augment, preprocessing.input_size[1]),
-            distill_weight=distill_weight or 0.0, temperature=options.temperature, grad_clip=options.grad_clip,
+            distill_weight=distill_weight or 0.0, temperature=options.distill_temperature, grad_clip=options.grad_clip,
             max_steps=options.max_steps, seed=options.seed)
         plan = config.plan(len(labels))
         params = {**origin, **config.to_params()}
@@ -187,15 +194,13 @@ def _student(options: Options, dataset):
     return model, spec, Preprocessing.from_dict(spec.preprocessing)
 
 
-def _metric_set_positions(path: str, dataset):
-    """Positions in ``dataset`` of the metric set's fine-tuning samples; ids only mean something in its pool."""
-    from tapvits_cli.artifacts.metric_set import read_metric_set
-
-    metric_set = read_metric_set(path)
+def _finetune_positions(path: str, metric_set, dataset):
+    """Positions in ``dataset`` of the fine-tuning samples ``metric_set`` (read from ``path``) lists;
+    ids only mean something in its pool."""
     if metric_set.pool["fingerprint"] != dataset.fingerprint():
         raise IncompatibleArtifactError(
             f"{path} selects from '{metric_set.pool['reference']}', not from '{dataset.ref}' (dataset fingerprints "
-            f"differ); pass --data {metric_set.pool['reference']}")
+            f"differ); pass --data {metric_set.pool['reference']}, or leave --data out")
     return metric_set.positions_in(dataset, metric_set.finetune_ids)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.stages.common import Written as Result, argument, comma_list, dataset_lineage, option
+from tapvits_cli.stages.common import Written as Result, comma_list, dataset_lineage, option
 from tapvits_cli.stages.feedback import log
 from tapvits_cli.vocabulary import DP_DEFAULT_COMPONENTS, DP_DEFAULT_ITERATIONS
 
@@ -20,7 +20,7 @@ PRIVATE_DATA_NAME = "private"
 
 @dataclass(frozen=True, kw_only=True)
 class Options:
-    data: str = argument()
+    data: str = option("--data", recipe=False)
     extractor_name: str = option("--extractor", recipe=False)
     output: str = option("-o", recipe=False)
     pca_dim: int | None = option("--pca-dim")

@@ -25,7 +25,7 @@ class Options:
     tokens: int | None = option("--tokens")
     widths: str | None = option("--widths")
     repeats: int = option("--repeats", 20)
-    warmup: int = option("--warmup", 5)
+    warmup_runs: int = option("--warmup-runs", 5)
     threads: int | None = option("--threads")
     seed: int = 0
     device: str = "auto"
@@ -56,16 +56,16 @@ def run(options: Options) -> Result:
         import torch
 
         gpu = torch.cuda.get_device_name(torch.device(device))
-    with progress("profile", options.warmup + options.repeats) as advance:
+    with progress("profile", options.warmup_runs + options.repeats) as advance:
         profile = measure_profile(model.spec, sizes, runtime=runtime, device=device, tokens=options.tokens,
-                                  mlp_widths=mlp_widths, repeats=options.repeats, warmup=options.warmup,
+                                  mlp_widths=mlp_widths, repeats=options.repeats, warmup=options.warmup_runs,
                                   threads=options.threads, cpu=cpu_name(), gpu=gpu, seed=options.seed,
                                   on_progress=advance,
                                   tensors={name: info.shape for name, info in model.artifact.tensors.items()},
                                   source=str(options.model_path))
     params = {"runtime": runtime, "batch_sizes": list(profile.batch_sizes), "tokens": options.tokens,
               "widths": list(mlp_widths) if mlp_widths else None, "repeats": options.repeats,
-              "warmup": options.warmup, "threads": profile.threads, "seed": options.seed, "device": device}
+              "warmup": options.warmup_runs, "threads": profile.threads, "seed": options.seed, "device": device}
     path = write_profile(options.output, profile, params, {"model": artifact_lineage(options.model_path, "model")})
     predicted = {b: predict_latency(profile, profile.blocks, b).total_ms for b in profile.batch_sizes}
     log(f"profiled {model.spec.architecture} on {profile.runtime} {profile.runtime_version} "

@@ -17,7 +17,7 @@ DEFAULT_PROBE_FRACTION = 0.3   # = 1 − the usual 0.7 budget
 class Options:
     model: str = argument()
     metric_set_path: str = option("--metric-set", recipe=False)
-    pool: str | None = option("--pool", recipe=False)
+    data: str | None = option("--data", recipe=False)   # default: the pool the metric set records
     output: str = option("-o", recipe=False)
     criterion: str = option("--criterion", DEFAULT_CRITERION)
     mlp_weights: str = option("--mlp-weights", "0.8,0.1,0.1")
@@ -57,7 +57,7 @@ def run(options: Options) -> Result:
     from tapvits_cli.models.families import family_module
     from tapvits_cli.runtime import resolve_device, seed_everything
 
-    model, metric_set_path, pool, output = options.model, options.metric_set_path, options.pool, options.output
+    model, metric_set_path, output = options.model, options.metric_set_path, options.output
     criterion, probe_fraction, budget = options.criterion, options.probe_fraction, options.budget
     no_layer_importance, max_samples = options.no_layer_importance, options.max_samples
     batch_size, hsic_batch = options.batch_size, options.hsic_batch
@@ -76,7 +76,7 @@ def run(options: Options) -> Result:
     device = resolve_device(options.device)
 
     metric_set = read_metric_set(metric_set_path)
-    dataset = open_dataset(pool or metric_set.pool["reference"])
+    dataset = open_dataset(options.data or metric_set.pool["reference"])
     if dataset.fingerprint() != metric_set.pool["fingerprint"]:
         raise IncompatibleArtifactError(
             f"{metric_set_path} indexes the pool '{metric_set.pool['reference']}' (fingerprint "
