@@ -504,33 +504,39 @@ def test_class_prior_recovers_the_device_shares_of_overlapping_classes():
 
 def test_class_prior_quotas_follow_the_shares_and_the_supply():
     loglik, component = scores()
+    score = ratio_scores(loglik)
     inputs = class_prior_inputs("class-prior")
     labels, shares = inputs["labels"], inputs["class_shares"]
-    chosen = select(loglik, component, [0.25] * 4, 64, 640, "class-prior", **inputs)
+    chosen = select(loglik, component, [0.25] * 4, 64, 640, "class-prior", score=score, **inputs)
     supply = np.bincount(labels, minlength=5)
     finetune_quota = proportional_quotas(shares, 640, supply)
     np.testing.assert_array_equal(np.bincount(labels[chosen], minlength=5), finetune_quota)
     np.testing.assert_array_equal(np.bincount(labels[chosen[:64]], minlength=5),
                                   proportional_quotas(shares, 64, finetune_quota))
     assert finetune_quota[1] == 0                                              # a class the device does not hold
-    for c in range(5):                                                         # within a class: the most likely
+    for c in range(5):                                                         # within a class: by density ratio
         members = np.flatnonzero(labels == c)
-        best = members[np.lexsort((members, -loglik[members]))[:finetune_quota[c]]]
+        best = members[np.lexsort((members, -score[members]))[:finetune_quota[c]]]
         assert set(chosen[labels[chosen] == c]) == set(best)
     with pytest.raises(ValueError, match="class shares go with the class-prior strategy"):
-        select(loglik, component, [0.25] * 4, 64, 640, "class-prior")
+        select(loglik, component, [0.25] * 4, 64, 640, "class-prior", score=score)
     with pytest.raises(ValueError, match="needs labels in 0..4"):
-        select(loglik, component, [0.25] * 4, 64, 640, "class-prior", labels=labels + 1, class_shares=shares)
+        select(loglik, component, [0.25] * 4, 64, 640, "class-prior", score=score, labels=labels + 1,
+               class_shares=shares)
 
 
 def test_class_prior_covers_a_dense_and_a_broad_class_with_high_precision():
     from tapvits_cli.selection.class_prior import estimate_class_prior
+    from tapvits_cli.selection.density_ratio import fit_public_mixture, sample_positions
 
     features, labels, private_features = dense_and_broad_pool()
     device = device_mixture(private_features, 2)
-    prior = estimate_class_prior(device, features, labels, classes=5, seed=0)
+    positions = sample_positions(len(features), 5000, seed=0)
+    prior = estimate_class_prior(device, features[positions], labels[positions], classes=5, seed=0)
+    public = fit_public_mixture(features[positions], device, components=8, seed=0)
     loglik, component = device.log_likelihood(features)
-    chosen = select(loglik, component, device.weights, 200, 1200, "class-prior", labels=labels,
+    ratio = loglik - public.mixture.log_likelihood(features)[0]
+    chosen = select(loglik, component, device.weights, 200, 1200, "class-prior", score=ratio, labels=labels,
                     class_shares=prior.shares)
     for part in (chosen, chosen[:200]):
         share = np.bincount(labels[part], minlength=5) / len(part)

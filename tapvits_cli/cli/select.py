@@ -23,13 +23,14 @@ from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEG
               help="topk: highest log-likelihood (the paper); stratified: per-component quotas by mixture weight, "
                    "most likely first; ratio: highest density ratio against a mixture of the public pool; "
                    "ratio-stratified: the quotas of stratified, filled by density ratio; class-prior: quotas per "
-                   "class of the labelled pool by the device's estimated class shares, most likely first; "
+                   "class of the labelled pool by the device's estimated class shares, filled by density ratio; "
                    "random: seeded uniform sample (ablation).")
 @click.option("--public-components", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Components of the public-pool mixture (ratio strategies only; fewer if the sample is small).")
+              help="Components of the public-pool mixture (ratio, ratio-stratified and class-prior only; fewer if the "
+                   "sample is small).")
 @click.option("--public-sample", type=click.IntRange(min=1), default=10000, show_default=True,
-              help="Pool rows, a seeded uniform sample, the public mixture (ratio strategies) or the class "
-                   "densities (class-prior) are fitted on.")
+              help="Pool rows, a seeded uniform sample, the public mixture (ratio, ratio-stratified, class-prior) "
+                   "and class-prior's classifier are fitted on.")
 @click.option("--prior-draws", type=click.IntRange(min=1), default=20000, show_default=True,
               help="Draws of the device's GMM the class shares are estimated on (class-prior only).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True,

@@ -117,20 +117,19 @@ def run(options: Options) -> Result:
         started = time.perf_counter()
         public = prior = None
         if strategy in RATIO_STRATEGIES:
-            features, _ = sample_rows(sample_positions(pool_size, public_sample, options.seed))
+            features, labels = sample_rows(sample_positions(pool_size, public_sample, options.seed))
             public = fit_public_mixture(features, mixture, public_components, options.seed)
             log(f"public mixture: {public.mixture.components} {public.mixture.covariance_type}-covariance "
                 f"components on {public.samples:,} pool rows in {public.fit_seconds:.1f} s"
                 + ("" if public.converged else " (EM did not converge)"))
-        elif strategy == "class-prior":
-            features, labels = sample_rows(sample_positions(pool_size, public_sample, options.seed))
-            classes = classes if isinstance(classes, int) else int(labels.max()) + 1
-            prior = estimate_class_prior(mixture, features, labels, classes, options.prior_draws, options.seed)
-            held = np.flatnonzero(prior.shares)
-            log(f"class prior: {len(held)} of {classes} classes held, "
-                + ", ".join(f"{c}: {prior.shares[c]:.1%}" for c in held[np.argsort(-prior.shares[held])][:10])
-                + f" ({prior.iterations} EM iterations over {prior.draws:,} draws of the device mixture"
-                + ("" if prior.converged else ", not converged") + ")")
+            if strategy == "class-prior":
+                classes = classes if isinstance(classes, int) else int(labels.max()) + 1
+                prior = estimate_class_prior(mixture, features, labels, classes, options.prior_draws, options.seed)
+                held = np.flatnonzero(prior.shares)
+                log(f"class prior: {len(held)} of {classes} classes held, "
+                    + ", ".join(f"{c}: {prior.shares[c]:.1%}" for c in held[np.argsort(-prior.shares[held])][:10])
+                    + f" ({prior.iterations} EM iterations over {prior.draws:,} draws of the device mixture"
+                    + ("" if prior.converged else ", not converged") + ")")
         with progress("scoring pool", pool_size) as advance:
             scored = (score_ratio_in_chunks(mixture, public.mixture, chunks, advance) if public is not None
                       else score_in_chunks(mixture, chunks, advance))
