@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--partitions", default=",".join(PARTITIONS))
     parser.add_argument("--methods", default="select,base,tap")
     parser.add_argument("--strategies", default="topk,stratified,ratio,ratio-stratified")
-    parser.add_argument("--default-strategy", default="ratio-stratified",
+    parser.add_argument("--default-strategy", default="class-prior",
                         help="the strategy the verdicts judge (the recipes' default)")
     parser.add_argument("--budget", type=float, default=0.7)
     parser.add_argument("--fresh", action="store_true", help="start the results anew instead of updating them")

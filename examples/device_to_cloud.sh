@@ -104,7 +104,7 @@ send device cloud "$profile"
 echo "== cloud: check the device's profile" >&2
 cloud tapvits validate "$profile" >&2
 echo "== cloud: select, score, allocate, prune and fine-tune for that GMM" >&2
-metric=$(cloud tapvits select "$gmm" --pool "$pool" --strategy ratio-stratified \
+metric=$(cloud tapvits select "$gmm" --pool "$pool" --strategy class-prior \
   --metric-size "$METRIC_SIZE" --finetune-size "$FINETUNE_SIZE" -o metric.h5)
 scores=$(cloud tapvits score "$base" --metric-set "$metric" --budget "$BUDGET" -o scores.safetensors)
 plan=$(cloud tapvits allocate "$scores" --budget "$BUDGET" -o plan.safetensors)

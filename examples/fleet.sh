@@ -60,7 +60,7 @@ print(json.dumps({
     "stages": {
         # ~55-70 private images: diagonal covariances, and a lower floor than the default 50.
         "fit-gmm": {"covariance": "diag", "min-samples": 40},
-        "select": {"strategy": "ratio-stratified", "metric-size": int(env["METRIC_SIZE"]),
+        "select": {"strategy": "class-prior", "metric-size": int(env["METRIC_SIZE"]),
                    "finetune-size": int(env["FINETUNE_SIZE"])},
         "finetune": {"epochs": int(env["EPOCHS"]), "lr": 1e-3, "distill": True},
         "eval": {"latency-repeats": int(env["LATENCY_REPEATS"])},

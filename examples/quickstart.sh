@@ -25,7 +25,7 @@ tapvits audit-gmm "$gmm" --private "$private" --held-out "digits:split=test:clas
   --extractor "$base" >&2
 
 echo "== cloud: select the device's metric and fine-tuning sets" >&2
-metric=$(tapvits select "$gmm" --pool "$pool" --strategy ratio-stratified --metric-size 64 --finetune-size 384 \
+metric=$(tapvits select "$gmm" --pool "$pool" --strategy class-prior --metric-size 64 --finetune-size 384 \
   -o "$out/device.metric.h5")
 echo "== cloud: score neurons and heads, then plan a 70% parameter budget" >&2
 scores=$(tapvits score "$base" --metric-set "$metric" --budget 0.7 -o "$out/device.scores.safetensors")

@@ -46,7 +46,7 @@ DP_DEFAULT_ITERATIONS = 4
 
 # -- selection (select) -----------------------------------------------------------------------
 SELECTION_STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "class-prior", "random")
-DEFAULT_SELECTION_STRATEGY = "ratio-stratified"  # chosen on benchmarks/partitions.py (README "Selection")
+DEFAULT_SELECTION_STRATEGY = "class-prior"  # chosen on benchmarks/partitions.py (README "Selection")
 RATIO_STRATEGIES = ("ratio", "ratio-stratified", "class-prior")  # need a public mixture: rank by density ratio
 QUOTA_STRATEGIES = ("stratified", "ratio-stratified", "class-prior")  # quotas per component, or per pool class
 
