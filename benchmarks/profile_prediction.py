@@ -23,7 +23,9 @@ round's measurements) are recorded too.
 Writes benchmarks/results/profile_prediction.json and .md (``--name`` for another name).
 The recorded runs, on 2 cores shared with other jobs (load average 5-8):
 
-- ``profile_prediction``: ``--rounds 2 --profile-repeats 1 --repeats 5,2`` (the headline);
+- ``profile_prediction_idle``: ``--rounds 3 --profile-repeats 2 --repeats 5,2`` on idle cores
+  (load ≤ 2), the figures the README quotes;
+- ``profile_prediction``: ``--rounds 2 --profile-repeats 1 --repeats 5,2`` (under load);
 - ``profile_prediction_b1_warm``: ``--batch-sizes 1 --rounds 1 --profile-repeats 3 --repeats 7``;
 - ``profile_prediction_cold``: ``--rounds 2 --profile-repeats 2 --repeats 5,2`` before each
   timed run followed a warm-up run of the same block (so every block ran with caches as
