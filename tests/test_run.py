@@ -230,6 +230,19 @@ def test_two_runs_cannot_share_a_run_directory(tmp_path, tapvits):
         holder.close()
 
 
+def test_run_state_is_json_with_one_step_per_line_and_reads_back(tmp_path):
+    from tapvits_cli.artifacts.run_directory import STATE_FILE, RunDirectory
+
+    directory = RunDirectory(tmp_path / "run")
+    (tmp_path / "run" / "out.bin").write_bytes(b"x")
+    for step in ("devices/a \"quoted\"/select", "base", "devices/ü/eval"):
+        directory.record(step, "out.bin", "key-" + step, 1.5, "ran")
+    text = (tmp_path / "run" / STATE_FILE).read_text()
+    assert json.loads(text) == directory.state and len(text.splitlines()) == 3 + 2
+    directory.close()
+    assert RunDirectory(tmp_path / "run").state == json.loads(text)
+
+
 def test_score_probes_at_the_budget_unless_probes_are_skipped(tmp_path, tapvits):
     recipe = write_recipe(tmp_path, TINY_RECIPE)
     default = tapvits("--json", "run", recipe, "--dry-run").json()["steps"]

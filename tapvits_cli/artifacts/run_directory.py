@@ -73,8 +73,19 @@ class RunDirectory:
         return state
 
     def _write_state(self) -> None:
+        """One step record per line: readable, and encoded by json's C encoder.
+
+        The state is rewritten after every step; ``indent`` would route the whole document
+        through json's pure-Python encoder, which cost a fleet run's parent process about a
+        second of CPU for 170 steps (measured), while the workers waited for it.
+        """
+        steps = ",\n".join(f"  {json.dumps(step_id)}: {json.dumps(record, sort_keys=True)}"
+                            for step_id, record in sorted(self.state["steps"].items()))
+        others = {key: value for key, value in self.state.items() if key != "steps"}
+        head = json.dumps(others, sort_keys=True)[1:-1]
+        text = "{" + (head + ", " if head else "") + '"steps": {' + (f"\n{steps}\n" if steps else "") + "}}\n"
         with atomic_write(self.root / STATE_FILE) as tmp:
-            tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+            tmp.write_text(text)
 
     def path(self, relative: str) -> Path:
         return self.root / relative

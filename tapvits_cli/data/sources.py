@@ -178,12 +178,23 @@ class _FileRows:
 
 @lru_cache(maxsize=1)
 def _digits_all() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    """scikit-learn's digits (8×8, values 0..16), read from the file the package ships.
 
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)  # values 0..16
+    Not through ``sklearn.datasets.load_digits``: importing scikit-learn takes about two
+    seconds, and ``run`` fingerprints every digits reference in its parent process, which
+    otherwise never needs scikit-learn. The file's rows are 64 pixels and the label.
+    """
+    from importlib.util import find_spec
+
+    spec = find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise DataUnavailableError("the digits dataset ships with scikit-learn, which is not installed: "
+                                   "pip install scikit-learn")
+    rows = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    images = (rows[:, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32)
     images.flags.writeable = False  # cached and shared by every digits dataset
-    return images, digits.target.astype(np.int64)
+    return images, rows[:, -1].astype(np.int64)
 
 
 def _digits(split: str | None) -> Source:

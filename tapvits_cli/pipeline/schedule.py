@@ -163,6 +163,7 @@ class SerialExecutor:
     """
 
     slots = 1
+    ahead = 0
 
     def __init__(self, work: Work):
         self.work = work
@@ -186,7 +187,14 @@ class LocalExecutor:
     still working out step keys. Where there is no fork server, workers are spawned.
     A worker that dies breaks the pool; the next submission starts a new one (the steps
     that were in it come back as retryable failures).
+
+    One step more than there are workers is submitted (``ahead``): it waits in the pool's
+    queue, so a worker that finishes starts it at once instead of idling while this
+    process records the finished step and works out the next key (measured: 10-30 ms a
+    step on a 2-core machine). It is reported as started when it is submitted.
     """
+
+    ahead = 1
 
     def __init__(self, work: Work, jobs: int, threads: int | None = None):
         self.work, self.slots = work, jobs
@@ -228,8 +236,11 @@ class RayExecutor:
 
     Connects to ``address`` (``auto``, ``ray://HOST:PORT``, …) or, without one, to the
     Ray instance this process already started, else starts a local one. Ray's own task
-    retries are off: the scheduler retries, the same way for every executor.
+    retries are off: the scheduler retries, the same way for every executor. As with local
+    workers, one step more than the slots is submitted, so Ray has the next task at hand.
     """
+
+    ahead = 1
 
     def __init__(self, work: Work, address: str | None = None, cpus: int = 1, jobs: int | None = None,
                  use_gpus: bool = True):
@@ -266,6 +277,8 @@ class SlurmExecutor:
     ``cluster="local"`` runs the jobs as local processes through submitit (for tests
     and machines without Slurm).
     """
+
+    ahead = 0   # Slurm queues jobs itself
 
     def __init__(self, work: Work, folder: str, parameters: Mapping[str, Any], cpus: int = 1,
                  jobs: int | None = None, gpus: bool = False, cluster: str = "slurm"):
@@ -412,7 +425,7 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
                     continue
                 if not all(need in finished for need in needs[step.id]):
                     continue
-                if len(running) >= executor.slots:
+                if len(running) >= executor.slots + executor.ahead:
                     break
                 waiting.remove(step)
                 try:   # a dataset reference that does not resolve fails its device, not the run
