@@ -577,3 +577,29 @@ def test_class_prior_from_the_command_line(gmm_file, table_file, tmp_path, tapvi
         handle.attrs[key] = json_module.dumps(record, separators=(",", ":"))
     result = tapvits("validate", tampered)
     assert result.exit_code == ExitCode.INVALID_ARTIFACT and "sum to 1" in result.stderr
+
+
+def test_class_prior_counts_classes_from_the_whole_table_when_it_records_none(gmm_file, table_file, tmp_path, tapvits):
+    """A feature table may leave out ``num_classes``: the class count then comes from the whole pool's
+    labels, not from the sample the classifier is fitted on, which can miss the largest label."""
+    import json as json_module
+    import shutil
+
+    from tapvits_cli.artifacts.features import open_feature_table
+    from tapvits_cli.selection.density_ratio import sample_positions
+
+    bare = tmp_path / "no-classes.h5"
+    shutil.copy(table_file, bare)
+    with h5py.File(bare, "r+") as handle:
+        record = json_module.loads(handle.attrs["features.dataset"])
+        record.pop("num_classes")
+        handle.attrs["features.dataset"] = json_module.dumps(record, separators=(",", ":"))
+    with open_feature_table(bare) as table:
+        labels = table.labels()
+    sampled = labels[sample_positions(len(labels), 15, 0)]
+    assert sampled.max() < labels.max()   # the case: the sample alone would count too few classes
+    out = tmp_path / "prior.h5"
+    result = select_cli(tapvits, gmm_file, bare, out, "--strategy", "class-prior", "--public-sample", "15",
+                        "--prior-draws", "500")
+    assert result.exit_code == 0, result.stderr
+    assert len(read_metric_set(out).class_prior["shares"]) == labels.max() + 1

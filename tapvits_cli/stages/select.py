@@ -92,6 +92,8 @@ def run(options: Options) -> Result:
             _require_same_extractor(gmm, info, pool, table.extractor_sha256, table.extractor)
             pool_size, description = table.rows, table.dataset
             classes = table.dataset.get("num_classes")
+            if not isinstance(classes, int):   # optional in a table: the whole pool's labels say, not a sample's
+                classes = int(table.labels().max(initial=-1)) + 1
 
             def sample_rows(positions):
                 return rows_at(table.iter_chunks(chunk_rows), positions)
@@ -123,7 +125,6 @@ def run(options: Options) -> Result:
                 f"components on {public.samples:,} pool rows in {public.fit_seconds:.1f} s"
                 + ("" if public.converged else " (EM did not converge)"))
             if strategy == "class-prior":
-                classes = classes if isinstance(classes, int) else int(labels.max()) + 1
                 prior = estimate_class_prior(mixture, features, labels, classes, options.prior_draws, options.seed)
                 held = np.flatnonzero(prior.shares)
                 log(f"class prior: {len(held)} of {classes} classes held, "
