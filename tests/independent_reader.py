@@ -611,10 +611,16 @@ def check_profile(a: Artifact) -> None:
     require(increasing(batches), "batch_sizes")
     fixed = _member(b, "fixed", dict)
     require(all(latencies(fixed.get(k)) for k in ("embed_ms", "head_ms", "block_ms")), "fixed latencies")
-    for unit, widest in (("attn", max(x["heads"] for x in blocks)), ("mlp", max(x["mlp_hidden"] for x in blocks))):
+    alignment = b.get("mlp_alignment", 1)   # optional: absent, one MLP curve
+    require(isinstance(alignment, int) and not isinstance(alignment, bool) and alignment >= 1, "mlp_alignment")
+    require((alignment > 1) == ("mlp_unaligned" in b), "mlp_unaligned exactly when mlp_alignment > 1")
+    units = [("attn", max(x["heads"] for x in blocks)), ("mlp", max(x["mlp_hidden"] for x in blocks))]
+    for unit, widest in units + ([("mlp_unaligned", units[1][1])] if alignment > 1 else []):
         table = _member(b, unit, dict)
         widths = table.get("widths")
         require(isinstance(widths, list) and increasing(widths) and widths[-1] <= widest, f"{unit}.widths")
+        if unit != "attn":
+            require(all((w % alignment == 0) == (unit == "mlp") for w in widths), f"{unit}.widths alignment")
         rows = table.get("median_ms")
         require(isinstance(rows, list) and len(rows) == len(widths) and all(latencies(r) for r in rows),
                 f"{unit}.median_ms")

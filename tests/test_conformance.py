@@ -74,7 +74,8 @@ def expected_figures(artifact: reader.Artifact) -> dict:
         found.update(top1=artifact.body["top1"], samples=artifact.body["samples"],
                      parameters=artifact.body["parameters"])
     elif artifact.kind == "profile":
-        found.update(batch_sizes=artifact.body["batch_sizes"], attn_widths=artifact.body["attn"]["widths"])
+        found.update(batch_sizes=artifact.body["batch_sizes"], attn_widths=artifact.body["attn"]["widths"],
+                     mlp_alignment=artifact.body.get("mlp_alignment", 1))
     return found
 
 

@@ -121,7 +121,7 @@ def test_profile_without_torch_runs_on_onnxruntime(tmp_path, tapvits, tiny_model
     from tapvits_cli.artifacts.profile import read_profile
     from tapvits_cli.payloads.latency_table import predict_model
 
-    args = ("--batch-sizes", "1,3", "--widths", "1,48", "--repeats", "2", "--warmup-runs", "1", "--threads", "1")
+    args = ("--batch-sizes", "1,3", "--widths", "8,48", "--repeats", "2", "--warmup-runs", "1", "--threads", "1")
     device = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "device.json", *args)
     assert device.returncode == 0, device.stderr
     assert tapvits_without_torch("validate", tmp_path / "device.json").returncode == 0
@@ -129,7 +129,10 @@ def test_profile_without_torch_runs_on_onnxruntime(tmp_path, tapvits, tiny_model
     on_device, on_torch = read_profile(tmp_path / "device.json"), read_profile(tmp_path / "torch.json")
     assert (on_device.runtime, on_device.threads, on_device.tokens) == ("onnxruntime", 1, on_torch.tokens)
     assert on_device.model == on_torch.model and on_device.attn.widths == on_torch.attn.widths == (1, 2, 3)
-    assert np.all(on_device.mlp.median_ms > 0) and np.all(np.asarray(on_device.embed_ms) > 0)
+    assert on_device.mlp_alignment == on_torch.mlp_alignment == 8   # both curves on both runtimes
+    assert on_device.mlp_unaligned.widths == on_torch.mlp_unaligned.widths == (1, 7, 47)
+    assert np.all(on_device.mlp.median_ms > 0) and np.all(on_device.mlp_unaligned.median_ms > 0)
+    assert np.all(np.asarray(on_device.embed_ms) > 0)
     prediction = predict_model(on_device, read_model_spec(tiny_model_file).spec, 3)
     assert prediction.total_ms > prediction.embed_ms + prediction.head_ms > 0
     refused = tapvits_without_torch("profile", tiny_model_file, "-o", tmp_path / "t.json", "--runtime", "torch")

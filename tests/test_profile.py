@@ -12,13 +12,13 @@ from conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
 from tapvits_cli.artifacts.profile import read_profile
 from tapvits_cli.errors import ExitCode, IncompatibleArtifactError, NotImplementedStageError, UsageError
 from tapvits_cli.payloads.latency_table import (BranchTable, LatencyProfile, check_fits, default_mlp_widths,
-                                       predict_latency, predict_model)
+                                       mlp_grids, predict_latency, predict_model)
 from tapvits_cli.models.spec import BlockWidths, ModelSpec, TokenMerging
 from tests.test_protocol_examples import assert_one_line_failure
 
 # The tiny ViT: 2 blocks of 3 heads of 8, MLP 48, 4x4 patches + the class token = 17 tokens.
 FULL = BlockWidths(3, 8, 48)
-PROFILE_ARGS = ("--batch-sizes", "4,1", "--widths", "1,24,48", "--repeats", "3", "--warmup-runs", "1", "--threads", "1")
+PROFILE_ARGS = ("--batch-sizes", "4,1", "--widths", "8,24,48", "--repeats", "3", "--warmup-runs", "1", "--threads", "1")
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +52,24 @@ def test_profile_round_trips_validates_and_inspects(profile_file, tapvits):
                              "blocks": [FULL.to_dict()] * 2}
     assert profile.runtime == "torch" and profile.threads == 1 and profile.device == "cpu" and profile.gpu is None
     assert profile.batch_sizes == (1, 4) and profile.tokens == 17 and (profile.repeats, profile.warmup) == (3, 1)
-    assert profile.attn.widths == (1, 2, 3) and profile.mlp.widths == (1, 24, 48)
+    assert profile.attn.widths == (1, 2, 3) and profile.mlp.widths == (8, 24, 48)
+    assert profile.mlp_alignment == 8 and profile.mlp_unaligned.widths == (1, 7, 23, 47)   # the default alignment
     assert profile.attn.median_ms.shape == (3, 2) and profile.mlp.median_ms.shape == (3, 2)
-    for values in (profile.embed_ms, profile.head_ms, profile.block_ms, profile.attn.median_ms, profile.mlp.median_ms):
+    assert profile.mlp_unaligned.median_ms.shape == (4, 2)
+    for values in (profile.embed_ms, profile.head_ms, profile.block_ms, profile.attn.median_ms, profile.mlp.median_ms,
+                   profile.mlp_unaligned.median_ms):
         assert np.all(np.isfinite(values)) and np.all(np.asarray(values) > 0)
     document = tapvits("inspect", profile_file, "--json").json()
     assert document["kind"] == "profile" and document["inputs"]["model"]["kind"] == "model"
-    assert document["params"]["batch_sizes"] == [1, 4] and document["params"]["widths"] == [1, 24, 48]
+    assert document["params"]["batch_sizes"] == [1, 4] and document["params"]["widths"] == [8, 24, 48]
+    assert document["params"]["mlp_alignment"] == document["figures"]["mlp_alignment"] == 8
     titles = [table["title"] for table in document["tables"]]
-    assert titles == ["fixed parts (ms)", "attention-only block (ms) by heads", "MLP-only block (ms) by hidden width"]
+    assert titles == ["fixed parts (ms)", "attention-only block (ms) by heads",
+                      "MLP-only block (ms) by hidden width, multiples of 8",
+                      "MLP-only block (ms) by hidden width, not multiples of 8"]
     assert [row[0] for row in document["tables"][1]["rows"]] == [1, 2, 3]
+    assert [row[0] for row in document["tables"][3]["rows"]] == [1, 7, 23, 47]
+    assert document["tables"][3]["rows"][1][1:] == pytest.approx(profile.mlp_unaligned.median_ms[1].tolist())
     unpruned = document["figures"]["unpruned_ms"]
     assert unpruned["4"] == pytest.approx(predict_latency(profile, profile.blocks, 4).total_ms, abs=1e-4)
     human = tapvits("inspect", profile_file)
@@ -72,6 +80,34 @@ def test_default_mlp_grid():
     assert default_mlp_widths(1536) == (1, 192, 384, 576, 768, 960, 1152, 1344, 1536)
     assert default_mlp_widths(48) == (1, 6, 12, 18, 24, 30, 36, 42, 48)
     assert default_mlp_widths(4) == (1, 2, 3, 4)   # fewer neurons than points: every width, once
+    assert mlp_grids(1536) == (default_mlp_widths(1536), None)   # alignment 1: today's single curve
+    assert mlp_grids(1536, 8) == ((8, 192, 384, 576, 768, 960, 1152, 1344, 1536),
+                                  (1, 7, 191, 383, 575, 767, 959, 1151, 1343, 1535))
+    assert mlp_grids(50, 8) == ((8, 16, 24, 32, 40, 48), (1, 7, 15, 23, 31, 39, 47, 50))   # 49, 50: unaligned
+    assert mlp_grids(48, 8, (24, 8)) == ((8, 24), (1, 7, 23))
+
+
+@pytest.mark.parametrize("alignment", [2, 4, 8, 16])
+def test_default_grids_cover_every_width_on_its_curve(alignment):
+    """Whatever the architecture's width, every width pruning can leave lies within the measured range of
+    the curve it reads (no clamping beyond the grid, no refusal), and each curve holds only its kind."""
+    for hidden in range(alignment, 400):
+        aligned, unaligned = map(np.asarray, mlp_grids(hidden, alignment))
+        widths = np.arange(1, hidden + 1)
+        multiple = widths % alignment == 0
+        assert np.all(aligned % alignment == 0) and np.all(unaligned % alignment != 0)
+        assert aligned.max() <= hidden and unaligned.max() <= hidden
+        assert aligned.min() <= widths[multiple].min() and widths[multiple].max() <= aligned.max()
+        assert unaligned.min() <= widths[~multiple].min() and widths[~multiple].max() <= unaligned.max()
+
+
+def test_mlp_grids_refuse_widths_off_the_alignment():
+    with pytest.raises(UsageError, match=r"MLP widths must be multiples of mlp_alignment 8, not 1, 30:"):
+        mlp_grids(48, 8, (1, 24, 30))
+    with pytest.raises(UsageError, match="exceeds the architecture's 4 MLP hidden neurons"):
+        mlp_grids(4, 8)
+    with pytest.raises(UsageError, match="1..48"):
+        mlp_grids(48, 8, (8, 96))
 
 
 def synthetic_profile() -> LatencyProfile:
@@ -102,6 +138,43 @@ def test_prediction_is_the_exact_sum_rule():
     assert all(a <= b for a, b in zip(totals[1:], totals[2:]))
     with pytest.raises(UsageError, match="batch sizes"):
         predict_latency(profile, [FULL, FULL], 32)
+
+
+def aligned_profile() -> LatencyProfile:
+    """The synthetic profile with an MLP alignment of 8: M on multiples of 8 at 8, 24, 40 neurons and, slower,
+    on the other widths at 1, 7, 23, 39, 47 (E = 1 / 10 ms at batch 1 / 8)."""
+    aligned = np.array([[2.0, 20.0], [4.0, 40.0], [6.0, 60.0]])
+    unaligned = np.array([[1.5, 15.0], [2.5, 25.0], [5.0, 50.0], [7.5, 75.0], [8.0, 80.0]])
+    return replace(synthetic_profile(), mlp=BranchTable((8, 24, 40), aligned), mlp_alignment=8,
+                   mlp_unaligned=BranchTable((1, 7, 23, 39, 47), unaligned))
+
+
+def test_prediction_reads_the_curve_of_each_widths_alignment():
+    profile = aligned_profile()
+    widths = [8, 16, 24, 40, 1, 7, 15, 23, 31, 47, 12]
+    prediction = predict_latency(profile, [BlockWidths(0, 8, m) for m in widths], 1)
+    # multiples of 8 on the aligned curve (16: halfway between 8 and 24), the rest on the unaligned one
+    # (15: halfway between 7 and 23, 31: between 23 and 39; 12, a multiple of 4 only, is unaligned), minus E
+    expected = [2.0, 3.0, 4.0, 6.0, 1.5, 2.5, 3.75, 5.0, 6.25, 8.0, 2.5 + 5 / 16 * 2.5]
+    np.testing.assert_allclose(prediction.mlp_ms, np.array(expected) - 1.0)
+    assert prediction.total_ms == pytest.approx(0.5 + 0.25 + len(widths) * 1.0 + sum(expected) - len(widths))
+    # the same table read as one curve (alignment 1) would put every width on the aligned numbers
+    one_curve = replace(profile, mlp_alignment=1, mlp_unaligned=None)
+    assert predict_latency(one_curve, [BlockWidths(0, 8, 15)], 8).mlp_ms[0] == pytest.approx(20 + 7 / 16 * 20 - 10)
+    assert predict_latency(profile, [BlockWidths(0, 8, 15)], 8).mlp_ms[0] == pytest.approx(37.5 - 10.0)
+    with pytest.raises(ValueError, match="unaligned table"):
+        replace(profile, mlp_unaligned=None)
+
+
+def test_check_fits_reads_each_curves_range():
+    profile = aligned_profile()
+    spec = ModelSpec(TINY_VIT, dict(TINY_VIT_KWARGS), "vit", (BlockWidths(3, 8, 40), BlockWidths(3, 8, 47)), {}, 10)
+    check_fits(profile, spec)   # 40 on the aligned curve, 47 on the unaligned one
+    with pytest.raises(IncompatibleArtifactError, match="48 MLP neurons, the profile measured up to 40 for widths "
+                                                        "multiples of 8"):
+        check_fits(profile, replace(spec, blocks=(FULL, FULL)))
+    with pytest.raises(ValueError, match="measured range"):
+        predict_latency(profile, [FULL], 1)
 
 
 def test_check_fits_refuses_models_the_table_does_not_describe():
@@ -143,7 +216,7 @@ def test_measured_table_grows_with_width_and_predicts_the_whole_model(tmp_path, 
     profiles, measured = [], []
     with torch.inference_mode():
         for round_ in range(4):
-            profiles.append(measure_profile(spec, (64,), mlp_widths=(1, 256, 512), repeats=1,
+            profiles.append(measure_profile(spec, (64,), mlp_widths=(1, 256, 512), mlp_alignment=1, repeats=1,
                                             warmup=int(round_ == 0), threads=1, clock=time.process_time))
             for run in range(4):
                 start = time.process_time()
@@ -191,6 +264,8 @@ def test_onnxruntime_runtime(tiny_model_file, tmp_path, tapvits):
     profile = read_profile(out)
     assert (profile.runtime, profile.runtime_version) == ("onnxruntime", onnxruntime.__version__)
     assert profile.mlp.widths == (48,) and profile.attn.widths == (1, 2, 3)
+    assert profile.mlp_alignment == 8 and profile.mlp_unaligned.widths == (1, 47)
+    assert np.all(profile.mlp_unaligned.median_ms > 0)
 
 
 def _rewrite(path, tmp_path, change) -> object:
@@ -216,6 +291,16 @@ def _rewrite(path, tmp_path, change) -> object:
     (lambda d: d["runtime"].update(name="tensorrt"), "runtime.name"),
     (lambda d: d.update(tokens=0), "tokens"),
     (lambda d: d["model"]["blocks"][0].update(heads="3"), "model.blocks[0]"),
+    (lambda d: d.pop("mlp_unaligned"), "'mlp_unaligned' must be present exactly when"),
+    (lambda d: d.update(mlp_alignment=1), "'mlp_unaligned' must be present exactly when"),
+    (lambda d: d.update(mlp_alignment=True), "mlp_alignment"),
+    (lambda d: d.update(mlp_alignment=0), "mlp_alignment"),
+    (lambda d: d.update(mlp_alignment=16), "'mlp.widths' holds [8, 24], not multiples of 'mlp_alignment' 16"),
+    (lambda d: d["mlp_unaligned"].update(widths=[1, 8, 23, 47]), "'mlp_unaligned.widths' holds [8], multiples"),
+    (lambda d: d["mlp_unaligned"].update(widths=[1, 7, 23, 49]), "architecture has 48"),
+    (lambda d: d["mlp_unaligned"]["median_ms"].pop(), "mlp_unaligned.median_ms"),
+    (lambda d: d["mlp_unaligned"]["median_ms"][0].__setitem__(1, 0.0), "mlp_unaligned.median_ms"),
+    (lambda d: d["mlp_unaligned"].pop("widths"), "mlp_unaligned.widths"),
 ])
 def test_corrupt_profiles_are_rejected(profile_file, tmp_path, tapvits, change, needle):
     broken = _rewrite(profile_file, tmp_path, change)
@@ -223,6 +308,22 @@ def test_corrupt_profiles_are_rejected(profile_file, tmp_path, tapvits, change, 
         result = tapvits(command, broken)
         assert_one_line_failure(result, ExitCode.INVALID_ARTIFACT)
         assert needle in result.stderr, result.stderr
+
+
+def test_a_profile_without_the_alignment_reads_as_one_curve(profile_file, tmp_path, tapvits):
+    """Profiles written before ``mlp_alignment`` existed hold one MLP curve: they still validate, inspect and
+    predict, every width from ``mlp``."""
+    def one_curve(document):
+        document.pop("mlp_alignment"), document.pop("mlp_unaligned")
+
+    old = _rewrite(profile_file, tmp_path, one_curve)
+    assert tapvits("validate", old).stdout == f"{old}: ok (profile v1)\n"
+    profile, current = read_profile(old), read_profile(profile_file)
+    assert profile.mlp_alignment == 1 and profile.mlp_unaligned is None and profile.mlp.widths == current.mlp.widths
+    prediction = predict_latency(profile, [BlockWidths(0, 8, 23), BlockWidths(0, 8, 24)], 4)
+    np.testing.assert_allclose(prediction.mlp_ms, profile.mlp.at(np.array([23, 24]), 1) - profile.block_ms[1])
+    titles = [table["title"] for table in tapvits("inspect", old, "--json").json()["tables"]]
+    assert titles[-1] == "MLP-only block (ms) by hidden width" and len(titles) == 3
 
 
 def test_truncated_and_newer_profiles(profile_file, tmp_path, tapvits):
@@ -239,6 +340,10 @@ def test_cli_errors_are_one_line_with_documented_codes(profiled, tmp_path, tapvi
     for args, code, needle in [
         (("--batch-sizes", "0,1"), ExitCode.USAGE, "--batch-sizes"),
         (("--widths", "1,96"), ExitCode.USAGE, "1..48"),
+        (("--widths", "8,12,20"), ExitCode.USAGE, "MLP widths must be multiples of --mlp-alignment 8, not 12, 20:"),
+        (("--widths", "1,24", "--mlp-alignment", "4"), ExitCode.USAGE, "multiples of --mlp-alignment 4, not 1:"),
+        (("--mlp-alignment", "0"), ExitCode.USAGE, "--mlp-alignment"),
+        (("--mlp-alignment", "64"), ExitCode.USAGE, "--mlp-alignment 64 exceeds the architecture's 48"),
         (("--repeats", "0"), ExitCode.USAGE, "--repeats"),
     ]:
         result = tapvits("profile", tiny_model_file, "-o", out, *args)

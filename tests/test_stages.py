@@ -32,7 +32,7 @@ EXAMPLES = {
     "export": dict(model="m.safetensors", output="m.onnx", features_graph=True, raw_input=(1, 8, 8), batch_size=2,
                    dynamic_batch=False, opset=17, check=False),
     "profile": dict(model_path="m.safetensors", output="d.profile.json", runtime="onnxruntime", batch_sizes="1,4",
-                    tokens=5, widths="1,2", repeats=3, warmup_runs=1, threads=2),
+                    tokens=5, widths="4,8", mlp_alignment=4, repeats=3, warmup_runs=1, threads=2),
     "create-model": dict(architecture="vit_tiny_patch16_224", output="m.safetensors",
                          model_args=("img_size=8", "patch_size=4"), weights="w.safetensors", class_names="a,b"),
     "dataset": dict(reference="digits:classes=0,1"),

@@ -145,7 +145,7 @@ def normalise(path: Path) -> None:
                 measured = np.arange(1, 1 + len(document["batch_sizes"])) / 10
                 document["runtime"]["version"], document["hardware"] = "0", {"cpu": "conformance", "gpu": None}
                 document["fixed"] = {key: list(measured * (i + 1)) for i, key in enumerate(("embed_ms", "head_ms", "block_ms"))}
-                for kind in ("attn", "mlp"):
+                for kind in [k for k in ("attn", "mlp", "mlp_unaligned") if k in document]:
                     document[kind]["median_ms"] = [list(measured * (4 + w)) for w in range(len(document[kind]["widths"]))]
         rewrite_json(path, path, stamp)
 
@@ -174,8 +174,9 @@ def make_valid(work: Path) -> dict[str, Path]:
     plan = step("plan.safetensors", "allocate", scores, "--budget", "0.7", "--model", model, "--tolerance", "0.05")
     pruned = step("pruned.safetensors", "prune", model, plan)
     step("report.json", "eval", pruned, "--data", HELD_OUT, "--no-latency")
-    step("profile.json", "profile", model, "--batch-sizes", "1,2", "--widths", "1,24", "--repeats", "1",
-         "--warmup-runs", "0", "--threads", "1", "--runtime", "torch")
+    profile = step("profile.json", "profile", model, "--batch-sizes", "1,2", "--widths", "8,24", "--repeats", "1",
+                   "--warmup-runs", "0", "--threads", "1", "--runtime", "torch")
+    made["profile-one-curve.json"] = rewrite_json(profile, work / "profile-one-curve.json", one_curve)
 
     tensors, _ = safetensors_parts(model)   # the versions before the container tensor hash
     made["model-v1.safetensors"] = rewrite_safetensors(model, work / "model-v1.safetensors", tapvits__version="1",
@@ -185,6 +186,15 @@ def make_valid(work: Path) -> dict[str, Path]:
     made["gmm-v2.safetensors"] = rewrite_safetensors(gmm, work / "gmm-v2.safetensors", tapvits__version="2",
                                                      gmm__tensors_sha256=tensor_hash(mixture, "legacy"))
     return made
+
+
+def one_curve(document: dict) -> None:
+    """A profile as written before ``mlp_alignment`` existed (one MLP curve), which reads as alignment 1."""
+    for key in ("mlp_alignment", "mlp_unaligned"):
+        document.pop(key)
+    params = json.loads(document["tapvits.params"])
+    params.pop("mlp_alignment")
+    document["tapvits.params"] = json.dumps(params, sort_keys=True, separators=(",", ":"))
 
 
 def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int, str]]:
@@ -352,6 +362,8 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
                  lambda d: d["fixed"]["embed_ms"].__setitem__(0, -1.0))
     rewrite_json(profile, add("profile-widths-unordered.json", "profile", 3, "attn.widths is not increasing"),
                  lambda d: d["attn"].update(widths=d["attn"]["widths"][::-1]))
+    rewrite_json(profile, add("profile-unaligned-missing.json", "profile", 3,
+                              "mlp_unaligned is missing although mlp_alignment > 1"), lambda d: d.pop("mlp_unaligned"))
     rewrite_json(profile, add("profile-newer.json", "profile", 4, "a format version newer than the reader's"),
                  lambda d: d.update({"tapvits.version": "2"}))
 
@@ -398,7 +410,8 @@ def expectations(path: Path) -> dict:
         found.update(top1=body["top1"], samples=body["samples"], parameters=body["parameters"])
     elif kind == "profile":
         body = json.loads(path.read_text())
-        found.update(batch_sizes=body["batch_sizes"], attn_widths=body["attn"]["widths"])
+        found.update(batch_sizes=body["batch_sizes"], attn_widths=body["attn"]["widths"],
+                     mlp_alignment=body.get("mlp_alignment", 1))
     return found
 
 

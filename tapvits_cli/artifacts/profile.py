@@ -21,7 +21,7 @@ from tapvits_cli.vocabulary import RUNTIMES
 
 KIND = "profile"
 VERSION = 1
-_BRANCHES = (("attn", "heads"), ("mlp", "hidden neurons"))
+_UNITS = {"attn": "heads", "mlp": "hidden neurons", "mlp_unaligned": "hidden neurons"}   # width tables
 
 
 def profile_body(profile: LatencyProfile) -> dict[str, Any]:
@@ -38,8 +38,15 @@ def profile_body(profile: LatencyProfile) -> dict[str, Any]:
         "fixed": {"embed_ms": list(profile.embed_ms), "head_ms": list(profile.head_ms),
                   "block_ms": list(profile.block_ms)},
         **{name: {"widths": list(table.widths), "median_ms": table.median_ms.tolist()}
-           for name, table in (("attn", profile.attn), ("mlp", profile.mlp))},
+           for name, table in _tables(profile)},
+        "mlp_alignment": profile.mlp_alignment,
     }
+
+
+def _tables(profile: LatencyProfile) -> list[tuple[str, BranchTable]]:
+    """The body's width tables, by member name: ``mlp_unaligned`` only at an MLP alignment > 1."""
+    unaligned = [] if profile.mlp_unaligned is None else [("mlp_unaligned", profile.mlp_unaligned)]
+    return [("attn", profile.attn), ("mlp", profile.mlp), *unaligned]
 
 
 def write_profile(path: str | os.PathLike, profile: LatencyProfile, params: Mapping[str, Any],
@@ -104,23 +111,47 @@ def _parse(artifact: ArtifactFile) -> LatencyProfile:
     row = (lambda v: isinstance(v, list) and len(v) == len(sizes) and all(_positive_ms(x) for x in v),
            f"a list of {len(sizes)} finite positive numbers (one per batch size)")
     fixed = _object(artifact, body, "fixed", {"embed_ms": row, "head_ms": row, "block_ms": row})
-    tables = {}
-    for name, unit in _BRANCHES:
-        table = _object(artifact, body, name, {
-            "widths": (lambda v: _increasing(v, 1), "a non-empty list of strictly increasing integers ≥ 1"),
-            "median_ms": (lambda v: isinstance(v, list), "a list")})
-        widest = max(b["heads"] if name == "attn" else b["mlp_hidden"] for b in record["blocks"])
-        if table["widths"][-1] > widest:
-            raise fail(f"'{name}.widths' goes up to {table['widths'][-1]} {unit}, the architecture has {widest}")
-        if len(table["median_ms"]) != len(table["widths"]) or not all(row[0](r) for r in table["median_ms"]):
-            raise fail(f"'{name}.median_ms' must hold one row per width, each {row[1]}")
-        tables[name] = BranchTable(tuple(table["widths"]), np.array(table["median_ms"], dtype=np.float64))
+    alignment = _alignment(artifact, body)
+    names = ["attn", "mlp", *(["mlp_unaligned"] if alignment > 1 else [])]
+    tables = {name: _branch(artifact, body, name, record["blocks"], row) for name in names}
+    for name in names[1:]:
+        stray = [w for w in tables[name].widths if (w % alignment == 0) != (name == "mlp")]
+        if stray:
+            raise fail(f"'{name}.widths' holds {stray}, {'not ' if name == 'mlp' else ''}multiples of "
+                       f"'mlp_alignment' {alignment}")
     return LatencyProfile(
         model=record, runtime=runtime["name"], runtime_version=runtime["version"], threads=runtime["threads"],
         device=runtime["device"], cpu=hardware["cpu"], gpu=hardware["gpu"], batch_sizes=tuple(sizes),
         tokens=body["tokens"], repeats=body["repeats"], warmup=body["warmup"],
         embed_ms=tuple(float(v) for v in fixed["embed_ms"]), head_ms=tuple(float(v) for v in fixed["head_ms"]),
-        block_ms=tuple(float(v) for v in fixed["block_ms"]), attn=tables["attn"], mlp=tables["mlp"])
+        block_ms=tuple(float(v) for v in fixed["block_ms"]), attn=tables["attn"], mlp=tables["mlp"],
+        mlp_alignment=alignment, mlp_unaligned=tables.get("mlp_unaligned"))
+
+
+def _alignment(artifact: ArtifactFile, body: dict) -> int:
+    """``mlp_alignment`` (1 where absent: profiles written before it hold one MLP curve), checked against the
+    presence of ``mlp_unaligned``."""
+    alignment = body.get("mlp_alignment", 1)
+    if not _integer(alignment, 1):
+        raise artifact.fail("member 'mlp_alignment' must be an integer ≥ 1")
+    if (alignment > 1) != ("mlp_unaligned" in body):
+        raise artifact.fail(f"member 'mlp_unaligned' must be present exactly when 'mlp_alignment' > 1 "
+                            f"(it is {alignment})")
+    return alignment
+
+
+def _branch(artifact: ArtifactFile, body: dict, name: str, blocks: list, row) -> BranchTable:
+    """The width table ``body[name]`` (``row``: the latency-list check, with its description)."""
+    unit = _UNITS[name]
+    table = _object(artifact, body, name, {
+        "widths": (lambda v: _increasing(v, 1), "a non-empty list of strictly increasing integers ≥ 1"),
+        "median_ms": (lambda v: isinstance(v, list), "a list")})
+    widest = max(b["heads"] if name == "attn" else b["mlp_hidden"] for b in blocks)
+    if table["widths"][-1] > widest:
+        raise artifact.fail(f"'{name}.widths' goes up to {table['widths'][-1]} {unit}, the architecture has {widest}")
+    if len(table["median_ms"]) != len(table["widths"]) or not all(row[0](r) for r in table["median_ms"]):
+        raise artifact.fail(f"'{name}.median_ms' must hold one row per width, each {row[1]}")
+    return BranchTable(tuple(table["widths"]), np.array(table["median_ms"], dtype=np.float64))
 
 
 def _validate(artifact: ArtifactFile) -> None:
@@ -135,7 +166,7 @@ def _summarize(artifact: ArtifactFile) -> Summary:
         "blocks": len(profile.blocks), "tokens": profile.tokens,
         "runtime": f"{profile.runtime} {profile.runtime_version}, {profile.threads} threads, {profile.device}",
         "cpu": profile.cpu, "gpu": profile.gpu, "batch_sizes": list(profile.batch_sizes),
-        "repeats": profile.repeats, "warmup": profile.warmup,
+        "repeats": profile.repeats, "warmup": profile.warmup, "mlp_alignment": profile.mlp_alignment,
         "unpruned_ms": {str(b): round(predict_latency(profile, profile.blocks, b).total_ms, 4)
                         for b in profile.batch_sizes},
     }
@@ -145,11 +176,18 @@ def _summarize(artifact: ArtifactFile) -> Summary:
                                                         ("final norm + head", profile.head_ms),
                                                         ("emptied block", profile.block_ms))])
     tables = [fixed]
-    for name, table in (("attention-only block (ms) by heads", profile.attn),
-                        ("MLP-only block (ms) by hidden width", profile.mlp)):
-        tables.append(Table(name, ["width", *batches],
+    for name, table in _tables(profile):
+        tables.append(Table(_title(name, profile.mlp_alignment), ["width", *batches],
                             [[width, *map(float, row)] for width, row in zip(table.widths, table.median_ms)]))
     return Summary(figures=figures, tables=tables)
+
+
+def _title(name: str, alignment: int) -> str:
+    """The title ``inspect`` gives the width table ``name``."""
+    if name == "attn":
+        return "attention-only block (ms) by heads"
+    mlp = "MLP-only block (ms) by hidden width"
+    return mlp if alignment == 1 else f"{mlp}, {'not ' if name == 'mlp_unaligned' else ''}multiples of {alignment}"
 
 
 SPEC = register(KindSpec(

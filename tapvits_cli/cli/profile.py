@@ -20,8 +20,12 @@ from tapvits_cli.vocabulary import RUNTIMES
 @click.option("--batch-sizes", default="1,32", show_default=True, metavar="B,B", help="Batch sizes to measure.")
 @click.option("--tokens", type=click.IntRange(1), metavar="N",
               help="Tokens per image in the blocks and the head  [default: the model's input's]")
-@click.option("--widths", metavar="W,W", help="MLP hidden widths to measure  [default: 1 and 8 evenly spaced up "
-                                               "to the full width]; heads are measured at every count")
+@click.option("--widths", metavar="W,W", help="MLP hidden widths to measure, multiples of --mlp-alignment  [default: "
+                                               "the alignment and 8 evenly spaced multiples of it up to the full "
+                                               "width]; heads are measured at every count")
+@click.option("--mlp-alignment", type=click.IntRange(1), default=8, show_default=True, metavar="N",
+              help="Also measure the MLP one neuron below each width (and at 1), the curve for widths that are not "
+                   "multiples of N, which run slower; 1: one curve for every width.")
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed rounds (the median is kept).")
 @click.option("--warmup-runs", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
@@ -29,14 +33,16 @@ from tapvits_cli.vocabulary import RUNTIMES
               help="Intra-op threads  [default: torch's; on onnxruntime the cores available]")
 @global_options
 def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens: int | None, widths: str | None,
-            repeats: int, warmup_runs: int, threads: int | None) -> None:
+            mlp_alignment: int, repeats: int, warmup_runs: int, threads: int | None) -> None:
     """Measure how long this machine takes for MODEL's building blocks at every width pruning
     can produce, and write the table as a profile artifact (protocol/profile.md).
 
     Each block kind is timed as pruned models build it: attention at every head count
     (MLP removed), the MLP at a grid of hidden widths (attention removed), a block with
     both removed, and the fixed parts (patch embedding, final norm + classifier), at each
-    batch size, interleaved over --repeats rounds after --warmup-runs. Only the architecture
+    batch size, interleaved over --repeats rounds after --warmup-runs. The MLP grid has
+    two curves: multiples of --mlp-alignment and the widths one below them (other widths
+    run slower; a pruned width reads the curve of its kind). Only the architecture
     of MODEL matters (pruned or not, the unpruned widths are profiled; weights are not
     used). The latency of any pruned model of that architecture is then predicted from
     the table (tapvits_cli.payloads.latency_table.predict_model). ViT/DeiT models only.

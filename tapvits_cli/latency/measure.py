@@ -36,7 +36,7 @@ import numpy as np
 from tapvits_cli.errors import NotImplementedStageError, UsageError
 from tapvits_cli.latency.architecture import Architecture, read_architecture
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
-from tapvits_cli.payloads.latency_table import BranchTable, LatencyProfile, default_mlp_widths, model_fingerprint
+from tapvits_cli.payloads.latency_table import BranchTable, LatencyProfile, mlp_grids, model_fingerprint
 from tapvits_cli.vocabulary import RUNTIMES
 
 Runner = Callable[[int], float]   # run(batch) -> milliseconds of one forward pass
@@ -81,13 +81,15 @@ def build_uniform(spec: ModelSpec, width: BlockWidths, device: str):
 
 
 def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = "torch", device: str = "cpu",
-                    tokens: int | None = None, mlp_widths: Sequence[int] | None = None, repeats: int = 20,
-                    warmup: int = 5, threads: int | None = None, cpu: str = "", gpu: str | None = None,
-                    seed: int = 0, on_progress: Callable[[int], None] = lambda n: None,
+                    tokens: int | None = None, mlp_widths: Sequence[int] | None = None, mlp_alignment: int = 8,
+                    repeats: int = 20, warmup: int = 5, threads: int | None = None, cpu: str = "",
+                    gpu: str | None = None, seed: int = 0, on_progress: Callable[[int], None] = lambda n: None,
                     clock: Callable[[], float] = time.perf_counter,
                     tensors: Mapping[str, Sequence[int]] | None = None, source: str = "the model") -> LatencyProfile:
-    """Time the blocks of ``spec``'s architecture at every head count and at ``mlp_widths`` (default: 1 and 8
-    evenly spaced widths), plus the fixed parts, at each batch size; see the module docstring.
+    """Time the blocks of ``spec``'s architecture at every head count and at the MLP widths of
+    :func:`~tapvits_cli.payloads.latency_table.mlp_grids` (``mlp_widths``, default: the alignment and 8 evenly
+    spaced multiples of it; at ``mlp_alignment`` > 1 also one neuron and one below each of them), plus the
+    fixed parts, at each batch size; see the module docstring.
 
     ``tokens`` (default: the model's own count) sets the blocks' and the head's input; the
     patch embedding always runs on the model's own input size. ``threads`` sets torch's
@@ -114,13 +116,12 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
     tokens = arch.tokens if tokens is None else tokens
     if tokens < 1:
         raise UsageError(f"--tokens must be at least 1, got {tokens}")
-    grid = default_mlp_widths(full.mlp_hidden) if mlp_widths is None else tuple(sorted(set(mlp_widths)))
-    if not grid or grid[0] < 1 or grid[-1] > full.mlp_hidden:
-        raise UsageError(f"MLP widths must lie in 1..{full.mlp_hidden} (the architecture's), got {list(grid)}")
+    grid, unaligned = mlp_grids(full.mlp_hidden, mlp_alignment, mlp_widths)
     # configuration key -> width of every block; ("block", 0) is the emptied block E
     widths = {("block", 0): BlockWidths(0, full.head_dim, 0),
               **{("attn", h): BlockWidths(h, full.head_dim, 0) for h in range(1, full.heads + 1)},
-              **{("mlp", m): BlockWidths(0, full.head_dim, m) for m in grid}}
+              **{(kind, m): BlockWidths(0, full.head_dim, m)
+                 for kind, ms in (("mlp", grid), ("mlp_unaligned", unaligned or ())) for m in ms}}
     depth = len(arch.blocks)
     if runtime == "onnxruntime":
         threads = threads or _available_cores()
@@ -140,17 +141,21 @@ def measure_profile(spec: ModelSpec, batch_sizes: Sequence[int], runtime: str = 
             torch.set_num_threads(previous_threads)
         version = torch.__version__
 
-    attn_keys = [key for key in widths if key[0] == "attn"]
-    mlp_keys = [key for key in widths if key[0] == "mlp"]
     unpruned = replace(spec, blocks=arch.blocks, token_merging=None)
     return LatencyProfile(
         model=model_fingerprint(unpruned, arch.blocks), runtime=runtime, runtime_version=version,
         threads=threads, device=device, cpu=cpu, gpu=gpu, batch_sizes=batch_sizes, tokens=tokens,
         repeats=repeats, warmup=warmup, embed_ms=medians[("embed", 0)], head_ms=medians[("head", 0)],
-        block_ms=medians[("block", 0)],
-        attn=BranchTable(tuple(h for _, h in attn_keys), np.array([medians[k] for k in attn_keys])),
-        mlp=BranchTable(grid, np.array([medians[k] for k in mlp_keys])),
+        block_ms=medians[("block", 0)], attn=_branch(medians, "attn", range(1, full.heads + 1)),
+        mlp=_branch(medians, "mlp", grid), mlp_alignment=mlp_alignment,
+        mlp_unaligned=None if unaligned is None else _branch(medians, "mlp_unaligned", unaligned),
     )
+
+
+def _branch(medians: Mapping[tuple[str, int], tuple[float, ...]], kind: str, widths) -> BranchTable:
+    """The table of the configurations ``(kind, w)`` for ``w`` in ``widths``."""
+    widths = tuple(widths)
+    return BranchTable(widths, np.array([medians[kind, w] for w in widths]))
 
 
 def _time(runners: Mapping[tuple[str, int], Runner], depth: int, batch_sizes: tuple[int, ...], repeats: int,

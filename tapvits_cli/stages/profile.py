@@ -24,6 +24,7 @@ class Options:
     batch_sizes: str = option("--batch-sizes", "1,32")
     tokens: int | None = option("--tokens")
     widths: str | None = option("--widths")
+    mlp_alignment: int = option("--mlp-alignment", 8)
     repeats: int = option("--repeats", 20)
     warmup_runs: int = option("--warmup-runs", 5)
     threads: int | None = option("--threads")
@@ -58,13 +59,15 @@ def run(options: Options) -> Result:
         gpu = torch.cuda.get_device_name(torch.device(device))
     with progress("profile", options.warmup_runs + options.repeats) as advance:
         profile = measure_profile(model.spec, sizes, runtime=runtime, device=device, tokens=options.tokens,
-                                  mlp_widths=mlp_widths, repeats=options.repeats, warmup=options.warmup_runs,
+                                  mlp_widths=mlp_widths, mlp_alignment=options.mlp_alignment,
+                                  repeats=options.repeats, warmup=options.warmup_runs,
                                   threads=options.threads, cpu=cpu_name(), gpu=gpu, seed=options.seed,
                                   on_progress=advance,
                                   tensors={name: info.shape for name, info in model.artifact.tensors.items()},
                                   source=str(options.model_path))
     params = {"runtime": runtime, "batch_sizes": list(profile.batch_sizes), "tokens": options.tokens,
-              "widths": list(mlp_widths) if mlp_widths else None, "repeats": options.repeats,
+              "widths": list(mlp_widths) if mlp_widths else None, "mlp_alignment": options.mlp_alignment,
+              "repeats": options.repeats,
               "warmup": options.warmup_runs, "threads": profile.threads, "seed": options.seed, "device": device}
     path = write_profile(options.output, profile, params, {"model": artifact_lineage(options.model_path, "model")})
     predicted = {b: predict_latency(profile, profile.blocks, b).total_ms for b in profile.batch_sizes}
