@@ -113,6 +113,34 @@ def test_compact_json_and_tensor_hash_follow_the_readme_examples():
         "80e3403489a671872f58faaa12ed9ae167bc6c3c45737fd854d44e7071135012"
 
 
+def test_every_step_of_the_generator_gives_the_same_bytes_on_a_slower_machine_with_fewer_threads(tmp_path,
+                                                                                                  monkeypatch):
+    """The kit README's promise, "a rerun gives byte-identical files", step by step: each valid file is
+    made twice from the kit's own inputs, the second time under a clock three times slower and with one
+    intra-op thread less, and the two must be equal byte for byte. A duration a header records that the
+    generator does not normalise (``metric-set.public_mixture``'s ``fit_seconds`` once did), or the thread
+    count a report records, breaks it."""
+    import importlib.util
+    import time
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("conformance_generate", KIT / "generate.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    real_clock, threads_before, made = time.perf_counter, torch.get_num_threads(), {}
+    try:
+        for run, (threads, pace) in enumerate(((2, 1.0), (1, 3.0))):
+            out = tmp_path / str(run)
+            out.mkdir()
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(time, "perf_counter", lambda pace=pace: pace * real_clock())
+            made[run] = {name: generator.make_step(name, KIT / "files", out).read_bytes() for name in generator.STEPS}
+    finally:
+        torch.set_num_threads(threads_before)
+    assert [name for name in generator.STEPS if made[0][name] != made[1][name]] == []
+
+
 @pytest.fixture(scope="module")
 def run_directory(tmp_path_factory):
     """A real `tapvits run`: one simulated digits device, every stage once (pruned at 0.7, fine-tuned)."""

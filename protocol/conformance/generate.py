@@ -1,19 +1,22 @@
 """Write the conformance kit: small valid and invalid files of every kind, and manifest.json.
 
-    bash .ci/env python protocol/conformance/generate.py
+    bash .ci/env python protocol/conformance/generate.py [--out DIR]
 
 The valid files are made by tapvits itself (a tiny ViT on scikit-learn's digits, every
-stage once, seeded, on the CPU), each normalised right after it is written so that the
-kit does not depend on when or how fast it was made: ``tapvits.created`` and the
-measured seconds and latencies get fixed values. Normalising happens before the next
-stage reads the file, so lineage hashes stay true. The invalid files are those valid
-files broken in one documented way each. ``manifest.json`` gives, per file, the kind,
-the verdict ``tapvits validate`` must reach (with its exit code) and, for a valid file,
-the key figures and content hashes any conforming reader recomputes from protocol/.
+stage once, seeded, on the CPU, on one intra-op thread), each normalised right after it
+is written so that the kit does not depend on when, where or how fast it was made:
+``tapvits.created``, every measured duration a header records (a key or a member of a
+header's JSON record named ``*_seconds``) and the profile's latencies get fixed values.
+Normalising happens before the next stage reads the file, so lineage hashes stay true.
+The invalid files are those valid files broken in one documented way each.
+``manifest.json`` gives, per file, the kind, the verdict ``tapvits validate`` must reach
+(with its exit code) and, for a valid file, the key figures and content hashes any
+conforming reader recomputes from protocol/.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -26,18 +29,44 @@ import numpy as np
 from safetensors.numpy import load_file
 
 HERE = Path(__file__).resolve().parent
-FILES = HERE / "files"
 CREATED = "2026-01-01T00:00:00+00:00"
 MODEL_ARGS = {"img_size": 8, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 12, "depth": 2,
               "num_heads": 2, "mlp_ratio": 2.0}
 POOL = "digits:split=train:sample=120"
 PRIVATE = "digits:split=test:classes=0-3:fold=0/2"
 HELD_OUT = "digits:split=test:classes=0-3:fold=1/2"
+SECONDS = 1.0   # every measured duration in a header
+THREADS = 1     # torch's intra-op threads for every command
+
+# The valid files the tapvits commands write, in order: each one's arguments. An argument
+# that names an earlier file stands for that file.
+STEPS = {
+    "model.safetensors": ("create-model", "vit_tiny_patch16_224",
+                          *[t for k, v in MODEL_ARGS.items() for t in ("-a", f"{k}={v}")]),
+    "features.h5": ("features", "--data", POOL, "--extractor", "model.safetensors"),
+    "gmm.safetensors": ("fit-gmm", "--data", PRIVATE, "--extractor", "model.safetensors", "--covariance", "diag",
+                        "--components", "2-3", "--pca-dim", "4", "--min-samples", "40"),
+    "metric-set.h5": ("select", "gmm.safetensors", "--pool", "features.h5", "--metric-size", "16",
+                      "--finetune-size", "48"),
+    "scores.safetensors": ("score", "model.safetensors", "--metric-set", "metric-set.h5", "--data", POOL,
+                           "--budget", "0.7", "--hsic-batch", "8"),
+    "plan.safetensors": ("allocate", "scores.safetensors", "--budget", "0.7", "--model", "model.safetensors",
+                         "--tolerance", "0.05"),
+    "pruned.safetensors": ("prune", "model.safetensors", "plan.safetensors"),
+    "report.json": ("eval", "pruned.safetensors", "--data", HELD_OUT, "--no-latency"),
+    "profile.json": ("profile", "model.safetensors", "--batch-sizes", "1,2", "--widths", "8,24", "--repeats", "1",
+                     "--warmup-runs", "0", "--threads", "1", "--runtime", "torch"),
+}
 
 
 def tapvits(*args) -> None:
+    """Run one command in this process on THREADS intra-op threads, whatever the machine's cores: a
+    report records torch's thread count, and a threaded reduction may add in another order."""
+    import torch
+
     from tapvits_cli.cli.main import main
 
+    torch.set_num_threads(THREADS)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         code = main([str(a) for a in (*args, "--seed", "0", "--device", "cpu")])
     if code != 0:
@@ -124,18 +153,42 @@ def rewrite_json(src: Path, dst: Path, change) -> Path:
     return dst
 
 
+def fixed_seconds(header) -> dict[str, str]:
+    """The header entries (text values by key) that hold a measured duration, with every duration set to
+    SECONDS: a key named ``*_seconds`` (``gmm.fit_seconds``) or a compact-JSON record with such a member
+    (``metric-set.public_mixture``). By name, not by a list, so a duration a new version records is fixed too;
+    the ``tapvits.*`` header (parameters and lineage) is what the step was given, never a measurement."""
+    from tapvits_cli.artifacts.header import compact_json
+
+    def fix(value):
+        if isinstance(value, dict):
+            return {key: SECONDS if key.endswith("_seconds") else fix(item) for key, item in value.items()}
+        return [fix(item) for item in value] if isinstance(value, list) else value
+
+    fixed = {}
+    for key, text in header.items():
+        if key.startswith("tapvits."):
+            continue
+        if key.endswith("_seconds"):
+            fixed[key] = repr(SECONDS)
+        elif isinstance(text, str) and text.startswith(("{", "[")):
+            record = json.loads(text)
+            if fix(record) != record:
+                fixed[key] = compact_json(fix(record))
+    return fixed
+
+
 def normalise(path: Path) -> None:
     """Fixed creation time, seconds and latencies: the kit does not depend on the machine that made it."""
     if path.suffix == ".safetensors":
-        fixed = {"tapvits__created": CREATED}
         _, metadata = safetensors_parts(path)
-        for key in ("gmm.fit_seconds", "gmm.extract_seconds"):
-            if key in metadata:
-                fixed[key.replace(".", "__")] = "1.0"
-        rewrite_safetensors(path, path, **fixed)
+        fixed = {key.replace(".", "__"): value for key, value in fixed_seconds(metadata).items()}
+        rewrite_safetensors(path, path, tapvits__created=CREATED, **fixed)
     elif path.suffix == ".h5":
         def stamp(handle):
             handle.attrs["tapvits.created"] = CREATED
+            for key, value in fixed_seconds(dict(handle.attrs)).items():
+                handle.attrs[key] = value
         rewrite_hdf5(path, path.with_suffix(".tmp"), stamp)
         path.with_suffix(".tmp").replace(path)
     else:
@@ -152,31 +205,20 @@ def normalise(path: Path) -> None:
 
 # -- the kit -----------------------------------------------------------------------------------
 
+def make_step(name: str, inputs: Path, out: Path) -> Path:
+    """Write ``out/name`` by its step of STEPS, normalised, reading the earlier files it names from ``inputs``.
+    Lineage records file names only, so the same inputs anywhere give the same bytes."""
+    path = out / name
+    tapvits(*[inputs / arg if arg in STEPS else arg for arg in STEPS[name]], "-o", path)
+    normalise(path)
+    return path
+
+
 def make_valid(work: Path) -> dict[str, Path]:
     """One valid file of every kind (and the older versions a reader must still accept)."""
-    made = {}
-
-    def step(name, *args):
-        out = work / name
-        tapvits(*args, "-o", out)
-        normalise(out)
-        made[name] = out
-        return out
-
-    model = step("model.safetensors", "create-model", "vit_tiny_patch16_224",
-                 *[t for k, v in MODEL_ARGS.items() for t in ("-a", f"{k}={v}")])
-    features = step("features.h5", "features", "--data", POOL, "--extractor", model)
-    gmm = step("gmm.safetensors", "fit-gmm", "--data", PRIVATE, "--extractor", model, "--covariance", "diag",
-               "--components", "2-3", "--pca-dim", "4", "--min-samples", "40")
-    metric = step("metric-set.h5", "select", gmm, "--pool", features, "--metric-size", "16", "--finetune-size", "48")
-    scores = step("scores.safetensors", "score", model, "--metric-set", metric, "--data", POOL, "--budget", "0.7",
-                  "--hsic-batch", "8")
-    plan = step("plan.safetensors", "allocate", scores, "--budget", "0.7", "--model", model, "--tolerance", "0.05")
-    pruned = step("pruned.safetensors", "prune", model, plan)
-    step("report.json", "eval", pruned, "--data", HELD_OUT, "--no-latency")
-    profile = step("profile.json", "profile", model, "--batch-sizes", "1,2", "--widths", "8,24", "--repeats", "1",
-                   "--warmup-runs", "0", "--threads", "1", "--runtime", "torch")
-    made["profile-one-curve.json"] = rewrite_json(profile, work / "profile-one-curve.json", one_curve)
+    made = {name: make_step(name, work, work) for name in STEPS}
+    model, gmm = made["model.safetensors"], made["gmm.safetensors"]
+    made["profile-one-curve.json"] = rewrite_json(made["profile.json"], work / "profile-one-curve.json", one_curve)
 
     tensors, _ = safetensors_parts(model)   # the versions before the container tensor hash
     made["model-v1.safetensors"] = rewrite_safetensors(model, work / "model-v1.safetensors", tapvits__version="1",
@@ -416,26 +458,32 @@ def expectations(path: Path) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the conformance kit (files/ and manifest.json).")
+    parser.add_argument("--out", type=Path, default=HERE, help="the folder to write files/ and manifest.json to "
+                        "(default: next to this script, the committed kit); another folder gives a rerun to "
+                        "compare with it, e.g. with diff -r")
+    out = parser.parse_args().out
+    files = out / "files"
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         valid = make_valid(work)
         broken = make_invalid(valid, work)
-        if FILES.exists():
-            shutil.rmtree(FILES)
-        FILES.mkdir(parents=True)
+        if files.exists():
+            shutil.rmtree(files)
+        files.mkdir(parents=True)
         entries = []
         for name, path in valid.items():
-            shutil.copyfile(path, FILES / name)
+            shutil.copyfile(path, files / name)
             entries.append({"file": name, "verdict": "valid", "exit_code": 0, "expect": expectations(path)})
         for name, kind, code, rule in broken:
-            shutil.copyfile(work / name, FILES / name)
+            shutil.copyfile(work / name, files / name)
             entries.append({"file": name, "kind": kind, "verdict": "incompatible" if code == 4 else "invalid",
                             "exit_code": code, "rule": rule})
     manifest = {"protocol": "tapvits artifact protocol, version 1 (model v2, gmm v3)",
                 "made_by": "protocol/conformance/generate.py", "files": entries}
-    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    total = sum(f.stat().st_size for f in FILES.iterdir())
-    print(f"{len(entries)} files, {total} bytes in {FILES}")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    total = sum(f.stat().st_size for f in files.iterdir())
+    print(f"{len(entries)} files, {total} bytes in {files}")
 
 
 if __name__ == "__main__":
