@@ -138,3 +138,47 @@ def test_a_damaged_cache_entry_is_discarded(tmp_path):
     (tmp_path / "cache" / "k2.json").write_text('{"seconds": 7.0, "output": "model.safetensors"}')
     assert run.restore_from_cache("k2", "model.safetensors") == 7.0
     assert (tmp_path / "cache" / "k2.record.json").exists() and not (tmp_path / "cache" / "k2.json").exists()
+
+
+def test_an_hdf5_file_is_probed_again_only_when_it_changed(tmp_path, monkeypatch):
+    """The crash probe forks once per unchanged file: a replaced file (new inode) or one rewritten in place
+    (new size or times) is probed again, and the descriptors kept are bounded."""
+    import os
+
+    from tapvits_cli.artifacts import containers
+
+    def write(path: Path, rows: int) -> None:
+        with h5py.File(path, "w") as handle:
+            handle.attrs["kind"] = "test"
+            handle["x"] = np.arange(rows)
+
+    forks, real_fork = [], os.fork
+
+    def counting_fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", counting_fork)
+    monkeypatch.setattr(containers, "_SURVIVED", {})
+    monkeypatch.setattr(containers, "_SURVIVED_LIMIT", 2)
+    path = tmp_path / "table.h5"
+    write(path, 3)
+    containers._probe_hdf5(path)
+    containers._probe_hdf5(path)
+    assert len(forks) == 1
+    write(tmp_path / "next.h5", 3)
+    os.replace(tmp_path / "next.h5", path)        # same size, another file
+    containers._probe_hdf5(path)
+    assert len(forks) == 2
+    with open(path, "ab") as handle:               # rewritten in place
+        handle.write(b"\0" * 16)
+    containers._probe_hdf5(path)
+    assert len(forks) == 3
+    for name in ("a.h5", "b.h5", "c.h5"):
+        write(tmp_path / name, 4)
+        containers._probe_hdf5(tmp_path / name)
+    assert len(containers._SURVIVED) == 2
+    for handle, _ in containers._SURVIVED.values():
+        os.close(handle)
