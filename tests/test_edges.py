@@ -408,3 +408,26 @@ def test_recipe_model_arguments_keep_nan_a_float():
     assert [_yaml_scalar(v) for v in (0.5, float("nan"), float("inf"), -float("inf"))] == ["0.5", ".nan", ".inf", "-.inf"]
     with pytest.raises(UsageError, match="NaN and infinity"):
         parse_model_args((f"mlp_ratio={_yaml_scalar(float('nan'))}",))
+
+
+def test_features_refuses_an_extractor_that_gives_non_finite_features_and_leaves_no_file(tiny_model_file, tapvits,
+                                                                                         tmp_path):
+    """A verdict on the extractor, not an interruption: no partial table is kept to resume (found by the fuzz
+    run: a model whose preprocessing mean is 1e20)."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from test_corpus import write_metadata
+
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "model.safetensors"
+    shutil.copy(tiny_model_file, model)
+    with safe_open(model, "np") as handle:
+        preprocessing = json.loads(handle.metadata()["model.preprocessing"])
+    preprocessing["mean"] = [1e20] + list(preprocessing["mean"][1:])
+    write_metadata(model, {"model.preprocessing": json.dumps(preprocessing)})
+    result = tapvits("features", "--data", "digits:split=test", "--extractor", model, "-o", work / "out.h5")
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT and "non-finite features" in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["model.safetensors"]

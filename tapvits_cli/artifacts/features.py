@@ -212,7 +212,9 @@ class FeatureTableWriter:
             if features.shape != (len(ids), self.dim):
                 raise ValueError(f"batch features have shape {features.shape}, expected ({len(ids)}, {self.dim})")
             bad = ~np.isfinite(features).all(axis=1)
-            if bad.any():
+            if bad.any():   # a verdict on the extractor: a rerun would stop here again, so nothing is kept to resume
+                self.close()
+                self.partial.unlink(missing_ok=True)
                 raise InvalidArtifactError(f"the extractor produced non-finite features for sample id "
                                            f"{int(ids[bad][0])}; refusing to write them")
             try:
