@@ -190,8 +190,8 @@ class LocalExecutor:
 
     One step more than there are workers is submitted (``ahead``): it waits in the pool's
     queue, so a worker that finishes starts it at once instead of idling while this
-    process records the finished step and works out the next key (measured: 10-30 ms a
-    step on a 2-core machine). It is reported as started when it is submitted.
+    process records the finished step (hashing, ``run.json``, the cache) and works out the
+    next key. It is reported as started when it is submitted.
     """
 
     ahead = 1
