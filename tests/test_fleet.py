@@ -6,6 +6,7 @@ run tests carry out the tiny digits recipe of test_run.py and compare artifacts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -94,6 +95,20 @@ def test_local_jobs_give_the_serial_artifacts_and_skip_alike(tmp_path):
     assert _artifacts(tmp_path / "s" / "run") == _artifacts(tmp_path / "l" / "run")
     again = _schedule(tmp_path / "l", fake_fleet(), lambda work: schedule.LocalExecutor(work, jobs=2))
     assert [o.source for o in again.outcomes] == ["skipped"] * 8
+
+
+def test_a_rerun_with_nothing_to_do_starts_no_worker(tmp_path, monkeypatch):
+    """Starting workers means waiting for the fork server's torch import: a no-op rerun must not."""
+    _schedule(tmp_path, fake_fleet(), lambda work: schedule.LocalExecutor(work, jobs=2))
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    again = _schedule(tmp_path, fake_fleet(), lambda work: schedule.LocalExecutor(work, jobs=2))
+    assert [o.source for o in again.outcomes] == ["skipped"] * 8
+    with pytest.raises(AssertionError, match="pool was started"):   # the patch does reach a run with work to do
+        _schedule(tmp_path / "fresh", fake_fleet(), lambda work: schedule.LocalExecutor(work, jobs=2))
 
 
 def test_a_failing_device_leaves_the_others_finished_and_a_rerun_completes_it(tmp_path):
