@@ -22,7 +22,9 @@ per-device chain is independent, the shared steps run once). Goals (issue 18): `
     bash .ci/env python benchmarks/fleet.py --devices 6 --configs serial,jobs2 --rounds 1
 
 Run it on an otherwise idle machine: the comparison is between ways of using the same
-cores. Writes benchmarks/results/fleet.{json,md}.
+cores. Writes benchmarks/results/fleet.{json,md} (``--name`` for another name).
+``--epochs 8 --configs serial,jobs2 --name fleet_epochs8`` gives each device more work
+against the same fixed start-up cost, which tests what bounds the speed-up.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ def markdown(report: dict) -> str:
     rows = report["configs"]
     serial = next((r for r in rows if r["config"] == "serial"), None)
     lines = [f"# Fleet benchmark: {report['devices']} simulated digits devices", "",
-             f"{report['machine']}; per-device chain only (shared steps made beforehand); "
+             f"{report['machine']}; per-device chain only (shared steps made beforehand), "
+             f"{report.get('finetune_epochs', 2)} fine-tuning epochs per device; "
              f"{report['rounds']} interleaved rounds, medians.", "",
              "| executor | options | wall (s), median | wall per round (s) | devices/min | speed-up vs serial, "
              "median (per round) |", "|---|---|---:|---|---:|---|"]
@@ -173,6 +176,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per device")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--name", default="fleet", help="results file name (without extension)")
     args = parser.parse_args()
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
@@ -188,7 +192,7 @@ def main() -> None:
             runs[name].append(measure(recipe_path, shared, name, args.devices))
             print(f"round {round_}, {name}: {runs[name][-1]['wall_seconds']} s", flush=True)
     rows = [combine(name, runs[name], runs.get("serial")) for name in configs]
-    report = {"devices": args.devices, "rounds": args.rounds,
+    report = {"devices": args.devices, "rounds": args.rounds, "finetune_epochs": args.epochs,
               "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
               "configs": rows,
               "same_top1": all(r["top1"] is not None and r["top1"] == rows[0]["top1"] for r in rows)}
@@ -200,8 +204,8 @@ def main() -> None:
                                 "hours": {slots: PROJECTED_DEVICES * per_device / slots / 3600
                                           for slots in PROJECTED_SLOTS}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fleet.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "fleet.md").write_text(markdown(report))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
 
 
