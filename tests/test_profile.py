@@ -254,12 +254,24 @@ def test_a_pruned_model_profiles_its_unpruned_architecture(tiny_model_file, tmp_
     assert prediction.total_ms == pytest.approx(prediction.embed_ms + prediction.head_ms + prediction.blocks_ms.sum())
 
 
-def test_onnxruntime_runtime(tiny_model_file, tmp_path, tapvits):
+def test_onnxruntime_runtime(tiny_model_file, tmp_path, tapvits, monkeypatch):
+    import onnxruntime
+
+    sessions = []
+
+    class Recorded(onnxruntime.InferenceSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self.get_session_options())
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Recorded)
     out = tmp_path / "ort.json"
     result = tapvits("profile", tiny_model_file, "-o", out, "--runtime", "onnxruntime", "--batch-sizes", "2",
                      "--widths", "48", "--repeats", "1", "--warmup-runs", "0", "--threads", "1")
     assert result.exit_code == 0, result.stderr
-    import onnxruntime
+    # one session per configuration: none may spin on the cores while another is timed (measure._onnx_runners)
+    assert len(sessions) == 1 + 3 + 1 + 2 + 2   # the emptied block, 3 head counts, 3 MLP widths, embed, head
+    assert {o.get_session_config_entry("session.intra_op.allow_spinning") for o in sessions} == {"0"}
 
     profile = read_profile(out)
     assert (profile.runtime, profile.runtime_version) == ("onnxruntime", onnxruntime.__version__)

@@ -237,7 +237,14 @@ def _torch_runner(module, inputs: dict, device: str, clock: Callable[[], float])
 def _onnx_runners(arch: Architecture, widths: Mapping[tuple[str, int], BlockWidths], batch_sizes: tuple[int, ...],
                   tokens: int, threads: int, seed: int, clock: Callable[[], float]) -> dict[tuple[str, int], Runner]:
     """Each configuration as an ONNX graph of all L blocks with their own random weights, plus the fixed parts,
-    each in an onnxruntime session on the CPU provider with ``threads`` intra-op threads."""
+    each in an onnxruntime session on the CPU provider with ``threads`` intra-op threads.
+
+    Every session owns a thread pool, and by default its threads spin for a while after
+    each run, waiting for more work. With one session per configuration, the threads of
+    the configuration just timed spin on the cores the next one is timed on: a DeiT-Tiny-
+    shaped profile predicted its own unpruned model at batch 32 as 60-72 ms, which runs
+    whole in 24-28 ms. Spinning is therefore off in these sessions (predicted 25-32 ms).
+    """
     from tapvits_cli.latency.onnx_graphs import blocks_graph, random_weights, stem_graph, tail_graph
 
     onnxruntime = _onnxruntime()
@@ -246,6 +253,7 @@ def _onnx_runners(arch: Architecture, widths: Mapping[tuple[str, int], BlockWidt
     hidden = {b: rng.standard_normal((b, tokens, arch.dim), dtype=np.float32) for b in batch_sizes}
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     depth = len(arch.blocks)
 
     def runner(graph: bytes, inputs: dict) -> Runner:
