@@ -27,6 +27,12 @@ the predicted *ratio* of the two latencies, which sees one host speed per pair: 
 table's accuracy apart from the drift (what a budget given as a share of the unpruned
 model's latency needs). The absolute comparison stays the headline.
 
+``--runtime onnxruntime`` does the same for the device install's runtime: the profile is
+measured on onnxruntime (the ONNX block graphs ``tapvits profile --runtime onnxruntime``
+times, the architecture read from the model's tensor shapes), and every model is exported
+with tapvits' ONNX exporter (what ``tapvits export`` writes) and timed whole on onnxruntime,
+with the same threads and, like the profile's sessions, without thread spinning.
+
     bash .ci/env nice python benchmarks/profile_prediction.py [--models 20] [--rounds 3]
 
 Writes benchmarks/results/profile_prediction.json and .md (``--name`` for another name).
@@ -134,6 +140,9 @@ def main() -> None:
     parser.add_argument("--paired", action="store_true",
                         help="time each pruned model's runs alternately with the unpruned model's and also compare "
                              "predicted with measured ratios to it, which cancels the host's drift in speed")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="onnxruntime: the profile on onnxruntime (what the device install runs) against every "
+                             "model exported with tapvits' ONNX exporter, timed on onnxruntime")
     args = parser.parse_args()
     args.batches = tuple(sorted({int(v) for v in args.batch_sizes.split(",")}))
     repeats = dict(zip(args.batches, (int(v) for v in args.repeats.split(","))))
@@ -146,14 +155,22 @@ def main() -> None:
     spec = base_spec()
     plans = random_plans(args.models, args.seed)
     models = [build_model(replace(spec, blocks=plan), source="benchmark") for plan in plans]
-    unpruned = build_model(spec, source="benchmark") if args.paired else None
+    unpruned = build_model(spec, source="benchmark") if args.paired or args.runtime == "onnxruntime" else None
+    tensors = None
+    if args.runtime == "onnxruntime":   # what the device reads the architecture from: the model file's tensor shapes
+        tensors = {name: tuple(value.shape) for name, value in unpruned.state_dict().items()}
+        models = [on_onnxruntime(model, args.threads) for model in models]
+        unpruned = on_onnxruntime(unpruned, args.threads) if args.paired else None
+        log(f"{args.models} models exported to ONNX")
+    profiled = replace(spec, preprocessing={"input_size": list(INPUT)})   # a model file's header records it
     order_rng = np.random.default_rng(args.seed + 1)
     profiles, measured = [], np.zeros((args.rounds, args.models, len(args.batches)))
     ratios = np.full_like(measured, np.nan)
     for round_ in range(args.rounds):
-        profiles.append(measure_profile(spec, args.batches, mlp_alignment=args.mlp_alignment,
+        profiles.append(measure_profile(profiled, args.batches, runtime=args.runtime, mlp_alignment=args.mlp_alignment,
                                         repeats=args.profile_repeats, warmup=1, threads=args.threads,
-                                        cpu=platform.processor(), seed=args.seed, clock=CLOCKS[args.clock]))
+                                        cpu=platform.processor(), seed=args.seed, clock=CLOCKS[args.clock],
+                                        tensors=tensors))
         log(f"round {round_ + 1}: profile done")
         for index in order_rng.permutation(args.models):
             for column, batch in enumerate(args.batches):   # a model's first round warms it up
@@ -170,10 +187,37 @@ def main() -> None:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+class OnnxModel:
+    """A model exported by tapvits' ONNX exporter (``tapvits export``), run by onnxruntime on the CPU.
+
+    Called like the torch module it came from. Its session does not spin its threads
+    between runs, like the profile's (``latency.measure``): several sessions live in this
+    process, and a spinning one would take the cores from the one being timed.
+    """
+
+    def __init__(self, graph: bytes, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor):
+        return self.session.run(None, {self.input: images.numpy()})   # a view of the tensor: no copy
+
+
+def on_onnxruntime(model, threads: int) -> OnnxModel:
+    from tapvits_cli.models.onnx_export import export_onnx
+
+    return OnnxModel(export_onnx(model, INPUT), threads)
+
+
 def model_latency(model, batch: int, warmup: int, repeats: int, clock: str) -> float:
-    """Median ms of a whole model's forward passes: ``tapvits eval``'s own measurement on the wall clock,
-    the same loop on the process's CPU time otherwise."""
-    if clock == "wall":
+    """Median ms of a whole model's forward passes: ``tapvits eval``'s own measurement on the wall clock
+    (torch), the same loop on the process's CPU time or on onnxruntime."""
+    if clock == "wall" and isinstance(model, torch.nn.Module):
         return measure_latency(model, INPUT, batch, warmup, repeats, "cpu")["median_ms"]
     images = torch.randn(batch, *INPUT, generator=torch.Generator().manual_seed(0))
     times = []
@@ -252,7 +296,7 @@ def write(args, repeats, spec, plans, profiles, measured: np.ndarray, ratios: np
         "architecture": ARCHITECTURE, "input": list(INPUT), "models": args.models, "rounds": len(profiles),
         "profile_repeats": args.profile_repeats, "repeats": {str(k): v for k, v in repeats.items()},
         "threads": args.threads, "mlp_alignment": args.mlp_alignment, "clock": args.clock, "seed": args.seed,
-        "torch": torch.__version__, "cpu": platform.processor(),
+        "runtime": f"{profile.runtime} {profile.runtime_version}", "torch": torch.__version__, "cpu": platform.processor(),
         "cpus": os.cpu_count(), "load_average": os.getloadavg(), "seconds": round(time.time() - started, 1),
         "targets": {"median": 0.10, "worst": 0.20}, "errors": summary, "errors_fastest": fastest,
         "errors_per_round": per_round, "paired": args.paired, "errors_ratio_to_unpruned": paired,
@@ -270,7 +314,8 @@ def write(args, repeats, spec, plans, profiles, measured: np.ndarray, ratios: np
 def markdown(result: dict) -> str:
     lines = [f"# Profile prediction error: {result['models']} random pruned {result['architecture']} models, 224 px",
              "",
-             f"torch {result['torch']}, {result['threads']} threads on {result['cpus']} shared cores, "
+             f"{result.get('runtime', 'torch ' + result['torch'])}, {result['threads']} threads on {result['cpus']} "
+             "shared cores, "
              f"MLP alignment {result['mlp_alignment']}, "
              f"{'wall-clock latency' if result['clock'] == 'wall' else 'CPU time of the process'}; "
              f"{result['rounds']} interleaved rounds (profile with {result['profile_repeats']} timed rounds, then "
