@@ -43,7 +43,11 @@ The recorded runs, on 2 cores shared with other jobs (load average 5-8 unless sa
   batch 1 alone, with one MLP curve, two, and more timing;
 - ``profile_prediction_b1_paired`` (``--batch-sizes 1 --rounds 3 --profile-repeats 2
   --repeats 5 --paired``) and ``profile_prediction_b1_paired2`` (``--profile-repeats 3
-  --repeats 7``): batch 1 with the ratio to the unpruned model, idle cores;
+  --repeats 7``), and ``profile_prediction_b1_paired6`` (the latter with ``--rounds 6``): batch 1
+  with the ratio to the unpruned model, idle cores;
+- ``profile_prediction_ort_b1`` (``--runtime onnxruntime --paired --batch-sizes 1 --rounds 3
+  --profile-repeats 2 --repeats 5``) and ``profile_prediction_ort_b32`` (``--runtime onnxruntime
+  --batch-sizes 32 --rounds 2 --profile-repeats 1 --repeats 1``): the device's runtime, idle cores;
 - ``profile_prediction_idle``: ``--rounds 3 --profile-repeats 2 --repeats 5,2`` on idle cores
   (load ≤ 2) with one MLP curve;
 - ``profile_prediction``: ``--rounds 2 --profile-repeats 1 --repeats 5,2`` (under load);
