@@ -46,7 +46,8 @@ The recorded runs, on 2 cores shared with other jobs (load average 5-8 unless sa
   --repeats 7``), and ``profile_prediction_b1_paired6`` (the latter with ``--rounds 6``): batch 1
   with the ratio to the unpruned model, idle cores;
 - ``profile_prediction_ort_b1`` (``--runtime onnxruntime --paired --batch-sizes 1 --rounds 3
-  --profile-repeats 2 --repeats 5``) and ``profile_prediction_ort_b32`` (``--runtime onnxruntime
+  --profile-repeats 2 --repeats 5``; ``profile_prediction_ort_b1_r6`` with ``--rounds 6
+  --profile-repeats 3 --repeats 7``) and ``profile_prediction_ort_b32`` (``--runtime onnxruntime
   --batch-sizes 32 --rounds 2 --profile-repeats 1 --repeats 1``): the device's runtime, idle cores;
 - ``profile_prediction_idle``: ``--rounds 3 --profile-repeats 2 --repeats 5,2`` on idle cores
   (load ≤ 2) with one MLP curve;
