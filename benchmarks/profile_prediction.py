@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 from tapvits_cli.evaluation.metrics import measure_latency
-from tapvits_cli.latency.measure import measure_profile
+from tapvits_cli.latency.measure import measure_profile, onnx_session
 from tapvits_cli.payloads.latency_table import BranchTable, predict_latency
 from tapvits_cli.models.factory import build_model
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
@@ -195,18 +195,13 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 class OnnxModel:
     """A model exported by tapvits' ONNX exporter (``tapvits export``), run by onnxruntime on the CPU.
 
-    Called like the torch module it came from. Its session does not spin its threads
-    between runs, like the profile's (``latency.measure``): several sessions live in this
-    process, and a spinning one would take the cores from the one being timed.
+    Called like the torch module it came from. Its session is the profile's kind
+    (``latency.measure.onnx_session``, threads that do not spin between runs): several
+    sessions take turns in this process.
     """
 
     def __init__(self, graph: bytes, threads: int):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(graph, threads)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, images: torch.Tensor):
@@ -289,15 +284,14 @@ def compare_ratios(plans, full, profile, ratios: np.ndarray) -> dict:
 def write(args, repeats, spec, plans, profiles, measured: np.ndarray, ratios: np.ndarray, started: float) -> None:
     """Median of rounds (the headline), the fastest round of each side, each round alone and, with
     ``--paired``, the ratios to the unpruned model (median of rounds)."""
-    summary, rows = compare(plans, combined_profile(profiles), np.median(measured, axis=0))
-    paired = (compare_ratios(plans, spec.blocks, combined_profile(profiles), np.median(ratios, axis=0))
-              if args.paired else None)
+    profile = combined_profile(profiles)
+    summary, rows = compare(plans, profile, np.median(measured, axis=0))
+    paired = compare_ratios(plans, spec.blocks, profile, np.median(ratios, axis=0)) if args.paired else None
     fastest, _ = compare(plans, combined_profile(profiles, np.min), np.min(measured, axis=0))
     per_round = {str(b): [] for b in args.batches}
-    for r, profile in enumerate(profiles):
-        for batch, figures in compare(plans, profile, measured[r])[0].items():
+    for r, round_profile in enumerate(profiles):
+        for batch, figures in compare(plans, round_profile, measured[r])[0].items():
             per_round[batch].append(figures)
-    profile = combined_profile(profiles)
     result = {
         "architecture": ARCHITECTURE, "input": list(INPUT), "models": args.models, "rounds": len(profiles),
         "profile_repeats": args.profile_repeats, "repeats": {str(k): v for k, v in repeats.items()},

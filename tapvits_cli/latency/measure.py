@@ -237,27 +237,16 @@ def _torch_runner(module, inputs: dict, device: str, clock: Callable[[], float])
 def _onnx_runners(arch: Architecture, widths: Mapping[tuple[str, int], BlockWidths], batch_sizes: tuple[int, ...],
                   tokens: int, threads: int, seed: int, clock: Callable[[], float]) -> dict[tuple[str, int], Runner]:
     """Each configuration as an ONNX graph of all L blocks with their own random weights, plus the fixed parts,
-    each in an onnxruntime session on the CPU provider with ``threads`` intra-op threads.
-
-    Every session owns a thread pool, and by default its threads spin for a while after
-    each run, waiting for more work. With one session per configuration, the threads of
-    the configuration just timed spin on the cores the next one is timed on: a DeiT-Tiny-
-    shaped profile predicted its own unpruned model at batch 32 as 60-72 ms, which runs
-    whole in 24-28 ms. Spinning is therefore off in these sessions (predicted 25-32 ms).
-    """
+    each in its own :func:`onnx_session`."""
     from tapvits_cli.latency.onnx_graphs import blocks_graph, random_weights, stem_graph, tail_graph
 
-    onnxruntime = _onnxruntime()
     rng = np.random.default_rng(seed)
     images = {b: rng.standard_normal((b, *arch.input_size), dtype=np.float32) for b in batch_sizes}
     hidden = {b: rng.standard_normal((b, tokens, arch.dim), dtype=np.float32) for b in batch_sizes}
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     depth = len(arch.blocks)
 
     def runner(graph: bytes, inputs: dict) -> Runner:
-        session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        session = onnx_session(graph, threads)
         name = session.get_inputs()[0].name
 
         def run(batch: int) -> float:
@@ -273,6 +262,23 @@ def _onnx_runners(arch: Architecture, widths: Mapping[tuple[str, int], BlockWidt
     runners[("embed", 0)] = runner(stem_graph(arch, random_weights(seed)), images)
     runners[("head", 0)] = runner(tail_graph(arch, tokens, random_weights(seed)), hidden)
     return runners
+
+
+def onnx_session(graph: bytes, threads: int):
+    """An onnxruntime session of ``graph`` on the CPU provider with ``threads`` intra-op threads that do not
+    spin between runs.
+
+    Every session owns a thread pool, and by default its threads spin for a while after
+    each run, waiting for more work. Where several sessions take turns in one process, the
+    threads of the one just run spin on the cores the next one is timed on: a DeiT-Tiny-
+    shaped profile predicted its own unpruned model at batch 32 as 60-72 ms, which runs
+    whole in 24-28 ms; without spinning it predicted 25-32 ms.
+    """
+    onnxruntime = _onnxruntime()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def _available_cores() -> int:
