@@ -116,6 +116,7 @@ print(json.dumps(medians))
 def profile_on_device(venv: Path, model: Path, work: Path, name: str, options: tuple[str, ...]) -> dict:
     """`tapvits profile` in the device environment, then the unpruned model whole, predicted against measured."""
     out = work / f"{name}.profile.json"
+    os.sync()   # the model file was just written: its writeback would take CPU from the profile's timing
     started = time.perf_counter()
     result = run(venv / "bin" / "tapvits", "--json", "profile", model, "-o", out, *options)
     wall = time.perf_counter() - started
@@ -130,6 +131,7 @@ def profile_on_device(venv: Path, model: Path, work: Path, name: str, options: t
     exported = run("tapvits", "export", model, "--no-check", "-o", onnx)
     if exported.returncode != 0:
         return {**record, "error": exported.stderr.strip()[-500:]}
+    os.sync()   # likewise the exported file (86 MB for DeiT-Small): unsynced, it cost the whole model 37 % once
     timed = run(venv / "bin" / "python", "-c", WHOLE_MODEL, onnx, threads, 10, batches)
     if timed.returncode != 0:
         return {**record, "error": timed.stderr.strip()[-500:]}
