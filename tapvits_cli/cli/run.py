@@ -280,8 +280,22 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
     display = RunDisplay(steps, parallel=1 if where.executor == "serial" else
                          min(where.jobs or available_cpus(), max(1, len(recipe.devices))))
 
+    # A device's summary row is read as soon as its last step finishes, while other devices still run:
+    # otherwise a parallel run would read every device's artifacts after its last step, on one core.
+    unfinished = {device.name: {step.id for step in steps if step.device == device.name} for device in recipe.devices}
+    readings: dict[str, dict] = {}
+
     def on_event(event: str, step, detail) -> None:
         display.on_event(event, step, detail)
+        if event == "done" and step.device in unfinished:
+            unfinished[step.device].discard(step.id)
+            if not unfinished[step.device]:
+                device = next(d for d in recipe.devices if d.name == step.device)
+                try:
+                    readings[device.name] = _device_reading(device, directory, evaluated=any(
+                        s.stage == "eval" for s in steps if s.device == device.name))
+                except TapvitsError:
+                    pass   # read again for the summary, which reports it as a serial run would
         if event == "start":
             log(f"[{position[step.id]}/{total}] {step.id}: {_command_line(step, root)}")
         elif event == "retry":
@@ -302,18 +316,30 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
     with display:
         schedule = execute(steps, directory, executor, fingerprint, force, where.retries, on_event)
     if not schedule.failures:
-        return _summary(recipe, schedule.outcomes, directory, set()), None
+        return _summary(recipe, schedule.outcomes, directory, set(), readings), None
     error = StepsFailedError(steps, schedule.failures)
     if not error.failed_devices or any(not step.device for step in steps if step.id in schedule.failures):
         raise error
-    return _summary(recipe, schedule.outcomes, directory, set(error.failed_devices)), error
+    return _summary(recipe, schedule.outcomes, directory, set(error.failed_devices), readings), error
 
 
-def _summary(recipe, outcomes, directory, failed_devices: set[str]) -> dict:
+def _device_reading(device, directory, evaluated: bool) -> dict:
+    """What a device's summary row reads from its finished artifacts (and its private split's labels)."""
     from tapvits_cli.artifacts.metric_set import read_metric_set
-    from tapvits_cli.artifacts.model import read_model_spec
     from tapvits_cli.artifacts.report import read_report
     from tapvits_cli.data import open_dataset
+
+    where = f"devices/{device.name}"
+    metric_set = read_metric_set(directory.path(f"{where}/metric.h5"))
+    return {"report": read_report(directory.path(f"{where}/report.json")) if evaluated else None,
+            "selected_labels": metric_set.labels, "metric_size": metric_set.metric_size,
+            "private_labels": open_dataset(device.private).labels if device.private else None,
+            "coverage": metric_set.coverage}
+
+
+def _summary(recipe, outcomes, directory, failed_devices: set[str], readings: Mapping[str, dict]) -> dict:
+    """The run's summary; ``readings`` holds the devices already read as they finished."""
+    from tapvits_cli.artifacts.model import read_model_spec
     from tapvits_cli.pipeline.summary import DeviceResult, summarize
 
     by_id = {outcome.step.id: outcome for outcome in outcomes}
@@ -323,15 +349,12 @@ def _summary(recipe, outcomes, directory, failed_devices: set[str]) -> dict:
     for device in recipe.devices:
         if device.name in failed_devices:
             continue
-        where = f"devices/{device.name}"
         own = [o for o in outcomes if o.step.device == device.name]
-        report = read_report(directory.path(f"{where}/report.json")) if f"{where}/eval" in by_id else None
-        metric_set = read_metric_set(directory.path(f"{where}/metric.h5"))
-        results.append(DeviceResult(
-            name=device.name, report=report, selected_labels=metric_set.labels, metric_size=metric_set.metric_size,
-            private_labels=open_dataset(device.private).labels if device.private else None,
-            stage_seconds={o.step.stage: o.seconds for o in own}, stage_sources={o.step.stage: o.source for o in own},
-            coverage=metric_set.coverage))
+        reading = readings.get(device.name) or _device_reading(device, directory,
+                                                               evaluated=f"devices/{device.name}/eval" in by_id)
+        results.append(DeviceResult(name=device.name, **reading,
+                                    stage_seconds={o.step.stage: o.seconds for o in own},
+                                    stage_sources={o.step.stage: o.source for o in own}))
     shared = {o.step.id: o.seconds for o in outcomes if o.step.device is None}
     summary = summarize(recipe.name, recipe.budget, results, base_parameters, recipe.thresholds, shared)
     summary["steps"] = {"total": len(outcomes), **{source: sum(o.source == source for o in outcomes)
