@@ -507,10 +507,26 @@ def test_private_fit_finds_separated_clusters_and_records_its_budget():
     release_rho = fit.rho * BUDGET_SHARES["em"] / (3 * fit.iterations)
     assert fit.sigmas["em_sums"] == pytest.approx(gaussian_sigma(2 * fit.clip_norm, release_rho))
     assert fit.sigmas["em_second_moments"] == pytest.approx(gaussian_sigma(2 * fit.clip_norm ** 2, release_rho))
-    full = fit_private_mixture(features, 3, "full", dim=4, epsilon=10.0, seed=0, min_component_support=10)
-    assert adjusted_rand_score(truth, full.mixture.log_likelihood(features)[1]) > 0.95
+    # the simplex start can put two vertices by one cluster: most noise draws, not all, keep them apart
+    found = [adjusted_rand_score(truth, fit_private_mixture(features, 3, covariance, dim=4, epsilon=10.0, seed=seed,
+                                                            min_component_support=10).mixture.log_likelihood(features)[1])
+             > 0.95 for covariance in ("diag", "full") for seed in range(8)]
+    assert sum(found[:8]) >= 6 and sum(found[8:]) >= 6, found
     noisy = fit_private_mixture(features, 3, "diag", dim=4, epsilon=0.05, seed=0)
     assert adjusted_rand_score(truth, noisy.mixture.log_likelihood(features)[1]) < 0.95  # privacy costs fidelity
+
+
+def test_private_fit_is_the_same_whichever_signs_lapack_gives_the_eigenvectors(monkeypatch):
+    # CPUs differ in the sign LAPACK returns for an eigenvector; the start is laid along them
+    from tapvits_cli.gmm import dp
+
+    features = clusters(3, 300, 10, seed=1) + 100.0
+    first = dp.fit_private_mixture(features, 3, "full", dim=4, epsilon=10.0, seed=0)
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(dp.np.linalg, "eigh", lambda matrix: (lambda values, vectors: (values, -vectors))(*eigh(matrix)))
+    flipped = dp.fit_private_mixture(features, 3, "full", dim=4, epsilon=10.0, seed=0)
+    np.testing.assert_allclose(flipped.mixture.projection.components, first.mixture.projection.components)
+    np.testing.assert_allclose(flipped.mixture.means, first.mixture.means, atol=1e-9)
 
 
 def test_fit_gmm_with_differential_privacy(tmp_path, tapvits, tiny_model_file):

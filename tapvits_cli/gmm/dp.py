@@ -102,8 +102,13 @@ def private_projection(unit: np.ndarray, dim: int, rho_mean: float, rho_second: 
     values, vectors = np.linalg.eigh(second - np.outer(mean, mean))
     order = np.argsort(values)[::-1][:dim]
     eigenvalues = np.maximum(values[order], 1e-12)
+    axes = vectors[:, order].T
+    # An eigenvector's sign is LAPACK's choice and differs between CPUs; the simplex start is laid
+    # along these axes, so fix each sign (largest entry positive) for one result on every machine.
+    largest = np.abs(axes).argmax(axis=1)
+    axes = axes * np.sign(axes[np.arange(len(axes)), largest])[:, None]
     projection = Projection(mean=mean, scale=np.ones(feature_dim),
-                            components=np.ascontiguousarray(vectors[:, order].T), unit_norm=True)
+                            components=np.ascontiguousarray(axes), unit_norm=True)
     return projection, eigenvalues, {"projection_mean": sigma_mean, "projection_second_moment": sigma_second}
 
 
