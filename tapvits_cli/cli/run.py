@@ -294,7 +294,7 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
                 try:
                     readings[device.name] = _device_reading(device, directory, evaluated=any(
                         s.stage == "eval" for s in steps if s.device == device.name))
-                except TapvitsError:
+                except (TapvitsError, OSError):
                     pass   # read again for the summary, which reports it as a serial run would
         if event == "start":
             log(f"[{position[step.id]}/{total}] {step.id}: {_command_line(step, root)}")
