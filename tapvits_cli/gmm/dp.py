@@ -102,11 +102,12 @@ def private_projection(unit: np.ndarray, dim: int, rho_mean: float, rho_second: 
     values, vectors = np.linalg.eigh(second - np.outer(mean, mean))
     order = np.argsort(values)[::-1][:dim]
     eigenvalues = np.maximum(values[order], 1e-12)
-    axes = vectors[:, order].T
     # An eigenvector's sign is LAPACK's choice and differs between CPUs; the simplex start is laid
-    # along these axes, so fix each sign (largest entry positive) for one result on every machine.
-    largest = np.abs(axes).argmax(axis=1)
-    axes = axes * np.sign(axes[np.arange(len(axes)), largest])[:, None]
+    # along these axes, so they take PCA's convention (largest entry positive), as the plain fit's
+    # scikit-learn PCA does, for one result on every machine.
+    from sklearn.utils.extmath import svd_flip
+
+    _, axes = svd_flip(np.empty((0, len(order))), vectors[:, order].T, u_based_decision=False)
     projection = Projection(mean=mean, scale=np.ones(feature_dim),
                             components=np.ascontiguousarray(axes), unit_norm=True)
     return projection, eigenvalues, {"projection_mean": sigma_mean, "projection_second_moment": sigma_second}
