@@ -282,7 +282,9 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
 
     # A device's summary row is read as soon as its last step finishes, while other devices still run:
     # otherwise a parallel run would read every device's artifacts after its last step, on one core.
-    unfinished = {device.name: {step.id for step in steps if step.device == device.name} for device in recipe.devices}
+    devices = {device.name: device for device in recipe.devices}
+    unfinished = {name: {step.id for step in steps if step.device == name} for name in devices}
+    evaluated = {step.device for step in steps if step.stage == "eval"}
     readings: dict[str, dict] = {}
 
     def on_event(event: str, step, detail) -> None:
@@ -290,10 +292,9 @@ def _execute(recipe, steps, directory, root: str, force: bool, where: Where) -> 
         if event == "done" and step.device in unfinished:
             unfinished[step.device].discard(step.id)
             if not unfinished[step.device]:
-                device = next(d for d in recipe.devices if d.name == step.device)
                 try:
-                    readings[device.name] = _device_reading(device, directory, evaluated=any(
-                        s.stage == "eval" for s in steps if s.device == device.name))
+                    readings[step.device] = _device_reading(devices[step.device], directory,
+                                                            evaluated=step.device in evaluated)
                 except (TapvitsError, OSError):
                     pass   # read again for the summary, which reports it as a serial run would
         if event == "start":
