@@ -55,7 +55,8 @@ CRITERIA = ("composite", "magnitude", "taylor", "random")
 DEFAULT_CRITERION = "composite"
 
 # -- allocation (allocate) --------------------------------------------------------------------
-ALLOCATION_STRATEGIES = ("kl", "uniform", "global")
+ALLOCATION_STRATEGIES = ("kl", "kl-power", "uniform", "global")
+LAYER_IMPORTANCE_STRATEGIES = ("kl", "kl-power")   # those that read the KL probes
 DEFAULT_ALLOCATION_STRATEGY = "kl"
 BUDGET_KINDS = ("params", "macs")
 

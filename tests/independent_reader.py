@@ -517,7 +517,7 @@ def check_scores(a: Artifact) -> None:
 
 
 def check_plan(a: Artifact) -> None:
-    require(a.strings.get("plan.strategy") in ("kl", "uniform", "global"), "plan.strategy")
+    require(a.strings.get("plan.strategy") in ("kl", "kl-power", "uniform", "global"), "plan.strategy")
     budget = a.json_key("plan.budget", dict)
     require(budget.get("kind") in ("params", "macs") and _is_json_number(budget.get("value"))
             and 0 < budget["value"] <= 1, "plan.budget")

@@ -48,7 +48,7 @@ def test_cost_model_matches_parameter_count_and_torch_flop_counter(widths):
 
 
 @pytest.mark.parametrize("budget_kind", ["params", "macs"])
-@pytest.mark.parametrize("strategy", ["kl", "uniform", "global"])
+@pytest.mark.parametrize("strategy", ["kl", "kl-power", "uniform", "global"])
 def test_every_strategy_hits_the_budget(strategy, budget_kind):
     cost = deit_tiny_costs()
     scores, importance = random_scores(cost)
@@ -79,6 +79,26 @@ def test_strategies_follow_their_signal():
     scores[(2, "mlp")] = scores[(2, "mlp")] + 5.0                 # one layer's units outrank all others
     global_ = allocate(cost, scores, importance, "params", 0.6, "global")
     assert global_.counts[mlp[2]] == cost.units[mlp[2]]
+
+
+def test_kl_power_follows_small_kls_that_kl_flattens():
+    """KLs of a few hundredths of a nat (what a small ViT's probes give): kl keeps nearly one ratio, kl-power
+    follows their ratios, and scaling every KL by one factor leaves its plan unchanged."""
+    cost = deit_tiny_costs()
+    scores, importance = random_scores(cost)
+    small = {kind: np.linspace(0.004, 0.2, len(values)) for kind, values in importance.items()}
+    mlp = [i for i, layer in enumerate(cost.layers) if layer.kind == "mlp"]
+    flat = allocate(cost, scores, small, "params", 0.6, "kl")
+    power = allocate(cost, scores, small, "params", 0.6, "kl-power")
+    assert np.ptp(flat.counts[mlp]) <= 0.15 * cost.units[mlp[0]]   # 388–481 of 768
+    assert power.counts[mlp[-1]] == cost.units[mlp[-1]] and power.counts[mlp[0]] < 0.3 * cost.units[mlp[0]]
+    assert (np.diff(power.counts[mlp]) >= 0).all()
+    scaled = allocate(cost, scores, {kind: 50.0 * values for kind, values in small.items()}, "params", 0.6, "kl-power")
+    assert (scaled.counts == power.counts).all()
+    silent = {kind: np.where(np.arange(len(values)) == 3, 0.0, values) for kind, values in small.items()}
+    assert allocate(cost, scores, silent, "params", 0.6, "kl-power").counts[mlp[3]] == np.ceil(0.1 * cost.units[mlp[3]])
+    zeros = {kind: np.zeros_like(values) for kind, values in small.items()}   # nothing measurable: equal shares
+    assert np.ptp(allocate(cost, scores, zeros, "params", 0.6, "kl-power").counts[mlp]) <= 1
 
 
 def test_floors_and_branch_removal():

@@ -17,14 +17,15 @@ _FRACTION = FiniteFloat.within(BUDGET_FRACTION)
 @click.option("--budget", type=_FRACTION, metavar="F", help="Keep this fraction of the whole model's parameters.")
 @click.option("--budget-macs", type=_FRACTION, metavar="F", help="Keep this fraction of the whole model's MACs instead.")
 @click.option("--strategy", type=click.Choice(ALLOCATION_STRATEGIES), default=DEFAULT_ALLOCATION_STRATEGY, show_default=True,
-              help="kl: softmax of the KL layer importance (METHOD.md); uniform: one ratio everywhere; "
+              help="kl: softmax of the KL layer importance (METHOD.md); kl-power: shares ∝ KL^τ, so small KLs "
+                   "still differ; uniform: one ratio everywhere; "
                    "global: one ranking of normalised unit scores across layers.")
 @click.option("--min-keep", type=FiniteFloat(0, 1), default=0.1, show_default=True,
               help="Floor: every layer keeps at least this fraction of its units (and at least one).")
 @click.option("--allow-branch-removal", is_flag=True,
               help="A layer whose share falls below half its floor loses its whole attention or MLP branch.")
 @click.option("--temperature", type=FiniteFloat(0, min_open=True), default=1.1, show_default=True,
-              help="τ of the kl strategy's softmax over layer importances.")
+              help="τ of kl's softmax over layer importances, the exponent of kl-power.")
 @click.option("--tolerance", type=FiniteFloat(0, 1), default=0.005, show_default=True,
               help="Largest accepted relative gap to the budget; beyond it the exit code is 5.")
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
 from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, made_for, option
 from tapvits_cli.stages.feedback import log
-from tapvits_cli.vocabulary import DEFAULT_ALLOCATION_STRATEGY, UNIT_KINDS
+from tapvits_cli.vocabulary import DEFAULT_ALLOCATION_STRATEGY, LAYER_IMPORTANCE_STRATEGIES, UNIT_KINDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +37,7 @@ def run(options: Options) -> Result:
         raise UsageError("give exactly one of --budget (parameters) and --budget-macs")
     budget_kind, value = ("params", options.budget) if options.budget is not None else ("macs", options.budget_macs)
     scores = read_scores(options.scores_path)
-    if options.strategy == "kl" and scores.layer_importance is None:
+    if options.strategy in LAYER_IMPORTANCE_STRATEGIES and scores.layer_importance is None:
         raise UsageError(f"{options.scores_path} has no layer importance (scored with --no-layer-importance): "
                          "use --strategy uniform or global, or score again with the KL probes")
     inputs = {"scores": artifact_lineage(options.scores_path, "scores")}
@@ -81,7 +81,7 @@ def _warn_on_another_budget(options: Options, scores, budget: float) -> None:
     budget still works, but on importances measured for other cuts. A recipe gives both
     stages its one budget; by hand the two can differ, and this says so.
     """
-    if options.strategy != "kl" or scores.probe_fraction is None:
+    if options.strategy not in LAYER_IMPORTANCE_STRATEGIES or scores.probe_fraction is None:
         return
     probed = 1 - scores.probe_fraction
     if abs(probed - budget) > 1e-6:
