@@ -29,7 +29,8 @@ from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
               help=f"Fraction of each layer's lowest-scoring units removed by its KL probe [default: {DEFAULT_PROBE_FRACTION}].")
 @click.option("--budget", type=FiniteFloat.within(BUDGET_FRACTION), metavar="B",
               help="The budget the plan will be made for: probe with S = 1 − B (exclusive with --probe-fraction).")
-@click.option("--no-layer-importance", is_flag=True, help="Skip the KL probes (the kl allocation strategy then cannot be used).")
+@click.option("--no-layer-importance", is_flag=True,
+              help="Skip the KL probes (the kl and kl-power allocation strategies then cannot be used).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per forward pass (results do not depend on it).")
 @click.option("--hsic-batch", type=click.IntRange(min=2), default=64, show_default=True,

@@ -74,7 +74,7 @@ def run(options: Options) -> Result:
 
 
 def _warn_on_another_budget(options: Options, scores, budget: float) -> None:
-    """A warning when the kl strategy plans for another budget than the scores' KL probes were made for.
+    """A warning when a KL strategy (kl, kl-power) plans for another budget than the scores' KL probes were made for.
 
     ``score --budget B`` probes each layer with the share 1 − B of its units removed, so
     that its layer importance measures the pruning the plan will do; a plan for another
