@@ -51,7 +51,7 @@ RATIO_STRATEGIES = ("ratio", "ratio-stratified", "class-prior")  # need a public
 QUOTA_STRATEGIES = ("stratified", "ratio-stratified", "class-prior")  # quotas per component, or per pool class
 
 # -- importance (score) -----------------------------------------------------------------------
-CRITERIA = ("composite", "magnitude", "taylor", "random")
+CRITERIA = ("composite", "output-norm", "magnitude", "taylor", "random")
 DEFAULT_CRITERION = "composite"
 
 # -- allocation (allocate) --------------------------------------------------------------------

@@ -492,7 +492,7 @@ def model_record(value: Any) -> list[dict]:
 
 def check_scores(a: Artifact) -> None:
     criterion = a.strings.get("scores.criterion")
-    require(criterion in ("composite", "magnitude", "taylor", "random"), "scores.criterion")
+    require(criterion in ("composite", "output-norm", "magnitude", "taylor", "random"), "scores.criterion")
     blocks = model_record(a.json_key("scores.model", dict))
     a.integer_key("scores.samples")
     require("scores.probe_fraction" in a.strings, "scores.probe_fraction is missing")

@@ -152,7 +152,35 @@ def test_silent_head_has_the_smallest_kl_effect(edited, composite):
     assert importance["attn"][0] < 1e-9 < min(importance["attn"][1], *importance["mlp"])
 
 
-@pytest.mark.parametrize("criterion", ["composite", "taylor"])
+def test_output_norm_is_the_rms_of_what_each_unit_writes_through_its_gate(edited):
+    model, samples = edited
+    result = score_model(model, samples, ScoreConfig(criterion="output-norm", probe_fraction=None))
+    inputs = {}
+    layers = vit.unit_layers(model)
+    handles = [l.gate.register_forward_pre_hook(lambda m, args, l=l: inputs.__setitem__(l.name, args[0].detach()))
+               for l in layers]
+    with torch.no_grad():
+        model(samples.load(np.arange(samples.count)))
+    for handle in handles:
+        handle.remove()
+    for unit_layer in layers:
+        x, weight = inputs[unit_layer.name].double(), unit_layer.gate.weight.detach().double()
+        c = unit_layer.channels
+        expected = [(x[..., u * c:(u + 1) * c] @ weight[:, u * c:(u + 1) * c].T).square().sum(-1).mean().sqrt().item()
+                    for u in range(unit_layer.units)]                     # one unit at a time, observation by observation
+        got = layer(result, unit_layer.block, unit_layer.kind)["score"]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=unit_layer.name)
+    assert layer(result, 0, "mlp")["score"][DEAD] == 0 and layer(result, 0, "attn")["score"][ZEROED_HEAD] == 0
+    louder = edited_tiny_vit()                 # the same activations, but the copy's outgoing column doubled
+    with torch.no_grad():
+        louder.blocks[0].mlp.fc2.weight[:, COPIED[1]] *= 2
+    doubled = layer(score_model(louder, samples, ScoreConfig(criterion="output-norm", probe_fraction=None)), 0, "mlp")
+    original = layer(result, 0, "mlp")["score"]
+    assert doubled["score"][COPIED[1]] == pytest.approx(2 * original[COPIED[1]], rel=1e-5)
+    assert original[COPIED[0]] != original[COPIED[1]]    # same activations, different fc2 columns
+
+
+@pytest.mark.parametrize("criterion", ["composite", "taylor", "output-norm"])
 def test_values_do_not_depend_on_batch_size(edited, composite, criterion):
     model, samples = edited
     reference = composite if criterion == "composite" else \
@@ -209,6 +237,14 @@ def test_score_command_writes_a_valid_artifact(tiny_model_file, metric_set_file,
                      "--no-layer-importance", "--max-samples", "40", "-o", taylor)
     assert result.exit_code == 0, result.stderr
     assert read_scores(taylor).layer_importance is None and read_scores(taylor).weights is None
+
+    output_norm = tmp_path / "output-norm.safetensors"
+    result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--criterion", "output-norm",
+                     "--budget", "0.6", "--max-samples", "40", "-o", output_norm)
+    assert result.exit_code == 0, result.stderr
+    assert tapvits("validate", output_norm).exit_code == 0
+    scores = read_scores(output_norm)
+    assert scores.criterion == "output-norm" and scores.weights is None and scores.layer_importance["mlp"].shape == (2,)
 
 
 def test_score_command_refuses_bad_input(tiny_model_file, metric_set_file, tmp_path, tapvits):

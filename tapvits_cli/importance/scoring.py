@@ -43,14 +43,14 @@ class ScoreResult:
 def planned_steps(samples: SampleSet, blocks: int, config: ScoreConfig) -> int:
     """How many times ``score_model`` calls ``on_progress(1)``: once per batch, then once per probed block."""
     probing = config.probe_fraction is not None
-    forward_pass = config.criterion in ("composite", "taylor") or probing
+    forward_pass = config.criterion in ("composite", "taylor", "output-norm") or probing
     return (len(samples.chunks(config.batch_size)) if forward_pass else 0) + (blocks if probing else 0)
 
 
 def score_model(model, samples: SampleSet, config: ScoreConfig,
                 on_progress: Callable[[int], None] | None = None) -> ScoreResult:
     """Score the units of ``model`` (a prunable family, eval mode) on ``samples``."""
-    from tapvits_cli.importance import baselines, composite, probes, statistics
+    from tapvits_cli.importance import baselines, composite, output_norm, probes, statistics
     from tapvits_cli.models.families import family_module, family_of
 
     if config.criterion not in CRITERIA:
@@ -68,6 +68,9 @@ def score_model(model, samples: SampleSet, config: ScoreConfig,
                   for s in stats]
     elif config.criterion == "taylor":
         scores, logits = baselines.taylor_scores(model, layers, samples, config.batch_size, on_progress)
+        values = [{"score": s} for s in scores]
+    elif config.criterion == "output-norm":
+        scores, logits = output_norm.output_norm_scores(model, layers, samples, config.batch_size, on_progress)
         values = [{"score": s} for s in scores]
     else:
         scores = baselines.magnitude_scores(layers) if config.criterion == "magnitude" \
