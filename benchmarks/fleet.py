@@ -4,9 +4,11 @@ A cloud serving devices spends most of its time in the per-device chain (fit-gmm
 → score → allocate → prune → finetune → eval); the shared steps (base model, pool
 features) run once. This measures that chain for ``--devices`` simulated digits devices
 (default 24; each holds 2 to 4 random classes of digits' test split, private half
-fold=0/2, held-out half fold=1/2) through the real CLI, three ways:
+fold=0/2, held-out half fold=1/2) through the real CLI, in these configurations:
 
 * ``serial``: ``tapvits run`` one step at a time, with every core's threads;
+* ``serial-1thread``: the same under ``OMP_NUM_THREADS=1`` (the models here are small
+  enough that a second thread gains little, so this shows what the scheduler itself adds);
 * ``jobs2``: ``tapvits run --jobs 2`` (two worker processes, cores/2 threads each);
 * ``ray``: ``tapvits run --executor ray`` on a local Ray instance of 2 CPUs (1 per step),
   which the run starts and shuts down (about 2.3 s and 1.4 s here);
@@ -23,13 +25,15 @@ projection for 10,000 devices at several numbers of parallel slots (ideal scalin
 per-device chain is independent, the shared steps run once). Goals (issue 18): ``jobs2``
 ≥ 1.7× serial; Ray within 15% of ``jobs2``.
 
-    bash .ci/env python benchmarks/fleet.py                    # about 7 minutes on 2 idle cores
+    bash .ci/env python benchmarks/fleet.py                    # about 18 minutes on 2 idle cores
     bash .ci/env python benchmarks/fleet.py --devices 6 --configs serial,jobs2 --rounds 1
+    bash .ci/env python benchmarks/fleet.py --workload light --configs serial,serial-1thread,jobs2 --name fleet_light
 
 Run it on an otherwise idle machine: the comparison is between ways of using the same
 cores. Writes benchmarks/results/fleet.{json,md} (``--name`` for another name).
-``--epochs 8 --configs serial,jobs2 --name fleet_epochs8`` gives each device more work
-against the same fixed start-up cost, which tests what bounds the speed-up.
+The default workload is examples/fleet.sh's (see ``WORKLOADS``); ``--workload light`` gives
+each device a quarter of that work against the same fixed start-up cost, which shows what
+bounds the speed-up when devices are cheap.
 """
 
 from __future__ import annotations
@@ -54,17 +58,33 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = RESULTS / "fleet-work"
 CONFIGS = {
     "serial": [],
+    "serial-1thread": [],
     "jobs2": ["--jobs", "2"],
     "ray": ["--executor", "ray", "--jobs", "2", "--cpus-per-step", "1"],
     "ray-cluster": ["--executor", "ray", "--address", "auto", "--jobs", "2", "--cpus-per-step", "1"],
 }
+# A serial run with one torch thread: small models gain little from a second thread, so this
+# separates what the scheduler gains from what one thread per process gains.
+CONFIG_ENVIRONMENT = {"serial-1thread": {"OMP_NUM_THREADS": "1"}}
 SHARED = ("base", "public/features")
 HEAD_SETTLE_SECONDS = 10   # a head's own agents start after `ray start` returns: a kept cluster has finished that
 PROJECTED_DEVICES = 10_000
 PROJECTED_SLOTS = (2, 64, 512)
 
 
-def recipe(devices: int, epochs: int) -> dict:
+# What each device's chain does. ``fleet-example`` is examples/fleet.sh's defaults (the fleet a user
+# runs first): a 4-block, 64-wide ViT, 384 fine-tuning images, 8 epochs, 5 latency repeats. ``light``
+# is a quarter of that work per device (2 blocks, 32 wide, 256 images, 2 epochs, 2 repeats), where
+# the run's fixed start-up (importing torch and timm, about 5 s of one core, serial or not) weighs most.
+WORKLOADS = {
+    "fleet-example": {"args": {"embed_dim": 64, "depth": 4, "num_heads": 4}, "finetune-size": 384, "epochs": 8,
+                      "latency-repeats": 5},
+    "light": {"args": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "finetune-size": 256, "epochs": 2,
+              "latency-repeats": 2},
+}
+
+
+def recipe(devices: int, workload: dict) -> dict:
     rng = np.random.default_rng(0)
     entries = []
     for index in range(devices):
@@ -74,13 +94,12 @@ def recipe(devices: int, epochs: int) -> dict:
     return {
         "version": 1, "name": "fleet-benchmark", "device": "cpu", "public": "digits:split=train",
         "base_model": {"train": {"model": "vit_tiny_patch16_224", "epochs": 10, "batch-size": 64, "lr": 2e-3,
-                                 "args": {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32,
-                                          "depth": 2, "num_heads": 2}}},
+                                 "args": {"img_size": 8, "patch_size": 2, "in_chans": 1, **workload["args"]}}},
         "devices": entries, "budget": 0.7,
         "stages": {"fit-gmm": {"covariance": "diag", "min-samples": 20, "components": "1-3"},
-                   "select": {"metric-size": 64, "finetune-size": 256},
-                   "finetune": {"epochs": epochs, "distill": True},
-                   "eval": {"latency-repeats": 2}},
+                   "select": {"metric-size": 64, "finetune-size": workload["finetune-size"]},
+                   "finetune": {"epochs": workload["epochs"], "lr": 1e-3, "distill": True},
+                   "eval": {"latency-repeats": workload["latency-repeats"]}},
     }
 
 
@@ -139,7 +158,8 @@ def measure(recipe_path: Path, shared: Path, name: str, devices: int) -> dict:
     run_dir = seeded_run_directory(shared, name)
     with running_ray_head(name == "ray-cluster"):
         started = time.perf_counter()
-        tapvits("--json", "run", str(recipe_path), "--run-dir", str(run_dir), *CONFIGS[name])
+        tapvits("--json", "run", str(recipe_path), "--run-dir", str(run_dir), *CONFIGS[name],
+                env=CONFIG_ENVIRONMENT.get(name))
         wall = time.perf_counter() - started
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"]["skipped"] == len(SHARED) and not summary["failed_devices"], summary["steps"]
@@ -147,7 +167,8 @@ def measure(recipe_path: Path, shared: Path, name: str, devices: int) -> dict:
     for row in summary["devices"]:
         for stage, seconds in row["stage_seconds"].items():
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds / devices
-    return {"config": name, "options": CONFIGS[name], "wall_seconds": round(wall, 1),
+    options = [f"{k}={v}" for k, v in CONFIG_ENVIRONMENT.get(name, {}).items()] + CONFIGS[name]
+    return {"config": name, "options": options, "wall_seconds": round(wall, 1),
             "devices_per_minute": round(60 * devices / wall, 2),
             "top1": {row["device"]: row["top1"] for row in summary["devices"]},
             "stage_seconds_per_device": {k: round(v, 3) for k, v in stage_seconds.items()}}
@@ -169,12 +190,18 @@ def combine(name: str, runs: list[dict], serial_runs: list[dict] | None) -> dict
     return row
 
 
+def workload_text(settings: dict) -> str:
+    model = settings["args"]
+    return (f"ViT {model['depth']} blocks × {model['embed_dim']} wide, {settings['finetune-size']} fine-tuning "
+            f"images × {settings['epochs']} epochs, {settings['latency-repeats']} latency repeats per device")
+
+
 def markdown(report: dict) -> str:
     rows = report["configs"]
     serial = next((r for r in rows if r["config"] == "serial"), None)
     lines = [f"# Fleet benchmark: {report['devices']} simulated digits devices", "",
              f"{report['machine']}; per-device chain only (shared steps made beforehand), "
-             f"{report.get('finetune_epochs', 2)} fine-tuning epochs per device; "
+             f"workload `{report['workload']}` ({workload_text(report['workload_settings'])}); "
              f"{report['rounds']} interleaved rounds, medians.", "",
              "| executor | options | wall (s), median | wall per round (s) | devices/min | speed-up vs serial, "
              "median (per round) |", "|---|---|---:|---|---:|---|"]
@@ -195,6 +222,10 @@ def markdown(report: dict) -> str:
     if serial and jobs2:
         lines += ["", f"Goal `--jobs 2` ≥ 1.7× serial: {jobs2['speedup']:.2f}× "
                       f"({'met' if jobs2['speedup'] >= 1.7 else 'NOT met'})."]
+    one_thread = next((r for r in rows if r["config"] == "serial-1thread"), None)
+    if one_thread and jobs2:
+        lines.append(f"`--jobs 2` against a one-thread serial run: "
+                     f"{one_thread['wall_seconds'] / jobs2['wall_seconds']:.2f}× (medians).")
     for row in rows:
         if jobs2 and row["config"].startswith("ray"):
             slower = row["wall_seconds"] / jobs2["wall_seconds"] - 1
@@ -209,7 +240,9 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per device")
+    parser.add_argument("--workload", choices=WORKLOADS, default="fleet-example",
+                        help="what each device's chain does (see WORKLOADS)")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs per device (default: the workload's)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--name", default="fleet", help="results file name (without extension)")
@@ -220,7 +253,8 @@ def main() -> None:
         parser.error(f"unknown configs: {', '.join(sorted(unknown))}")
     WORK.mkdir(parents=True, exist_ok=True)
     recipe_path = WORK / "fleet.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe(args.devices, args.epochs), sort_keys=False))
+    workload = {**WORKLOADS[args.workload], **({"epochs": args.epochs} if args.epochs else {})}
+    recipe_path.write_text(yaml.safe_dump(recipe(args.devices, workload), sort_keys=False))
     shared = prepare_shared(recipe_path)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for round_ in range(1, args.rounds + 1):   # interleaved, so a slow spell of a shared machine hits every config
@@ -228,7 +262,7 @@ def main() -> None:
             runs[name].append(measure(recipe_path, shared, name, args.devices))
             print(f"round {round_}, {name}: {runs[name][-1]['wall_seconds']} s", flush=True)
     rows = [combine(name, runs[name], runs.get("serial")) for name in configs]
-    report = {"devices": args.devices, "rounds": args.rounds, "finetune_epochs": args.epochs,
+    report = {"devices": args.devices, "rounds": args.rounds, "workload": args.workload, "workload_settings": workload,
               "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
               "configs": rows,
               "same_top1": all(r["top1"] is not None and r["top1"] == rows[0]["top1"] for r in rows)}
