@@ -20,9 +20,10 @@ fold=0/2, held-out half fold=1/2) through the real CLI, in these configurations:
 The base model and the pool features are made once beforehand and copied into each
 configuration's run directory (recorded as finished), so every configuration times the
 devices' steps only. Reported: wall time, devices per minute, speed-up against serial,
-and, from the serial run's per-stage seconds, the cloud CPU time per device and a
-projection for 10,000 devices at several numbers of parallel slots (ideal scaling: the
-per-device chain is independent, the shared steps run once). Goals (issue 18): ``jobs2``
+and, from per-stage seconds measured with one thread per step (``SLOT_CONFIGS``), the
+cloud seconds per device and a projection for 10,000 devices at several numbers of
+parallel slots (ideal scaling: the per-device chain is independent, the shared steps run
+once). ``--report`` redraws the Markdown from the JSON. Goals (issue 18): ``jobs2``
 ≥ 1.7× serial; Ray within 15% of ``jobs2``.
 
     bash .ci/env python benchmarks/fleet.py                    # about 18 minutes on 2 idle cores
@@ -190,6 +191,22 @@ def combine(name: str, runs: list[dict], serial_runs: list[dict] | None) -> dict
     return row
 
 
+# A slot is one core running one step at a time with one thread: the first of these measured
+# such slots (a serial run with two threads does not, and overstates a step's seconds on small models).
+SLOT_CONFIGS = ("jobs2", "serial-1thread", "ray", "serial")
+
+
+def projection(rows: list[dict]) -> dict | None:
+    """Hours for 10,000 devices at several slot counts, from one configuration's per-device seconds by stage."""
+    source = next((row for name in SLOT_CONFIGS for row in rows if row["config"] == name), None)
+    if source is None:
+        return None
+    per_device = sum(source["stage_seconds_per_device"].values())
+    return {"config": source["config"], "stage_seconds_per_device": source["stage_seconds_per_device"],
+            "seconds_per_device": round(per_device, 3),
+            "hours": {slots: PROJECTED_DEVICES * per_device / slots / 3600 for slots in PROJECTED_SLOTS}}
+
+
 def workload_text(settings: dict) -> str:
     model = settings["args"]
     return (f"ViT {model['depth']} blocks × {model['embed_dim']} wide, {settings['finetune-size']} fine-tuning "
@@ -213,7 +230,7 @@ def markdown(report: dict) -> str:
                      f"{speedup} |")
     if report.get("projection"):
         projection = report["projection"]
-        lines += ["", f"Cloud seconds per device, by stage (serial run): "
+        lines += ["", f"Cloud seconds per device, by stage (`{projection['config']}` run, one thread per step): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in projection["stage_seconds_per_device"].items())
                       + f"; total {projection['seconds_per_device']:.2f} s.", "",
                   f"| parallel slots | {PROJECTED_DEVICES:,} devices (hours, ideal scaling) |", "|---:|---:|"]
@@ -246,7 +263,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--name", default="fleet", help="results file name (without extension)")
+    parser.add_argument("--report", action="store_true", help="redraw NAME.md from NAME.json and stop")
     args = parser.parse_args()
+    if args.report:
+        report = json.loads((RESULTS / f"{args.name}.json").read_text())
+        report["projection"] = projection(report["configs"])
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(markdown(report))
+        print(markdown(report))
+        return
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
     if unknown:
@@ -266,13 +291,7 @@ def main() -> None:
               "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
               "configs": rows,
               "same_top1": all(r["top1"] is not None and r["top1"] == rows[0]["top1"] for r in rows)}
-    serial = next((r for r in rows if r["config"] == "serial"), None)
-    if serial:
-        per_device = sum(serial["stage_seconds_per_device"].values())
-        report["projection"] = {"stage_seconds_per_device": serial["stage_seconds_per_device"],
-                                "seconds_per_device": round(per_device, 3),
-                                "hours": {slots: PROJECTED_DEVICES * per_device / slots / 3600
-                                          for slots in PROJECTED_SLOTS}}
+    report["projection"] = projection(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(report))
