@@ -230,7 +230,7 @@ def markdown(report: dict) -> str:
                      f"{speedup} |")
     if report.get("projection"):
         projection = report["projection"]
-        lines += ["", f"Cloud seconds per device, by stage (`{projection['config']}` run, one thread per step): "
+        lines += ["", f"Cloud seconds per device, by stage (`{projection['config']}` run): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in projection["stage_seconds_per_device"].items())
                       + f"; total {projection['seconds_per_device']:.2f} s.", "",
                   f"| parallel slots | {PROJECTED_DEVICES:,} devices (hours, ideal scaling) |", "|---:|---:|"]
