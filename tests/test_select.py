@@ -525,6 +525,25 @@ def test_class_prior_quotas_follow_the_shares_and_the_supply():
                class_shares=shares)
 
 
+def test_a_class_floor_gives_every_class_fine_tuning_rows_and_leaves_the_metric_set():
+    loglik, component = scores()
+    score = ratio_scores(loglik)
+    inputs = class_prior_inputs("class-prior")
+    labels, shares = inputs["labels"], np.asarray(inputs["class_shares"])
+    plain = select(loglik, component, [0.25] * 4, 64, 640, "class-prior", score=score, **inputs)
+    floored = select(loglik, component, [0.25] * 4, 64, 640, "class-prior", score=score, class_floor=0.2,
+                     **inputs)
+    supply = np.bincount(labels, minlength=5)
+    weights = 0.8 * shares + 0.2 * supply / supply.sum()
+    np.testing.assert_array_equal(np.bincount(labels[floored], minlength=5), proportional_quotas(weights, 640, supply))
+    assert np.bincount(labels[plain], minlength=5)[1] == 0 < np.bincount(labels[floored], minlength=5)[1]
+    np.testing.assert_array_equal(np.sort(floored[:64]), np.sort(plain[:64]))   # the metric set: shares alone
+    with pytest.raises(UsageError, match="needs the class-prior strategy"):
+        select(loglik, component, [0.25] * 4, 64, 640, "ratio", score=score, class_floor=0.2)
+    with pytest.raises(UsageError, match=r"in \[0, 1\)"):
+        select(loglik, component, [0.25] * 4, 64, 640, "class-prior", score=score, class_floor=1.0, **inputs)
+
+
 def test_class_prior_covers_a_dense_and_a_broad_class_with_high_precision():
     from tapvits_cli.selection.class_prior import estimate_class_prior
     from tapvits_cli.selection.density_ratio import fit_public_mixture, sample_positions
@@ -564,6 +583,17 @@ def test_class_prior_from_the_command_line(gmm_file, table_file, tmp_path, tapvi
     result = select_cli(tapvits, gmm_file, POOL, from_data, "--extractor", tiny_model_file, *options)
     assert result.exit_code == 0, result.stderr
     np.testing.assert_array_equal(read_metric_set(from_data).ids, metric_set.ids)
+
+    floored = tmp_path / "floor.h5"
+    result = select_cli(tapvits, gmm_file, table_file, floored, *options, "--class-floor", "0.5")
+    assert result.exit_code == 0, result.stderr
+    floor_set = read_metric_set(floored)
+    assert floor_set.artifact.header.params["class_floor"] == 0.5
+    assert set(floor_set.labels) == set(range(10)) > held                    # every class, held or not
+    np.testing.assert_array_equal(np.sort(floor_set.ids[:40]), np.sort(metric_set.ids[:40]))
+    assert tapvits("validate", floored).exit_code == 0
+    result = select_cli(tapvits, gmm_file, table_file, tmp_path / "x.h5", "--class-floor", "0.5", "--strategy", "topk")
+    assert result.exit_code == ExitCode.USAGE and "needs the class-prior strategy" in result.stderr
 
     import json as json_module
     import shutil

@@ -33,6 +33,10 @@ from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEG
                    "and class-prior's classifier are fitted on.")
 @click.option("--prior-draws", type=click.IntRange(min=1), default=20000, show_default=True,
               help="Draws of the device's GMM the class shares are estimated on (class-prior only).")
+@click.option("--class-floor", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.0, show_default=True,
+              help="Share of the fine-tuning set (class-prior only) spread over every class of the pool in the "
+                   "pool's proportions, the rest by the device's estimated shares: a class the device holds but "
+                   "its mixture barely shows still gets fine-tuning images (the metric set is unchanged).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=65536, show_default=True,
               help="Feature-table rows scored at a time (memory stays bounded by this).")
 @click.option("-e", "--extractor", "extractor_name", metavar="EXTRACTOR",
@@ -41,7 +45,8 @@ from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEG
               help="Images embedded per forward pass (dataset --pool only).")
 @global_options
 def command(gmm: str, pool: str, output: str, metric_size: int, finetune_size: int, strategy: str,
-            public_components: int, public_sample: int, prior_draws: int, chunk_rows: int, extractor_name: str | None,
+            public_components: int, public_sample: int, prior_draws: int, class_floor: float,
+            chunk_rows: int, extractor_name: str | None,
             batch_size: int) -> None:
     """Score every public sample of POOL under the device's GMM and keep the best.
 

@@ -20,6 +20,9 @@ public regions from winning by density alone.
 * ``class-prior``: a quota per *class* of the labelled pool in proportion to the device's
   estimated class shares (:mod:`.class_prior`), filled inside each class by density ratio,
   so classes that merely look like the device's get no quota; the metric set has quotas too.
+  A *class floor* spreads a share of the fine-tuning set over every pool class in the pool's
+  proportions: a mixture fitted on a few hundred images blurs a class holding 2-3 % of them,
+  its estimated share falls to zero, and without a floor fine-tuning never sees it.
   (Filled by log-likelihood instead, each class gave only its most typical images: on
   non-IID devices of many classes fine-tuning on them lost 3-7 points on some devices.)
 * ``random``: a seeded uniform sample; the ablation floor.
@@ -113,7 +116,7 @@ class StreamingSelection:
     """Feed scored chunks in pool order with :meth:`update`, then take :meth:`result`."""
 
     def __init__(self, strategy: str, pool_size: int, metric_size: int, finetune_size: int,
-                 mixture_weights, seed: int = 0, class_shares=None) -> None:
+                 mixture_weights, seed: int = 0, class_shares=None, class_floor: float = 0.0) -> None:
         if strategy not in SELECTION_STRATEGIES:
             raise UsageError(f"unknown selection strategy '{strategy}'; choose one of {', '.join(SELECTION_STRATEGIES)}")
         if not 1 <= metric_size <= finetune_size:
@@ -127,6 +130,12 @@ class StreamingSelection:
         self.weights = np.asarray(mixture_weights, dtype=np.float64)
         if (strategy == "class-prior") != (class_shares is not None):
             raise ValueError("class shares go with the class-prior strategy, and only with it")
+        if not 0.0 <= class_floor < 1.0:
+            raise UsageError(f"the class floor is a share of the fine-tuning set in [0, 1), got {class_floor}")
+        if class_floor and strategy != "class-prior":
+            raise UsageError("a class floor spreads part of the fine-tuning set over the pool's classes: "
+                             "it needs the class-prior strategy")
+        self.class_floor = class_floor
         # quotas are per stratum: a mixture component, or for class-prior a pool class
         self.stratum_weights = self.weights if class_shares is None else np.asarray(class_shares, dtype=np.float64)
         self._seen = 0
@@ -182,6 +191,15 @@ class StreamingSelection:
             rows = {k: v[np.concatenate(keep)] for k, v in rows.items()}
         self._kept = rows
 
+    def _finetune_weights(self) -> np.ndarray:
+        """The strata's shares of the fine-tuning set: the class floor's share spread over the pool's
+        classes as the pool holds them, the rest by the device's estimated shares (the metric set
+        keeps the estimated shares alone)."""
+        if not self.class_floor:
+            return self.stratum_weights
+        estimated = self.stratum_weights / self.stratum_weights.sum()
+        return (1.0 - self.class_floor) * estimated + self.class_floor * self._counts / self._counts.sum()
+
     def result(self) -> Selection:
         if self._seen != self.pool_size:
             raise ValueError(f"the pool streamed {self._seen} rows, {self.pool_size} were announced")
@@ -194,7 +212,7 @@ class StreamingSelection:
             rank = self._draw_rank[np.searchsorted(self._chosen, rows["position"])]
             in_metric, in_finetune = rank < self.metric_size, np.ones(len(rank), dtype=bool)
         else:
-            finetune_quota = proportional_quotas(self.stratum_weights, self.finetune_size, self._counts)
+            finetune_quota = proportional_quotas(self._finetune_weights(), self.finetune_size, self._counts)
             metric_quota = proportional_quotas(self.stratum_weights, self.metric_size, finetune_quota)
             order = np.lexsort((rows["position"], -rows["score"], rows["stratum"]))
             sorted_stratum = rows["stratum"][order]
@@ -217,12 +235,13 @@ class StreamingSelection:
 
 def select_from_scores(scored_chunks: Iterable[tuple[np.ndarray, ...]], pool_size: int, mixture_weights,
                        metric_size: int, finetune_size: int, strategy: str = "topk", seed: int = 0,
-                       class_shares=None) -> Selection:
+                       class_shares=None, class_floor: float = 0.0) -> Selection:
     """Select from ``(ids, loglik, component, labels)`` chunks (what ``gmm.score_in_chunks`` yields),
     or ``(ids, loglik, component, labels, score)`` chunks (``density_ratio.score_ratio_in_chunks``);
-    ``class_shares`` are the class-prior strategy's estimated shares of the pool's classes."""
+    ``class_shares`` are the class-prior strategy's estimated shares of the pool's classes, and
+    ``class_floor`` the share of the fine-tuning set it spreads over all of them in the pool's proportions."""
     selection = StreamingSelection(strategy, pool_size, metric_size, finetune_size, mixture_weights, seed,
-                                   class_shares)
+                                   class_shares, class_floor)
     for ids, loglik, component, labels, *score in scored_chunks:
         selection.update(loglik, component, score[0] if score else None, ids=np.asarray(ids, dtype=np.int64),
                          labels=np.asarray(labels, dtype=np.int64))
@@ -231,18 +250,19 @@ def select_from_scores(scored_chunks: Iterable[tuple[np.ndarray, ...]], pool_siz
 
 def select(loglik, component, mixture_weights, metric_size: int, finetune_size: int,
            strategy: str = "topk", seed: int = 0, chunk_rows: int | None = None, score=None,
-           labels=None, class_shares=None) -> np.ndarray:
+           labels=None, class_shares=None, class_floor: float = 0.0) -> np.ndarray:
     """Ordered pool positions for in-memory scores: the first ``metric_size`` are the metric set.
 
     ``score`` is the ranking score of the ratio strategies (e.g. a density ratio), ``labels``
     and ``class_shares`` the pool's labels and the device's class shares of the class-prior
-    strategy; ``chunk_rows`` streams the arrays in chunks of that size (the result is the same).
+    strategy (``class_floor`` its share of the fine-tuning set spread over the pool's classes);
+    ``chunk_rows`` streams the arrays in chunks of that size (the result is the same).
     """
     loglik, component = np.asarray(loglik), np.asarray(component)
     score = None if score is None else np.asarray(score)
     columns = {} if labels is None else {"labels": np.asarray(labels, dtype=np.int64)}
     selection = StreamingSelection(strategy, len(loglik), metric_size, finetune_size, mixture_weights, seed,
-                                   class_shares)
+                                   class_shares, class_floor)
     step = chunk_rows or max(1, len(loglik))
     for start in range(0, len(loglik), step):
         part = slice(start, start + step)

@@ -22,6 +22,7 @@ class Options:
     public_components: int = option("--public-components", 20)
     public_sample: int = option("--public-sample", 10000)
     prior_draws: int = option("--prior-draws", 20000)
+    class_floor: float = option("--class-floor", 0.0)
     chunk_rows: int = option("--chunk-rows", 65536)
     extractor_name: str | None = option("--extractor", recipe=False)
     batch_size: int = option("--batch-size", 256, recipe=False)   # a run's pool is a feature table: no embedding
@@ -136,12 +137,13 @@ def run(options: Options) -> Result:
                       else score_in_chunks(mixture, chunks, advance))
             selection = select_from_scores(scored, pool_size, mixture.weights, metric_size, finetune_size,
                                            strategy, options.seed,
-                                           class_shares=None if prior is None else prior.shares)
+                                           class_shares=None if prior is None else prior.shares,
+                                           class_floor=options.class_floor)
         scoring_seconds = time.perf_counter() - started
 
     params = {"metric_size": metric_size, "finetune_size": finetune_size, "strategy": strategy,
               "public_components": public_components, "public_sample": public_sample,
-              "prior_draws": options.prior_draws,
+              "prior_draws": options.prior_draws, "class_floor": options.class_floor,
               "chunk_rows": chunk_rows, "batch_size": batch_size, "seed": options.seed, "device": device}
     coverage = selection_coverage(selection.component, mixture.weights, metric_size)
     path = write_metric_set(output, selection, description, inputs["gmm"].sha256, info.extractor_sha256, params, inputs,
