@@ -18,8 +18,9 @@ benchmark's stage cache (base model, pool features, GMMs are made once). Methods
 * ``select``: selection only (no scoring, training or evaluation): precision, class recall,
   the smallest class's ratio and component coverage of each strategy, cheaply;
 * ``base`` (the unpruned base model, evaluated as it is), ``base-finetuned`` (fine-tuned on
-  the selected set), ``tap`` (70% by default), and the baselines that use the same selected
-  set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``.
+  the selected set), ``tap`` (70% by default), ``tap-output-norm`` (TAP with the label-free
+  output-norm criterion instead of the composite), and the baselines that use the same
+  selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``.
 
 Rows are updated in place (``--fresh`` starts anew), so a run adds or redoes some rows and
 keeps the rest. Targets per partition (issue 14), for ``--default-strategy``: TAP at the
@@ -79,6 +80,7 @@ METHODS = {
     "base": (VARIANTS / "base.yaml", 1.0, (), False),
     "base-finetuned": (VARIANTS / "base-finetuned.yaml", 1.0, (), True),
     "tap": (BASE_RECIPE, None, (), True),
+    "tap-output-norm": (VARIANTS / "tap-output-norm.yaml", None, (), True),
     "magnitude-uniform-gmm": (VARIANTS / "magnitude-uniform-gmm.yaml", None, (), True),
     "taylor-global-gmm": (VARIANTS / "taylor-global-gmm.yaml", None, (), True),
 }
