@@ -18,9 +18,9 @@ benchmark's stage cache (base model, pool features, GMMs are made once). Methods
 * ``select``: selection only (no scoring, training or evaluation): precision, class recall,
   the smallest class's ratio and component coverage of each strategy, cheaply;
 * ``base`` (the unpruned base model, evaluated as it is), ``base-finetuned`` (fine-tuned on
-  the selected set), ``tap`` (70% by default), ``tap-output-norm`` (TAP with the label-free
-  output-norm criterion instead of the composite), and the baselines that use the same
-  selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``.
+  the selected set), ``tap`` (70% by default; the output-norm criterion since issue 14),
+  ``tap-composite`` (TAP with the paper's composite criterion, TAP's before), and the
+  baselines that use the same selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``.
 
 Rows are updated in place (``--fresh`` starts anew), so a run adds or redoes some rows and
 keeps the rest. Targets per partition (issue 14), for ``--default-strategy``: TAP at the
@@ -80,12 +80,12 @@ METHODS = {
     "base": (VARIANTS / "base.yaml", 1.0, (), False),
     "base-finetuned": (VARIANTS / "base-finetuned.yaml", 1.0, (), True),
     "tap": (BASE_RECIPE, None, (), True),
-    "tap-output-norm": (VARIANTS / "tap-output-norm.yaml", None, (), True),
+    "tap-composite": (VARIANTS / "tap-composite.yaml", None, (), True),
     "magnitude-uniform-gmm": (VARIANTS / "magnitude-uniform-gmm.yaml", None, (), True),
     "taylor-global-gmm": (VARIANTS / "taylor-global-gmm.yaml", None, (), True),
 }
 SAME_SET_BASELINES = ("magnitude-uniform-gmm", "taylor-global-gmm")
-TAP_METHODS = ("tap", "tap-output-norm")   # judged against the same-set baselines over seeds
+TAP_METHODS = ("tap", "tap-composite")   # judged against the same-set baselines over seeds
 SELECTION_FIGURES = ("metric_precision", "finetune_precision", "metric_class_recall", "finetune_class_recall",
                      "metric_min_class_ratio", "finetune_min_class_ratio", "metric_coverage", "finetune_coverage",
                      "metric_worst_component_ratio", "finetune_worst_component_ratio")
