@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
-from tapvits_cli.cli.options import WritingCommand, global_options
+from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit
 from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEGIES
 
@@ -33,7 +33,7 @@ from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEG
                    "and class-prior's classifier are fitted on.")
 @click.option("--prior-draws", type=click.IntRange(min=1), default=20000, show_default=True,
               help="Draws of the device's GMM the class shares are estimated on (class-prior only).")
-@click.option("--class-floor", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=0.0, show_default=True,
+@click.option("--class-floor", type=FiniteFloat(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="Share of the fine-tuning set (class-prior only) spread over every class of the pool in the "
                    "pool's proportions, the rest by the device's estimated shares: a class the device holds but "
                    "its mixture barely shows still gets fine-tuning images (the metric set is unchanged).")
