@@ -254,6 +254,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(name: str, report: dict) -> None:
+    """NAME.json and NAME.md under the results folder, and the Markdown on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=24)
@@ -268,9 +276,7 @@ def main() -> None:
     if args.report:
         report = json.loads((RESULTS / f"{args.name}.json").read_text())
         report["projection"] = projection(report["configs"])
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (RESULTS / f"{args.name}.md").write_text(markdown(report))
-        print(markdown(report))
+        write_report(args.name, report)
         return
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
@@ -292,10 +298,7 @@ def main() -> None:
               "configs": rows,
               "same_top1": all(r["top1"] is not None and r["top1"] == rows[0]["top1"] for r in rows)}
     report["projection"] = projection(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.name, report)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,12 @@ def key_of(row: dict) -> tuple:
     return row["partition"], row["method"], row["strategy"], row["budget"], row.get("seed", 0)
 
 
+def device_drops(base: dict, row: dict) -> dict[str, float]:
+    """Points each device of ``row`` lies below its unpruned ``base`` (negative: above)."""
+    return {d: (base["per_device_top1"][d] - top1) * 100 for d, top1 in row["per_device_top1"].items()
+            if top1 is not None and base["per_device_top1"].get(d) is not None}
+
+
 def verdicts(rows: list[dict], strategy: str, budget: float) -> list[str]:
     find = {key_of(r): r for r in rows}
     lines = []
@@ -176,8 +182,7 @@ def verdicts(rows: list[dict], strategy: str, budget: float) -> list[str]:
             gap = (tap["mean_top1"] - best["mean_top1"]) * 100
             lines.append(f"{partition}: TAP − best same-set baseline ({best['method']}) = {gap:+.2f} points "
                          f"({'met' if gap >= 1 else 'NOT met'}: target ≥ +1)")
-        drops = {d: (base["per_device_top1"][d] - top1) * 100 for d, top1 in tap["per_device_top1"].items()
-                 if top1 is not None and base["per_device_top1"].get(d) is not None}
+        drops = device_drops(base, tap)
         worst = max(drops, key=drops.get)
         lines.append(f"{partition}: worst device vs its unpruned base: {worst} {-drops[worst]:+.2f} points "
                      f"({'met' if drops[worst] <= 2 else 'NOT met'}: target ≥ −2)")
@@ -204,9 +209,8 @@ def seed_verdicts(rows: list[dict], strategy: str, budget: float) -> list[str]:
             means = {m: sum(find[(partition, m, strategy, budget, seed)]["mean_top1"] for seed in seeds) / len(seeds)
                      for m in methods}
             best = max(SAME_SET_BASELINES, key=means.get)
-            drops = [(base["per_device_top1"][d] - top1) * 100 for seed in seeds
-                     for d, top1 in find[(partition, candidate, strategy, budget, seed)]["per_device_top1"].items()
-                     if top1 is not None and base["per_device_top1"].get(d) is not None]
+            drops = [drop for seed in seeds
+                     for drop in device_drops(base, find[(partition, candidate, strategy, budget, seed)]).values()]
             lines.append(f"{partition}, mean over seeds {', '.join(map(str, seeds))}: {candidate} "
                          f"{means[candidate]:.2%} (unpruned base {base['mean_top1']:.2%}), best same-set baseline "
                          f"{best} {means[best]:.2%}: {(means[candidate] - means[best]) * 100:+.2f} points; worst "
