@@ -692,8 +692,20 @@ def digits_fingerprint(reference: str) -> str:
 DATASET_OPTIONS = {"--data"}
 
 
-def step_key(command_line: str, version: str) -> str:
-    """run.md: the key of one line of ``commands.sh`` (run from the directory the run started in)."""
+def code_fingerprint(package: Path, libraries: dict[str, Any]) -> str:
+    """run.md "code fingerprint": the sources under the installed package directory, and ``libraries``
+    (distribution name → installed version or None; the caller looks them up, as this reader imports
+    nothing that could find tapvits_cli)."""
+    sources = {}
+    for path in package.rglob("*.py"):
+        if "__pycache__" not in path.parts:
+            sources[path.relative_to(package).as_posix()] = sha256_hex(path.read_bytes())
+    return sha256_hex(compact_json({"libraries": libraries, "sources": sources}).encode("ascii"))
+
+
+def step_key(command_line: str, version: str, code: str) -> str:
+    """run.md: the key of one line of ``commands.sh`` (run from the directory the run started in),
+    given the tapvits version and the code fingerprint of the installation that ran it."""
     tokens = shlex.split(command_line)
     require(tokens[0] == "tapvits", "not a tapvits command")
     stage, args = tokens[1], tokens[2:]
@@ -708,4 +720,5 @@ def step_key(command_line: str, version: str) -> str:
             rendered.append({"artifact": sha256_hex(Path(token).read_bytes())})
         else:
             rendered.append(token)
-    return sha256_hex(compact_json({"args": rendered, "stage": stage, "tapvits": version}).encode("ascii"))
+    return sha256_hex(compact_json({"args": rendered, "code": code, "stage": stage, "tapvits": version})
+                      .encode("ascii"))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import importlib.metadata
+import importlib.util
 import json
 from pathlib import Path
 
@@ -120,7 +122,6 @@ def test_every_step_of_the_generator_gives_the_same_bytes_on_a_slower_machine_wi
     intra-op thread less, and the two must be equal byte for byte. A duration a header records that the
     generator does not normalise (``metric-set.public_mixture``'s ``fit_seconds`` once did), or the thread
     count a report records, breaks it."""
-    import importlib.util
     import time
 
     import torch
@@ -195,6 +196,13 @@ def test_step_keys_are_recomputed_from_run_md(run_directory):
     lines = [line for line in (run_directory / "commands.sh").read_text().splitlines() if line.startswith("tapvits ")]
     assert len(lines) == len(state["steps"]) == 9
     by_output = {str(run_directory / step["output"]): step for step in state["steps"].values()}
+    libraries = {}
+    for name in ("h5py", "numpy", "onnxruntime", "safetensors", "scikit-learn", "timm", "torch"):   # run.md's list
+        try:
+            libraries[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            libraries[name] = None
+    code = reader.code_fingerprint(Path(importlib.util.find_spec("tapvits_cli").origin).parent, libraries)
     for line in lines:
         output = line.split(" -o ")[1].split()[0]
-        assert reader.step_key(line, version) == by_output[output]["key"], line
+        assert reader.step_key(line, version, code) == by_output[output]["key"], line

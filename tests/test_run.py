@@ -196,7 +196,7 @@ def test_run_skips_unchanged_steps_and_resumes(tmp_path, tapvits, monkeypatch):
     assert [r["top1"] for r in finished["devices"]] == [r["top1"] for r in summary["devices"]]
 
 
-def test_threshold_failure_exits_6_after_writing_the_summary(tmp_path, tapvits):
+def test_threshold_failure_exits_6_after_writing_the_summary(tmp_path, tapvits, monkeypatch):
     recipe = write_recipe(tmp_path, {**TINY_RECIPE, "devices": TINY_RECIPE["devices"][:1],
                                      "thresholds": {"min-top1": 1.0}})
     cache = tmp_path / "cache"
@@ -217,6 +217,29 @@ def test_threshold_failure_exits_6_after_writing_the_summary(tmp_path, tapvits):
     assert result.exit_code == 0, result.stderr
     assert summary["steps"]["ran"] == 1 and summary["steps"]["cache"] == summary["steps"]["total"] - 1
     assert json.loads(entry.read_text())["top1"] == summary["devices"][0]["top1"]   # the rerun re-cached it
+    # Other code (an edited source, another torch) trusts none of it: every step runs again.
+    from tapvits_cli.pipeline import runner
+
+    monkeypatch.setattr(runner, "code_fingerprint", lambda: "0" * 64)
+    result, summary = _run(tapvits, recipe, tmp_path / "d", "--cache", cache, "--set", "thresholds.min-top1=0")
+    assert result.exit_code == 0, result.stderr
+    assert summary["steps"]["cache"] == 0 and summary["steps"]["ran"] == summary["steps"]["total"]
+
+
+def test_code_fingerprint_follows_the_sources_not_their_bytecode(tmp_path):
+    from tapvits_cli.pipeline.runner import code_fingerprint
+
+    fingerprint = code_fingerprint.__wrapped__   # uncached: the same directory is read again
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    first = fingerprint(tmp_path / "pkg")
+    (tmp_path / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "pkg" / "__pycache__" / "a.py").write_text("stale\n")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code\n")
+    assert fingerprint(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    assert fingerprint(tmp_path / "pkg") != first
 
 
 def test_two_runs_cannot_share_a_run_directory(tmp_path, tapvits):
