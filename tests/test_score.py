@@ -217,8 +217,8 @@ def test_baselines(edited):
 
 def test_score_command_writes_a_valid_artifact(tiny_model_file, metric_set_file, tmp_path, tapvits):
     out = tmp_path / "scores.safetensors"
-    result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--budget", "0.6",
-                     "--max-samples", "40", "-o", out, "--json")
+    result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--criterion", "composite",
+                     "--budget", "0.6", "--max-samples", "40", "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
     document = result.json()
     assert document["samples"] == 40 and document["probe_fraction"] == pytest.approx(0.4)
@@ -231,6 +231,12 @@ def test_score_command_writes_a_valid_artifact(tiny_model_file, metric_set_file,
     assert inspected.exit_code == 0 and "KL attn" in inspected.stdout and "█" in inspected.stdout
     figures = tapvits("--json", "inspect", out).json()["figures"]
     assert figures["weights"] == {"attn": [0.1, 0.1, 0.8], "mlp": [0.8, 0.1, 0.1]}   # a plain key
+
+    default = tmp_path / "default.safetensors"   # no --criterion: output-norm, chosen on the partitions benchmark
+    result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--no-layer-importance",
+                     "--max-samples", "40", "-o", default)
+    assert result.exit_code == 0, result.stderr
+    assert read_scores(default).criterion == "output-norm" and read_scores(default).weights is None
 
     taylor = tmp_path / "taylor.safetensors"
     result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--criterion", "taylor",

@@ -49,7 +49,7 @@ STEPS = {
     "metric-set.h5": ("select", "gmm.safetensors", "--pool", "features.h5", "--metric-size", "16",
                       "--finetune-size", "48"),
     "scores.safetensors": ("score", "model.safetensors", "--metric-set", "metric-set.h5", "--data", POOL,
-                           "--budget", "0.7", "--hsic-batch", "8"),
+                           "--criterion", "composite", "--budget", "0.7", "--hsic-batch", "8"),   # every component
     "plan.safetensors": ("allocate", "scores.safetensors", "--budget", "0.7", "--model", "model.safetensors",
                          "--tolerance", "0.05"),
     "pruned.safetensors": ("prune", "model.safetensors", "plan.safetensors"),

@@ -19,9 +19,10 @@ from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
                                          "[default: the reference the metric set records]; its fingerprint must match.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Scores artifact to write (.safetensors).")
 @click.option("--criterion", type=click.Choice(CRITERIA), default=DEFAULT_CRITERION,
-              show_default=True, help="composite: activity/redundancy/HSIC relevance (METHOD.md); output-norm: RMS of what "
-                                      "the unit writes through fc2/proj on the metric set (no labels); baselines: L1 "
-                                      "weight magnitude, |weight × gradient| of the labels' cross-entropy, seeded random.")
+              show_default=True, help="output-norm: RMS of what the unit writes through fc2/proj on the metric set (no labels; "
+                                      "the default since the partitions benchmark); composite: the paper's activity/"
+                                      "redundancy/HSIC relevance; baselines: L1 weight magnitude, |weight × gradient| "
+                                      "of the labels' cross-entropy, seeded random.")
 @click.option("--mlp-weights", default="0.8,0.1,0.1", show_default=True, metavar="α,β,γ",
               help="Composite weights of activity, (1 − redundancy), relevance for MLP neurons.")
 @click.option("--attn-weights", default="0.1,0.1,0.8", show_default=True, metavar="α,β,γ",
@@ -43,8 +44,8 @@ def command(model: str, metric_set_path: str, data: str | None, output: str, cri
             batch_size: int, hsic_batch: int, max_samples: int | None) -> None:
     """Score every MLP neuron and attention head of MODEL on the metric set, and every layer by KL.
 
-    Per unit: activity, redundancy, task relevance and their composite (or the output
-    norm, or a baseline criterion); per block and unit type: KL(intact ‖ probed) when the layer's lowest-scoring
+    Per unit: the RMS of what it writes into the residual stream (output-norm), or the
+    paper's composite of activity, redundancy and task relevance, or a baseline criterion; per block and unit type: KL(intact ‖ probed) when the layer's lowest-scoring
     fraction S is removed. Writes a scores artifact for `tapvits allocate`. MODEL is a timm
     ViT/DeiT (family vit) or Swin (family swin, blocks numbered across stages); any other
     model is refused.
