@@ -20,12 +20,14 @@ from test_run import TINY_RECIPE
 
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
-    """Two finished tiny runs of one device, budgets 70% and 50%, sharing a stage cache."""
+    """Two finished tiny runs of one device, budgets 70% and 50%, sharing a stage cache (composite scores)."""
     from tapvits_cli.cli.main import main
 
     root = tmp_path_factory.mktemp("runs")
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "devices": TINY_RECIPE["devices"][:1]}, sort_keys=False))
+    stages = {**TINY_RECIPE["stages"], "score": {**TINY_RECIPE["stages"]["score"], "criterion": "composite"}}
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "devices": TINY_RECIPE["devices"][:1], "stages": stages},
+                                     sort_keys=False))   # the composite: --units shows its three components
     dirs = []
     for budget in (0.7, 0.5):
         run_dir = root / f"run-{int(budget * 100)}"
