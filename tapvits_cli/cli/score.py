@@ -45,8 +45,9 @@ def command(model: str, metric_set_path: str, data: str | None, output: str, cri
     """Score every MLP neuron and attention head of MODEL on the metric set, and every layer by KL.
 
     Per unit: the RMS of what it writes into the residual stream (output-norm), or the
-    paper's composite of activity, redundancy and task relevance, or a baseline criterion; per block and unit type: KL(intact ‖ probed) when the layer's lowest-scoring
-    fraction S is removed. Writes a scores artifact for `tapvits allocate`. MODEL is a timm
+    paper's composite of activity, redundancy and task relevance, or a baseline criterion;
+    per block and unit type: KL(intact ‖ probed) when the layer's lowest-scoring fraction S
+    is removed. Writes a scores artifact for `tapvits allocate`. MODEL is a timm
     ViT/DeiT (family vit) or Swin (family swin, blocks numbered across stages); any other
     model is refused.
 

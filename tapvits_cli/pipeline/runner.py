@@ -4,9 +4,9 @@ A step's key is the SHA-256 of what determines its output: the subcommand, its a
 tokens, the content hash of every input artifact, the fingerprint of every dataset, the
 tapvits version and the code fingerprint (the package's sources and the computing
 libraries' versions: a fix that leaves the version string alone must not let a result of
-the old code pass as current from the cache). A step is skipped when the run directory records the same key and
-still holds the file it wrote; else the stage cache may provide it; else it runs
-(``schedule`` carries the steps out). State is saved after every step, so an interrupted
+the old code pass as current from the cache). A step is skipped when the run directory
+records the same key and still holds the file it wrote; else the stage cache may provide
+it; else it runs (``schedule`` carries the steps out). State is saved after every step, so an interrupted
 run resumes where it stopped (and ``finetune`` itself resumes from its per-epoch checkpoint).
 """
 
@@ -61,4 +61,5 @@ def step_key(step: Step, input_sha256: Callable[[Input], str], dataset_fingerpri
             tokens.append({"dataset": dataset_fingerprint(token.reference)})
         else:
             tokens.append(token)
-    return canonical_sha256({"stage": step.stage, "args": tokens, "tapvits": __version__, "code": code_fingerprint()})
+    return canonical_sha256({"stage": step.stage, "args": tokens, "tapvits": __version__,
+                             "code": code_fingerprint()})
