@@ -21,8 +21,9 @@ every later run, of any seed, starts from that file. Methods:
   the smallest class's ratio and component coverage of each strategy, cheaply;
 * ``base`` (the unpruned base model, evaluated as it is), ``base-finetuned`` (fine-tuned on
   the selected set), ``tap`` (70% by default; the output-norm criterion since issue 14),
-  ``tap-composite`` (TAP with the paper's composite criterion, TAP's before), and the
-  baselines that use the same selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``.
+  ``tap-composite`` (TAP with the paper's composite criterion, TAP's before), ``tap-kl-power``
+  and ``tap-global`` (TAP with the other two allocations), and the baselines that use the
+  same selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``.
 
 Rows are updated in place (``--fresh`` starts anew), so a run adds or redoes some rows and
 keeps the rest. Targets per partition (issue 14), for ``--default-strategy``: TAP at the
@@ -83,12 +84,14 @@ METHODS = {
     "base-finetuned": (VARIANTS / "base-finetuned.yaml", 1.0, (), True),
     "tap": (BASE_RECIPE, None, (), True),
     "tap-composite": (VARIANTS / "tap-composite.yaml", None, (), True),
+    "tap-kl-power": (BASE_RECIPE, None, ("stages.allocate.strategy=kl-power",), True),
+    "tap-global": (BASE_RECIPE, None, ("stages.allocate.strategy=global",), True),
     "magnitude-uniform-gmm": (VARIANTS / "magnitude-uniform-gmm.yaml", None, (), True),
     "taylor-global-gmm": (VARIANTS / "taylor-global-gmm.yaml", None, (), True),
 }
 SAME_SET_BASELINES = ("magnitude-uniform-gmm", "taylor-global-gmm")
 TARGET_BUDGET = 0.7   # the issue's targets are TAP's at 70%, whatever budget a run measures
-TAP_METHODS = ("tap", "tap-composite")   # judged against the same-set baselines over seeds
+TAP_METHODS = ("tap", "tap-composite", "tap-kl-power", "tap-global")   # judged against the same-set baselines over seeds
 SELECTION_FIGURES = ("metric_precision", "finetune_precision", "metric_class_recall", "finetune_class_recall",
                      "metric_min_class_ratio", "finetune_min_class_ratio", "metric_coverage", "finetune_coverage",
                      "metric_worst_component_ratio", "finetune_worst_component_ratio")
