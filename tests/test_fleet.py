@@ -138,6 +138,21 @@ def test_a_killed_worker_is_retried_and_without_retries_its_device_fails(tmp_pat
     assert {"base", "public/features"} <= {o.step.id for o in given_up.outcomes}
 
 
+def test_a_worker_with_other_code_refuses_its_step(tmp_path, monkeypatch):
+    """A node with another tapvits or torch would write results under keys that name the driver's code."""
+    ran: list = []
+    step = _step("devices/a/select", "work", "devices/a/metric.h5")
+    refused = schedule.perform(ran.append, step, code="0" * 64)
+    assert isinstance(refused, schedule.StepFailure) and ran == []
+    assert refused.exit_code == ExitCode.INCOMPATIBLE and not refused.retryable
+    assert "differ from the driver's" in refused.message
+    assert schedule.perform(ran.append, step, code=schedule.code_fingerprint()) >= 0 and ran == [step]
+    # Through real worker processes: the driver claims other code, every worker refuses, nothing is retried.
+    monkeypatch.setattr(schedule, "code_fingerprint", lambda: "0" * 64)
+    result = _schedule(tmp_path / "w", fake_fleet(), lambda work: schedule.LocalExecutor(work, jobs=2))
+    assert not result.outcomes and all(f.exit_code == ExitCode.INCOMPATIBLE for f in result.failures.values())
+
+
 def test_a_failed_shared_step_starts_no_device(tmp_path):
     steps = fake_fleet()
     steps[0] = _step("base", "boom", "base.txt")

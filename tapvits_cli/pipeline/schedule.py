@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from tapvits_cli.errors import DataUnavailableError, ExitCode, TapvitsError, UsageError, environment_failure
-from tapvits_cli.pipeline.runner import StepOutcome, step_key
+from tapvits_cli.pipeline.runner import StepOutcome, code_fingerprint, step_key
 from tapvits_cli.pipeline.steps import Input, Step
 
 EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}   # executor: (module, pip extra)
@@ -110,13 +110,21 @@ def _preload() -> None:
         importlib.import_module(module)
 
 
-def perform(work: Work, step: Step, threads: int | None = None, directory: str | None = None) -> float | StepFailure:
+def perform(work: Work, step: Step, threads: int | None = None, directory: str | None = None,
+            code: str | None = None) -> float | StepFailure:
     """Run one step in a worker: its seconds, or a :class:`StepFailure` for a ``TapvitsError``.
 
     Module-level and fed only picklable arguments, so any executor can ship it.
     ``directory`` is where the run was started: relative paths of the recipe resolve
-    from there on every machine of a shared file system.
+    from there on every machine of a shared file system. ``code`` is the driver's code
+    fingerprint, which the step's key holds: a worker whose installation differs (a node
+    with another tapvits or torch, sources edited during the run) refuses the step rather
+    than record its result under a key that claims other code.
     """
+    if code is not None and code_fingerprint() != code:
+        return StepFailure(f"{step.id}: this worker's tapvits code or libraries differ from the driver's (code "
+                           f"fingerprint {code_fingerprint()[:12]}, driver {code[:12]}): install the same tapvits "
+                           f"and dependencies on every node", ExitCode.INCOMPATIBLE)
     if directory is not None:
         os.chdir(directory)
     share_threads(threads)
@@ -225,11 +233,11 @@ class LocalExecutor:
         if self._pool is None:
             self._pool = self._start()
         try:
-            return self._pool.submit(perform, self.work, step, None, os.getcwd())
+            return self._pool.submit(perform, self.work, step, None, os.getcwd(), code_fingerprint())
         except BrokenProcessPool:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._start()
-            return self._pool.submit(perform, self.work, step, None, os.getcwd())
+            return self._pool.submit(perform, self.work, step, None, os.getcwd(), code_fingerprint())
 
     def close(self, cancel: bool = False) -> None:
         if self._pool is not None:
@@ -267,7 +275,7 @@ class RayExecutor:
         options: dict[str, Any] = {"num_cpus": self.cpus, "max_retries": 0}
         if self.gpus and step.stage == "finetune":
             options["num_gpus"] = 1
-        return self._task.options(**options).remote(self.work, step, self.cpus, os.getcwd()).future()
+        return self._task.options(**options).remote(self.work, step, self.cpus, os.getcwd(), code_fingerprint()).future()
 
     def close(self, cancel: bool = False) -> None:
         if self._owns:
@@ -311,7 +319,7 @@ class SlurmExecutor:
     def submit(self, step: Step) -> Future:
         submitter = self._submitters[step.stage == "finetune" and True in self._submitters]
         submitter.update_parameters(name=f"tapvits-{step.id.replace('/', '-')}")
-        job = submitter.submit(perform, self.work, step, self.cpus, os.getcwd())
+        job = submitter.submit(perform, self.work, step, self.cpus, os.getcwd(), code_fingerprint())
         future: Future = Future()
 
         def follow() -> None:
