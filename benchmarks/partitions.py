@@ -214,11 +214,13 @@ def seed_verdicts(rows: list[dict], strategy: str, budget: float) -> list[str]:
     lines = []
     for partition in PARTITIONS:
         base = find.get((partition, "base", None, 1.0, 0))
+        if base is None:
+            continue
         for candidate in TAP_METHODS:
             methods = (candidate, *SAME_SET_BASELINES)
             seeds = sorted(seed for seed in {r.get("seed", 0) for r in rows}
                            if all((partition, m, strategy, budget, seed) in find for m in methods))
-            if base is None or len(seeds) < 2:
+            if len(seeds) < 2:
                 continue
             means = {m: sum(find[(partition, m, strategy, budget, seed)]["mean_top1"] for seed in seeds) / len(seeds)
                      for m in methods}
@@ -339,8 +341,7 @@ def main() -> None:
               f"({summary['wall_seconds']:.0f} s)", flush=True)
         rows.sort(key=lambda r: (list(PARTITIONS).index(r["partition"]), list(METHODS).index(r["method"]),
                                  r["strategy"] or "", -r["budget"], r.get("seed", 0)))
-        lines = verdicts(rows, args.default_strategy, TARGET_BUDGET) + seed_verdicts(rows, args.default_strategy,
-                                                                                      TARGET_BUDGET)
+        lines = judged(rows, args.default_strategy)
         document = {"experiment": "Fashion-MNIST test split in four partitions into 5 devices each; GMM on fold 0/2 "
                                   "of a device's images, top-1 on fold 1/2",
                     "partitions": {p: str(PARTITIONS[p].relative_to(ROOT)) for p in PARTITIONS},
@@ -350,18 +351,25 @@ def main() -> None:
                                 "python": sys.version.split()[0]}}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(document, indent=2) + "\n")
-        (RESULTS / "partitions.md").write_text(markdown(rows, base_model, lines,
-                                                        not_measured(rows, args.default_strategy, TARGET_BUDGET)))
+        write_markdown(rows, base_model, args.default_strategy, lines)
     print("\n".join(document.get("verdicts", [])))
+
+
+def judged(rows: list[dict], strategy: str) -> list[str]:
+    """Every verdict line on ``rows``: seed 0's, then the means over seeds, at the targets' budget."""
+    return verdicts(rows, strategy, TARGET_BUDGET) + seed_verdicts(rows, strategy, TARGET_BUDGET)
+
+
+def write_markdown(rows: list[dict], base_model: dict | None, strategy: str, lines: list[str]) -> None:
+    (RESULTS / "partitions.md").write_text(markdown(rows, base_model, lines,
+                                                    not_measured(rows, strategy, TARGET_BUDGET)))
 
 
 def rewrite_markdown() -> None:
     """Redraw partitions.md from partitions.json (``--report``), e.g. after the code that draws it changed."""
     document = json.loads((RESULTS / "partitions.json").read_text())
-    strategy, budget = document["default_strategy"], document["budget"]
-    lines = verdicts(document["rows"], strategy, budget) + seed_verdicts(document["rows"], strategy, budget)
-    (RESULTS / "partitions.md").write_text(markdown(document["rows"], document.get("base_model"), lines,
-                                                    not_measured(document["rows"], strategy, budget)))
+    rows, strategy = document["rows"], document["default_strategy"]
+    write_markdown(rows, document.get("base_model"), strategy, judged(rows, strategy))
 
 
 if __name__ == "__main__":

@@ -121,9 +121,9 @@ def perform(work: Work, step: Step, threads: int | None = None, directory: str |
     with another tapvits or torch, sources edited during the run) refuses the step rather
     than record its result under a key that claims other code.
     """
-    if code is not None and code_fingerprint() != code:
+    if code is not None and (own := code_fingerprint()) != code:
         return StepFailure(f"{step.id}: this worker's tapvits code or libraries differ from the driver's (code "
-                           f"fingerprint {code_fingerprint()[:12]}, driver {code[:12]}): install the same tapvits "
+                           f"fingerprint {own[:12]}, driver {code[:12]}): install the same tapvits "
                            f"and dependencies on every node", ExitCode.INCOMPATIBLE)
     if directory is not None:
         os.chdir(directory)
