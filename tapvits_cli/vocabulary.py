@@ -16,6 +16,9 @@ from dataclasses import dataclass
 # The prunable unit types of a transformer block, in execution order within the block:
 # attention heads, then MLP hidden neurons. Plans, scores and pruning are keyed by them.
 UNIT_KINDS = ("attn", "mlp")
+# The model families whose units tapvits can score and prune (models/families/); scores and
+# plans are only ever made for these.
+PRUNABLE_FAMILIES = ("vit", "swin")
 
 # -- stages -----------------------------------------------------------------------------------
 # The pipeline's stages in the order one device's chain runs them; also the sections of a

@@ -467,6 +467,10 @@ MODEL_CASES = {
     "an unknown family": {"family": "cnn"},
     "a token-merging schedule for another depth": {"token_merging": json.dumps(
         {"method": "bipartite", "schedule": [1, 1, 1], "proportional_attention": True})},
+    # kwargs go to timm.create_model: these would download weights or load a file the artifact names
+    "kwargs asking timm for pretrained weights": {"kwargs": json.dumps({**TINY_VIT_KWARGS, "pretrained": True})},
+    "kwargs naming a checkpoint to load": {"kwargs": json.dumps({**TINY_VIT_KWARGS, "checkpoint_path": "/etc/hosts"})},
+    "blocks nested 100000 deep": {"blocks": "[" * 100000 + "]" * 100000},
 }
 
 
@@ -533,3 +537,76 @@ def test_malformed_datasets_are_bad_input(tmp_path, tapvits, tiny_model_file):
         assert result.exit_code == ExitCode.USAGE, (source, result.stderr)
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
         assert not out.exists()
+
+
+def _edit_record(key: str, change):
+    """Edit the JSON model record a scores or plan artifact keeps under ``key``."""
+    def edit(path: Path) -> None:
+        record = json.loads(read_metadata(path)[key])
+        change(record)
+        write_metadata(path, {key: json.dumps(record)})
+    return edit
+
+
+def _rebuild_features(rows: int | None = None, dim: int | None = None):
+    """A feature table cut to ``rows`` rows or ``dim`` features, consistent in itself (hash, metadata)."""
+    def edit(path: Path) -> None:
+        with h5py.File(path, "r+") as handle:
+            group = handle["features"]
+            ids, labels, features = (group[name][()] for name in ("ids", "labels", "features"))
+            ids, labels, features = ids[:rows], labels[:rows], features[:rows, :dim]
+            for name, data in (("ids", ids), ("labels", labels), ("features", features)):
+                del group[name]
+                group.create_dataset(name, data=data)
+            extractor = json.loads(handle.attrs["features.extractor"])
+            extractor["feature_dim"] = features.shape[1]
+            text = json.dumps(extractor, sort_keys=True, separators=(",", ":"))
+            handle.attrs.update({"features.extractor": text, "features.extractor_sha256": hashlib.sha256(
+                text.encode()).hexdigest(), "features.dim": str(features.shape[1]), "features.rows": str(len(ids)),
+                "features.rows_done": str(len(ids)), "features.features_sha256": hashlib.sha256(
+                    np.ascontiguousarray(features, dtype="<f4").tobytes()).hexdigest()})
+    return edit
+
+
+def _metric_set_column(name: str, value, drop_coverage: bool = False):
+    def edit(path: Path) -> None:
+        with h5py.File(path, "r+") as handle:
+            column = handle[f"selection/{name}"]
+            column[...] = np.full(column.shape, value, dtype=column.dtype)
+            if drop_coverage:
+                del handle.attrs["metric-set.coverage"]
+    return edit
+
+
+# Found by a review that fed hostile artifacts to every reader: each was accepted, or crashed
+# (exit 1), or spoke to the network. Expected: the codes of the readers that run.
+REVIEWED_CASES = {
+    "scores recording a model that asks for pretrained weights": (
+        "scores", _edit_record("scores.model", lambda r: r["kwargs"].update(pretrained=True)),
+        {"validate": 0, "inspect": 0, "allocate": ExitCode.INVALID_ARTIFACT}),
+    "scores recording no prunable family": (
+        "scores", _edit_record("scores.model", lambda r: r.update(family="cnn")), ExitCode.INVALID_ARTIFACT),
+    "a plan whose model costs more than 64-bit counts hold": (
+        "plan", _edit_record("plan.model", lambda r: r["kwargs"].update(img_size=100000)),
+        {"validate": ExitCode.INVALID_ARTIFACT, "inspect": 0, "prune": ExitCode.INVALID_ARTIFACT}),
+    "a header nested 100000 deep": (
+        "plan", lambda path: write_metadata(path, {"tapvits.params": "[" * 100000 + "]" * 100000}),
+        ExitCode.INVALID_ARTIFACT),
+    "a feature table of no rows": ("features", _rebuild_features(rows=0), ExitCode.INVALID_ARTIFACT),
+    "a feature table of no features": ("features", _rebuild_features(dim=0), ExitCode.INVALID_ARTIFACT),
+    "a metric set whose component index would size a 16 GiB table": (
+        "metric-set", _metric_set_column("component", 2 ** 31 - 1, drop_coverage=True),
+        {"validate": 0, "inspect": 0, "score": 0, "finetune": 0}),
+    "a metric set of −inf log-likelihoods (allowed)": (
+        "metric-set", _metric_set_column("log_likelihood", -np.inf), 0),
+}
+
+
+@pytest.mark.parametrize("case", REVIEWED_CASES)
+def test_reviewed_hostile_artifacts(case, chain, tmp_path):
+    kind, edit, expected = REVIEWED_CASES[case]
+    bad = tmp_path / chain[kind].name
+    shutil.copyfile(chain[kind], bad)
+    edit(bad)
+    codes = check_readers(kind, bad, chain, tmp_path)
+    assert codes == (expected if isinstance(expected, dict) else dict.fromkeys(codes, expected)), (case, codes)

@@ -182,6 +182,32 @@ def test_unreadable_partial_asks_for_restart(tiny_model_file, tmp_path, tapvits)
     assert features_cli(tapvits, tiny_model_file, output, "--restart").exit_code == 0
 
 
+def _shift_label(handle, row):
+    handle["features/labels"][row] = (handle["features/labels"][row] + 1) % 10
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda h: h.attrs.__setitem__("features.rows_done", "250"), "250 rows done"),   # more than the 200 rows
+    (lambda h: h.attrs.__setitem__("features.rows_done", "-3"), "-3 rows done"),
+    (lambda h: h.attrs.__setitem__("features.rows_done", "١٢٨"), "is not a decimal integer"),   # int() reads 128
+    (lambda h: _shift_label(h, 5), "labels are not the dataset's"),      # a committed row: the hash covers features only
+    (lambda h: _shift_label(h, 150), "labels are not the dataset's"),    # a row still to write
+    (lambda h: h["features/ids"].__setitem__(0, 7), "ids or labels are not the dataset's"),
+], ids=["rows-done-past-the-end", "rows-done-negative", "rows-done-arabic-digits", "committed-label",
+        "pending-label", "committed-id"])
+def test_a_tampered_partial_is_refused_with_exit_3(tamper, reason, tiny_model_file, tmp_path, tapvits, monkeypatch):
+    """A resumed table must be exactly what one uninterrupted run writes: never finish a changed partial."""
+    output = tmp_path / "pool.h5"
+    interrupt_after_two_batches(tapvits, monkeypatch, tiny_model_file, output)
+    with h5py.File(partial_path(output), "r+") as handle:
+        tamper(handle)
+    result = features_cli(tapvits, tiny_model_file, output)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT, result.stderr
+    assert reason in result.stderr and "--restart" in result.stderr and result.stderr.count("\n") == 1
+    assert not output.exists()
+    assert features_cli(tapvits, tiny_model_file, output, "--restart").exit_code == 0
+
+
 def _nan_feature(handle):
     handle["features/features"][5, 3] = np.nan
 

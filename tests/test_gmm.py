@@ -252,11 +252,19 @@ def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
         "has a variance": dict(tensors=_collapse_first(tensors["covariances"])),
         "privacy.dp' must hold": dict(gmm__privacy=json.dumps({"min_samples": 50, "noise_scale": 0, "dp": {"epsilon": 1}})),
         "'gmm.unit_norm' must be": dict(gmm__unit_norm="yes"),
+        # finite values whose densities overflow: every pool sample would score −inf or NaN
+        "out of range": dict(tensors={"means": tensors["means"] * 0 + 1e200}),
+        "out of range ": dict(tensors={"projection.scale": tensors["projection.scale"] * 0 + 1e-310}),
+        "must be an integer >= 1, got '³'": dict(gmm__components="³"),   # isdigit() says yes, int() says no
+        "must be an integer >= 1, got '٩٣'": dict(gmm__samples="٩٣"),    # int() would read 93
+        "nested too deeply": dict(tapvits__inputs="[" * 100000 + "]" * 100000),
+        "'gmm.bic' is not valid JSON": dict(gmm__bic="[" * 100000 + "]" * 100000),
     }
     for expected, change in cases.items():
         broken = rewrite(gmm_file, tmp_path / "broken.safetensors", **change)
         result = tapvits("validate", broken)
-        assert result.exit_code == ExitCode.INVALID_ARTIFACT and expected in result.stderr, (expected, result.stderr)
+        assert result.exit_code == ExitCode.INVALID_ARTIFACT and expected.strip() in result.stderr, (expected, result.stderr)
+        assert result.stderr.count("\n") == 1, (expected, result.stderr)   # one line: no warnings either
         with pytest.raises(Exception, match="broken.safetensors"):
             read_gmm(broken)
     flipped = tmp_path / "flipped.safetensors"

@@ -11,14 +11,13 @@ strings, lists and dicts only, nothing unpickled.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write
-from tapvits_cli.artifacts.header import compact_json
+from tapvits_cli.artifacts.header import compact_json, parse_json
 from tapvits_cli.errors import InvalidArtifactError
 
 FILE_NAME = "finetune-checkpoint.pt"
@@ -58,7 +57,7 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.pop("format", None) != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
-        run = json.loads(state.pop("run"))
+        run = parse_json(state.pop("run"))
     except Exception as exc:  # torch raises assorted types for foreign or truncated files
         raise InvalidArtifactError(f"{path}: unreadable checkpoint ({exc}); delete it to start afresh") from None
     return Checkpoint(run, state)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sniff_format
-from tapvits_cli.artifacts.header import Header
+from tapvits_cli.artifacts.header import Header, parse_json
 from tapvits_cli.errors import InvalidArtifactError
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -64,7 +64,7 @@ class ArtifactFile:
         if key not in self.metadata:
             raise InvalidArtifactError(f"{self.path}: required key '{key}' is missing")
         try:
-            return json.loads(self.metadata[key])
+            return parse_json(self.metadata[key])
         except ValueError:
             raise InvalidArtifactError(f"{self.path}: key '{key}' is not valid JSON") from None
 
@@ -84,7 +84,7 @@ def _safetensors_layout(path: Path) -> tuple[dict[str, str], dict[str, TensorInf
             raise InvalidArtifactError(f"{path}: truncated safetensors file (header cut off)")
         raw = handle.read(header_len)
     try:
-        layout = json.loads(raw)
+        layout = parse_json(raw)
     except ValueError:
         raise InvalidArtifactError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(layout, dict):
@@ -178,7 +178,7 @@ def _hdf5_attrs(path: Path) -> dict[str, str]:
 
     _probe_hdf5(path)
     with hdf5_reading(path), h5py.File(path, "r") as handle:
-        return {k: _attr_string(v) for k, v in handle.attrs.items()}
+        return {k: attr_string(v) for k, v in handle.attrs.items()}
 
 
 def _walk_hdf5(path: Path) -> None:
@@ -187,13 +187,13 @@ def _walk_hdf5(path: Path) -> None:
 
     def visit(_name: str, item: Any) -> None:
         for value in item.attrs.values():
-            _attr_string(value)
+            attr_string(value)
         if isinstance(item, h5py.Dataset):
             (item.dtype, item.shape)
 
     with h5py.File(path, "r") as handle:
         for value in handle.attrs.values():
-            _attr_string(value)
+            attr_string(value)
         handle.visititems(visit)
 
 
@@ -328,7 +328,8 @@ def _probe_hdf5(path: Path) -> None:
             os.close(handle)
 
 
-def _attr_string(value: Any) -> str:
+def attr_string(value: Any) -> str:
+    """An HDF5 attribute as text (h5py returns bytes or str, depending on how it was written)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -355,7 +356,7 @@ def set_group_encoding(group: Any, encoding_type: str, encoding_version: int) ->
 
 def _json_members(path: Path) -> dict[str, Any]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = parse_json(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise InvalidArtifactError(f"{path}: invalid or truncated JSON") from None
     if not isinstance(document, dict):

@@ -8,13 +8,12 @@ training wrappers add (``module.``, ``model.``...) by ``models.checkpoints``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sniff_format
-from tapvits_cli.artifacts.header import PREFIX, Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.header import Header, LineageEntry, PREFIX, compact_json, parse_json
 from tapvits_cli.errors import DataUnavailableError, InvalidArtifactError, UsageError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "module")
@@ -119,8 +118,8 @@ def load_onnx_extractor(path: str | os.PathLike):
     if metadata.get(GRAPH_KEY) != FEATURES_GRAPH:
         raise UsageError(f"{path} is not a features graph (export it with `tapvits export MODEL --features`)")
     try:
-        fingerprint = json.loads(metadata[EXTRACTOR_KEY])
-        raw_input = tuple(int(v) for v in json.loads(metadata[RAW_INPUT_KEY]))
+        fingerprint = parse_json(metadata[EXTRACTOR_KEY])
+        raw_input = tuple(int(v) for v in parse_json(metadata[RAW_INPUT_KEY]))
     except (KeyError, ValueError, TypeError):
         raise InvalidArtifactError(f"{path}: '{EXTRACTOR_KEY}' and '{RAW_INPUT_KEY}' must hold the extractor "
                                    "fingerprint and the (C, H, W) input") from None

@@ -20,7 +20,6 @@ hash of the committed rows) lets a resume and every reader check the rows themse
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from tapvits_cli.artifacts.containers import ArtifactFile, hdf5_reading, set_group_encoding
+from tapvits_cli.artifacts.containers import ArtifactFile, attr_string, hdf5_reading, set_group_encoding
 from tapvits_cli.artifacts.files import atomic_write
-from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, parse_decimal, parse_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, environment_failure
 
@@ -97,7 +96,7 @@ def open_feature_writer(output: str | os.PathLike, extractor, dataset, params: M
             if refused is None:
                 raise
             raise refused from None
-    return FeatureTableWriter(Path(output), partial)
+    return FeatureTableWriter(Path(output), partial, dataset.ids, dataset.labels)
 
 
 def _create_partial(partial: Path, header: Header, metadata: Mapping[str, str], ids: np.ndarray,
@@ -127,7 +126,7 @@ def _chunk_rows(rows: int, row_bytes: int) -> int:
 def _identity(metadata: Mapping[str, str]) -> dict[str, Any]:
     """What a partial file must share with a new run for that run to resume it."""
     try:
-        data = json.loads(metadata.get(_meta("dataset"), "{}"))["fingerprint"]
+        data = parse_json(metadata.get(_meta("dataset"), "{}"))["fingerprint"]
     except (ValueError, KeyError, TypeError):
         data = None
     return {"kind": metadata.get("tapvits.kind"), "format version": metadata.get("tapvits.version"),
@@ -161,7 +160,8 @@ class FeatureTableWriter:
     so the rows written so far stay resumable.
     """
 
-    def __init__(self, output: Path, partial: Path) -> None:
+    def __init__(self, output: Path, partial: Path, ids: np.ndarray, labels: np.ndarray) -> None:
+        """Open ``partial`` for the dataset of ``ids`` and ``labels``; its committed rows are checked first."""
         import h5py
 
         self.output, self.partial = output, partial
@@ -169,13 +169,23 @@ class FeatureTableWriter:
             self._file = h5py.File(partial, "r+", rdcc_nbytes=CACHE_BYTES)
             group = self._file[GROUP]
             self._ids, self._labels, self._features = group["ids"], group["labels"], group["features"]
-            self.rows_done = int(self._file.attrs[_meta("rows_done")])
-            recorded = str(self._file.attrs[_meta("features_sha256")])
-        except (OSError, KeyError, ValueError) as exc:
+            self.rows_done = parse_decimal(attr_string(self._file.attrs[_meta("rows_done")]))
+            recorded = attr_string(self._file.attrs[_meta("features_sha256")])
+            shape = (parse_decimal(attr_string(self._file.attrs[_meta("rows")])),
+                     parse_decimal(attr_string(self._file.attrs[_meta("dim")])))
+            if self._features.shape != shape or self._ids.shape != shape[:1] or self._labels.shape != shape[:1] \
+                    or min(shape) < 1 or not 0 <= self.rows_done <= shape[0]:
+                raise ValueError(f"{self.rows_done} rows done of datasets shaped {self._features.shape}, "
+                                 f"{self._ids.shape}, {self._labels.shape} for {shape[0]} x {shape[1]}")
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             self.close()
             raise InvalidArtifactError(f"{partial}: unreadable partial feature table ({exc}); "
                                        "run with --restart to discard it") from None
-        self.rows, self.dim = self._features.shape
+        self.rows, self.dim = shape
+        if not (np.array_equal(self._ids[()], ids) and np.array_equal(self._labels[()], labels)):
+            self.close()
+            raise InvalidArtifactError(f"{partial}: its sample ids or labels are not the dataset's (the file was "
+                                       "changed); run with --restart to discard it")
         self._digest = hashlib.sha256()
         for start in range(0, self.rows_done, VALIDATE_CHUNK_BYTES // (4 * self.dim) or 1):
             stop = min(start + (VALIDATE_CHUNK_BYTES // (4 * self.dim) or 1), self.rows_done)
@@ -344,9 +354,12 @@ def _structure(artifact: ArtifactFile) -> FeatureTable:
     meta = artifact.kind_metadata(KIND)
     extractor, dataset = artifact.json_field(_meta("extractor")), artifact.json_field(_meta("dataset"))
     try:
-        rows, dim, rows_done = int(meta["rows"]), int(meta["dim"]), int(meta["rows_done"])
+        rows, dim, rows_done = parse_decimal(meta["rows"]), parse_decimal(meta["dim"]), parse_decimal(meta["rows_done"])
     except ValueError:
         raise InvalidArtifactError(f"{path}: features.rows, features.dim and features.rows_done must be integers") from None
+    if rows < 1 or dim < 1:
+        raise InvalidArtifactError(f"{path}: a feature table holds at least one row of at least one feature, "
+                                   f"not {rows} x {dim}")
     if rows_done != rows:
         raise InvalidArtifactError(f"{path}: incomplete feature table ({rows_done} of {rows} rows); "
                                    "rerun `tapvits features` to resume it")
@@ -380,7 +393,7 @@ def _check_group(handle, path: Path, rows: int, dim: int) -> None:
         raise InvalidArtifactError(f"{path}: group '{GROUP}' is missing")
     encoding = (group.attrs.get("encoding-type"), group.attrs.get("encoding-version"))
     encoding = tuple(v.decode() if isinstance(v, bytes) else v for v in encoding)
-    if encoding[0] != ENCODING_TYPE or not str(encoding[1]).isdigit():
+    if encoding[0] != ENCODING_TYPE or not (str(encoding[1]).isascii() and str(encoding[1]).isdigit()):
         raise InvalidArtifactError(f"{path}: group '{GROUP}' must have encoding-type '{ENCODING_TYPE}' "
                                    "and an integer encoding-version")
     if int(encoding[1]) > ENCODING_VERSION:

@@ -15,7 +15,7 @@ import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
 from tapvits_cli.artifacts.digests import tensor_rule, tensors_sha256
-from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number, parse_decimal
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.payloads.guarantees import audit_parameters, min_support
 from tapvits_cli.payloads.mixture import Mixture, Projection
@@ -107,9 +107,13 @@ def read_gmm(path: str | os.PathLike) -> Gmm:
 
 def _int(artifact: ArtifactFile, key: str, minimum: int = 1) -> int:
     value = artifact.metadata[f"{NAMESPACE}.{key}"]
-    if not value.isdigit() or int(value) < minimum:
+    try:
+        number = parse_decimal(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
         raise artifact.fail(f"'{NAMESPACE}.{key}' must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return number
 
 
 def _float(artifact: ArtifactFile, key: str) -> float:
@@ -191,6 +195,10 @@ def _check(artifact: ArtifactFile, mixture, info: GmmInfo, stored_cholesky: np.n
         raise artifact.fail("covariances are not positive definite") from None
     if not np.allclose(stored_cholesky, computed, rtol=1e-6, atol=1e-9):
         raise artifact.fail("precisions_cholesky does not match the covariances (corrupted)")
+    try:
+        mixture.check_range()
+    except ValueError as exc:
+        raise artifact.fail(str(exc)) from None
     recorded_sha = artifact.metadata[f"{NAMESPACE}.extractor_sha256"]
     if recorded_sha != info.extractor_sha256:
         raise artifact.fail(f"'{NAMESPACE}.extractor_sha256' does not match the hash of '{NAMESPACE}.extractor'")
@@ -223,7 +231,12 @@ def _check_dp_record(artifact: ArtifactFile, dp, info: GmmInfo) -> None:
 
 def _check_guarantees(artifact: ArtifactFile, mixture, info: GmmInfo) -> None:
     """The per-component guarantees that the parameters alone show (protocol/gmm.md)."""
-    violations = audit_parameters(mixture, info.samples).violations(min_support(mixture.covariance_type, mixture.dim))
+    with np.errstate(over="raise", invalid="raise"):
+        try:
+            violations = audit_parameters(mixture, info.samples).violations(
+                min_support(mixture.covariance_type, mixture.dim))
+        except FloatingPointError:
+            raise artifact.fail("the privacy guarantees cannot be checked: its variances overflow") from None
     if violations:
         raise artifact.fail(f"breaks a per-component privacy guarantee: {violations[0]}")
 

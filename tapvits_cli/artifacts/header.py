@@ -28,6 +28,29 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` for text read from an artifact: every failure is a ``ValueError``.
+
+    Python's parser recurses once per nesting level, so ``[[[…]]]`` 100,000 deep raises
+    ``RecursionError``; readers catch ``ValueError`` and turn it into one line, exit 3.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def parse_decimal(text: str) -> int:
+    """A decimal integer as metadata stores it (``"10"``, ``"-3"``); ``ValueError`` for anything else.
+
+    Stricter than ``int()``, which also takes ``" 10 "``, ``"1_0"`` and other scripts' digits
+    (``"٩٣"``), and than ``str.isdigit()``, which also takes ``"³"`` that ``int()`` then refuses.
+    """
+    if not (isinstance(text, str) and text.isascii() and text.lstrip("-").isdigit() and text.count("-") <= 1):
+        raise ValueError(f"{text!r} is not a decimal integer")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class LineageEntry:
     """One input an artifact was made from: an artifact file, or a dataset fingerprint."""
@@ -70,9 +93,9 @@ class Header:
         if missing:
             raise InvalidArtifactError(f"{source}: header lacks {', '.join(missing)}")
         try:
-            version = int(values[PREFIX + "version"])
-            inputs = json.loads(values[PREFIX + "inputs"])
-            params = json.loads(values[PREFIX + "params"])
+            version = parse_decimal(values[PREFIX + "version"])
+            inputs = parse_json(values[PREFIX + "inputs"])
+            params = parse_json(values[PREFIX + "params"])
             lineage = {role: LineageEntry(str(e["sha256"]), str(e["kind"]), str(e["name"])) for role, e in inputs.items()}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise InvalidArtifactError(f"{source}: malformed header ({exc})") from None

@@ -139,7 +139,7 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
         if not isinstance(group, h5py.Group):
             raise artifact.fail(f"group '{GROUP}' is missing")
         encoding = (_attr(group.attrs.get("encoding-type")), _attr(group.attrs.get("encoding-version")))
-        if encoding[0] != ENCODING_TYPE or not str(encoding[1]).isdigit():
+        if encoding[0] != ENCODING_TYPE or not (str(encoding[1]).isascii() and str(encoding[1]).isdigit()):
             raise artifact.fail(f"group '{GROUP}' must have encoding-type '{ENCODING_TYPE}' and an integer "
                                   "encoding-version")
         if int(encoding[1]) > ENCODING_VERSION:
@@ -205,7 +205,7 @@ def _check(metric_set: MetricSet) -> None:
         raise artifact.fail("component and label must be >= 0")
     for part in (metric_set.log_likelihood[: metric_set.metric_size],
                  metric_set.log_likelihood[metric_set.metric_size:]):
-        if (np.diff(part) > 0).any():
+        if (part[1:] > part[:-1]).any():   # a comparison, not np.diff: −inf − −inf would warn
             raise artifact.fail("rows must be ordered by decreasing log_likelihood within the metric set "
                                   "and within the rest")
 
@@ -254,6 +254,13 @@ def _validate(artifact: ArtifactFile) -> None:
     _check(_parse(artifact))
 
 
+def _occurrences(values: np.ndarray, head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ``values`` and how often each occurs in the first ``head`` rows and in all."""
+    distinct, positions = np.unique(values, return_inverse=True)
+    return (distinct, np.bincount(positions[:head], minlength=len(distinct)),
+            np.bincount(positions, minlength=len(distinct)))
+
+
 def _summarize(artifact: ArtifactFile) -> Summary:
     metric_set = _parse(artifact)
     _check(metric_set)   # cheap (the columns are small), and the tables below need a consistent set
@@ -283,19 +290,20 @@ def _summarize(artifact: ArtifactFile) -> Summary:
         figures["density_ratio_metric"] = [float(metric_set.score[: metric_set.metric_size].min()),
                                    float(metric_set.score[: metric_set.metric_size].max())]
     weights = coverage["weights"] if coverage is not None else None
-    components = max(int(metric_set.component.max()) + 1, len(weights or []), 1)
-    in_metric = np.bincount(metric_set.component[: metric_set.metric_size], minlength=components)
-    in_finetune = np.bincount(metric_set.component, minlength=components)
-    labels = np.unique(metric_set.labels)
-    label_metric = np.bincount(np.searchsorted(labels, metric_set.labels[: metric_set.metric_size]), minlength=len(labels))
-    label_finetune = np.bincount(np.searchsorted(labels, metric_set.labels), minlength=len(labels))
-    component_table = (
-        Table("rows per component", ["component", "metric set", "fine-tuning set"],
-              [[c, int(in_metric[c]), int(in_finetune[c])] for c in range(components)]) if weights is None else
-        Table("rows per component (share of the set vs the mixture weight)",
-              ["component", "weight", "metric set", "share", "fine-tuning set", "share"],
-              [[c, round(weights[c], 4), int(in_metric[c]), round(in_metric[c] / metric_set.metric_size, 4),
-                int(in_finetune[c]), round(in_finetune[c] / metric_set.finetune_size, 4)] for c in range(components)]))
+    size = metric_set.metric_size
+    if weights is None:   # only the components that occur: a corrupt index must not size a table
+        present, in_metric, in_finetune = _occurrences(metric_set.component, size)
+        component_table = Table("rows per component", ["component", "metric set", "fine-tuning set"],
+                                [[int(c), int(m), int(f)] for c, m, f in zip(present, in_metric, in_finetune)])
+    else:   # _check_coverage bounds the components by the weights
+        in_metric = np.bincount(metric_set.component[:size], minlength=len(weights))
+        in_finetune = np.bincount(metric_set.component, minlength=len(weights))
+        component_table = Table(
+            "rows per component (share of the set vs the mixture weight)",
+            ["component", "weight", "metric set", "share", "fine-tuning set", "share"],
+            [[c, round(weights[c], 4), int(in_metric[c]), round(in_metric[c] / size, 4),
+              int(in_finetune[c]), round(in_finetune[c] / metric_set.finetune_size, 4)] for c in range(len(weights))])
+    labels, label_metric, label_finetune = _occurrences(metric_set.labels, size)
     tables = [
         component_table,
         Table("rows per public label", ["label", "metric set", "fine-tuning set"],

@@ -7,17 +7,17 @@ the weights load strictly on top.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
 from tapvits_cli.artifacts.digests import tensor_rule, tensors_sha256
-from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, parse_decimal, parse_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.errors import InvalidArtifactError
 from tapvits_cli.models.spec import BlockWidths, ModelSpec, TokenMerging
+from tapvits_cli.vocabulary import PRUNABLE_FAMILIES
 
 KIND = "model"
 VERSION = 2   # v2: model.weights_sha256 names dtypes as safetensors does, shapes as JSON lists; model.timm_version
@@ -60,14 +60,14 @@ def model_metadata(spec: ModelSpec, parameters: int, weights_sha256: str, timm_v
 
 def spec_from_metadata(meta: Mapping[str, str], source: str) -> ModelSpec:
     """Parse the ``model.*`` keys, checking each one's JSON type (one line, exit 3, for any other)."""
-    def field_(key: str, kind: type | tuple[type, ...], parse=json.loads, required: bool = True):
+    def field_(key: str, kind: type | tuple[type, ...], parse=parse_json, required: bool = True):
         if f"model.{key}" not in meta:
             if not required:
                 return None
             raise InvalidArtifactError(f"{source}: required key 'model.{key}' is missing")
         try:
             value = parse(meta[f"model.{key}"])
-        except (ValueError, TypeError, RecursionError):
+        except (ValueError, TypeError):
             raise InvalidArtifactError(f"{source}: key 'model.{key}' is malformed") from None
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidArtifactError(f"{source}: key 'model.{key}' must be {_TYPE_NAMES[kind]}")
@@ -86,14 +86,14 @@ def spec_from_metadata(meta: Mapping[str, str], source: str) -> ModelSpec:
     names = field_("class_names", list, required=False)
     if names is not None and not all(isinstance(name, str) for name in names):
         raise InvalidArtifactError(f"{source}: key 'model.class_names' must be a JSON list of strings")
-    num_classes = field_("num_classes", int, parse=_parse_integer)
+    num_classes = field_("num_classes", int, parse=parse_decimal)
     if num_classes < 0:
         raise InvalidArtifactError(f"{source}: key 'model.num_classes' must not be negative")
     merging = None
     if "model.token_merging" in meta:
         try:
-            merging = TokenMerging.from_dict(json.loads(meta["model.token_merging"]))
-        except (ValueError, RecursionError) as exc:
+            merging = TokenMerging.from_dict(parse_json(meta["model.token_merging"]))
+        except ValueError as exc:
             raise InvalidArtifactError(f"{source}: key 'model.token_merging' is malformed ({exc})") from None
     return ModelSpec(
         architecture=field_("architecture", str, parse=str),
@@ -115,13 +115,6 @@ def _integer(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{value!r} is not an integer")
     return value
-
-
-def _parse_integer(text: str) -> int:
-    """A decimal integer as the metadata stores it (``"10"``), not ``"1e1"`` or ``"10.0"``."""
-    if not (text.isascii() and text.strip().lstrip("-").isdigit()):
-        raise ValueError(f"{text!r} is not an integer")
-    return int(text)
 
 
 @dataclass(frozen=True)
@@ -345,6 +338,9 @@ def record_spec(record: Any, source: str) -> ModelSpec:
                                    "family, blocks (heads, head_dim, mlp_hidden) and weights_sha256")
     if not isinstance(record, dict) or not isinstance(record.get("weights_sha256"), str):
         raise problem
+    if record.get("family") not in PRUNABLE_FAMILIES:
+        raise InvalidArtifactError(f"{source}: the model record's family {record.get('family')!r} is none that "
+                                   f"tapvits scores or prunes ({', '.join(PRUNABLE_FAMILIES)})")
     try:
         blocks = tuple(BlockWidths(int(b["heads"]), int(b["head_dim"]), int(b["mlp_hidden"])) for b in record["blocks"])
         return ModelSpec(architecture=str(record["architecture"]), kwargs=dict(record["kwargs"]),

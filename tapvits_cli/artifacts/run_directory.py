@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sha256_file
+from tapvits_cli.artifacts.header import parse_json
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
 
 STATE_FILE = "run.json"
@@ -62,7 +63,7 @@ class RunDirectory:
         if not path.exists():
             return {"version": STATE_VERSION, "steps": {}}
         try:
-            state = json.loads(path.read_text())
+            state = parse_json(path.read_text())
         except (OSError, ValueError):
             raise InvalidArtifactError(f"{path}: unreadable run state; remove it to start the run afresh") from None
         if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
@@ -142,7 +143,7 @@ class RunDirectory:
         record_path = self._record(key)
         self._adopt_unhashed_entry(key, cached)
         try:
-            record = json.loads(record_path.read_text())
+            record = parse_json(record_path.read_text())
             seconds, recorded = float(record["seconds"]), str(record["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             recorded = None
@@ -167,7 +168,7 @@ class RunDirectory:
         if self._record(key).exists() or legacy == cached or not legacy.is_file():
             return
         try:
-            seconds = float(json.loads(legacy.read_text())["seconds"])
+            seconds = float(parse_json(legacy.read_text())["seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             return
         with atomic_write(self._record(key)) as tmp:

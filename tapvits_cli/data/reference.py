@@ -27,7 +27,7 @@ Ranges = tuple[tuple[int, int], ...]
 
 def _natural(value: object, minimum: int = 0) -> int:
     """An integer >= minimum from YAML (int) or the command line (digits)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"expected an integer >= {minimum}, got {value!r}")

@@ -14,10 +14,29 @@ from tapvits_cli.models.families import GENERIC, family_module, family_of
 from tapvits_cli.models.spec import ModelSpec
 
 
+# timm.create_model's own keywords, and build_model_with_cfg's, that fetch or read weights or
+# change what a call builds beyond the architecture: downloads, files named by a path, hub caches.
+# A model artifact's kwargs come from an untrusted file, so they may only shape the architecture;
+# weights arrive through tapvits' own readers (or --pretrained, which asks for them openly).
+LOADING_KEYWORDS = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "pretrained_filter_fn",
+    "pretrained_model_args", "checkpoint_path", "cache_dir", "model_cfg", "feature_cfg", "features_only",
+    "kwargs_filter", "scriptable", "exportable", "no_jit", "device", "dtype",
+})
+
+
 def create_model(architecture: str, kwargs: Mapping[str, Any] | None = None, pretrained: bool = False):
-    """``timm.create_model`` with tapvits' errors: an unknown name gets the nearest known ones."""
+    """``timm.create_model`` with tapvits' errors: an unknown name gets the nearest known ones.
+
+    Keyword arguments only shape the architecture: any of :data:`LOADING_KEYWORDS` (which would
+    make timm download weights or open a file an artifact names) is a :class:`UsageError`.
+    """
     import timm
 
+    loading = sorted(LOADING_KEYWORDS & set(kwargs or {}))
+    if loading:
+        raise UsageError(f"model keyword arguments may not load weights or files ({', '.join(loading)}): "
+                         "use --pretrained or --weights")
     if not timm.is_model(architecture):
         raise UsageError(f"unknown timm architecture '{architecture}'{_near_architectures(architecture)}")
     try:
@@ -249,4 +268,8 @@ def count_parameters(model) -> int:
 
 def cost_model(spec: ModelSpec, source: str = "the recorded architecture"):
     """Parameter and MAC accounting of ``spec``'s prunable family, built on the ``meta`` device (no weights)."""
-    return family_module(spec.family).cost_model(build_model(spec, device="meta", source=source))
+    model = build_model(spec, device="meta", source=source)
+    try:
+        return family_module(spec.family).cost_model(model)
+    except ValueError as exc:
+        raise InvalidArtifactError(f"{source}: {exc}") from None

@@ -107,6 +107,14 @@ class CostModel:
     fixed_macs: int
     layers: tuple[LayerCost, ...]
 
+    def __post_init__(self):
+        # Costs are summed in int64 (vectorised over layers): an architecture whose whole cost
+        # would not fit (a recorded 100,000-pixel input) is refused here, not overflowed later.
+        params = self.fixed_params + sum(layer.units * layer.unit_params + layer.branch_params for layer in self.layers)
+        macs = self.fixed_macs + sum(layer.units * layer.unit_macs for layer in self.layers)
+        if max(params, macs) >= 2 ** 63:
+            raise ValueError(f"the model's cost ({params} parameters, {macs} MACs) does not fit 64-bit counts")
+
     @property
     def units(self) -> np.ndarray:
         """Units per layer of the unpruned model, in the order of ``layers``."""

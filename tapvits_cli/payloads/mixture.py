@@ -120,6 +120,25 @@ class Mixture:
         model.n_features_in_ = self.dim
         return model
 
+    def check_range(self) -> None:
+        """``ValueError`` unless densities can be computed: finite values can still overflow.
+
+        A mixture read from a file may hold means of 1e200 or a projection scale of 1e-310:
+        each value is finite, yet the projection or the squared distances overflow, every
+        log-likelihood comes out −inf or NaN, and a selection made from them would look
+        valid. So the projection is folded and one feature vector (a unit vector, valid with
+        ``unit_norm`` too) is scored with floating-point overflow raised, not ignored.
+        """
+        try:
+            with np.errstate(over="raise", invalid="raise", divide="raise"):
+                linear, offset = self.projection._affine
+                loglik = self.estimator.score_samples(self.projection.apply(np.eye(1, self.feature_dim)))
+            usable = all(np.isfinite(values).all() for values in (linear, offset, loglik))
+        except FloatingPointError:
+            usable = False
+        if not usable:
+            raise ValueError("its values are out of range: the projection or the densities overflow")
+
     def log_likelihood(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-sample log density (in the projected space) and most likely component.
 

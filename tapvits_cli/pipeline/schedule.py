@@ -360,7 +360,7 @@ def slurm_parameters(settings: Sequence[str]) -> tuple[dict[str, Any], str]:
                 raise UsageError(f"--slurm cluster must be slurm or local, not {value!r}")
             cluster = value
             continue
-        parameters[names.get(key, key)] = int(value) if value.strip().isdigit() else value.strip()
+        parameters[names.get(key, key)] = int(value) if value.strip().isascii() and value.strip().isdigit() else value.strip()
     return parameters, cluster
 
 

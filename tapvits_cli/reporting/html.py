@@ -10,12 +10,12 @@ device's top-1 against the fraction of parameters it kept.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
+from tapvits_cli.artifacts.header import parse_json
 from tapvits_cli.errors import InvalidArtifactError, UsageError
 from tapvits_cli.reporting import svg
 
@@ -62,8 +62,8 @@ def collect_run(root: str | Path) -> RunData:
     if not summary_file.is_file():
         raise UsageError(f"{root}: the run has no {SUMMARY_FILE} yet; finish it with tapvits run first")
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        state = parse_json(state_file.read_text(encoding="utf-8"))
+        summary = parse_json(summary_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArtifactError(f"{root}: unreadable run records ({exc})") from None
     if not isinstance(state, dict) or not isinstance(state.get("steps"), dict) or not isinstance(summary, dict):

@@ -14,13 +14,13 @@ answer to "why was head 2 of block 5 dropped?".
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from tapvits_cli.artifacts.header import parse_json
 from tapvits_cli.artifacts.kinds import Table
 from tapvits_cli.errors import InvalidArtifactError, UsageError
 
@@ -76,7 +76,7 @@ def inspect_path(path: str | os.PathLike, units: bool = False, blocks: Sequence[
 def _has_tapvits_header(file: Path) -> bool:
     """A JSON artifact (a report) starts with its ``tapvits.*`` members; run records have none."""
     try:
-        document = json.loads(file.read_text(encoding="utf-8"))
+        document = parse_json(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, OSError):
         return True   # let the artifact reader give its precise reason
     return not isinstance(document, dict) or any(key.startswith("tapvits.") for key in document)
@@ -115,7 +115,7 @@ def _architecture_blocks(metadata: Mapping[str, str]):
 
     from tapvits_cli.models.factory import create_model, describe_model
 
-    kwargs = json.loads(metadata.get("model.kwargs", "{}"))
+    kwargs = parse_json(metadata.get("model.kwargs", "{}"))
     with torch.device("meta"):
         module = create_model(metadata["model.architecture"], kwargs)
     return describe_model(module, metadata["model.architecture"], kwargs).blocks
@@ -201,7 +201,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
     def loaded(key: str, default: Any) -> Any:
         try:
-            return json.loads(metadata[key]) if key in metadata else default
+            return parse_json(metadata[key]) if key in metadata else default
         except ValueError:
             raise InvalidArtifactError(f"{path}: metadata '{key}' is not valid JSON") from None
 
@@ -232,7 +232,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise InvalidArtifactError(f"{path}: invalid or truncated JSON") from None
 

@@ -129,6 +129,23 @@ def artifact_lineage(path: str | os.PathLike, kind: str):
     return LineageEntry(sha256_file(path), kind, Path(path).name)
 
 
+def open_selected_pool(data: str | None, metric_set, metric_set_path: str | os.PathLike):
+    """The pool a metric set selected from: ``data`` when the caller names one, else the reference it records.
+
+    A recorded reference is the artifact's content, not the caller's words: one that does not
+    parse or names no such split makes the metric set invalid (exit 3), not a usage error.
+    """
+    from tapvits_cli.data import open_dataset
+    from tapvits_cli.errors import InvalidArtifactError
+
+    if data:
+        return open_dataset(data)
+    try:
+        return open_dataset(metric_set.pool["reference"])
+    except UsageError as exc:
+        raise InvalidArtifactError(f"{metric_set_path}: its pool reference is unusable ({exc})") from None
+
+
 def dataset_lineage(dataset, name: str | None = None):
     """The lineage entry of a dataset: its content fingerprint, under its reference (or ``name``)."""
     from tapvits_cli.artifacts.header import LineageEntry

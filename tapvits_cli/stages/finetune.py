@@ -13,7 +13,7 @@ from typing import Any
 
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
 from tapvits_cli.stages import feedback
-from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option
+from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, open_selected_pool, option
 
 DEFAULT_DISTILL_WEIGHT = 0.5
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -71,7 +71,6 @@ def check_options(options: Options) -> None:
 
 def run(options: Options) -> Result:
     from tapvits_cli.artifacts.model import load_model, write_model
-    from tapvits_cli.data import open_dataset
     from tapvits_cli.models.factory import describe_model
     from tapvits_cli.runtime import seed_everything
     from tapvits_cli.training.augment import Augmentation
@@ -87,7 +86,7 @@ def run(options: Options) -> Result:
             from tapvits_cli.artifacts.metric_set import read_metric_set
 
             metric_set = read_metric_set(options.finetune_set)
-        dataset = open_dataset(options.data or metric_set.pool["reference"])
+        dataset = open_selected_pool(options.data, metric_set, options.finetune_set)
         inputs = {"data": dataset_lineage(dataset)}
         positions = None
         if metric_set is not None:

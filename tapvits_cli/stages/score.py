@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 from tapvits_cli.errors import IncompatibleArtifactError, UsageError
-from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, dataset_lineage, option
+from tapvits_cli.stages.common import (Written as Result, argument, artifact_lineage, dataset_lineage,
+                                       open_selected_pool, option)
 from tapvits_cli.stages.feedback import log, progress
 from tapvits_cli.vocabulary import BUDGET_FRACTION, DEFAULT_CRITERION
 
@@ -50,7 +51,6 @@ def run(options: Options) -> Result:
     from tapvits_cli.artifacts.metric_set import read_metric_set
     from tapvits_cli.artifacts.model import load_model, model_record
     from tapvits_cli.artifacts.scores import write_scores
-    from tapvits_cli.data import open_dataset
     from tapvits_cli.data.preprocess import Preprocessing
     from tapvits_cli.importance.samples import SampleSet
     from tapvits_cli.importance.scoring import ScoreConfig, planned_steps, score_model
@@ -76,7 +76,7 @@ def run(options: Options) -> Result:
     device = resolve_device(options.device)
 
     metric_set = read_metric_set(metric_set_path)
-    dataset = open_dataset(options.data or metric_set.pool["reference"])
+    dataset = open_selected_pool(options.data, metric_set, metric_set_path)
     if dataset.fingerprint() != metric_set.pool["fingerprint"]:
         raise IncompatibleArtifactError(
             f"{metric_set_path} indexes the pool '{metric_set.pool['reference']}' (fingerprint "

@@ -23,8 +23,9 @@ from types import ModuleType
 
 from tapvits_cli.errors import NotImplementedStageError, UsageError
 from tapvits_cli.models.families import swin, vit
+from tapvits_cli.vocabulary import PRUNABLE_FAMILIES
 
-FAMILIES: dict[str, ModuleType] = {"vit": vit, "swin": swin}
+FAMILIES: dict[str, ModuleType] = dict(zip(PRUNABLE_FAMILIES, (vit, swin)))
 GENERIC = "generic"
 SUPPORTED_DESCRIPTION = ("vit (timm VisionTransformer: ViT, DeiT and other vit_*/deit_* models), "
                          "swin (timm SwinTransformer: swin_* v1 models, not SwinV2)")
