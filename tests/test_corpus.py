@@ -586,6 +586,13 @@ REVIEWED_CASES = {
         {"validate": 0, "inspect": 0, "allocate": ExitCode.INVALID_ARTIFACT}),
     "scores recording no prunable family": (
         "scores", _edit_record("scores.model", lambda r: r.update(family="cnn")), ExitCode.INVALID_ARTIFACT),
+    "scores recording 2.0 heads": (
+        "scores", _edit_record("scores.model", lambda r: r["blocks"][0].update(heads=float(r["blocks"][0]["heads"]))),
+        ExitCode.INVALID_ARTIFACT),
+    "scores whose probe fraction is a boolean": (
+        "scores", lambda path: write_metadata(path, {"scores.probe_fraction": "true"}), ExitCode.INVALID_ARTIFACT),
+    "scores of -5 samples": (
+        "scores", lambda path: write_metadata(path, {"scores.samples": "-5"}), ExitCode.INVALID_ARTIFACT),
     "a plan whose model costs more than 64-bit counts hold": (
         "plan", _edit_record("plan.model", lambda r: r["kwargs"].update(img_size=100000)),
         {"validate": ExitCode.INVALID_ARTIFACT, "inspect": 0, "prune": ExitCode.INVALID_ARTIFACT}),

@@ -93,6 +93,15 @@ def test_pickled_module_is_refused(tmp_path):
         read_weights_file(checkpoint)
 
 
+@pytest.mark.parametrize("keyword", ["pretrained=true", "checkpoint_path=/etc/hosts", "cache_dir=/tmp"])
+def test_keyword_arguments_that_load_weights_or_files_are_refused(keyword, tmp_path, tapvits):
+    """``-a`` shapes the architecture; weights come only through --pretrained or --weights."""
+    result = tapvits("create-model", TINY_VIT, *model_args(TINY_VIT_KWARGS), "-a", keyword,
+                     "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == ExitCode.USAGE and keyword.split("=")[0] in result.stderr
+    assert "--pretrained or --weights" in result.stderr and not (tmp_path / "m.safetensors").exists()
+
+
 def test_weights_for_another_shape_are_refused(tmp_path, tapvits):
     other = create_model(TINY_VIT, {**TINY_VIT_KWARGS, "embed_dim": 12})
     checkpoint = tmp_path / "other.pth"

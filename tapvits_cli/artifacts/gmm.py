@@ -158,9 +158,11 @@ def _parse(artifact: ArtifactFile):
         raise artifact.fail(f"tensors do not match '{NAMESPACE}.tensors_sha256' (corrupted)")
     bic_raw, extractor, privacy = (artifact.json_field(f"{NAMESPACE}.{key}") for key in ("bic", "extractor", "privacy"))
     try:
-        bic = {int(key): float(value) for key, value in bic_raw.items()}
+        bic = {parse_decimal(key): float(value) for key, value in bic_raw.items() if finite_number(value)}
     except (AttributeError, TypeError, ValueError):
-        raise artifact.fail(f"'{NAMESPACE}.bic' must map K to a number") from None
+        bic = None
+    if bic is None or len(bic) != len(bic_raw):
+        raise artifact.fail(f"'{NAMESPACE}.bic' must map each K (a decimal integer) to a finite number")
     if not isinstance(extractor, dict) or not isinstance(privacy, dict):
         raise artifact.fail(f"'{NAMESPACE}.extractor' and '{NAMESPACE}.privacy' must be JSON objects")
     unit_norm = artifact.metadata.get(f"{NAMESPACE}.unit_norm", "false")

@@ -342,7 +342,8 @@ def record_spec(record: Any, source: str) -> ModelSpec:
         raise InvalidArtifactError(f"{source}: the model record's family {record.get('family')!r} is none that "
                                    f"tapvits scores or prunes ({', '.join(PRUNABLE_FAMILIES)})")
     try:
-        blocks = tuple(BlockWidths(int(b["heads"]), int(b["head_dim"]), int(b["mlp_hidden"])) for b in record["blocks"])
+        blocks = tuple(BlockWidths(_integer(b["heads"]), _integer(b["head_dim"]), _integer(b["mlp_hidden"]))
+                       for b in record["blocks"])
         return ModelSpec(architecture=str(record["architecture"]), kwargs=dict(record["kwargs"]),
                          family=str(record["family"]), blocks=blocks, preprocessing={}, num_classes=0)
     except (KeyError, TypeError, ValueError, AttributeError):

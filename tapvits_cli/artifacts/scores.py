@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, load_safetensors, write_safetensors
-from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json
+from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number, parse_decimal
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, bar, read_artifact, register
 from tapvits_cli.artifacts.model import record_spec
 from tapvits_cli.models.spec import BlockWidths, ModelSpec
@@ -91,12 +91,14 @@ def _parse(artifact: ArtifactFile, tensors: Mapping[str, Any]) -> Scores:
     model = artifact.json_field(f"{KIND}.model")
     blocks = record_spec(model, source).blocks
     probe_fraction = artifact.json_field(f"{KIND}.probe_fraction")
-    if probe_fraction is not None and not (isinstance(probe_fraction, (int, float)) and 0 <= probe_fraction <= 1):
+    if probe_fraction is not None and not (finite_number(probe_fraction) and 0 <= probe_fraction <= 1):
         raise fail(f"'{KIND}.probe_fraction' must be null or a number in [0, 1]")
     try:
-        samples = int(artifact.metadata[f"{KIND}.samples"])
+        samples = parse_decimal(artifact.metadata[f"{KIND}.samples"])
     except ValueError:
-        raise fail(f"'{KIND}.samples' is not an integer") from None
+        samples = 0
+    if samples < 1:
+        raise fail(f"'{KIND}.samples' must be a positive integer, got {artifact.metadata[f'{KIND}.samples']!r}")
     weights = None
     if criterion == "composite":
         weights = artifact.json_field(f"{KIND}.weights")
