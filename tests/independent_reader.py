@@ -436,6 +436,10 @@ def check_features(a: Artifact) -> None:
     if "features.features_sha256" in a.strings:
         require(sha256_hex(features.astype("<f4").tobytes()) == a.strings["features.features_sha256"],
                 "rows do not match features.features_sha256")
+    if "features.index_sha256" in a.strings:   # per row: id, then label, each little-endian int64
+        pairs = np.column_stack([ids, labels]).astype("<i8")
+        require(sha256_hex(pairs.tobytes()) == a.strings["features.index_sha256"],
+                "ids or labels do not match features.index_sha256")
 
 
 def check_metric_set(a: Artifact) -> None:

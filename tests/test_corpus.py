@@ -568,6 +568,12 @@ def _rebuild_features(rows: int | None = None, dim: int | None = None):
     return edit
 
 
+def _flip_label(path: Path, row: int) -> None:
+    """One public label changed: the features, and so their hash, untouched."""
+    with h5py.File(path, "r+") as handle:
+        handle["features/labels"][row] = (handle["features/labels"][row] + 1) % 10
+
+
 def _metric_set_column(name: str, value, drop_coverage: bool = False):
     def edit(path: Path) -> None:
         with h5py.File(path, "r+") as handle:
@@ -599,6 +605,8 @@ REVIEWED_CASES = {
     "a header nested 100000 deep": (
         "plan", lambda path: write_metadata(path, {"tapvits.params": "[" * 100000 + "]" * 100000}),
         ExitCode.INVALID_ARTIFACT),
+    "a feature table with one label changed (features.index_sha256)": (
+        "features", lambda path: _flip_label(path, 3), ExitCode.INVALID_ARTIFACT),
     "a feature table of no rows": ("features", _rebuild_features(rows=0), ExitCode.INVALID_ARTIFACT),
     "a feature table of no features": ("features", _rebuild_features(dim=0), ExitCode.INVALID_ARTIFACT),
     "a metric set whose component index would size a 16 GiB table": (

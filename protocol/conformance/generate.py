@@ -305,6 +305,9 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
     def changed_row(handle):
         handle["features/features"][0, 0] += 1.0
 
+    def changed_label(handle):
+        handle["features/labels"][0] = (handle["features/labels"][0] + 1) % 10
+
     def unordered_ids(handle):
         ids = handle["features/ids"][...]
         ids[[0, 1]] = ids[[1, 0]]
@@ -322,6 +325,8 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
     for name, code, rule, change in (
             ("features-incomplete.h5", 3, "features.rows_done is below features.rows", rows_done),
             ("features-row-changed.h5", 3, "the rows do not hash to features.features_sha256", changed_row),
+            ("features-label-changed.h5", 3, "the ids and labels do not hash to features.index_sha256",
+             changed_label),
             ("features-ids-unordered.h5", 3, "ids are not strictly increasing", unordered_ids),
             ("features-group-newer.h5", 4, "the group's encoding-version is newer than the reader's", newer_group),
             ("features-extractor-hash.h5", 3, "features.extractor_sha256 is not the hash of features.extractor",

@@ -109,7 +109,8 @@ def _create_partial(partial: Path, header: Header, metadata: Mapping[str, str], 
     early.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)   # every chunk on disk now, not on first write
     with atomic_write(partial) as tmp, h5py.File(tmp, "w") as handle:
         for key, value in {**header.to_strings(), **metadata, _meta("rows_done"): "0",
-                           _meta("features_sha256"): hashlib.sha256().hexdigest()}.items():
+                           _meta("features_sha256"): hashlib.sha256().hexdigest(),
+                           _meta("index_sha256"): index_sha256(ids, labels)}.items():
             handle.attrs[key] = value
         group = handle.create_group(GROUP)
         set_group_encoding(group, ENCODING_TYPE, ENCODING_VERSION)
@@ -117,6 +118,16 @@ def _create_partial(partial: Path, header: Header, metadata: Mapping[str, str], 
         group.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), chunks=(_chunk_rows(rows, 8),))
         group.create_dataset("features", shape=(rows, dim), dtype=np.float32,
                              chunks=(_chunk_rows(rows, 4 * dim), dim), fillvalue=0.0, dcpl=early, fill_time="alloc")
+
+
+def _index_rows(ids: np.ndarray, labels: np.ndarray) -> bytes:
+    """Rows' (id, label) pairs as the index hash covers them: little-endian int64, id first."""
+    return np.stack([np.asarray(ids), np.asarray(labels)], axis=1).astype("<i8").tobytes()
+
+
+def index_sha256(ids: np.ndarray, labels: np.ndarray) -> str:
+    """``features.index_sha256``: the hash of every row's id and label (the features hash covers neither)."""
+    return hashlib.sha256(_index_rows(ids, labels)).hexdigest()
 
 
 def _chunk_rows(rows: int, row_bytes: int) -> int:
@@ -268,6 +279,7 @@ class FeatureTable:
     dim: int
     _handle: Any = field(default=None, repr=False)
     features_sha256: str | None = None   # absent in tables written before tapvits recorded it
+    index_sha256: str | None = None      # likewise
 
     def __enter__(self) -> "FeatureTable":
         return self
@@ -305,7 +317,7 @@ class FeatureTable:
         group = self._group()
         ids, features, labels = group["ids"], group["features"], group["labels"]
         classes = self._classes()
-        digest, previous = hashlib.sha256(), -1
+        digest, index_digest, previous = hashlib.sha256(), hashlib.sha256(), -1
         for start in range(0, self.rows, chunk_rows):
             stop = min(start + chunk_rows, self.rows)
             chunk_ids, rows, chunk_labels = ids[start:stop], features[start:stop], labels[start:stop]
@@ -318,15 +330,23 @@ class FeatureTable:
             if not np.isfinite(rows).all():
                 raise InvalidArtifactError(f"{self.artifact.path}: features contain NaN or infinity")
             digest.update(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+            index_digest.update(_index_rows(chunk_ids, chunk_labels))
             yield chunk_ids, rows, chunk_labels
         if self.features_sha256 is not None and digest.hexdigest() != self.features_sha256:
             raise InvalidArtifactError(f"{self.artifact.path}: features do not match features.features_sha256 "
+                                       "(corrupted)")
+        self._check_index(index_digest.hexdigest())
+
+    def _check_index(self, computed: str) -> None:
+        if self.index_sha256 is not None and computed != self.index_sha256:
+            raise InvalidArtifactError(f"{self.artifact.path}: ids or labels do not match features.index_sha256 "
                                        "(corrupted)")
 
     def labels(self) -> np.ndarray:
         """Every row's label (8 bytes a row: small next to the features), in range (the rule of ``validate``)."""
         with hdf5_reading(self.artifact.path):
-            labels = self._group()["labels"][:]
+            ids, labels = self._group()["ids"][:], self._group()["labels"][:]
+        self._check_index(index_sha256(ids, labels))   # labels steer class-prior quotas: never a flipped one
         if len(labels) and (labels.min() < 0 or labels.max() >= self._classes()):
             raise InvalidArtifactError(f"{self.artifact.path}: labels must lie in 0..num_classes-1 of features.dataset")
         return labels
@@ -384,7 +404,7 @@ def _structure(artifact: ArtifactFile) -> FeatureTable:
             handle.close()
             raise
     return FeatureTable(artifact, extractor, meta["extractor_sha256"], dataset, rows, dim, handle,
-                        meta.get("features_sha256"))
+                        meta.get("features_sha256"), meta.get("index_sha256"))
 
 
 def _check_group(handle, path: Path, rows: int, dim: int) -> None:
