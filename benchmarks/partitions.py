@@ -23,7 +23,11 @@ every later run, of any seed, starts from that file. Methods:
   the selected set), ``tap`` (70% by default; the output-norm criterion since issue 14),
   ``tap-composite`` (TAP with the paper's composite criterion, TAP's before), ``tap-kl-power``
   and ``tap-global`` (TAP with the other two allocations), and the baselines that use the
-  same selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``.
+  same selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``;
+* probes: ``tap-kl-power-0.5`` (``kl-power`` with exponent τ = 0.5 instead of 1.1, between
+  ``kl``'s near-uniform shares and ``kl-power``'s), and ``tap-3-epochs``,
+  ``base-finetuned-3-epochs``, ``taylor-global-gmm-3-epochs`` (three epochs of fine-tuning
+  instead of one).
 
 Rows are updated in place (``--fresh`` starts anew), so a run adds or redoes some rows and
 keeps the rest. Targets per partition (issue 14), for ``--default-strategy``: TAP at the
@@ -88,6 +92,12 @@ METHODS = {
     "tap-global": (BASE_RECIPE, None, ("stages.allocate.strategy=global",), True),
     "magnitude-uniform-gmm": (VARIANTS / "magnitude-uniform-gmm.yaml", None, (), True),
     "taylor-global-gmm": (VARIANTS / "taylor-global-gmm.yaml", None, (), True),
+    # probes of what else could move TAP against the baselines (README, "TAP's criterion and allocation")
+    "tap-kl-power-0.5": (BASE_RECIPE, None, ("stages.allocate.strategy=kl-power", "stages.allocate.temperature=0.5"),
+                         True),
+    "tap-3-epochs": (BASE_RECIPE, None, ("stages.finetune.epochs=3",), True),
+    "base-finetuned-3-epochs": (VARIANTS / "base-finetuned.yaml", 1.0, ("stages.finetune.epochs=3",), True),
+    "taylor-global-gmm-3-epochs": (VARIANTS / "taylor-global-gmm.yaml", None, ("stages.finetune.epochs=3",), True),
 }
 SAME_SET_BASELINES = ("magnitude-uniform-gmm", "taylor-global-gmm")
 TARGET_BUDGET = 0.7   # the issue's targets are TAP's at 70%, whatever budget a run measures
