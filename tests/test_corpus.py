@@ -459,6 +459,8 @@ MODEL_CASES = {
         {"input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"})},
     "an input of 100000x100000": {"preprocessing": json.dumps(
         {"input_size": [1, 100000, 100000], "mean": [0.5], "std": [0.5], "interpolation": "bilinear"})},
+    "an input of 8.0 x 8.0 pixels": {"preprocessing": json.dumps(
+        {"input_size": [1, 8.0, 8.0], "mean": [0.5], "std": [0.5], "interpolation": "bilinear"})},
     "a NaN std": {"preprocessing": json.dumps(
         {"input_size": [1, 8, 8], "mean": [0.5], "std": [float("nan")], "interpolation": "bilinear"})},
     "num_classes disagreeing with the head": {"num_classes": "5"},

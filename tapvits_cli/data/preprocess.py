@@ -11,6 +11,7 @@ Imports torch at module level: import this module only where torch is needed.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in self.input_size):
+            raise ValueError(f"input_size must be (C, H, W) of positive integers, got {list(self.input_size)}")
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
