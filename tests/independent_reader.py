@@ -261,10 +261,16 @@ def blocks_of(value: Any) -> list[dict]:
     return value
 
 
+# model.md "Rebuilding": kwargs that would make timm fetch or read weights or files
+LOADING_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "pretrained_filter_fn",
+                  "pretrained_model_args", "checkpoint_path", "cache_dir", "model_cfg", "feature_cfg", "features_only",
+                  "kwargs_filter", "scriptable", "exportable", "no_jit", "device", "dtype"}
+
+
 def check_model(a: Artifact) -> None:
     for key in ("architecture", "family", "weights_sha256") + (("timm_version",) if a.version >= 2 else ()):
         require(f"model.{key}" in a.strings, f"required key 'model.{key}' is missing")
-    a.json_key("model.kwargs", dict)
+    require(not LOADING_KWARGS & set(a.json_key("model.kwargs", dict)), "model.kwargs would load weights or files")
     blocks = blocks_of(a.json_key("model.blocks", list))
     preprocessing = a.json_key("model.preprocessing", dict)
     num_classes = a.integer_key("model.num_classes")

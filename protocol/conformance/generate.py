@@ -265,6 +265,10 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
                         model__weights_sha256=tensor_hash(tensors, "legacy"))
     rewrite_safetensors(model, add("model-no-timm-version.safetensors", "model", 3,
                                    "version 2 without model.timm_version"), model__timm_version=None)
+    loading = {**json.loads(safetensors_parts(model)[1]["model.kwargs"]), "pretrained": True}
+    rewrite_safetensors(model, add("model-pretrained-kwargs.safetensors", "model", 3,
+                                   "model.kwargs holds a keyword that loads weights (pretrained)"),
+                        model__kwargs=json.dumps(loading, sort_keys=True, separators=(",", ":")))
     rewrite_safetensors(model, add("model-blocks-not-json.safetensors", "model", 3,
                                    "model.blocks is not a JSON list"), model__blocks="[{")
     rewrite_safetensors(model, add("model-wrong-parameters.safetensors", "model", 3,
