@@ -380,12 +380,39 @@ def check_gmm(a: Artifact) -> None:
         require(bic == {}, "a differentially private fit has an empty gmm.bic")
         eps, delta, rho = dp.get("epsilon"), dp.get("delta"), dp.get("rho")
         require(math.isclose(eps, rho + 2 * math.sqrt(rho * math.log(1 / delta)), rel_tol=1e-6), "dp epsilon/rho")
+    require(_densities_computable(t, expected, covariance), "densities overflow (values out of range)")
     m = support_floor(covariance, d)
     require((w * n >= m - 1e-9).all(), "a component's effective support is below the floor")
     mu = t["means"]
     overall = (w[:, None] * (variances + mu ** 2)).sum(0) - ((w[:, None] * mu).sum(0)) ** 2
     ratio = np.exp(np.log(variances / overall).mean(axis=1))
     require((ratio >= 0.001).all(), "a component collapsed (variance ratio below 0.001)")
+
+
+def _densities_computable(t: dict, precision: np.ndarray, covariance: str) -> bool:
+    """gmm.md: the folded projection and the log-density of the unit vector e0 are finite, overflow an error."""
+    scale, mean, components = t["projection.scale"], t["projection.mean"], t.get("projection.components")
+    mu, w = t["means"], t["weights"]
+    try:
+        with np.errstate(over="raise", invalid="raise", divide="ignore"):
+            linear = (components / scale).T if components is not None else np.diag(1 / scale)
+            offset = -(mean @ linear)
+            x = np.eye(1, len(mean))[0] @ linear + offset
+            diff = x[None, :] - mu                                   # (K, d)
+            if covariance == "full":
+                y, logdet = np.einsum("kd,kde->ke", diff, precision), np.log(np.diagonal(precision, axis1=1, axis2=2)).sum(1)
+            elif covariance == "tied":
+                y, logdet = diff @ precision, np.full(len(w), np.log(np.diag(precision)).sum())
+            elif covariance == "diag":
+                y, logdet = diff * precision, np.log(precision).sum(1)
+            else:
+                y, logdet = diff * precision[:, None], mu.shape[1] * np.log(precision)
+            terms = np.log(w) - 0.5 * mu.shape[1] * math.log(2 * math.pi) + logdet - 0.5 * (y ** 2).sum(1)
+            top = terms.max()
+            density = top + np.log(np.exp(terms - top).sum())
+        return bool(np.isfinite(linear).all() and np.isfinite(offset).all() and np.isfinite(density))
+    except FloatingPointError:
+        return False
 
 
 def _is_number(text: str) -> bool:

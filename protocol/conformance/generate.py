@@ -297,6 +297,10 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
                         gmm__extractor_sha256="0" * 64)
     rewrite_safetensors(gmm, add("gmm-no-privacy.safetensors", "gmm", 3, "a required key (gmm.privacy) is missing"),
                         gmm__privacy=None)
+    huge = {**mixture, "means": mixture["means"] * 0 + 1e200}
+    rewrite_safetensors(gmm, add("gmm-means-overflow.safetensors", "gmm", 3,
+                                 "finite means whose densities overflow (hash recomputed)"),
+                        tensors=huge, gmm__tensors_sha256=tensor_hash(huge))
     single = {**mixture, "weights": mixture["weights"].astype(np.float32)}
     rewrite_safetensors(gmm, add("gmm-f32-weights.safetensors", "gmm", 3, "a tensor is not F64 (hash recomputed)"),
                         tensors=single, gmm__tensors_sha256=tensor_hash(single))

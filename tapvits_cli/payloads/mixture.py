@@ -130,7 +130,7 @@ class Mixture:
         ``unit_norm`` too) is scored with floating-point overflow raised, not ignored.
         """
         try:
-            with np.errstate(over="raise", invalid="raise", divide="raise"):
+            with np.errstate(over="raise", invalid="raise", divide="ignore"):   # log of a zero weight is −inf, fine
                 linear, offset = self.projection._affine
                 loglik = self.estimator.score_samples(self.projection.apply(np.eye(1, self.feature_dim)))
             usable = all(np.isfinite(values).all() for values in (linear, offset, loglik))
