@@ -118,6 +118,36 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, tapvits):
     assert header(again).metadata["model.weights_sha256"] == header(first).metadata["model.weights_sha256"]
 
 
+def _nan_weights(state):
+    state["model"] = {name: torch.full_like(t, float("nan")) if t.is_floating_point() else t
+                      for name, t in state["model"].items()}
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (_nan_weights, "hold NaN or infinite values"),      # the last epoch's state: written out with no step taken
+    (lambda s: s["model"].pop("head.bias"), "names and shapes"),
+    (lambda s: s.update(epoch="1"), "epoch and step must be integers"),
+    (lambda s: s.update(step=-1), "epoch and step must be integers"),
+    (lambda s: s.update(history=5), "history must be a list"),
+    (lambda s: s.update(optimizer={"state": 1, "param_groups": "x"}), "optimizer or scheduler state does not fit"),
+    (lambda s: s.update(run="[1]"), "its run record is not"),
+], ids=["nan-weights", "missing-weight", "epoch-text", "negative-step", "history-number", "optimizer-garbage",
+        "run-record-list"])
+def test_a_tampered_checkpoint_is_refused_and_writes_no_model(tamper, reason, tmp_path, tapvits):
+    """A checkpoint's run identity says nothing of its content: the state itself is checked before use."""
+    directory = tmp_path / "ckpt"
+    args = [*SCRATCH, "--data", SMALL, "--epochs", "1", "--batch-size", "32", "--checkpoint-dir", directory]
+    assert tapvits("finetune", *args, "-o", tmp_path / "first.safetensors").exit_code == 0
+    path = directory / "finetune-checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    tamper(state)
+    torch.save(state, path)
+    out = tmp_path / "again.safetensors"
+    result = tapvits("finetune", *args, "-o", out)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT and reason in result.stderr, result.stderr
+    assert not out.exists()
+
+
 def test_distillation_from_a_teacher_changes_the_result(tmp_path, tapvits, tiny_model_file):
     teacher = tmp_path / "teacher.safetensors"
     assert tapvits("finetune", *SCRATCH, "--data", SMALL, "--epochs", "1", "--batch-size", "32", "--seed", "5",

@@ -58,6 +58,8 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint | None:
         if not isinstance(state, dict) or state.pop("format", None) != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
         run = parse_json(state.pop("run"))
+        if not (isinstance(run, dict) and isinstance(run.get("params"), dict) and isinstance(run.get("inputs"), dict)):
+            raise ValueError("its run record is not {params: {...}, inputs: {...}}")
     except Exception as exc:  # torch raises assorted types for foreign or truncated files
         raise InvalidArtifactError(f"{path}: unreadable checkpoint ({exc}); delete it to start afresh") from None
     return Checkpoint(run, state)

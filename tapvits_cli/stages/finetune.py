@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tapvits_cli.errors import IncompatibleArtifactError, UsageError
+from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
 from tapvits_cli.stages import feedback
 from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, open_selected_pool, option
 
@@ -126,7 +126,7 @@ def run(options: Options) -> Result:
         run_identity = {"params": params, "inputs": {role: entry.sha256 for role, entry in inputs.items()}}
 
         directory = None if options.no_checkpoint else (options.checkpoint_dir or options.output + CHECKPOINT_SUFFIX)
-        start_state = resume_state(directory, run_identity, options.resume) if directory else None
+        start_state = resume_state(directory, run_identity, options.resume, model, plan) if directory else None
         done = int(start_state["step"]) if start_state else 0
 
         def on_epoch_end(state: dict) -> None:
@@ -214,9 +214,13 @@ def _check_teacher(path: str, spec, num_classes: int, preprocessing) -> None:
                                         f"({spec.preprocessing} vs {preprocessing.to_dict()})")
 
 
-def resume_state(directory: str, run_identity: dict, required: bool) -> dict | None:
+def resume_state(directory: str, run_identity: dict, required: bool, model, plan) -> dict | None:
     """The checkpoint state to continue from, if ``directory`` holds one of this very run
-    (the same parameters and input hashes); another run's checkpoint is an error, not a silent restart."""
+    (the same parameters and input hashes); another run's checkpoint is an error, not a silent restart.
+
+    Its identity says nothing of its content, so the state is checked too (:func:`_check_state`):
+    a checkpoint of the last epoch is written out as the model with no step taken in between.
+    """
     from tapvits_cli.artifacts.checkpoint import checkpoint_path, read_checkpoint
 
     found = read_checkpoint(directory)
@@ -232,5 +236,37 @@ def resume_state(directory: str, run_identity: dict, required: bool) -> dict | N
         raise IncompatibleArtifactError(
             f"{checkpoint_path(directory)} belongs to another run (differs in {', '.join(differing) or 'format'}); "
             "use another --checkpoint-dir or delete it to start afresh")
+    _check_state(state, model, plan, checkpoint_path(directory))
     feedback.log(f"resuming from {checkpoint_path(directory)} after epoch {state['epoch']} (step {state['step']})")
     return state
+
+
+def _check_state(state: dict, model, plan, path) -> None:
+    """Counters within the run's plan, and model weights of the model's names and shapes, all finite.
+
+    The optimizer and scheduler states are checked as they load (``train`` refuses one that
+    does not fit); the model's weights are the part that reaches the output unchanged.
+    """
+    import torch
+
+    def integer(key: str, limit: int) -> bool:
+        value = state.get(key)
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+    problem = None
+    if not (integer("epoch", plan.epochs) and integer("step", plan.total_steps)):
+        problem = f"epoch and step must be integers within the run's {plan.epochs} epochs and {plan.total_steps} steps"
+    elif not isinstance(state.get("history"), list) or not all(isinstance(e, dict) for e in state["history"]):
+        problem = "history must be a list of records"
+    elif not all(isinstance(state.get(key), dict) for key in ("model", "optimizer", "scheduler")):
+        problem = "model, optimizer and scheduler states are missing"
+    else:
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        weights = state["model"]
+        if set(weights) != set(expected) or not all(isinstance(t, torch.Tensor) and tuple(t.shape) == expected[name]
+                                                    for name, t in weights.items()):
+            problem = "its model weights do not have this model's names and shapes"
+        elif not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+            problem = "its model weights hold NaN or infinite values"
+    if problem:
+        raise InvalidArtifactError(f"{path}: unusable checkpoint ({problem}); delete it to start afresh")

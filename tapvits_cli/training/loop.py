@@ -194,9 +194,14 @@ def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing
     scheduler = warmup_cosine(optimizer, plan.total_steps, plan.warmup_steps, config.min_lr)
     first_epoch, step, history = 0, 0, []
     if start_state is not None:
-        model.load_state_dict(start_state["model"])
-        optimizer.load_state_dict(start_state["optimizer"])
-        scheduler.load_state_dict(start_state["scheduler"])
+        try:
+            model.load_state_dict(start_state["model"])
+            optimizer.load_state_dict(start_state["optimizer"])
+            scheduler.load_state_dict(start_state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidArtifactError(f"the checkpoint's optimizer or scheduler state does not fit this run "
+                                       f"({reason}); delete it to start afresh") from None
         first_epoch, step, history = int(start_state["epoch"]), int(start_state["step"]), list(start_state["history"])
     network = model
     if world_size > 1:
