@@ -20,6 +20,11 @@ UNIT_KINDS = ("attn", "mlp")
 # plans are only ever made for these.
 PRUNABLE_FAMILIES = ("vit", "swin")
 
+# -- seeds ------------------------------------------------------------------------------------
+# What every library tapvits seeds accepts (NumPy and scikit-learn take 0..2³²−1): the range of
+# --seed and of a recipe's ``seed``.
+SEED_RANGE = (0, 2 ** 32 - 1)
+
 # -- stages -----------------------------------------------------------------------------------
 # The pipeline's stages in the order one device's chain runs them; also the sections of a
 # recipe's ``stages`` (protocol/recipe.md).

@@ -73,6 +73,8 @@ BAD_RECIPES = [
     ({"base_model": {"train": {"model": TINY_VIT, "epoch": 3}}},
      "'base_model.train.epoch' is not an option of `tapvits finetune` (did you mean 'epochs'?)"),
     ({"base_model": {"artifact": "m.safetensors", "train": {"model": TINY_VIT}}}, "exactly one of 'artifact' and 'train'"),
+    ({"seed": -5}, "'seed' must lie in 0..4294967295"),
+    ({"devices": [{"name": "low\n", "private": "digits"}]}, "must be letters, digits"),   # "$" matched before "\n"
 ]
 
 
@@ -91,6 +93,35 @@ def test_yaml_syntax_error_names_the_line(tmp_path, tapvits):
     result = tapvits("run", path, "--dry-run")
     assert result.exit_code == ExitCode.USAGE
     assert "not valid YAML" in result.stderr and "line" in result.stderr
+
+
+BOMB = "[&a [1,1,1,1,1,1,1,1,1,1], " + ", ".join(
+    f"&{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcdefgh", "bcdefghi")) + "]"   # 10⁹ values in 700 bytes
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"version: 1\nname: bomb\nbase_model: {{train: {{model: m, args: {{depth: {BOMB}}}}}}}\n",
+     "aliases expand to more than 1,000,000 values"),
+    ("version: 1\nstages: " + "[" * 50000 + "]" * 50000 + "\n", "nested too deeply"),
+    ("version: 1\nbudget: " + "9" * 400 + "\n", "does not fit 64 bits"),
+    ("version: " + "9" * 5000 + "\n", "not valid YAML"),
+], ids=["alias-bomb", "deep-nesting", "huge-integer", "5000-digit-integer"])
+def test_hostile_yaml_is_a_quick_usage_error(text, message, tmp_path, tapvits):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    result = tapvits("run", path, "--dry-run")
+    assert result.exit_code == ExitCode.USAGE and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
+    via_set = tapvits("run", write_recipe(tmp_path, TINY_RECIPE), "--dry-run", "--set", f"stages.select.metric-size={BOMB}")
+    assert via_set.exit_code == ExitCode.USAGE and "aliases expand" in via_set.stderr
+
+
+def test_an_extends_symlink_loop_is_a_usage_error(tmp_path, tapvits):
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    recipe = write_recipe(tmp_path, {**TINY_RECIPE, "extends": "a.yaml"}, "variant.yaml")
+    result = tapvits("run", recipe, "--dry-run")
+    assert result.exit_code == ExitCode.USAGE and "cannot be read" in result.stderr, result.stderr
 
 
 def test_variants_override_a_base_recipe(tmp_path, tapvits):

@@ -25,6 +25,7 @@ import click
 from click.core import ParameterSource
 
 from tapvits_cli.errors import UsageError
+from tapvits_cli.vocabulary import SEED_RANGE
 
 
 @dataclass
@@ -75,7 +76,7 @@ def global_options(func: Callable) -> Callable:
                      help="More log lines on stderr (repeatable)."),
         click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_store("verbosity"),
                      help="Only errors on stderr."),
-        click.option("--seed", type=int, default=0, show_default=True, envvar="TAPVITS_SEED", expose_value=False,
+        click.option("--seed", type=click.IntRange(*SEED_RANGE), default=0, show_default=True, envvar="TAPVITS_SEED", expose_value=False,
                      callback=_store("seed"), help="Seed for torch, NumPy and scikit-learn (recorded in the artifact)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      envvar="TAPVITS_DEVICE", expose_value=False, callback=_store("device"),

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.vocabulary import BASE_EXTRACTOR, BUDGET_FRACTION, OPTIONAL_STAGES, PIPELINE_STAGES
+from tapvits_cli.vocabulary import BASE_EXTRACTOR, BUDGET_FRACTION, OPTIONAL_STAGES, PIPELINE_STAGES, SEED_RANGE
 
 VERSION = 1
 TOP_LEVEL = ("version", "extends", "name", "seed", "device", "public", "base_model", "extractor", "devices",
              "budget", "stages", "thresholds", "slurm")
 THRESHOLDS = ("min-top1", "min-mean-top1")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")   # \Z, not $: "name\n" matched $
 _MAX_EXTENDS = 16
 
 # check_stage(stage, options, path) → the options, checked and normalised; raises UsageError.
@@ -103,10 +103,44 @@ def load_yaml(text: str) -> Any:
     ``yaml.YAMLError`` that marks the second key, so callers report it like any YAML
     error, with its line. Keys brought in by a merge key (``<<: *base``) may still be
     overridden: that is what merging is for.
+
+    Two more limits, since a recipe may come from anyone: nesting deeper than Python's
+    recursion limit, and aliases that expand to more than :data:`_MAX_EXPANDED_VALUES`
+    values (nine levels of ``&a [*b, *b, …]`` in 700 bytes make 10⁹, and every later
+    ``str()`` or comparison would walk them all) are YAML errors too.
     """
     import yaml
 
-    return yaml.load(text, Loader=_strict_loader())
+    try:
+        document = yaml.load(text, Loader=_strict_loader())
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as exc:   # an integer of thousands of digits (Python's conversion limit)
+        raise yaml.YAMLError(str(exc).splitlines()[0]) from None
+    _check_expanded_size(document)
+    return document
+
+
+_MAX_EXPANDED_VALUES = 1_000_000
+
+
+def _check_expanded_size(document: Any) -> None:
+    """Count the values ``document`` holds with every alias expanded, up to the limit."""
+    import yaml
+
+    pending, count = [document], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > _MAX_EXPANDED_VALUES:
+            raise yaml.YAMLError(f"its aliases expand to more than {_MAX_EXPANDED_VALUES:,} values")
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2 ** 63:
+            raise yaml.YAMLError(f"the integer {str(value)[:20]}… does not fit 64 bits")
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,23 +181,25 @@ def read_recipe_document(path: str | os.PathLike) -> dict:
     current = Path(path)
     seen: set[Path] = set()
     while True:
-        resolved = current.resolve()
-        if resolved in seen or len(chain) >= _MAX_EXTENDS:
-            raise UsageError(f"recipe {current}: 'extends' forms a cycle or is nested deeper than {_MAX_EXTENDS}")
-        seen.add(resolved)
         try:
+            resolved = current.resolve()
+            if resolved in seen or len(chain) >= _MAX_EXTENDS:
+                raise UsageError(f"recipe {current}: 'extends' forms a cycle or is nested deeper than {_MAX_EXTENDS}")
+            seen.add(resolved)
+            if not current.is_file():   # a device (/dev/zero) or a folder would read without end or fail late
+                raise FileNotFoundError
             text = current.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UsageError(f"recipe {current}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"recipe {current}: cannot be read ({exc})") from None
+        except (OSError, UnicodeDecodeError, RuntimeError, ValueError) as exc:   # symlink loops, NUL bytes
+            raise UsageError(f"recipe {str(current)!r}: cannot be read ({exc})") from None
         try:
             document = load_yaml(text)   # a key given twice is an error, not "the last one wins"
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            where = f": line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise UsageError(f"recipe {current}:{where}: not valid YAML ({problem})") from None
+            raise UsageError(f"recipe {current}{where}: not valid YAML ({problem})") from None
         if not isinstance(document, dict):
             raise UsageError(f"recipe {current}: must be a YAML mapping of keys (see protocol/recipe.md)")
         chain.append(document)
@@ -185,9 +221,11 @@ def parse_yaml_value(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise UsageError(f"--set value {text!r} is not a YAML scalar or flow list/mapping") from None
+        return load_yaml(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise UsageError(f"--set value {shown!r} is not a YAML scalar or flow list/mapping ({problem})") from None
 
 
 def apply_setting(document: Mapping[str, Any], setting: str, parse_value: Callable[[str], Any]) -> dict:
@@ -273,11 +311,14 @@ def parse_recipe(document: Mapping[str, Any], default_name: str, check_stage: St
         if not 0.0 <= value <= 1.0:
             raise UsageError(f"recipe: 'thresholds.{key}' must lie in [0, 1], not {value}")
         thresholds[key] = value
+    seed = _typed(document, "seed", int, "", 0)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UsageError(f"recipe: 'seed' must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}, not {seed}")
     devices, inboxes = _parse_devices(document.get("devices"))
     if thresholds and not any(d.test for d in devices):
         raise UsageError("recipe: thresholds need at least one device with a 'test' split to evaluate on")
     return Recipe(
-        name=name, seed=_typed(document, "seed", int, "", 0), device=device,
+        name=name, seed=seed, device=device,
         public=_typed(document, "public", str, ""), base_model=_parse_base(document.get("base_model"), check_stage),
         extractor=_typed(document, "extractor", str, "", BASE_EXTRACTOR), devices=devices, budget=budget,
         stages=stages, thresholds=thresholds, inboxes=inboxes, slurm=_parse_slurm(document.get("slurm")))
