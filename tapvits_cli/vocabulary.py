@@ -10,6 +10,7 @@ and the logic for what it implements.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # -- units ------------------------------------------------------------------------------------
@@ -19,6 +20,12 @@ UNIT_KINDS = ("attn", "mlp")
 # The model families whose units tapvits can score and prune (models/families/); scores and
 # plans are only ever made for these.
 PRUNABLE_FAMILIES = ("vit", "swin")
+
+# -- names ------------------------------------------------------------------------------------
+# Recipe, device and inbox names (protocol/recipe.md): they become folder names of a run
+# directory, so nothing that could climb out of it or hide a character. ``\Z``, not ``$``,
+# which also matches before a final newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 # -- seeds ------------------------------------------------------------------------------------
 # What every library tapvits seeds accepts (NumPy and scikit-learn take 0..2³²−1): the range of

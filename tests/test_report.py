@@ -146,6 +146,11 @@ def test_report_refuses_what_is_not_a_finished_run(run_dirs, tmp_path, tapvits):
     (damaged / "summary.json").write_text(json.dumps({**summary, "devices": {"low": 1}}))
     result = tapvits("report", damaged, "-o", tmp_path / "r.html")
     assert result.exit_code == ExitCode.INVALID_ARTIFACT and "'devices'" in result.stderr
+    for device in ("../../../outside", "low\n"):   # report builds paths from device names
+        (damaged / "summary.json").write_text(json.dumps({**summary, "devices": [{**summary["devices"][0],
+                                                                                  "device": device}]}))
+        result = tapvits("report", damaged, "-o", tmp_path / "r.html")
+        assert result.exit_code == ExitCode.INVALID_ARTIFACT and "'device' is a device name" in result.stderr
     (damaged / "summary.json").write_text(json.dumps({**summary, "devices": [{**summary["devices"][0], "top1": "high"}],
                                                       "failures": [1], "steps": "many"}))
     assert tapvits("report", damaged, "-o", tmp_path / "r.html").exit_code == 0   # odd values shown as "–"
@@ -179,8 +184,13 @@ def test_inspect_refuses_damaged_run_records_with_one_line(run_dirs, tapvits, tm
     state.write_text(json.dumps({"version": 1, "steps": {"base": "done"}}))
     result = tapvits("inspect", state)
     assert result.exit_code == ExitCode.INVALID_ARTIFACT and len(result.stderr.splitlines()) == 1
-    state.write_text(json.dumps({"version": 1, "steps": {"base": {"seconds": "slow", "output": 3}}}))
-    assert tapvits("inspect", state).exit_code == 0
+    for record in ({"seconds": "slow", "output": "base/model.safetensors"}, {"seconds": 1.0, "output": 3},
+                   {"seconds": 1.0, "output": "../../outside/evil.safetensors"},   # report and inspect open outputs
+                   {"seconds": 1.0, "output": "/etc/passwd"}, {"seconds": float("nan"), "output": "base/m.st"}):
+        state.write_text(json.dumps({"version": 1, "steps": {"base": record}}))
+        result = tapvits("inspect", state)
+        assert result.exit_code == ExitCode.INVALID_ARTIFACT and "not a step record" in result.stderr, record
+        assert tapvits("inspect", tmp_path).exit_code == ExitCode.INVALID_ARTIFACT, record   # the run directory
     other = tmp_path / "other.json"
     other.write_text("[1, 2]")
     assert tapvits("inspect", other).exit_code == ExitCode.INVALID_ARTIFACT

@@ -284,6 +284,29 @@ def test_two_runs_cannot_share_a_run_directory(tmp_path, tapvits):
         holder.close()
 
 
+def test_a_damaged_run_directory_is_one_line_with_its_exit_code(tmp_path, tapvits):
+    from tapvits_cli.artifacts.files import atomic_write
+    from tapvits_cli.artifacts.run_directory import LOCK_FILE, STATE_FILE
+    from tapvits_cli.errors import UsageError
+
+    recipe = write_recipe(tmp_path, TINY_RECIPE)
+    run = tmp_path / "run"
+    (run / LOCK_FILE).mkdir(parents=True)
+    result = tapvits("run", recipe, "--run-dir", run)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT and "lock is not a plain file" in result.stderr
+    (run / LOCK_FILE).rmdir()
+    for state in ({"version": "abc", "steps": {}}, {"version": 1, "steps": {"base": "x"}},
+                  {"version": 1, "steps": {"base": {"output": "../../elsewhere.safetensors", "seconds": 1}}},
+                  {"version": 1, "steps": {"base": {"output": "base/model.safetensors", "seconds": "abc"}}}):
+        (run / STATE_FILE).write_text(json.dumps(state))
+        result = tapvits("run", recipe, "--run-dir", run)
+        assert result.exit_code == ExitCode.INVALID_ARTIFACT and result.stderr.count("\n") == 1, (state, result.stderr)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UsageError, match="is a folder"):   # checked before writing, not at the final rename
+        with atomic_write(tmp_path / "folder") as tmp:
+            tmp.write_bytes(b"x")
+
+
 def test_run_state_is_json_with_one_step_per_line_and_reads_back(tmp_path):
     from tapvits_cli.artifacts.run_directory import STATE_FILE, RunDirectory
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from tapvits_cli.errors import InvalidArtifactError
+from tapvits_cli.errors import InvalidArtifactError, UsageError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HASH_CHUNK = 1 << 20
@@ -24,6 +24,8 @@ _HASH_CHUNK = 1 << 20
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success rename it onto ``path``, on failure delete it."""
     target = Path(path)
+    if target.is_dir():   # checked first: os.replace would fail only after the whole write
+        raise UsageError(f"{target} is a folder: give the output a file name")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)

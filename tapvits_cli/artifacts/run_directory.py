@@ -8,16 +8,19 @@ is made again rather than trusted.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sha256_file
 from tapvits_cli.artifacts.header import parse_json
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
+from tapvits_cli.vocabulary import NAME_PATTERN
 
 STATE_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -28,6 +31,59 @@ STATE_VERSION = 1
 
 
 CACHE_RECORD_SUFFIX = ".record.json"
+
+
+def read_run_state(path: Path, advice: str = "") -> dict:
+    """``run.json`` (protocol/run.md), checked: a run directory may have been edited by anyone.
+
+    Every step record is an object whose ``output`` is a relative path inside the run
+    directory (no ``..``, not absolute: ``report`` and ``inspect`` open it), with a finite
+    ``seconds`` ≥ 0 and a text ``sha256`` and ``key`` where present. ``advice`` ends the
+    messages (what the caller's user can do).
+    """
+    try:
+        state = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InvalidArtifactError(f"{path}: unreadable run state{advice}") from None
+    steps = state.get("steps") if isinstance(state, dict) else None
+    version = state.get("version", 0) if isinstance(state, dict) else None
+    if not isinstance(steps, dict) or not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidArtifactError(f"{path}: not a tapvits run state (an object of a version number and steps){advice}")
+    if version > STATE_VERSION:
+        raise IncompatibleArtifactError(f"{path}: run state v{version} is newer than this tapvits reads "
+                                        f"(v{STATE_VERSION}); upgrade tapvits")
+    for step_id, record in steps.items():
+        if not _valid_step_record(record):
+            raise InvalidArtifactError(f"{path}: step {str(step_id)[:60]!r} is not a step record (an output path "
+                                       f"inside the run directory, finite seconds, text hashes){advice}")
+    return state
+
+
+def read_run_summary(path: Path) -> dict:
+    """``summary.json`` (protocol/run.md), checked as :func:`read_run_state` checks ``run.json``:
+    device names are names (``report`` builds paths from them), ``mean`` an object, ``failures`` a list."""
+    try:
+        summary = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InvalidArtifactError(f"{path}: unreadable run summary") from None
+    devices = summary.get("devices", []) if isinstance(summary, dict) else None
+    if not (isinstance(devices, list) and all(isinstance(d, dict) and isinstance(d.get("device"), str)
+                                               and NAME_PATTERN.match(d["device"]) for d in devices)
+            and isinstance(summary.get("mean") or {}, dict) and isinstance(summary.get("failures") or [], list)):
+        raise InvalidArtifactError(f"{path}: not what tapvits run writes ('devices' a list of objects whose "
+                                   "'device' is a device name, 'mean' an object, 'failures' a list)")
+    return summary
+
+
+def _valid_step_record(record: Any) -> bool:
+    if not isinstance(record, dict) or not isinstance(record.get("output"), str):
+        return False
+    output = PurePosixPath(record["output"])
+    seconds = record.get("seconds", 0)
+    return (not output.is_absolute() and ".." not in output.parts and "\\" not in record["output"]
+            and bool(record["output"].strip())
+            and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+            and seconds >= 0 and all(isinstance(record.get(key, ""), str) for key in ("sha256", "key", "source")))
 
 
 class RunDirectory:
@@ -45,7 +101,10 @@ class RunDirectory:
         import fcntl
 
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / LOCK_FILE, "a")
+        lock = self.root / LOCK_FILE
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):   # a link would create its target elsewhere
+            raise InvalidArtifactError(f"{lock}: the run directory's lock is not a plain file; remove it")
+        handle = open(lock, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -62,16 +121,7 @@ class RunDirectory:
         path = self.root / STATE_FILE
         if not path.exists():
             return {"version": STATE_VERSION, "steps": {}}
-        try:
-            state = parse_json(path.read_text())
-        except (OSError, ValueError):
-            raise InvalidArtifactError(f"{path}: unreadable run state; remove it to start the run afresh") from None
-        if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
-            raise InvalidArtifactError(f"{path}: not a tapvits run state; remove it to start the run afresh")
-        if int(state.get("version", 0)) > STATE_VERSION:
-            raise IncompatibleArtifactError(f"{path}: run state v{state['version']} is newer than this tapvits "
-                                            f"reads (v{STATE_VERSION}); upgrade tapvits")
-        return state
+        return read_run_state(path, "; remove it to start the run afresh")
 
     def _write_state(self) -> None:
         """One step record per line: readable, and encoded by json's C encoder.
@@ -145,11 +195,14 @@ class RunDirectory:
         try:
             record = parse_json(record_path.read_text())
             seconds, recorded = float(record["seconds"]), str(record["sha256"])
-        except (OSError, ValueError, KeyError, TypeError):
+            if not (math.isfinite(seconds) and seconds >= 0):   # "nan" would reach run.json and --json as NaN
+                recorded = None
+        except (OSError, ValueError, KeyError, TypeError, OverflowError):
             recorded = None
-        if recorded is None or sha256_file(cached) != recorded:
-            cached.unlink(missing_ok=True)
-            record_path.unlink(missing_ok=True)
+        if recorded is None or not cached.is_file() or sha256_file(cached) != recorded:
+            for damaged in (cached, record_path):
+                with contextlib.suppress(IsADirectoryError, PermissionError):
+                    damaged.unlink(missing_ok=True)
             return None
         with atomic_write(self.path(output)) as tmp:
             shutil.copyfile(cached, tmp)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tapvits_cli.errors import TapvitsError, UsageError
-from tapvits_cli.pipeline.recipe import NAME_PATTERN, Device, Recipe
+from tapvits_cli.pipeline.recipe import Device, Recipe
+from tapvits_cli.vocabulary import NAME_PATTERN
 
 PROFILE_SUFFIX = ".profile.json"
 

@@ -17,19 +17,18 @@ from __future__ import annotations
 import difflib
 import functools
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from tapvits_cli.errors import UsageError
-from tapvits_cli.vocabulary import BASE_EXTRACTOR, BUDGET_FRACTION, OPTIONAL_STAGES, PIPELINE_STAGES, SEED_RANGE
+from tapvits_cli.vocabulary import (BASE_EXTRACTOR, BUDGET_FRACTION, NAME_PATTERN, OPTIONAL_STAGES, PIPELINE_STAGES,
+                                   SEED_RANGE)
 
 VERSION = 1
 TOP_LEVEL = ("version", "extends", "name", "seed", "device", "public", "base_model", "extractor", "devices",
              "budget", "stages", "thresholds", "slurm")
 THRESHOLDS = ("min-top1", "min-mean-top1")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")   # \Z, not $: "name\n" matched $
 _MAX_EXTENDS = 16
 
 # check_stage(stage, options, path) → the options, checked and normalised; raises UsageError.

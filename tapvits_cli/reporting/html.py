@@ -15,8 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
-from tapvits_cli.artifacts.header import parse_json
-from tapvits_cli.errors import InvalidArtifactError, UsageError
+from tapvits_cli.errors import UsageError
 from tapvits_cli.reporting import svg
 
 # default-src 'none': no script, font, frame or request of any kind; images only inline.
@@ -53,7 +52,7 @@ def collect_run(root: str | Path) -> RunData:
     """Everything the page shows about one run directory (protocol/run.md), read from its files."""
     from tapvits_cli.artifacts.containers import open_file
     from tapvits_cli.artifacts.plan import read_plan
-    from tapvits_cli.artifacts.run_directory import STATE_FILE, SUMMARY_FILE
+    from tapvits_cli.artifacts.run_directory import STATE_FILE, SUMMARY_FILE, read_run_state, read_run_summary
 
     root = Path(root)
     state_file, summary_file = root / STATE_FILE, root / SUMMARY_FILE
@@ -61,17 +60,7 @@ def collect_run(root: str | Path) -> RunData:
         raise UsageError(f"{root}: not a tapvits run directory (no {STATE_FILE}); give the --run-dir of a tapvits run")
     if not summary_file.is_file():
         raise UsageError(f"{root}: the run has no {SUMMARY_FILE} yet; finish it with tapvits run first")
-    try:
-        state = parse_json(state_file.read_text(encoding="utf-8"))
-        summary = parse_json(summary_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArtifactError(f"{root}: unreadable run records ({exc})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict) or not isinstance(summary, dict):
-        raise InvalidArtifactError(f"{root}: run.json or summary.json is not what tapvits run writes")
-    devices = summary.get("devices", [])
-    if not isinstance(devices, list) or not all(isinstance(d, dict) and isinstance(d.get("device"), str)
-                                                 for d in devices):
-        raise InvalidArtifactError(f"{summary_file}: 'devices' must be a list of objects, each naming its device")
+    state, summary = read_run_state(state_file), read_run_summary(summary_file)
     run = RunData(root=root, name=str(summary.get("recipe") or root.name), summary=summary)
     for device in summary.get("devices", []):
         plan_file = root / "devices" / str(device.get("device")) / "plan.safetensors"

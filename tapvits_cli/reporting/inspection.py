@@ -237,21 +237,16 @@ def _read_json(path: Path) -> Any:
         raise InvalidArtifactError(f"{path}: invalid or truncated JSON") from None
 
 
-def _checked_steps(state: Any, path: Path) -> dict[str, dict]:
-    """``run.json``'s step records (protocol/run.md), or an invalid-artifact error naming the file."""
-    steps = state.get("steps") if isinstance(state, dict) else None
-    if not isinstance(steps, dict) or not all(isinstance(record, dict) for record in steps.values()):
-        raise InvalidArtifactError(f"{path}: not a tapvits run state (steps must map step ids to records)")
-    return steps
-
-
 def _inspect_run_json(path: Path) -> dict[str, Any]:
+    from tapvits_cli.artifacts.run_directory import read_run_state, read_run_summary
+
     document = _read_json(path)
     if isinstance(document, dict) and isinstance(document.get("steps"), dict) and "version" in document:
-        _checked_steps(document, path)
+        document = read_run_state(path)
         return _document(path, RUN_STATE, version=document["version"], format="json",
                          figures=_step_counts(document["steps"]), tables=[_steps_table(document["steps"])])
     if isinstance(document, dict) and isinstance(document.get("devices"), list) and "recipe" in document:
+        document = read_run_summary(path)
         return _document(path, RUN_SUMMARY, format="json", figures=summary_figures(document),
                          tables=[devices_table(document)])
     raise InvalidArtifactError(f"{path}: not a tapvits artifact, run.json or summary.json")
@@ -294,17 +289,16 @@ def devices_table(summary: Mapping[str, Any]) -> dict[str, Any]:
 def inspect_run_directory(root: Path, units: bool = False, blocks: Sequence[int] | None = None) -> dict[str, Any]:
     """A ``tapvits run`` directory (protocol/run.md): its summary, steps and every artifact's kind and hash."""
     from tapvits_cli.artifacts.containers import open_file
-    from tapvits_cli.artifacts.run_directory import STATE_FILE, SUMMARY_FILE
+    from tapvits_cli.artifacts.run_directory import STATE_FILE, SUMMARY_FILE, read_run_state, read_run_summary
 
     state_file, summary_file = root / STATE_FILE, root / SUMMARY_FILE
     if not state_file.is_file():
         raise UsageError(f"{root}: a directory, but not a tapvits run directory (no {STATE_FILE})")
-    state = _read_json(state_file)
-    _checked_steps(state, state_file)
+    state = read_run_state(state_file)
     figures: dict[str, Any] = {}
     tables = []
     if summary_file.is_file():
-        summary = _read_json(summary_file)
+        summary = read_run_summary(summary_file)
         figures.update(summary_figures(summary))
         tables.append(devices_table(summary))
     figures.update(_step_counts(state["steps"]))
