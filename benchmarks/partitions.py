@@ -26,8 +26,8 @@ every later run, of any seed, starts from that file. Methods:
   same selected set: ``magnitude-uniform-gmm`` and ``taylor-global-gmm``;
 * probes: ``tap-kl-power-0.5`` (``kl-power`` with exponent τ = 0.5 instead of 1.1, between
   ``kl``'s near-uniform shares and ``kl-power``'s), and ``tap-3-epochs``,
-  ``base-finetuned-3-epochs``, ``taylor-global-gmm-3-epochs`` (three epochs of fine-tuning
-  instead of one).
+  ``base-finetuned-3-epochs``, ``taylor-global-gmm-3-epochs``, ``magnitude-uniform-gmm-3-epochs``
+  (three epochs of fine-tuning instead of one).
 
 Rows are updated in place (``--fresh`` starts anew), so a run adds or redoes some rows and
 keeps the rest. Targets per partition (issue 14), for ``--default-strategy``: TAP at the
@@ -98,6 +98,8 @@ METHODS = {
     "tap-3-epochs": (BASE_RECIPE, None, ("stages.finetune.epochs=3",), True),
     "base-finetuned-3-epochs": (VARIANTS / "base-finetuned.yaml", 1.0, ("stages.finetune.epochs=3",), True),
     "taylor-global-gmm-3-epochs": (VARIANTS / "taylor-global-gmm.yaml", None, ("stages.finetune.epochs=3",), True),
+    "magnitude-uniform-gmm-3-epochs": (VARIANTS / "magnitude-uniform-gmm.yaml", None, ("stages.finetune.epochs=3",),
+                                       True),
 }
 SAME_SET_BASELINES = ("magnitude-uniform-gmm", "taylor-global-gmm")
 TARGET_BUDGET = 0.7   # the issue's targets are TAP's at 70%, whatever budget a run measures
