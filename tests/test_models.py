@@ -102,6 +102,18 @@ def test_keyword_arguments_that_load_weights_or_files_are_refused(keyword, tmp_p
     assert "--pretrained or --weights" in result.stderr and not (tmp_path / "m.safetensors").exists()
 
 
+def test_a_yaml_alias_bomb_in_a_model_argument_is_refused_at_once():
+    from tapvits_cli.errors import UsageError
+    from tapvits_cli.models.arguments import parse_model_args
+
+    bomb = "[&a [1,1,1,1,1,1,1,1,1,1], " + ", ".join(
+        f"&{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcdefgh", "bcdefghi")) + "]"   # 10⁹ values expanded
+    with pytest.raises(UsageError, match="anchors and aliases"):
+        parse_model_args((f"depth={bomb}",))
+    assert parse_model_args(("img_size=[28, 28]", "depth=2", "mlp_ratio=2.0")) == {
+        "img_size": [28, 28], "depth": 2, "mlp_ratio": 2.0}
+
+
 def test_weights_for_another_shape_are_refused(tmp_path, tapvits):
     other = create_model(TINY_VIT, {**TINY_VIT_KWARGS, "embed_dim": 12})
     checkpoint = tmp_path / "other.pth"

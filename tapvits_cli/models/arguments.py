@@ -18,12 +18,31 @@ def parse_model_args(pairs: tuple[str, ...]) -> dict:
         if not sep or not key.strip().isidentifier():
             raise UsageError(f"model argument '{pair}' is not KEY=VALUE")
         try:
+            if _has_alias(yaml.compose(raw, Loader=yaml.SafeLoader)):
+                raise UsageError(f"model argument '{key.strip()}': YAML anchors and aliases are not accepted")
             kwargs[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise UsageError(f"model argument '{pair}': value is not a YAML scalar or list") from None
+        except (yaml.YAMLError, RecursionError):
+            raise UsageError(f"model argument '{pair[:80]}': value is not a YAML scalar or list") from None
         if not _finite(kwargs[key.strip()]):
             raise UsageError(f"model argument '{pair}': NaN and infinity are not allowed")
     return kwargs
+
+
+def _has_alias(node) -> bool:
+    """Whether a composed YAML value reuses a node (an alias): a keyword argument never needs one, and
+    nine levels of ten aliases each expand to 10⁹ values that every later walk would visit."""
+    seen, pending = set(), [node]
+    while pending:
+        current = pending.pop()
+        if current is None:
+            continue
+        if id(current) in seen:
+            return True
+        seen.add(id(current))
+        if isinstance(current.value, list):
+            for item in current.value:
+                pending.extend(item if isinstance(item, tuple) else (item,))
+    return False
 
 
 def _finite(value) -> bool:
