@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sniff_format
 from tapvits_cli.artifacts.header import Header, parse_json
-from tapvits_cli.errors import InvalidArtifactError
+from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
@@ -344,6 +344,17 @@ def write_hdf5(path: str | os.PathLike, header: Header, metadata: Mapping[str, s
                 handle.attrs[key] = value
             fill(handle)
     return Path(path)
+
+
+def check_group_encoding(group: Any, path: Path, name: str, encoding_type: str, encoding_version: int) -> None:
+    """The encoding tag :func:`set_group_encoding` writes: this type, and a version this tapvits reads."""
+    found_type, version = (attr_string(group.attrs.get(key)) for key in ("encoding-type", "encoding-version"))
+    if found_type != encoding_type or not (version.isascii() and version.isdigit()):
+        raise InvalidArtifactError(f"{path}: group '{name}' must have encoding-type '{encoding_type}' "
+                                   "and an integer encoding-version")
+    if int(version) > encoding_version:
+        raise IncompatibleArtifactError(f"{path}: {encoding_type} encoding v{version}, this tapvits reads up to "
+                                        f"v{encoding_version}; upgrade tapvits")
 
 
 def set_group_encoding(group: Any, encoding_type: str, encoding_version: int) -> None:

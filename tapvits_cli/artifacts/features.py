@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from tapvits_cli.artifacts.containers import ArtifactFile, attr_string, hdf5_reading, set_group_encoding
+from tapvits_cli.artifacts.containers import (ArtifactFile, attr_string, check_group_encoding, hdf5_reading,
+                                              set_group_encoding)
 from tapvits_cli.artifacts.files import atomic_write
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, parse_decimal, parse_json
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
@@ -411,14 +412,7 @@ def _check_group(handle, path: Path, rows: int, dim: int) -> None:
     group = handle.get(GROUP)
     if group is None or not hasattr(group, "keys"):
         raise InvalidArtifactError(f"{path}: group '{GROUP}' is missing")
-    encoding = (group.attrs.get("encoding-type"), group.attrs.get("encoding-version"))
-    encoding = tuple(v.decode() if isinstance(v, bytes) else v for v in encoding)
-    if encoding[0] != ENCODING_TYPE or not (str(encoding[1]).isascii() and str(encoding[1]).isdigit()):
-        raise InvalidArtifactError(f"{path}: group '{GROUP}' must have encoding-type '{ENCODING_TYPE}' "
-                                   "and an integer encoding-version")
-    if int(encoding[1]) > ENCODING_VERSION:
-        raise IncompatibleArtifactError(f"{path}: feature-table encoding v{encoding[1]}, this tapvits reads up to "
-                                        f"v{ENCODING_VERSION}; upgrade tapvits")
+    check_group_encoding(group, path, GROUP, ENCODING_TYPE, ENCODING_VERSION)
     for name, dtype, shape in (("ids", np.int64, (rows,)), ("labels", np.int64, (rows,)),
                                ("features", np.float32, (rows, dim))):
         dataset = group.get(name)

@@ -14,10 +14,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tapvits_cli.artifacts.containers import ArtifactFile, hdf5_reading, set_group_encoding, write_hdf5
+from tapvits_cli.artifacts.containers import (ArtifactFile, check_group_encoding, hdf5_reading, set_group_encoding,
+                                              write_hdf5)
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
-from tapvits_cli.errors import IncompatibleArtifactError
 from tapvits_cli.payloads.coverage import selection_coverage
 from tapvits_cli.vocabulary import SELECTION_STRATEGIES
 
@@ -138,13 +138,7 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
         group = handle.get(GROUP)
         if not isinstance(group, h5py.Group):
             raise artifact.fail(f"group '{GROUP}' is missing")
-        encoding = (_attr(group.attrs.get("encoding-type")), _attr(group.attrs.get("encoding-version")))
-        if encoding[0] != ENCODING_TYPE or not (str(encoding[1]).isascii() and str(encoding[1]).isdigit()):
-            raise artifact.fail(f"group '{GROUP}' must have encoding-type '{ENCODING_TYPE}' and an integer "
-                                  "encoding-version")
-        if int(encoding[1]) > ENCODING_VERSION:
-            raise IncompatibleArtifactError(f"{artifact.path}: metric-set encoding v{encoding[1]}, this tapvits "
-                                            f"reads up to v{ENCODING_VERSION}; upgrade tapvits")
+        check_group_encoding(group, artifact.path, GROUP, ENCODING_TYPE, ENCODING_VERSION)
         columns = {}
         for name, dtype in _COLUMNS.items():
             dataset = group.get(name)
