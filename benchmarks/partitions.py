@@ -100,6 +100,9 @@ METHODS = {
     "taylor-global-gmm-3-epochs": (VARIANTS / "taylor-global-gmm.yaml", None, ("stages.finetune.epochs=3",), True),
     "magnitude-uniform-gmm-3-epochs": (VARIANTS / "magnitude-uniform-gmm.yaml", None, ("stages.finetune.epochs=3",),
                                        True),
+    "tap-taylor": (BASE_RECIPE, None, ("stages.score.criterion=taylor",), True),
+    "tap-taylor-kl-power": (BASE_RECIPE, None, ("stages.score.criterion=taylor", "stages.allocate.strategy=kl-power"),
+                            True),
 }
 SAME_SET_BASELINES = ("magnitude-uniform-gmm", "taylor-global-gmm")
 TARGET_BUDGET = 0.7   # the targets are TAP's at 70%, whatever budget a run measures
