@@ -133,11 +133,36 @@ def test_a_damaged_cache_entry_is_discarded(tmp_path):
     assert run.restore_from_cache("k1", "model.safetensors") is None
     assert not cached.exists() and not (tmp_path / "cache" / "k1.record.json").exists()
     assert not run.path("model.safetensors").exists()
-    # an entry of the first cache layout (no hash) is adopted once, then verified like the rest
+    # an entry of the first cache layout (no hash record) is not trusted: deleted, and the step runs again
     (tmp_path / "cache" / "k2.safetensors").write_bytes(b"old entry")
     (tmp_path / "cache" / "k2.json").write_text('{"seconds": 7.0, "output": "model.safetensors"}')
-    assert run.restore_from_cache("k2", "model.safetensors") == 7.0
-    assert (tmp_path / "cache" / "k2.record.json").exists() and not (tmp_path / "cache" / "k2.json").exists()
+    assert run.restore_from_cache("k2", "model.safetensors") is None
+    assert not (tmp_path / "cache" / "k2.safetensors").exists() and not run.path("model.safetensors").exists()
+
+
+def test_a_link_in_the_cache_or_run_directory_is_not_trusted(tmp_path):
+    """A link names a file that may change between the hash check and the copy: the entry is damaged."""
+    from tapvits_cli.artifacts.run_directory import RunDirectory
+
+    run = RunDirectory(tmp_path / "run", cache=tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    run.path("model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+    run.path("model.safetensors").write_bytes(b"weights" * 100)
+    run.store_in_cache("k1", "model.safetensors", 2.5)
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    cached = tmp_path / "cache" / "k1.safetensors"
+    cached.rename(elsewhere)
+    cached.symlink_to(elsewhere)                      # same bytes, same hash, but a link
+    run.path("model.safetensors").unlink()
+    assert run.restore_from_cache("k1", "model.safetensors") is None
+    assert not cached.is_symlink() and elsewhere.exists()          # the link is removed, never what it names
+    assert not run.path("model.safetensors").exists()
+    run.path("model.safetensors").write_bytes(b"weights" * 100)
+    run.record("s1", "model.safetensors", "k1", 1.0, "ran")
+    assert run.finished("s1", "model.safetensors", "k1")
+    run.path("model.safetensors").rename(tmp_path / "moved.safetensors")
+    run.path("model.safetensors").symlink_to(tmp_path / "moved.safetensors")
+    assert not run.finished("s1", "model.safetensors", "k1")
 
 
 def test_an_hdf5_file_is_probed_again_only_when_it_changed(tmp_path, monkeypatch):

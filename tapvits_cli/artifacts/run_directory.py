@@ -150,10 +150,10 @@ class RunDirectory:
         return self._hashes[key]
 
     def finished(self, step_id: str, output: str, key: str) -> bool:
-        """True when ``step_id`` ran with ``key`` and its output is still the file it wrote."""
+        """True when ``step_id`` ran with ``key`` and its output is still the file it wrote (not a link to one)."""
         record = self.state["steps"].get(step_id)
         target = self.path(output)
-        return bool(record and record.get("key") == key and target.is_file()
+        return bool(record and record.get("key") == key and target.is_file() and not target.is_symlink()
                     and self.sha256(target) == record.get("sha256"))
 
     def record(self, step_id: str, output: str, key: str, seconds: float, source: str) -> None:
@@ -184,15 +184,18 @@ class RunDirectory:
         """Copy a verified cached result of the same step key into place; its original run time, or None.
 
         An entry is trusted only when its file hashes to the SHA-256 its record holds: a
-        damaged entry (a bit flip, a half-copied file, a record lost) is deleted and the
-        step runs again, instead of feeding every later step.
+        damaged entry (a bit flip, a half-copied file, a record lost, an entry of the first
+        layout that had no hash) is deleted and the step runs again, instead of feeding every
+        later step. A symbolic link is damaged too: the cache holds copies, and a link lets
+        the file it names change between the check and the copy.
         """
         cached = self._cached(key, output)
-        if cached is None or not cached.is_file():
+        if cached is None or not (cached.is_file() or cached.is_symlink()):
             return None
         record_path = self._record(key)
-        self._adopt_unhashed_entry(key, cached)
         try:
+            if cached.is_symlink() or record_path.is_symlink():
+                raise ValueError("a link in the cache")
             record = parse_json(record_path.read_text())
             seconds, recorded = float(record["seconds"]), str(record["sha256"])
             if not (math.isfinite(seconds) and seconds >= 0):   # "nan" would reach run.json and --json as NaN
@@ -210,24 +213,6 @@ class RunDirectory:
             self.path(output).unlink()
             return None
         return seconds
-
-    def _adopt_unhashed_entry(self, key: str, cached: Path) -> None:
-        """Give an entry of tapvits 0.1's first cache layout (``KEY.json`` with no hash) its record.
-
-        Those entries were trusted as they were; hashing them once now keeps hours of cached
-        base models and pool features usable, and from here on they are verified like any other.
-        """
-        legacy = cached.with_name(f"{key}.json")
-        if self._record(key).exists() or legacy == cached or not legacy.is_file():
-            return
-        try:
-            seconds = float(parse_json(legacy.read_text())["seconds"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        with atomic_write(self._record(key)) as tmp:
-            tmp.write_text(json.dumps({"seconds": seconds, "output": str(cached.name),
-                                       "sha256": sha256_file(cached)}) + "\n")
-        legacy.unlink(missing_ok=True)
 
     def store_in_cache(self, key: str, output: str, seconds: float) -> None:
         """Copy a step's output into the cache; the record, written last, commits the entry with its hash."""
