@@ -266,6 +266,24 @@ def test_score_command_refuses_bad_input(tiny_model_file, metric_set_file, tmp_p
     assert not out.exists()
 
 
+def test_a_pool_count_that_contradicts_the_fingerprint_is_refused(tiny_model_file, metric_set_file, tmp_path, tapvits):
+    """The fingerprint matches the pool, so a different recorded sample count means an edited metric set."""
+    import json
+
+    import h5py
+
+    with h5py.File(metric_set_file, "r+") as handle:
+        pool = json.loads(handle.attrs["metric-set.pool"])
+        handle.attrs["metric-set.pool"] = json.dumps({**pool, "samples": pool["samples"] + 1})
+    out = tmp_path / "s.safetensors"
+    for command in (("score", tiny_model_file, "--metric-set", metric_set_file),
+                    ("finetune", tiny_model_file, "--finetune-set", metric_set_file, "--max-steps", "1")):
+        refused = tapvits(*command, "-o", out)
+        assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
+        assert f"records a pool of {pool['samples'] + 1} samples" in refused.stderr
+        assert not out.exists()
+
+
 def test_scores_artifact_rules(tiny_model_file, metric_set_file, tmp_path, tapvits):
     from safetensors.torch import load_file, save_file
 

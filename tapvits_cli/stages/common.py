@@ -129,21 +129,37 @@ def artifact_lineage(path: str | os.PathLike, kind: str):
     return LineageEntry(sha256_file(path), kind, Path(path).name)
 
 
-def open_selected_pool(data: str | None, metric_set, metric_set_path: str | os.PathLike):
+def open_selected_pool(data: str | None, metric_set, metric_set_path: str | os.PathLike | None):
     """The pool a metric set selected from: ``data`` when the caller names one, else the reference it records.
 
-    A recorded reference is the artifact's content, not the caller's words: one that does not
+    Ids only mean something in their own pool, so the pool must have the fingerprint the
+    metric set records (exit 4 otherwise) and, having it, the sample count it records too:
+    a metric set whose count contradicts its own fingerprint has been edited (exit 3). A
+    recorded reference is the artifact's content, not the caller's words: one that does not
     parse or names no such split makes the metric set invalid (exit 3), not a usage error.
+    With no metric set (``finetune`` on a whole dataset) this is ``open_dataset(data)``.
     """
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.errors import InvalidArtifactError
+    from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
 
-    if data:
-        return open_dataset(data)
-    try:
-        return open_dataset(metric_set.pool["reference"])
-    except UsageError as exc:
-        raise InvalidArtifactError(f"{metric_set_path}: its pool reference is unusable ({exc})") from None
+    if metric_set is None or data:
+        dataset = open_dataset(data)
+    else:
+        try:
+            dataset = open_dataset(metric_set.pool["reference"])
+        except UsageError as exc:
+            raise InvalidArtifactError(f"{metric_set_path}: its pool reference is unusable ({exc})") from None
+    if metric_set is None:
+        return dataset
+    if dataset.fingerprint() != metric_set.pool["fingerprint"]:
+        raise IncompatibleArtifactError(
+            f"{metric_set_path} selects from '{metric_set.pool['reference']}' (fingerprint "
+            f"{metric_set.pool['fingerprint'][:12]}), but '{dataset.ref}' has fingerprint {dataset.fingerprint()[:12]}: "
+            f"pass --data {metric_set.pool['reference']}, or leave --data out")
+    if metric_set.pool["samples"] != len(dataset):
+        raise metric_set.artifact.fail(f"it records a pool of {metric_set.pool['samples']} samples, but the pool of "
+                                       f"its fingerprint has {len(dataset)}")
+    return dataset
 
 
 def dataset_lineage(dataset, name: str | None = None):

@@ -90,7 +90,7 @@ def run(options: Options) -> Result:
         inputs = {"data": dataset_lineage(dataset)}
         positions = None
         if metric_set is not None:
-            positions = _finetune_positions(options.finetune_set, metric_set, dataset)
+            positions = metric_set.positions_in(dataset, metric_set.finetune_ids)
             inputs["metric-set"] = artifact_lineage(options.finetune_set, "metric-set")
 
         seed_everything(options.seed)
@@ -191,16 +191,6 @@ def _student(options: Options, dataset):
     if spec.class_names is None and spec.num_classes == dataset.num_classes:
         spec = replace(spec, class_names=tuple(dataset.class_names))
     return model, spec, Preprocessing.from_dict(spec.preprocessing)
-
-
-def _finetune_positions(path: str, metric_set, dataset):
-    """Positions in ``dataset`` of the fine-tuning samples ``metric_set`` (read from ``path``) lists;
-    ids only mean something in its pool."""
-    if metric_set.pool["fingerprint"] != dataset.fingerprint():
-        raise IncompatibleArtifactError(
-            f"{path} selects from '{metric_set.pool['reference']}', not from '{dataset.ref}' (dataset fingerprints "
-            f"differ); pass --data {metric_set.pool['reference']}, or leave --data out")
-    return metric_set.positions_in(dataset, metric_set.finetune_ids)
 
 
 def _check_teacher(path: str, spec, num_classes: int, preprocessing) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tapvits_cli.errors import IncompatibleArtifactError, UsageError
+from tapvits_cli.errors import UsageError
 from tapvits_cli.stages.common import (Written as Result, argument, artifact_lineage, dataset_lineage,
                                        open_selected_pool, option)
 from tapvits_cli.stages.feedback import log, progress
@@ -77,11 +77,6 @@ def run(options: Options) -> Result:
 
     metric_set = read_metric_set(metric_set_path)
     dataset = open_selected_pool(options.data, metric_set, metric_set_path)
-    if dataset.fingerprint() != metric_set.pool["fingerprint"]:
-        raise IncompatibleArtifactError(
-            f"{metric_set_path} indexes the pool '{metric_set.pool['reference']}' (fingerprint "
-            f"{metric_set.pool['fingerprint'][:12]}), but '{dataset.ref}' has fingerprint {dataset.fingerprint()[:12]}: "
-            "pass the pool the metric set was selected from")
     loaded = load_model(model, device=device)
     network, spec = loaded.module, loaded.spec
     family_module(spec.family, spec.architecture)   # a generic model is refused, naming the supported families
