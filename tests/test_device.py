@@ -100,6 +100,30 @@ def test_fit_gmm_without_torch_gives_the_torch_paths_gmm(tmp_path, tapvits, tiny
     assert tapvits_without_torch("validate", onnx_gmm).returncode == 0
 
 
+def test_features_and_select_take_the_onnx_graph_as_extractor(tmp_path, tapvits, tiny_model_file, onnx_extractor_file):
+    """``--extractor`` names a model or its exported graph in every command that embeds images."""
+    from tapvits_cli.artifacts.features import open_feature_table
+    from tapvits_cli.artifacts.metric_set import read_metric_set
+
+    tables = {}
+    for name, extractor in (("onnx", onnx_extractor_file), ("torch", tiny_model_file)):
+        tables[name] = tmp_path / f"{name}.h5"
+        made = tapvits("features", "--data", "digits:split=test", "--extractor", extractor, "-o", tables[name])
+        assert made.exit_code == 0, made.stderr
+    with open_feature_table(tables["onnx"]) as onnx_table, open_feature_table(tables["torch"]) as torch_table:
+        assert onnx_table.extractor_sha256 == torch_table.extractor_sha256
+        np.testing.assert_allclose(np.concatenate([f for _, f, _ in onnx_table.iter_chunks(1000)]),
+                                   np.concatenate([f for _, f, _ in torch_table.iter_chunks(1000)]), atol=1e-4)
+    gmm = tmp_path / "gmm.safetensors"
+    assert tapvits("fit-gmm", "--data", "digits:classes=0,1", "--extractor", onnx_extractor_file, "--covariance", "diag",
+                   "-o", gmm).exit_code == 0
+    metric = tmp_path / "metric.h5"
+    chosen = tapvits("select", gmm, "--pool", "digits:split=test", "--extractor", onnx_extractor_file,
+                     "--strategy", "ratio", "--metric-size", "20", "--finetune-size", "40", "-o", metric)
+    assert chosen.exit_code == 0, chosen.stderr
+    assert len(read_metric_set(metric).finetune_ids) == 40 and tapvits("validate", metric).exit_code == 0
+
+
 def test_cloud_commands_without_torch_name_the_install(tmp_path, tiny_model_file, onnx_extractor_file):
     result = tapvits_without_torch("export", tiny_model_file, "-o", tmp_path / "m.onnx")
     assert result.returncode == ExitCode.DATA_UNAVAILABLE

@@ -78,6 +78,22 @@ def _lineage(value: str):
     return LineageEntry(sha256_file(path), "file" if path.suffix == ".onnx" else "model", path.name)
 
 
+def stream_features(extractor, dataset, batch_size: int, device: str, positions=None):
+    """``(ids, features float32 (n, D), labels)`` batches from either kind of extractor.
+
+    ``--extractor`` takes a model artifact or an exported ONNX graph wherever it appears
+    (``features``, ``select``, ``fit-gmm``, ``audit-gmm``); the graph runs on onnxruntime,
+    with no torch on its path, so the two kinds meet only here.
+    """
+    from tapvits_cli.models.onnx_extractor import OnnxExtractor
+
+    if isinstance(extractor, OnnxExtractor):
+        return extractor.iterate(dataset, batch_size, positions=positions)
+    from tapvits_cli.models.extract import extract_features
+
+    return extract_features(extractor, dataset, batch_size, device, positions=positions)
+
+
 def embed_dataset(extractor, dataset, batch_size: int, device: str, description: str):
     """All features of ``dataset`` as one (n, D) float32 array, with a progress bar.
 
@@ -86,18 +102,11 @@ def embed_dataset(extractor, dataset, batch_size: int, device: str, description:
     """
     import numpy as np
 
-    from tapvits_cli.models.onnx_extractor import OnnxExtractor
     from tapvits_cli.stages.feedback import progress
 
-    if isinstance(extractor, OnnxExtractor):   # no torch on this path
-        stream = extractor.iterate(dataset, batch_size)
-    else:
-        from tapvits_cli.models.extract import extract_features
-
-        stream = extract_features(extractor, dataset, batch_size, device)
     batches = []
     with progress(description, len(dataset)) as advance:
-        for ids, features, _labels in stream:
+        for ids, features, _labels in stream_features(extractor, dataset, batch_size, device):
             batches.append(features)
             advance(len(ids))
     return np.concatenate(batches)

@@ -27,9 +27,8 @@ def run(options: Options) -> Result:
     from tapvits_cli.artifacts.digests import fingerprint_sha256
     from tapvits_cli.artifacts.features import open_feature_writer
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.models.extract import extract_features
     from tapvits_cli.runtime import resolve_device, seed_everything
-    from tapvits_cli.stages.extractor import resolve_extractor
+    from tapvits_cli.stages.extractor import resolve_extractor, stream_features
 
     seed_everything(options.seed)
     device = resolve_device(options.device)
@@ -40,8 +39,8 @@ def run(options: Options) -> Result:
         resumed_from = writer.rows_done
         if resumed_from:
             log(f"resuming {writer.partial}: {resumed_from} of {writer.rows} rows already embedded")
-        batches = extract_features(extractor, dataset, options.batch_size, device,
-                                   positions=np.arange(resumed_from, len(dataset)))
+        batches = stream_features(extractor, dataset, options.batch_size, device,
+                                  positions=np.arange(resumed_from, len(dataset)))
         started = time.perf_counter()
         try:
             with progress("embedding images", len(dataset)) as advance:

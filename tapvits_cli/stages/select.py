@@ -66,7 +66,6 @@ def run(options: Options) -> Result:
     from tapvits_cli.artifacts.gmm import read_gmm
     from tapvits_cli.artifacts.metric_set import write_metric_set
     from tapvits_cli.data import open_dataset
-    from tapvits_cli.models.extract import extract_features
     from tapvits_cli.payloads.coverage import selection_coverage
     from tapvits_cli.payloads.mixture import score_in_chunks
     from tapvits_cli.runtime import resolve_device, seed_everything
@@ -74,7 +73,7 @@ def run(options: Options) -> Result:
     from tapvits_cli.selection.class_prior import estimate_class_prior
     from tapvits_cli.selection.density_ratio import (fit_public_mixture, rows_at, sample_positions,
                                                      score_ratio_in_chunks)
-    from tapvits_cli.stages.extractor import resolve_extractor
+    from tapvits_cli.stages.extractor import resolve_extractor, stream_features
 
     gmm, pool, output, strategy = options.gmm, options.pool, options.output, options.strategy
     metric_size, finetune_size, chunk_rows = options.metric_size, options.finetune_size, options.chunk_rows
@@ -112,10 +111,10 @@ def run(options: Options) -> Result:
             pool_size, description, classes = len(dataset), dataset.provenance(), dataset.num_classes
 
             def sample_rows(positions):   # embeds only the sampled rows
-                rows = list(extract_features(extractor, dataset, batch_size, device, positions=positions))
+                rows = list(stream_features(extractor, dataset, batch_size, device, positions=positions))
                 return np.concatenate([f for _, f, _ in rows]), np.concatenate([y for _, _, y in rows])
 
-            chunks = extract_features(extractor, dataset, batch_size, device)
+            chunks = stream_features(extractor, dataset, batch_size, device)
             inputs["pool"] = dataset_lineage(dataset)
         started = time.perf_counter()
         public = prior = None
