@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,19 @@ def write_output(root: str, marker: str, step: Step) -> None:
     """A stand-in stage: the output is a hash of the step and its inputs' contents.
 
     ``boom`` fails as a stage does on bad input; ``crash-once`` kills its worker process
-    the first time (``marker`` records that it did), as a lost node would.
+    the first time (``marker`` records that it did), as a lost node would, and ``crash``
+    every time, as an out-of-memory kill would; ``slow`` takes 1.5 s.
     """
     if step.stage == "boom":
         raise UsageError(f"{step.id}: refused")
     if step.stage == "crash-once" and not Path(marker).exists():
         Path(marker).write_text("crashed")
         os._exit(1)
+    if step.stage == "crash":
+        time.sleep(0.5)   # the slow steps beside it are in the pool when it dies
+        os._exit(1)
+    if step.stage == "slow":
+        time.sleep(1.5)
     digest = hashlib.sha256(step.id.encode())
     for token in step.inputs:
         digest.update(Path(root, token.path).read_bytes())
@@ -130,12 +137,24 @@ def test_a_killed_worker_is_retried_and_without_retries_its_device_fails(tmp_pat
                         lambda work: schedule.LocalExecutor(work, jobs=2), events=events)
     assert not retried.failures and len(retried.outcomes) == 8
     assert ("retry", "devices/b/select") in events
-    given_up = _schedule(tmp_path / "g", fake_fleet(stage="crash-once"),
+    given_up = _schedule(tmp_path / "g", fake_fleet(stage="crash"),
                          lambda work: schedule.LocalExecutor(work, jobs=2), retries=0)
     failure = given_up.failures["devices/b/select"]
     assert failure.retryable and failure.exit_code == ExitCode.INTERNAL and "worker failed after 1 attempt" in failure.message
-    # A dying worker breaks the pool, so a step running beside it may fail with it; the shared steps stand.
-    assert {"base", "public/features"} <= {o.step.id for o in given_up.outcomes}
+    # A dying worker breaks the pool, and the steps beside it run again alone: only the crashing step fails.
+    assert set(given_up.failures) == {"devices/b/select"} and given_up.not_started == ["devices/b/eval"]
+    assert len(given_up.outcomes) == 6
+
+
+def test_a_worker_that_always_dies_fails_only_its_own_step(tmp_path):
+    """A local worker's death breaks the whole pool; the steps beside it are not charged for it."""
+    events: list = []
+    steps = [_step("devices/bad/select", "crash", "devices/bad/x.txt", device="bad"),
+             *(_step(f"devices/{name}/select", "slow", f"devices/{name}/x.txt", device=name) for name in "abc")]
+    result = _schedule(tmp_path, steps, lambda work: schedule.LocalExecutor(work, jobs=3), retries=1, events=events)
+    assert set(result.failures) == {"devices/bad/select"}
+    assert "after 2 attempts" in result.failures["devices/bad/select"].message
+    assert sorted(o.step.id for o in result.outcomes) == [f"devices/{name}/select" for name in "abc"]
 
 
 def test_a_worker_with_other_code_refuses_its_step(tmp_path, monkeypatch):

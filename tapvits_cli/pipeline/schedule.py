@@ -15,7 +15,10 @@ they need a file system shared with this machine.
 
 A step whose worker fails without a :class:`TapvitsError` (a crash, a killed process, a
 lost node) is retried up to ``retries`` times; a ``TapvitsError`` is a verdict on the
-step's inputs that a second attempt would repeat, so it is not. Steps that need a failed
+step's inputs that a second attempt would repeat, so it is not. A local worker that dies
+takes the whole process pool with it, and the pool cannot say whose worker it was: the
+steps that were in it are charged nothing and run again one at a time, alone, so a crash
+is charged only to the step that crashed and a step beside it does not fail with it. Steps that need a failed
 step's output are not started; every other device goes on, and the run's result names
 the failed steps so the caller can exit non-zero. A rerun skips what finished.
 """
@@ -196,7 +199,8 @@ class LocalExecutor:
     imports (7 s of a 24-device fleet's no-op rerun) for nothing. Where there is no fork
     server, workers are spawned.
     A worker that dies breaks the pool; the next submission starts a new one (the steps
-    that were in it come back as retryable failures).
+    that were in it come back as :class:`~concurrent.futures.process.BrokenProcessPool`,
+    which :func:`execute` does not charge to any of them).
 
     One step more than there are workers is submitted (``ahead``): it waits in the pool's
     queue, so a worker that finishes starts it at once instead of idling while this
@@ -399,6 +403,13 @@ def _crash(step: Step, exc: BaseException, attempts: int) -> StepFailure:
                        f"{type(exc).__name__}{': ' + text[0] if text else ''}", ExitCode.INTERNAL, retryable=True)
 
 
+def _pool_broke(exc: BaseException) -> bool:
+    """Whether a worker died in a pool that failed every step it held (the local executor's)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    return isinstance(exc, BrokenProcessPool)
+
+
 def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint: Callable[[str], str],
             force: bool = False, retries: int = 1,
             on_event: Callable[[str, Step, Any], None] = lambda event, step, detail: None) -> Schedule:
@@ -416,6 +427,8 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
     waiting = list(steps)
     running: dict[Future, tuple[Step, str]] = {}
     attempts: dict[str, int] = {}
+    suspects: list[tuple[Step, str]] = []   # in a pool that broke: each runs again alone, nothing beside it
+    alone: set[str] = set()                  # the steps that ran with nothing beside them
 
     def finish(step: Step, outcome: StepOutcome) -> None:
         finished[step.id] = outcome
@@ -427,11 +440,18 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
 
     def launch(step: Step, key: str) -> None:
         attempts[step.id] = attempts.get(step.id, 0) + 1
+        if running:
+            alone.difference_update(other.id for other, _ in running.values())
+        else:
+            alone.add(step.id)
         running[executor.submit(step)] = (step, key)
 
     try:
-        while waiting or running:
-            for step in list(waiting):
+        while waiting or running or suspects:
+            if suspects:   # nothing else starts until every suspect has run alone
+                if not running:
+                    launch(*suspects.pop(0))
+            for step in list(waiting) if not suspects else ():
                 if any(need in failures or need in not_started for need in needs[step.id]):
                     waiting.remove(step)
                     not_started.append(step.id)
@@ -460,14 +480,27 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: order[running[f][0].id]):
                 step, key = running.pop(future)
+                ran_alone, broke = step.id in alone, False
+                alone.discard(step.id)
                 try:
                     result = future.result()
                 except Exception as exc:   # the worker, not the step, failed
+                    broke = _pool_broke(exc)
+                    if broke and not ran_alone:   # perhaps another step's worker: charge nobody yet
+                        attempts[step.id] -= 1
+                        suspects.append((step, key))
+                        on_event("retry", step, StepFailure(f"{step.id}: a worker of the pool it ran in died "
+                                                            "(perhaps another step's); it runs again alone",
+                                                            ExitCode.INTERNAL, retryable=True))
+                        continue
                     result = _crash(step, exc, attempts[step.id])
                 if isinstance(result, StepFailure):
                     if result.retryable and attempts[step.id] <= retries:
                         on_event("retry", step, result)
-                        launch(step, key)
+                        if broke:   # its own worker died: the next attempt runs alone as well
+                            suspects.append((step, key))
+                        else:
+                            launch(step, key)
                     else:
                         fail(step, result)
                     continue
