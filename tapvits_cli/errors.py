@@ -23,7 +23,7 @@ class ExitCode:
     NOT_IMPLEMENTED = 7   # the stage or option is not built yet
     DATA_UNAVAILABLE = 8  # a dataset source, weights download or optional package is missing (unreadable data: USAGE)
     ENVIRONMENT = 9       # the machine refused: disk full, read-only file system, permission denied
-    INTERRUPTED = 130     # Ctrl-C / SIGINT
+    INTERRUPTED = 130     # Ctrl-C / SIGINT, or SIGTERM
 
 
 class TapvitsError(Exception):

@@ -419,3 +419,43 @@ def test_devices_from_an_inbox_skip_invalid_uploads(tmp_path, tapvits, serial_ru
     only = write_recipe(tmp_path, {**TINY_RECIPE, "devices": [{"inbox": str(inbox / "*.gmm.safetensors")}]})
     empty = tapvits("run", only, "--dry-run")
     assert empty.exit_code == ExitCode.USAGE and "no valid device files (2 skipped)" in empty.stderr
+
+
+def test_sigterm_stops_a_run_and_its_workers_and_frees_the_run_directory(tmp_path):
+    """What Slurm, Kubernetes or ``timeout`` send: the run exits 130 with one line, no worker goes on
+    writing into the run directory, and the lock is free for the next run."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    slow = {**TINY_RECIPE, "base_model": {"train": {**TINY_RECIPE["base_model"]["train"], "epochs": 1000}}}
+    recipe, run_dir, log = write_recipe(tmp_path, slow), tmp_path / "run", tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "tapvits_cli", "run", str(recipe), "--run-dir", str(run_dir),
+                                   "--jobs", "2", "--cpus-per-step", "1"], stdout=subprocess.DEVNULL, stderr=stderr,
+                                  cwd=tmp_path, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "base: tapvits" not in log.read_text() and time.monotonic() < deadline:   # the base step started
+                time.sleep(0.2)
+            time.sleep(3)   # its worker is training now
+            driver.send_signal(signal.SIGTERM)
+            assert driver.wait(timeout=60) == ExitCode.INTERRUPTED
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    assert log.read_text().strip().splitlines()[-1] == "tapvits: interrupted"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # the workers and the fork server are gone with the driver
+        try:
+            os.killpg(driver.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(driver.pid, signal.SIGKILL)
+        pytest.fail("processes of the interrupted run outlived it")
+    with open(run_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # raises if anyone still holds it
+    assert not list(run_dir.rglob("*.safetensors"))

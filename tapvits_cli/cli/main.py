@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -136,10 +139,38 @@ def _report_error(argv: list[str], message: str, code: int, internal: bool = Fal
     return code
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (what Slurm, Kubernetes, systemd and ``timeout`` send) ends a command as Ctrl-C does.
+
+    Killed outright, ``tapvits run`` would release its run directory's lock while its
+    workers still write there, and leave them running; as an interrupt, it cancels its
+    steps, stops its workers and exits 130 with one line, and a partial ``features``
+    table is kept to resume.
+    """
+    if threading.current_thread() is not threading.main_thread():   # signals reach only the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the group and map failures to exit codes."""
     reset_settings()
     args = list(argv) if argv is not None else sys.argv[1:]
+    with _terminate_as_interrupt():
+        return _run(argv, args)
+
+
+def _run(argv: list[str] | None, args: list[str]) -> int:
     try:
         cli.main(args=argv, prog_name="tapvits", standalone_mode=False)
     except click.exceptions.Abort:

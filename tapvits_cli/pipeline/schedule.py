@@ -25,6 +25,7 @@ the failed steps so the caller can exit non-zero. A rerun skips what finished.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -244,8 +245,19 @@ class LocalExecutor:
             return self._pool.submit(perform, self.work, step, None, os.getcwd(), code_fingerprint())
 
     def close(self, cancel: bool = False) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=not cancel, cancel_futures=True)
+        """Stop the pool; ``cancel`` (an interrupt) stops running steps too.
+
+        A shut-down pool lets its running steps finish, and the interpreter waits for them
+        at exit: an interrupted run would then release the run directory's lock while its
+        workers still write there. Their outputs are written atomically, so stopping them
+        leaves no half-written file, only steps to run again.
+        """
+        if self._pool is None:
+            return
+        if cancel:
+            for worker in list((getattr(self._pool, "_processes", None) or {}).values()):
+                worker.terminate()
+        self._pool.shutdown(wait=not cancel, cancel_futures=True)
 
 
 class RayExecutor:
@@ -271,6 +283,7 @@ class RayExecutor:
         self.gpus = use_gpus and ray.cluster_resources().get("GPU", 0) >= 1
         self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
         self._task = ray.remote(perform)
+        self._tasks: list = []
         preload = ray.remote(_preload).options(num_cpus=cpus, max_retries=0)
         for _ in range(self.slots):   # workers import torch and timm now, while this process works out step keys
             preload.remote()
@@ -279,9 +292,17 @@ class RayExecutor:
         options: dict[str, Any] = {"num_cpus": self.cpus, "max_retries": 0}
         if self.gpus and step.stage == "finetune":
             options["num_gpus"] = 1
-        return self._task.options(**options).remote(self.work, step, self.cpus, os.getcwd(), code_fingerprint()).future()
+        task = self._task.options(**options).remote(self.work, step, self.cpus, os.getcwd(), code_fingerprint())
+        self._tasks.append(task)
+        return task.future()
 
     def close(self, cancel: bool = False) -> None:
+        """``cancel`` (an interrupt) stops the tasks still running: on a cluster (``--address``) they
+        would outlive this process and go on writing into the run directory."""
+        if cancel:
+            for task in self._tasks:
+                with contextlib.suppress(Exception):   # finished already, or its worker is gone
+                    self._ray.cancel(task, force=True)
         if self._owns:
             self._ray.shutdown()
 
