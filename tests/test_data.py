@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -12,8 +18,11 @@ import pytest
 from PIL import Image
 
 from tapvits_cli.data import DatasetRef, open_dataset
-from tapvits_cli.data.sources import FASHION_MNIST_DIR
-from tapvits_cli.errors import DataUnavailableError, UsageError
+from tapvits_cli.data.selection import dirichlet_assignment
+from tapvits_cli.data.sources import FASHION_MNIST_DIR, MAX_IMAGE_PIXELS
+from tapvits_cli.errors import DataUnavailableError, ExitCode, UsageError
+from tests.conftest import CliResult
+from tests.test_protocol_examples import assert_one_line_failure
 
 FASHION_DIR = os.environ.get("TAPVITS_FASHION_MNIST_DIR") or FASHION_MNIST_DIR
 HAS_FASHION = Path(FASHION_DIR, "t10k-images-idx3-ubyte.gz").exists()
@@ -43,7 +52,7 @@ def test_reference_round_trip(text):
 
 def test_reference_normalises_and_keeps_colon_paths():
     ref = DatasetRef.parse("digits:sample=5:classes=7,6,5,0,3,3:indices=10-12,0,1-4")
-    assert ref.classes == (0, 3, 5, 6, 7) and ref.indices == ((0, 4), (10, 12)) and ref.sample == 5
+    assert ref.classes == ((0, 0), (3, 3), (5, 7)) and ref.indices == ((0, 4), (10, 12)) and ref.sample == 5
     assert str(ref) == "digits:classes=0,3,5-7:indices=0-4,10-12:sample=5"
     assert DatasetRef.parse(r"C:\data\pool.npz:split=test").source == r"C:\data\pool.npz"
     assert DatasetRef.parse("digits:seed=0") == DatasetRef("digits")
@@ -66,11 +75,59 @@ def test_reference_normalises_and_keeps_colon_paths():
     ("digits:dirichlet=abc:part=0/5", "number > 0"),
     ("digits:dirichlet=0.5:part=5/5", "K must be in 0..N-1"),
     (":split=train", "source"),
+    # strict: ASCII digits and plain decimals only, no spaces, no underscores, within int64
+    ("digits:classes=٣", "0,3,5-7"),
+    ("digits:classes=1, 3", "0,3,5-7"),
+    ("digits:indices=0-3\n", "0,3,5-7"),
+    ("digits:fold=٠/٢", ">= 0"),
+    ("digits:sample=1_0", ">= 1"),
+    ("digits:sample= 5", ">= 1"),
+    ("digits:fold=0/99999999999999999999", r"at most 2\*\*63-1"),
+    ("digits:seed=9223372036854775808", r"at most 2\*\*63-1"),
+    ("digits:classes=0-" + "9" * 5000, r"at most 2\*\*63-1"),
+    ("digits:dirichlet=1_0:part=0/5", "number > 0"),
+    ("digits:dirichlet= 0.5:part=0/5", "number > 0"),
+    ("digits:dirichlet=infinity:part=0/5", "number > 0"),
 ])
 def test_reference_errors(text, message):
     with pytest.raises(UsageError, match=message) as info:
         DatasetRef.parse(text)
     assert "\n" not in str(info.value)
+
+
+def test_reference_limits():
+    """Integers are int64, numbers plain decimals; ranges stay ranges until a source bounds them."""
+    assert DatasetRef.parse("digits:classes=2-5000").classes == ((2, 5000),)
+    top = DatasetRef.parse("digits:fold=0/9223372036854775807:seed=9223372036854775807:classes=007")
+    assert top.fold == (0, 2**63 - 1) and top.seed == 2**63 - 1 and top.classes == ((7, 7),)
+    assert DatasetRef.parse("digits:dirichlet=.5:part=0/2").dirichlet == 0.5
+    assert DatasetRef.parse("digits:dirichlet=1e-3:part=0/2") == DatasetRef.parse("digits:dirichlet=0.001:part=0/2")
+    with pytest.raises(UsageError, match="number > 0"):
+        DatasetRef.from_mapping({"source": "digits", "dirichlet": 10 ** 400, "part": [0, 2]})
+    with pytest.raises(UsageError, match="backwards"):
+        DatasetRef.from_mapping({"source": "digits", "indices": [[5, 2]]})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("digits:classes=0-3000000000", "the source has 10 classes"),
+    ("digits:dirichlet=0.5:part=0/100000000000", "more parts than the 1433 samples"),
+    ("digits:dirichlet=0.5:part=0/30000000", "more parts than the 1433 samples"),
+    ("digits:classes=3:dirichlet=0.5:part=0/147", "more parts than the 146 samples"),
+    ("digits:fold=0/99999999999999999999", "fold: expected an integer"),
+])
+def test_references_too_large_for_memory_are_usage_errors(text, message):
+    """Found by a review: each exhausted memory (up to 745 GiB asked) or overflowed, exit 1.
+
+    In a child limited to 2 GiB of address space, so that a regression fails here instead of
+    taking the machine's memory."""
+    def limit_memory() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    result = subprocess.run([sys.executable, "-m", "tapvits_cli", "dataset", text], capture_output=True, text=True,
+                            preexec_fn=limit_memory, timeout=120)
+    assert_one_line_failure(CliResult(result.returncode, result.stdout, result.stderr), ExitCode.USAGE)
+    assert message in result.stderr
 
 
 def test_reference_from_mapping():
@@ -220,6 +277,81 @@ def test_image_folder(tmp_path):
         open_dataset(str(tmp_path / "empty"))
 
 
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width×height: PIL reads the size without decoding anything."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+
+
+@contextmanager
+def _fails_instead_of_hanging(seconds: int = 20):
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("width, height", [(9000, 9000), (10_000, 10_000), (15_000, 15_000)])
+def test_image_folder_refuses_huge_images_wherever_they_sort(tmp_path, recwarn, first, width, height):
+    """9000×9000 set every image's size (6 GiB for 21 images); 15000×15000 is a decompression bomb to
+    PIL, which crashed (exit 1) as the first image; 10000×10000 made PIL print a warning."""
+    _write_folder(tmp_path, "L")
+    _png_claiming(tmp_path / "ant" / ("00-huge.png" if first else "zz-huge.png"), width, height)
+    with pytest.raises(UsageError, match=f"huge.png: image of .*more than the limit of {MAX_IMAGE_PIXELS} pixels"):
+        data = open_dataset(str(tmp_path))
+        data.images(np.arange(len(data)))
+    assert not [w for w in recwarn if "DecompressionBomb" in w.category.__name__]
+
+
+def test_image_folder_size_limit_is_inclusive(tmp_path):
+    _write_folder(tmp_path, "L")
+    _png_claiming(tmp_path / "ant" / "00-largest.png", 4096, 4096)
+    assert open_dataset(str(tmp_path)).image_shape == (1, 4096, 4096)
+
+
+def test_image_folder_skips_what_is_not_a_regular_file(tmp_path):
+    """A FIFO named like an image made `dataset` wait for a writer forever; it is skipped, like a
+    directory named like an image and a broken link, as files of other types are."""
+    _write_folder(tmp_path, "L")
+    os.mkfifo(tmp_path / "ant" / "zz_fifo.png")
+    (tmp_path / "bird" / "dir.png").mkdir()
+    (tmp_path / "bird" / "broken.png").symlink_to(tmp_path / "missing.png")
+    with _fails_instead_of_hanging():
+        data = open_dataset(str(tmp_path))
+        assert len(data) == 6 and len(data.fingerprint()) == 64
+
+
+def test_image_folder_links(tmp_path):
+    """Links are followed within the dataset folder, refused when they lead outside it."""
+    _write_folder(tmp_path / "pool", "L")
+    os.symlink("../bird/00.png", tmp_path / "pool" / "ant" / "05.png")
+    inside = open_dataset(str(tmp_path / "pool"))
+    assert len(inside) == 7
+    np.testing.assert_array_equal(inside.images([3]), inside.images([4]))   # ant/05.png is bird/00.png
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("L", (5, 4)).save(outside / "x.png")
+    (tmp_path / "pool" / "ant" / "06.png").symlink_to(outside / "x.png")
+    with pytest.raises(UsageError, match="06.png: leads outside the dataset folder"):
+        open_dataset(str(tmp_path / "pool"))
+    (tmp_path / "pool" / "ant" / "06.png").unlink()
+    (tmp_path / "pool" / "cat").symlink_to(outside)   # a class folder linked elsewhere
+    with pytest.raises(UsageError, match="x.png: leads outside the dataset folder"):
+        open_dataset(str(tmp_path / "pool"))
+
+
 # --- selection semantics ------------------------------------------------------------------------
 
 def test_classes_fold_indices_sample():
@@ -243,7 +375,8 @@ def test_classes_fold_indices_sample():
     np.testing.assert_array_equal(sample.ids, open_dataset("digits:split=all:fold=1/2:sample=50:seed=7").ids)
     assert not np.array_equal(sample.ids, open_dataset("digits:split=all:fold=1/2:sample=50:seed=8").ids)
 
-    for text, message in [("digits:classes=10", "10 classes"), ("digits:indices=5000", "reaches position 5000"),
+    for text, message in [("digits:classes=10", "10 classes"), ("digits:classes=0,9-12", "10 classes"),
+                          ("digits:indices=5000", "reaches position 5000"),
                           ("digits:classes=0:sample=1000", "more than")]:
         with pytest.raises(UsageError, match=message):
             open_dataset(text)
@@ -280,6 +413,13 @@ def test_dirichlet_parts():
         np.testing.assert_array_equal(np.diff([0, *cuts, (labels == c).sum()]), counts)
     halves = [open_dataset(f"digits:split=all:dirichlet=0.5:part=1/4:fold={k}/2").ids for k in range(2)]
     np.testing.assert_array_equal(np.sort(np.concatenate(halves)), parts[1])
+    # as many parts as samples (the most allowed): as drawn, in memory linear in the samples
+    shares = np.random.default_rng([0, 5]).dirichlet([0.5] * len(labels), 10)
+    assignment = dirichlet_assignment(labels, np.arange(len(labels)), 10, 0.5, len(labels), 0)
+    for c in range(10):
+        cuts = np.floor(np.cumsum(shares[c])[:-1] * (labels == c).sum()).astype(int)
+        np.testing.assert_array_equal(np.bincount(assignment[labels == c], minlength=len(labels)),
+                                      np.diff([0, *cuts, (labels == c).sum()]))
 
 
 def test_positions_of():

@@ -19,34 +19,45 @@ BUILTINS = ("digits", "fashion-mnist")
 SPLITS = ("train", "test", "all")
 OPTIONS = ("split", "classes", "dirichlet", "part", "fold", "indices", "sample", "seed")
 
-_OPTION = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_OPTION = re.compile(r"([A-Za-z_]\w*)=(.*)", re.DOTALL)  # fullmatch: "seed=3\n" is refused, not read as 3
+_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Every integer of a reference (a label, a position, K/N, a count, a seed) fits NumPy's int64,
+# so a huge value is refused here instead of overflowing, or exhausting memory, in NumPy.
+_INT64_MAX = 2**63 - 1
 
 Ranges = tuple[tuple[int, int], ...]
 
 
 def _natural(value: object, minimum: int = 0) -> int:
-    """An integer >= minimum from YAML (int) or the command line (digits)."""
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
-    return value
+    """An integer in minimum..2**63-1 from YAML (int) or the command line (ASCII digits only).
+
+    Strict like the rest of a reference: ``int()`` would also take ``" 7"``, ``"1_0"`` and
+    other scripts' digits (``"٣"``), none of which the canonical form prints back.
+    """
+    number = _digits(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or not minimum <= number <= _INT64_MAX:
+        raise ValueError(f"expected an integer >= {minimum} (at most 2**63-1), got {value!r}")
+    return number
+
+
+def _digits(text: str) -> int | None:
+    """ASCII digits as an integer, or None; None too beyond 19 significant digits, which no int64 has
+    (and which ``int()`` refuses to convert past 4,300 digits anyway)."""
+    significant = text.lstrip("0") or "0"
+    if not (text.isascii() and text.isdigit()) or len(significant) > len(str(_INT64_MAX)):
+        return None
+    return int(significant)
 
 
 def _ranges(value: object) -> Ranges:
-    """'0,3,5-7', an int or a list of ints -> sorted, merged, inclusive ranges."""
+    """'0,3,5-7', an int or a list of ints or [low, high] pairs -> sorted, merged, inclusive ranges.
+
+    Kept as ranges, never expanded here: ``0-3000000000`` is a short string but three billion
+    labels. Whoever expands them bounds them first (:func:`tapvits_cli.data.selection.select_ids`).
+    """
     if isinstance(value, str):
-        pairs = []
-        for item in value.split(","):
-            match = _RANGE.match(item.strip())
-            if not match:
-                raise ValueError(f"expected a list like 0,3,5-7, got {value!r}")
-            low = int(match[1])
-            high = int(match[2]) if match[2] is not None else low
-            if high < low:
-                raise ValueError(f"range {item.strip()!r} runs backwards")
-            pairs.append((low, high))
+        pairs = [_range_item(item, value) for item in value.split(",")]
     elif isinstance(value, (list, tuple)) and value:
         pairs = [(_natural(v[0]), _natural(v[1])) if isinstance(v, (list, tuple)) and len(v) == 2
                  else (_natural(v),) * 2 for v in value]
@@ -54,11 +65,22 @@ def _ranges(value: object) -> Ranges:
         pairs = [(_natural(value),) * 2]
     merged: list[list[int]] = []
     for low, high in sorted(pairs):
+        if high < low:
+            raise ValueError(f"range {low}-{high} runs backwards")
         if merged and low <= merged[-1][1] + 1:
             merged[-1][1] = max(merged[-1][1], high)
         else:
             merged.append([low, high])
     return tuple((low, high) for low, high in merged)
+
+
+def _range_item(item: str, text: str) -> tuple[int, int]:
+    """One item of a list: ``N`` or ``N-M``, ASCII digits only, no spaces."""
+    match = _RANGE.fullmatch(item)
+    if not match:
+        raise ValueError(f"expected a list like 0,3,5-7, got {text!r}")
+    low = _natural(match[1])
+    return low, _natural(match[2]) if match[2] is not None else low
 
 
 def format_ranges(ranges: Ranges) -> str:
@@ -69,10 +91,6 @@ def _split(value: object) -> str:
     if value not in SPLITS:
         raise ValueError(f"expected one of {', '.join(SPLITS)}, got {value!r}")
     return value
-
-
-def _classes(value: object) -> tuple[int, ...]:
-    return tuple(c for low, high in _ranges(value) for c in range(low, high + 1))
 
 
 def _fold(value: object) -> tuple[int, int]:
@@ -86,12 +104,16 @@ def _fold(value: object) -> tuple[int, int]:
 
 
 def _concentration(value: object) -> float:
-    """A Dirichlet concentration α > 0 (finite), from YAML (number) or the command line (text)."""
-    if isinstance(value, bool):
+    """A Dirichlet concentration α > 0 (finite), from YAML (number) or the command line (text).
+
+    Text must be a plain decimal (``0.5``, ``2``, ``1e-3``): ``float()`` would also take
+    ``" 0.5"``, ``"1_0"``, ``"infinity"`` and other scripts' digits.
+    """
+    if isinstance(value, bool) or (isinstance(value, str) and not _DECIMAL.fullmatch(value)):
         raise ValueError(f"expected a number > 0, got {value!r}")
     try:
         alpha = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: a YAML integer beyond any double
         raise ValueError(f"expected a number > 0, got {value!r}") from None
     if not 0 < alpha < float("inf"):
         raise ValueError(f"expected a number > 0, got {value!r}")
@@ -100,7 +122,7 @@ def _concentration(value: object) -> float:
 
 _CONVERT: dict[str, Callable[[object], object]] = {
     "split": _split,
-    "classes": _classes,
+    "classes": _ranges,
     "dirichlet": _concentration,
     "part": _fold,
     "fold": _fold,
@@ -116,15 +138,15 @@ class DatasetRef:
     split → classes → dirichlet part → fold → indices → sample.
 
     ``split=None`` means the source's default; :func:`open_dataset` resolves it, so a
-    dataset's provenance always names its split. ``classes`` is a sorted tuple of labels,
-    ``fold`` and ``part`` are ``(K, N)`` and ``indices`` sorted, merged, inclusive
-    ``(low, high)`` ranges, so equal selections compare equal however they were written.
+    dataset's provenance always names its split. ``classes`` (labels) and ``indices``
+    (positions) are sorted, merged, inclusive ``(low, high)`` ranges and ``fold`` and
+    ``part`` are ``(K, N)``, so equal selections compare equal however they were written.
     ``dirichlet`` (α) and ``part`` come together: part K of a non-IID split into N parts.
     """
 
     source: str
     split: str | None = None
-    classes: tuple[int, ...] | None = None
+    classes: Ranges | None = None
     dirichlet: float | None = None
     part: tuple[int, int] | None = None
     fold: tuple[int, int] | None = None
@@ -156,7 +178,7 @@ class DatasetRef:
         """
         segments = text.split(":")
         options: dict[str, str] = {}
-        while len(segments) > 1 and (match := _OPTION.match(segments[-1])):
+        while len(segments) > 1 and (match := _OPTION.fullmatch(segments[-1])):
             segments.pop()
             key, value = match.groups()
             if key in options:
@@ -206,9 +228,7 @@ class DatasetRef:
             value = getattr(self, field.name)
             if value is None or value == field.default:
                 continue
-            if field.name == "classes":
-                value = format_ranges(_ranges(list(value)))
-            elif field.name == "indices":
+            if field.name in ("classes", "indices"):
                 value = format_ranges(value)
             elif field.name in ("fold", "part"):
                 value = f"{value[0]}/{value[1]}"

@@ -52,12 +52,12 @@ def dirichlet_assignment(labels: np.ndarray, selected: np.ndarray, num_classes: 
     keys = np.random.default_rng([seed, _DIRICHLET_ORDER_STREAM]).random(len(labels))
     selected_labels = labels[selected]
     order = np.lexsort((keys[selected], selected_labels))
-    sorted_labels = selected_labels[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
     counts = np.bincount(selected_labels, minlength=num_classes)
-    # cut points per class: run k holds ranks [cut_k, cut_{k+1})
+    # run k of class c holds its ranks [edges[c, k], edges[c, k + 1]); the sorted selection is
+    # class 0's runs 0..parts-1, then class 1's: memory grows with classes × parts, not samples × parts
     cuts = np.floor(np.cumsum(shares, axis=1)[:, :-1] * counts[:, None]).astype(np.int64)
-    part_sorted = (rank[:, None] >= cuts[sorted_labels]).sum(axis=1)
+    edges = np.concatenate([np.zeros((num_classes, 1), np.int64), cuts, counts[:, None]], axis=1)
+    part_sorted = np.repeat(np.tile(np.arange(parts, dtype=np.int64), num_classes), np.diff(edges, axis=1).ravel())
     assignment = np.empty(len(selected), dtype=np.int64)
     assignment[order] = part_sorted
     return assignment
@@ -71,12 +71,15 @@ def select_ids(ref: DatasetRef, labels: np.ndarray, num_classes: int) -> np.ndar
     """Sorted positions in the split that ``ref`` keeps: classes → dirichlet part → fold → indices → sample."""
     ids = np.arange(len(labels), dtype=np.int64)
     if ref.classes is not None:
-        if ref.classes[-1] >= num_classes:
+        if ref.classes[-1][1] >= num_classes:  # checked before expanding: 0-3000000000 is three billion labels
             raise UsageError(f"dataset reference {str(ref)!r}: classes: the source has {num_classes} classes "
                              f"(0-{num_classes - 1})")
-        ids = ids[np.isin(labels, ref.classes)]
+        ids = ids[np.isin(labels, expand_ranges(ref.classes))]
     if ref.part is not None:
         k, n = ref.part
+        if n > len(ids):  # checked before drawing shares for every class and part
+            raise UsageError(f"dataset reference {str(ref)!r}: part={k}/{n} asks for more parts than the "
+                             f"{len(ids)} samples selected before it")
         ids = ids[dirichlet_assignment(labels, ids, num_classes, ref.dirichlet, n, ref.seed) == k]
     if ref.fold is not None:
         k, n = ref.fold

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +29,10 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
+# The most pixels (width × height) an image in a folder may have: 4096×4096, more than a 12-megapixel
+# photo, far below PIL's decompression-bomb limit. The first image sets every image's size, so one
+# large header (a few KB of PNG) would otherwise make every read of the folder that large.
+MAX_IMAGE_PIXELS = 4096 * 4096
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 # Digits ships without a test split; ours is fold 0 of a stratified 5-fold partition with seed 0 (~20%).
 _DIGITS_TEST_FOLDS, _DIGITS_TEST_SEED = 5, 0
@@ -157,23 +162,52 @@ class _FileRows:
         self.files, self.mode, self.size = files, mode, size
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        from PIL import Image
-
         width, height = self.size
         channels = 1 if self.mode == "L" else 3
         out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
         for i, row in enumerate(rows):
-            try:
-                with Image.open(self.files[row]) as image:
-                    image = image.convert(self.mode)
-                    if image.size != self.size:
-                        image = image.resize(self.size, Image.BILINEAR)
-                    out[i] = np.asarray(image).reshape(height, width, channels)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                # PIL reports a corrupt or truncated file as OSError (UnidentifiedImageError among
-                # them), SyntaxError or ValueError: a bad input, named, not a crash
-                raise _unreadable(exc, f"{self.files[row]}: unreadable image, truncated or corrupt") from None
+            out[i] = _with_image(self.files[row], self._pixels).reshape(height, width, channels)
         return _to_float(out, True, "image folder", rows)
+
+    def _pixels(self, image) -> np.ndarray:
+        """An image in the folder's mode and size: a batch needs one shape."""
+        from PIL import Image
+
+        image = image.convert(self.mode)
+        if image.size != self.size:
+            image = image.resize(self.size, Image.BILINEAR)
+        return np.asarray(image)
+
+
+def _with_image(path: str, use: Callable) -> object:
+    """``use(image)`` on the image file ``path``, opened lazily and checked against :data:`MAX_IMAGE_PIXELS`.
+
+    The one way a folder's image is opened, for its first image (which sets the folder's mode
+    and size) as for every later one, so a corrupt file or a decompression bomb is the same
+    bad input (exit 2, naming the file) wherever it sorts.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL warns from 89 million pixels: far beyond the limit refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, f"{width}×{height} pixels")
+            return use(image)
+    except Image.DecompressionBombError:   # so large that PIL refuses it while opening
+        raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        # PIL reports a corrupt or truncated file as OSError (UnidentifiedImageError among
+        # them), SyntaxError or ValueError: a bad input, named, not a crash
+        raise _unreadable(exc, f"{path}: unreadable image, truncated or corrupt") from None
+
+
+def _too_large(path: str, size: str) -> UsageError:
+    return UsageError(f"{path}: image of {size}, more than the limit of {MAX_IMAGE_PIXELS} pixels (4096×4096); "
+                      "downscale it")
 
 
 @lru_cache(maxsize=1)
@@ -301,15 +335,33 @@ def _subfolders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[str]:
+def _images_in(folder: Path, root: Path) -> list[str]:
+    """The images of one class folder: its regular files with an image suffix, not hidden, sorted.
+
+    Anything else is skipped like a file of another type: a directory, a FIFO (opening one
+    waits for a writer forever), a socket, a device, a broken link. A link is followed, but
+    only within the dataset folder ``root``: one that leads outside it (``ln -s /etc/passwd
+    a.png``, or a class folder linked elsewhere) is refused, so a folder never reads files
+    its reference does not name.
+    """
     if not folder.is_dir():
         return []
-    return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    real_folder = Path(os.path.realpath(folder))
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES or entry.name.startswith("."):
+                continue
+            target = Path(os.path.realpath(entry.path)) if entry.is_symlink() else real_folder / entry.name
+            if not target.is_relative_to(root):
+                raise UsageError(f"{entry.path}: leads outside the dataset folder {root} (to {target}); "
+                                 "copy the file into the folder instead of linking it")
+            if entry.is_file():
+                found.append(entry.path)
+    return sorted(found)
 
 
 def _folder(root: Path, split: str | None) -> Source:
-    from PIL import Image
-
     what = str(root)
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     parts = _resolve_split(["train", "test"] if has_splits else ["all"], split, what)
@@ -319,15 +371,14 @@ def _folder(root: Path, split: str | None) -> Source:
     files, labels = [], []
     for folder in folders:
         for label, name in enumerate(names):
-            found = _images_in(folder / name)
+            found = _images_in(folder / name, root)
             files += found
             labels += [label] * len(found)
     if not files:
         raise DataUnavailableError(f"{what}: no images found (expected class subfolders holding "
                                    f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
-    with Image.open(files[0]) as first:
-        mode = "L" if first.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-        size = first.size
+    first_mode, size = _with_image(files[0], lambda image: (image.mode, image.size))
+    mode = "L" if first_mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
     return Source("folder", _name(parts), np.asarray(labels, dtype=np.int64), tuple(names),
                   (1 if mode == "L" else 3, size[1], size[0]), _FileRows(tuple(files), mode, size))
 
