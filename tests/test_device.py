@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tapvits_cli.errors import ExitCode
+from tests.test_protocol_examples import assert_one_line_failure
 
 # Runs `tapvits ARGS` in a process where importing torch, timm or torchvision fails.
 NO_TORCH = """
@@ -122,6 +123,83 @@ def test_features_and_select_take_the_onnx_graph_as_extractor(tmp_path, tapvits,
                      "--strategy", "ratio", "--metric-size", "20", "--finetune-size", "40", "-o", metric)
     assert chosen.exit_code == 0, chosen.stderr
     assert len(read_metric_set(metric).finetune_ids) == 40 and tapvits("validate", metric).exit_code == 0
+
+
+def _hostile_graph(genuine, path, case: str):
+    """A small linear features graph (8×8 images → 24 features) carrying ``genuine``'s metadata, broken as ``case`` says."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    metadata = {prop.key: prop.value for prop in onnx.load(str(genuine)).metadata_props}
+    image_type, image_shape, out_type, flat = TensorProto.FLOAT, ["N", 1, 8, 8], TensorProto.FLOAT, [-1, 64]
+    if case == "input-name":
+        image_name = "x"
+    else:
+        image_name = "images"
+    if case == "input-shape":
+        image_shape = ["N", 3, 8, 8]
+        flat = [-1, 192]
+    if case == "input-double":
+        image_type = TensorProto.DOUBLE
+    if case == "output-int":
+        out_type = TensorProto.INT64
+    if case == "fails-at-run":
+        flat = [-1, 63]   # declares the right shapes; a batch of n images (64 n values) reshapes only when 63 | n
+    weights = np.random.default_rng(0).normal(size=(flat[1], 24)).astype(np.float32)
+    nodes = [helper.make_node("Cast", [image_name], ["as_float"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["as_float", "flat_shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "W"], ["product"]),
+             helper.make_node("Cast", ["product"], ["features"], to=out_type)]
+    graph = helper.make_graph(nodes, case, [helper.make_tensor_value_info(image_name, image_type, image_shape)],
+                              [helper.make_tensor_value_info("features", out_type, ["N", 24])],
+                              initializer=[numpy_helper.from_array(weights, "W"),
+                                           numpy_helper.from_array(np.array(flat, np.int64), "flat_shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    fingerprint = json.loads(metadata["tapvits.extractor"])
+    if case.startswith("raw-input="):
+        metadata["tapvits.raw_input"] = case.split("=", 1)[1]
+    if case.startswith("feature-dim="):
+        metadata["tapvits.extractor"] = json.dumps({**fingerprint, "feature_dim": json.loads(case.split("=", 1)[1])})
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("input-name", "must take one float input 'images' of shape (batch, 1, 8, 8); it takes x"),
+    ("input-shape", "must take one float input 'images'"),
+    ("input-double", "must take one float input 'images'"),
+    ("output-int", "must give a float output 'features' of shape (batch, 24)"),
+    ("raw-input=[1.5, 8, 8]", "must be three integers"),
+    ("raw-input=[true, 8, 8]", "must be three integers"),
+    ('raw-input="188"', "must be three integers"),
+    ("raw-input=[1, 1e400, 8]", "must be three integers"),
+    ("feature-dim=-24", "feature_dim an integer"),
+    ("feature-dim=true", "feature_dim an integer"),
+    ("fails-at-run", "the graph failed on a batch of images"),
+])
+def test_a_graph_that_breaks_its_own_metadata_is_an_invalid_artifact(tmp_path, tapvits, onnx_extractor_file,
+                                                                     case, message):
+    """What a graph's metadata promises is checked against the graph before an image goes in; a run-time
+    failure inside onnxruntime is the graph's fault too: exit 3, one line, no output."""
+    graph = _hostile_graph(onnx_extractor_file, tmp_path / "hostile.onnx", case)
+    out = tmp_path / "gmm.safetensors"
+    refused = tapvits("fit-gmm", "--data", "digits:classes=0,1", "--extractor", graph, "-o", out)
+    assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
+    assert message in refused.stderr and not out.exists()
+
+
+def test_the_hostile_graph_builder_breaks_nothing_unasked(tmp_path, tapvits, onnx_extractor_file):
+    """The control for the cases above: the same graph, unbroken, is a working extractor."""
+    graph = _hostile_graph(onnx_extractor_file, tmp_path / "plain.onnx", "none")
+    made = tapvits("fit-gmm", "--data", "digits:classes=0,1", "--extractor", graph, "--covariance", "diag",
+                   "-o", tmp_path / "g.safetensors")
+    assert made.exit_code == 0, made.stderr
 
 
 def test_cloud_commands_without_torch_name_the_install(tmp_path, tiny_model_file, onnx_extractor_file):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_VIT, TINY_VIT_KWARGS
+from tapvits_cli.errors import ExitCode
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -135,3 +136,10 @@ def test_missing_onnx_names_the_extra(tapvits, tmp_path, tiny_model_file, monkey
     result = tapvits("export", tiny_model_file, "-o", tmp_path / "m.onnx")
     assert result.exit_code == 8
     assert 'pip install "tapvits[onnx]"' in result.stderr and "onnxruntime" in result.stderr
+
+
+@pytest.mark.parametrize("raw_input", ["2,8,8", "1,100000,100000", "1,99999999999999999999,8", "1, 8,8", "1,8", "0,8,8"])
+def test_raw_input_out_of_range_is_a_usage_error(tapvits, tmp_path, tiny_model_file, raw_input):
+    out = tmp_path / "e.onnx"
+    refused = tapvits("export", tiny_model_file, "--features", "--raw-input", raw_input, "-o", out)
+    assert refused.exit_code == ExitCode.USAGE and "--raw-input" in refused.stderr and not out.exists()

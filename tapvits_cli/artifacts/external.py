@@ -100,17 +100,39 @@ def features_graph_provenance(model_metadata: Mapping[str, str], source: Lineage
             RAW_INPUT_KEY: compact_json(list(raw_input))}
 
 
+_MAX_SIDE = 1 << 16   # bounds on a graph's recorded shapes: far past any image or feature width a ViT has
+_MAX_FEATURES = 1 << 20
+
+
+def _positive_ints(value, count: int | None, limit: int) -> tuple[int, ...] | None:
+    """``value`` as a tuple of ``count`` integers in 1..``limit`` (JSON booleans are not integers), else None."""
+    values = value if isinstance(value, list) else [value]
+    if (count is not None and len(values) != count) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in values):
+        return None
+    return tuple(values)
+
+
 def load_onnx_extractor(path: str | os.PathLike):
-    """Open an exported features graph as an extractor; refuse a logits graph or one without its fingerprint."""
+    """Open an exported features graph as an extractor; refuse a logits graph or one without its fingerprint.
+
+    The graph is the device's input as much as the cloud's, so what its metadata promises
+    is checked against the graph itself before a single image goes in: one float input
+    ``images`` of shape (batch, C, H, W) = the recorded ``raw_input``, and a float output
+    ``features`` of width ``feature_dim``. A graph that breaks this would otherwise fail
+    inside onnxruntime at the first batch, or allocate what its shapes ask for.
+    """
     try:
         import onnxruntime
     except ImportError:
         raise DataUnavailableError("an ONNX extractor needs onnxruntime: pip install onnxruntime") from None
-    from tapvits_cli.models.onnx_extractor import OnnxExtractor
+    from tapvits_cli.models.onnx_extractor import FEATURES_INPUT, FEATURES_OUTPUT, OnnxExtractor
 
     path = Path(path)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4   # fatal only: a failure is reported as one line of ours, not onnxruntime's log
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidArtifactError(f"{path}: not a readable ONNX graph ({first})") from None
@@ -118,11 +140,29 @@ def load_onnx_extractor(path: str | os.PathLike):
     if metadata.get(GRAPH_KEY) != FEATURES_GRAPH:
         raise UsageError(f"{path} is not a features graph (export it with `tapvits export MODEL --features`)")
     try:
-        fingerprint = parse_json(metadata[EXTRACTOR_KEY])
-        raw_input = tuple(int(v) for v in parse_json(metadata[RAW_INPUT_KEY]))
-    except (KeyError, ValueError, TypeError):
+        fingerprint, raw_input = parse_json(metadata[EXTRACTOR_KEY]), parse_json(metadata[RAW_INPUT_KEY])
+    except (KeyError, ValueError):
         raise InvalidArtifactError(f"{path}: '{EXTRACTOR_KEY}' and '{RAW_INPUT_KEY}' must hold the extractor "
                                    "fingerprint and the (C, H, W) input") from None
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("feature_dim"), int) or len(raw_input) != 3:
-        raise InvalidArtifactError(f"{path}: malformed extractor fingerprint or raw input shape")
+    raw_input = _positive_ints(raw_input, 3, _MAX_SIDE)
+    feature_dim = _positive_ints(fingerprint.get("feature_dim"), 1, _MAX_FEATURES) \
+        if isinstance(fingerprint, dict) else None
+    if raw_input is None or feature_dim is None:
+        raise InvalidArtifactError(f"{path}: '{RAW_INPUT_KEY}' must be three integers in 1..{_MAX_SIDE} and the "
+                                   f"fingerprint's feature_dim an integer in 1..{_MAX_FEATURES}")
+    inputs, outputs = session.get_inputs(), {output.name: output for output in session.get_outputs()}
+    wanted_input, wanted_output = [None, *raw_input], [None, *feature_dim]
+
+    def fits(node, wanted) -> bool:   # a free (named) batch dimension, every other one as recorded
+        return node.type == "tensor(float)" and len(node.shape) == len(wanted) and all(
+            want is None or have == want for have, want in zip(node.shape, wanted))
+
+    if len(inputs) != 1 or inputs[0].name != FEATURES_INPUT or not fits(inputs[0], wanted_input):
+        found = ", ".join(f"{node.name} {node.type} {node.shape}" for node in inputs)
+        raise InvalidArtifactError(f"{path}: the graph must take one float input '{FEATURES_INPUT}' of shape "
+                                   f"(batch, {', '.join(map(str, raw_input))}); it takes {found or 'none'}")
+    if FEATURES_OUTPUT not in outputs or not fits(outputs[FEATURES_OUTPUT], wanted_output):
+        found = ", ".join(f"{node.name} {node.type} {node.shape}" for node in outputs.values())
+        raise InvalidArtifactError(f"{path}: the graph must give a float output '{FEATURES_OUTPUT}' of shape "
+                                   f"(batch, {feature_dim[0]}); it gives {found or 'none'}")
     return OnnxExtractor(session=session, fingerprint=fingerprint, raw_input=raw_input, path=path)

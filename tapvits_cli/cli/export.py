@@ -10,15 +10,17 @@ from tapvits_cli.models.onnx_export import DEFAULT_OPSET
 
 
 def parse_raw_input(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int, int] | None:
-    """'1,28,28' → (1, 28, 28)."""
+    """'1,28,28' → (1, 28, 28): 1 or 3 channels (what the graph's preprocessing maps to the model's),
+    and no more pixels than an image a folder dataset may hold."""
+    from tapvits_cli.data.sources import MAX_IMAGE_PIXELS
+
     if value is None:
         return None
-    try:
-        shape = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise click.BadParameter(f"expected C,H,W of positive integers such as 1,28,28, got {value!r}")
+    parts = value.split(",")
+    shape = tuple(int(v) for v in parts) if all(v.isascii() and v.isdigit() and len(v) <= 9 for v in parts) else ()
+    if len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1 or shape[1] * shape[2] > MAX_IMAGE_PIXELS:
+        raise click.BadParameter(f"expected C,H,W with C 1 or 3 and H×W at most {MAX_IMAGE_PIXELS} pixels, such as "
+                                 f"1,28,28; got {value!r}")
     return shape
 
 
@@ -32,7 +34,7 @@ def parse_raw_input(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--raw-input", callback=parse_raw_input, metavar="C,H,W",
               help="With --features: the stored images the graph takes, e.g. 1,28,28 for Fashion-MNIST  "
                    "[default: the model's input size]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Batch size of the example input (the fixed batch with --static-batch).")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
               help="Leave the batch axis symbolic, or fix it to --batch-size.")

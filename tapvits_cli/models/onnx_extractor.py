@@ -48,7 +48,11 @@ class OnnxExtractor:
         for start in range(0, len(positions), batch_size):
             chunk = positions[start:start + batch_size]
             images = np.ascontiguousarray(dataset.images(chunk), dtype=np.float32)
-            features = self.session.run([FEATURES_OUTPUT], {FEATURES_INPUT: images})[0]
+            try:
+                features = self.session.run([FEATURES_OUTPUT], {FEATURES_INPUT: images})[0]
+            except Exception as exc:   # onnxruntime's own types: a graph that fails on the very input it declares
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InvalidArtifactError(f"{self.path}: the graph failed on a batch of images ({first})") from None
             if features.shape != (len(chunk), self.feature_dim):
                 raise InvalidArtifactError(f"{self.path}: the graph returned features of shape {features.shape}, "
                                            f"expected ({len(chunk)}, {self.feature_dim})")
