@@ -50,7 +50,8 @@ def write_output(root: str, marker: str, step: Step) -> None:
 
     ``boom`` fails as a stage does on bad input; ``crash-once`` kills its worker process
     the first time (``marker`` records that it did), as a lost node would, and ``crash``
-    every time, as an out-of-memory kill would; ``slow`` takes 1.5 s.
+    every time, as an out-of-memory kill would; ``slow`` takes 1.5 s; ``elsewhere`` succeeds
+    without writing its output here, as a worker on an unshared file system would.
     """
     if step.stage == "boom":
         raise UsageError(f"{step.id}: refused")
@@ -62,6 +63,8 @@ def write_output(root: str, marker: str, step: Step) -> None:
         os._exit(1)
     if step.stage == "slow":
         time.sleep(1.5)
+    if step.stage == "elsewhere":   # a worker whose file system is not this machine's
+        return
     digest = hashlib.sha256(step.id.encode())
     for token in step.inputs:
         digest.update(Path(root, token.path).read_bytes())
@@ -155,6 +158,13 @@ def test_a_worker_that_always_dies_fails_only_its_own_step(tmp_path):
     assert set(result.failures) == {"devices/bad/select"}
     assert "after 2 attempts" in result.failures["devices/bad/select"].message
     assert sorted(o.step.id for o in result.outcomes) == [f"devices/{name}/select" for name in "abc"]
+
+
+def test_a_worker_that_leaves_no_output_here_fails_only_its_step(tmp_path):
+    result = _schedule(tmp_path, fake_fleet(stage="elsewhere"), lambda work: schedule.LocalExecutor(work, jobs=2))
+    failure = result.failures["devices/b/select"]
+    assert failure.exit_code == ExitCode.ENVIRONMENT and "shared" in failure.message and not failure.retryable
+    assert set(result.failures) == {"devices/b/select"} and len(result.outcomes) == 6
 
 
 def test_a_worker_with_other_code_refuses_its_step(tmp_path, monkeypatch):

@@ -525,6 +525,11 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
                     else:
                         fail(step, result)
                     continue
+                if not run_directory.path(step.output).is_file():   # Ray or Slurm workers on another file system
+                    fail(step, StepFailure(f"{step.id}: its worker finished, but {step.output} is not in the run "
+                                           "directory; the workers need a file system shared with this machine",
+                                           ExitCode.ENVIRONMENT))
+                    continue
                 run_directory.record(step.id, step.output, key, result, "ran")
                 run_directory.store_in_cache(key, step.output, result)
                 finish(step, StepOutcome(step, "ran", result))
