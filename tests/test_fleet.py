@@ -212,6 +212,7 @@ def test_submitit_local_jobs_stand_in_for_slurm(tmp_path, monkeypatch):
                        lambda work: schedule.SlurmExecutor(work, str(tmp_path / "slurm"), {"timeout_min": 5},
                                                            cluster="local"))
     assert list(failed.failures) == ["devices/b/select"] and len(failed.outcomes) == 6
+    assert (tmp_path / "slurm").stat().st_mode & 0o777 == 0o700   # pickles others must not write
     serial = _schedule(tmp_path / "s", fake_fleet(stage="boom"), schedule.SerialExecutor)
     assert _artifacts(tmp_path / "run") == _artifacts(tmp_path / "s" / "run")
 

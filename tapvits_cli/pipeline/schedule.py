@@ -326,6 +326,10 @@ class SlurmExecutor:
         if cluster == "slurm" and shutil.which("sbatch") is None:
             raise DataUnavailableError("--executor slurm: no Slurm on this machine (sbatch not found); "
                                        "run from a Slurm login node")
+        # submitit's folder holds the pickled steps and results that the jobs and this process
+        # unpickle: whoever can write there runs code as this user, so it is this user's alone.
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
         self.work, self.cpus = work, cpus
         self.slots = jobs or 1_000_000   # Slurm queues what it cannot start yet
         # One submitter per kind of job: parameters stick to a submitter, and a CPU job must
