@@ -147,7 +147,7 @@ def _hostile_graph(genuine, path, case: str):
         out_type = TensorProto.INT64
     if case == "fails-at-run":
         flat = [-1, 63]   # declares the right shapes; a batch of n images (64 n values) reshapes only when 63 | n
-    weights = np.random.default_rng(0).normal(size=(flat[1], 24)).astype(np.float32)
+    weights = np.random.default_rng(0).normal(size=(flat[1], 24)).astype(np.float32) * (case != "constant")
     nodes = [helper.make_node("Cast", [image_name], ["as_float"], to=TensorProto.FLOAT),
              helper.make_node("Reshape", ["as_float", "flat_shape"], ["flat"]),
              helper.make_node("MatMul", ["flat", "W"], ["product"]),
@@ -192,6 +192,19 @@ def test_a_graph_that_breaks_its_own_metadata_is_an_invalid_artifact(tmp_path, t
     refused = tapvits("fit-gmm", "--data", "digits:classes=0,1", "--extractor", graph, "-o", out)
     assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
     assert message in refused.stderr and not out.exists()
+
+
+def test_features_without_spread_are_refused_in_one_line(tmp_path, tapvits, onnx_extractor_file):
+    """An extractor that maps every image to the same point leaves nothing to fit (PCA's 0/0 warning stays quiet)."""
+    import warnings
+
+    graph = _hostile_graph(onnx_extractor_file, tmp_path / "constant.onnx", "constant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # a warning printed on stderr would be a second line
+        refused = tapvits("fit-gmm", "--data", "digits:classes=0,1", "--extractor", graph, "--covariance", "diag",
+                          "-o", tmp_path / "g.safetensors")
+    assert_one_line_failure(refused, ExitCode.USAGE)
+    assert "same features" in refused.stderr
 
 
 def test_the_hostile_graph_builder_breaks_nothing_unasked(tmp_path, tapvits, onnx_extractor_file):

@@ -60,7 +60,9 @@ class FitResult:
 def fit_projection(features: np.ndarray, pca_dim: int | None, standardize: bool, seed: int) -> Projection:
     """Centre, optionally scale to unit variance, optionally keep the top ``pca_dim`` PCA axes.
 
-    A constant feature keeps scale 1 rather than dividing by zero.
+    A constant feature keeps scale 1 rather than dividing by zero. Features with no spread
+    at all (a broken extractor, one repeated image) leave PCA's explained-variance ratio
+    0/0: its warning is silenced, and the fit refuses such data with one line of its own.
     """
     x = np.asarray(features, dtype=np.float64)
     mean = x.mean(axis=0)
@@ -70,7 +72,8 @@ def fit_projection(features: np.ndarray, pca_dim: int | None, standardize: bool,
         return Projection(mean, scale)
     from sklearn.decomposition import PCA
 
-    pca = PCA(n_components=pca_dim, svd_solver="full", random_state=seed).fit((x - mean) / scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pca = PCA(n_components=pca_dim, svd_solver="full", random_state=seed).fit((x - mean) / scale)
     return Projection(mean, scale, np.ascontiguousarray(pca.components_, dtype=np.float64))
 
 
