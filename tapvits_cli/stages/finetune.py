@@ -140,9 +140,16 @@ def run(options: Options) -> Result:
                 advance(1, None if loss is None else
                         f"epoch {(step - 1) // plan.steps_per_epoch + 1}/{plan.epochs} loss {loss:.4f}")
 
+            def on_resume(state: dict) -> None:
+                from tapvits_cli.artifacts.checkpoint import checkpoint_path
+
+                feedback.log(f"resuming from {checkpoint_path(directory)} after epoch {state['epoch']} "
+                             f"(step {state['step']})")
+
             result = train(model, dataset, preprocessing, config, positions=positions, teacher=teacher_model,
                            start_state=start_state, device=processes.device, num_workers=options.workers,
-                           log_every=options.log_every, on_step=on_step, on_epoch_end=on_epoch_end)
+                           log_every=options.log_every, on_step=on_step, on_epoch_end=on_epoch_end,
+                           on_resume=on_resume)
         if not processes.is_main:
             return Result(None, {})
 
@@ -227,7 +234,6 @@ def resume_state(directory: str, run_identity: dict, required: bool, model, plan
             f"{checkpoint_path(directory)} belongs to another run (differs in {', '.join(differing) or 'format'}); "
             "use another --checkpoint-dir or delete it to start afresh")
     _check_state(state, model, plan, checkpoint_path(directory))
-    feedback.log(f"resuming from {checkpoint_path(directory)} after epoch {state['epoch']} (step {state['step']})")
     return state
 
 

@@ -166,7 +166,8 @@ def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing
           positions=None, teacher: torch.nn.Module | None = None, start_state: dict | None = None,
           device: str | torch.device = "cpu", num_workers: int = 0, log_every: int = 50,
           on_step: Callable[[int, float | None], None] | None = None,
-          on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[dict], None] | None = None,
+          on_resume: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``model`` in place on ``dataset`` (restricted to ``positions``) and return it.
 
     ``start_state`` is a state given earlier to ``on_epoch_end``: training continues after
@@ -175,7 +176,8 @@ def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing
     ``on_epoch_end(state)`` receives ``{"epoch", "step", "model", "optimizer", "scheduler",
     "history"}`` (plain dicts of tensors and numbers; the tensors are live, save or copy
     them before returning); it is where a caller writes checkpoints, and it may raise to
-    stop the run.
+    stop the run. ``on_resume(start_state)`` runs once ``start_state`` has loaded, so a
+    caller says "resuming" only of a state that fits.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -203,6 +205,8 @@ def train(model: torch.nn.Module, dataset: Dataset, preprocessing: Preprocessing
             raise InvalidArtifactError(f"the checkpoint's optimizer or scheduler state does not fit this run "
                                        f"({reason}); delete it to start afresh") from None
         first_epoch, step, history = int(start_state["epoch"]), int(start_state["step"]), list(start_state["history"])
+        if on_resume is not None:
+            on_resume(start_state)
     network = model
     if world_size > 1:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
