@@ -9,9 +9,9 @@ mapping from failures to exit codes lives here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import contextlib
 import os
 import signal
 import sys

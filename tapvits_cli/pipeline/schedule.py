@@ -18,9 +18,10 @@ lost node) is retried up to ``retries`` times; a ``TapvitsError`` is a verdict o
 step's inputs that a second attempt would repeat, so it is not. A local worker that dies
 takes the whole process pool with it, and the pool cannot say whose worker it was: the
 steps that were in it are charged nothing and run again one at a time, alone, so a crash
-is charged only to the step that crashed and a step beside it does not fail with it. Steps that need a failed
-step's output are not started; every other device goes on, and the run's result names
-the failed steps so the caller can exit non-zero. A rerun skips what finished.
+is charged only to the step that crashed and a step beside it does not fail with it.
+Steps that need a failed step's output are not started; every other device goes on, and
+the run's result names the failed steps so the caller can exit non-zero. A rerun skips
+what finished.
 """
 
 from __future__ import annotations
