@@ -116,7 +116,8 @@ def test_a_damaged_partial_table_is_not_resumed(tmp_path, tapvits, tiny_model_fi
     assert redone.exit_code == 0 and tapvits("validate", pool).exit_code == 0
 
 
-def test_a_damaged_cache_entry_is_discarded(tmp_path):
+def _run_with_one_cached_model(tmp_path):
+    """A run directory whose stage cache holds one entry, ``k1``: model.safetensors, which took 2.5 s."""
     from tapvits_cli.artifacts.run_directory import RunDirectory
 
     run = RunDirectory(tmp_path / "run", cache=tmp_path / "cache")
@@ -124,6 +125,11 @@ def test_a_damaged_cache_entry_is_discarded(tmp_path):
     run.path("model.safetensors").parent.mkdir(parents=True, exist_ok=True)
     run.path("model.safetensors").write_bytes(b"weights" * 100)
     run.store_in_cache("k1", "model.safetensors", 2.5)
+    return run
+
+
+def test_a_damaged_cache_entry_is_discarded(tmp_path):
+    run = _run_with_one_cached_model(tmp_path)
     run.path("model.safetensors").unlink()
     assert run.restore_from_cache("k1", "model.safetensors") == 2.5
     assert run.path("model.safetensors").read_bytes() == b"weights" * 100
@@ -142,13 +148,7 @@ def test_a_damaged_cache_entry_is_discarded(tmp_path):
 
 def test_a_link_in_the_cache_or_run_directory_is_not_trusted(tmp_path):
     """A link names a file that may change between the hash check and the copy: the entry is damaged."""
-    from tapvits_cli.artifacts.run_directory import RunDirectory
-
-    run = RunDirectory(tmp_path / "run", cache=tmp_path / "cache")
-    (tmp_path / "cache").mkdir()
-    run.path("model.safetensors").parent.mkdir(parents=True, exist_ok=True)
-    run.path("model.safetensors").write_bytes(b"weights" * 100)
-    run.store_in_cache("k1", "model.safetensors", 2.5)
+    run = _run_with_one_cached_model(tmp_path)
     elsewhere = tmp_path / "elsewhere.safetensors"
     cached = tmp_path / "cache" / "k1.safetensors"
     cached.rename(elsewhere)
