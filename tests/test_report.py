@@ -151,9 +151,27 @@ def test_report_refuses_what_is_not_a_finished_run(run_dirs, tmp_path, tapvits):
                                                                                   "device": device}]}))
         result = tapvits("report", damaged, "-o", tmp_path / "r.html")
         assert result.exit_code == ExitCode.INVALID_ARTIFACT and "'device' is a device name" in result.stderr
-    (damaged / "summary.json").write_text(json.dumps({**summary, "devices": [{**summary["devices"][0], "top1": "high"}],
-                                                      "failures": [1], "steps": "many"}))
+    for odd in ({"failures": [1]}, {"steps": "many"}, {"steps": {"total": -1}}, {"budget": 10 ** 400},
+                {"mean": {"top1": float("nan")}}, {"devices": [{**summary["devices"][0], "top1": float("inf")}]}):
+        (damaged / "summary.json").write_text(json.dumps({**summary, **odd}))   # Python writes NaN and Infinity
+        result = tapvits("report", damaged, "-o", tmp_path / "r.html")
+        assert result.exit_code == ExitCode.INVALID_ARTIFACT and "not what tapvits run writes" in result.stderr, odd
+    (damaged / "summary.json").write_text(json.dumps({**summary, "devices": [{**summary["devices"][0], "top1": "high"}]}))
     assert tapvits("report", damaged, "-o", tmp_path / "r.html").exit_code == 0   # odd values shown as "–"
+
+
+def test_report_escapes_what_the_summary_says(run_dirs, tmp_path, tapvits):
+    """A summary is anyone's file: its failure messages are text, never markup (a meta refresh navigated away)."""
+    edited = tmp_path / "edited"
+    shutil.copytree(run_dirs[0], edited, ignore=shutil.ignore_patterns(".lock"))
+    summary = json.loads((edited / "summary.json").read_text())
+    markup = '<meta http-equiv="refresh" content="0;url=file:///etc/passwd"><script>alert(1)</script>'
+    (edited / "summary.json").write_text(json.dumps({**summary, "passed": False, "failures": [markup]}))
+    page = tmp_path / "r.html"
+    assert tapvits("report", edited, "-o", page).exit_code == 0
+    html = page.read_text()
+    assert "<meta http-equiv=\"refresh\"" not in html and "<script>" not in html
+    assert "thresholds failed: &lt;meta http-equiv=&quot;refresh&quot;" in html
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")

@@ -67,12 +67,33 @@ def read_run_summary(path: Path) -> dict:
     except (OSError, ValueError):
         raise InvalidArtifactError(f"{path}: unreadable run summary") from None
     devices = summary.get("devices", []) if isinstance(summary, dict) else None
+    failures = summary.get("failures") if isinstance(summary, dict) else None
+    steps = summary.get("steps") if isinstance(summary, dict) else None
     if not (isinstance(devices, list) and all(isinstance(d, dict) and isinstance(d.get("device"), str)
                                                and NAME_PATTERN.match(d["device"]) for d in devices)
-            and isinstance(summary.get("mean") or {}, dict) and isinstance(summary.get("failures") or [], list)):
+            and isinstance(summary.get("mean") or {}, dict)
+            and (failures is None or isinstance(failures, list) and all(isinstance(f, str) for f in failures))
+            and (steps is None or isinstance(steps, dict) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps.values()))
+            and _finite_numbers(summary)):
         raise InvalidArtifactError(f"{path}: not what tapvits run writes ('devices' a list of objects whose "
-                                   "'device' is a device name, 'mean' an object, 'failures' a list)")
+                                   "'device' is a device name, 'mean' an object, 'failures' a list of messages, "
+                                   "'steps' counts, every number finite and within 64 bits)")
     return summary
+
+
+def _finite_numbers(value: Any) -> bool:
+    """Every number in a JSON value finite and every integer within 64 bits: a report divides, scales and
+    prints them, and ``--json`` output must stay strict JSON."""
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -2 ** 63 <= value < 2 ** 63
+    return True
 
 
 def _valid_step_record(record: Any) -> bool:

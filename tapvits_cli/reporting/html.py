@@ -187,11 +187,11 @@ def render(runs: Sequence[RunData], title: str | None = None) -> str:
                  f"{_number(summary.get('base_parameters'), ',')} parameters"]
         steps = summary.get("steps")
         if isinstance(steps, dict):
-            facts.append(f"{steps.get('total', 0)} steps ({steps.get('ran', 0)} ran, {steps.get('skipped', 0)} "
-                         f"unchanged, {steps.get('cache', 0)} from the cache)")
-        verdict = {True: "all thresholds passed", False: "thresholds failed: " + "; ".join(map(str, summary.get("failures") or []))}
-        if "passed" in summary:
-            facts.append(verdict[bool(summary["passed"])])
+            facts.append(escape(f"{steps.get('total', 0)} steps ({steps.get('ran', 0)} ran, {steps.get('skipped', 0)} "
+                                f"unchanged, {steps.get('cache', 0)} from the cache)"))
+        if "passed" in summary:   # the failure messages are the summary's text: escaped like every other value
+            facts.append("all thresholds passed" if summary["passed"] is True else
+                         escape("thresholds failed: " + "; ".join(map(str, summary.get("failures") or []))))
         sections += [f'<h2 id="{anchor}">Run {escape(run.name)}</h2>', f'<p class="facts">{" · ".join(facts)}</p>',
                      "<h3>Per-device results</h3>", _results_table(run),
                      "<h3>Kept units per block</h3>", _keep_charts(run),
