@@ -130,3 +130,25 @@ def test_log_lines_are_plain_text_not_markup(capsys):
     line = "[3/16] devices/low/score: tapvits score 'runs/[/data]/m.safetensors' -a depths=[2,2,6] [bold]x[/bold]"
     log(line)
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_strings_from_artifacts_reach_the_terminal_as_text(tiny_model_file, tmp_path, tapvits):
+    """Escape sequences, newlines and rich markup in an artifact's strings are shown, never obeyed:
+    an OSC sequence would retitle the terminal or write its clipboard, "[/x]" crashed rich's markup parser."""
+    from test_protocol_examples import assert_one_line_failure, rewrite_metadata
+
+    hostile = "\x1b]0;pwned\x07\x1b[2J\nsecond line \u202e"
+    kind = tmp_path / "kind.safetensors"
+    rewrite_metadata(tiny_model_file, kind, tapvits__kind="model" + hostile)
+    refused = tapvits("validate", kind)
+    assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
+    assert "\x1b" not in refused.stderr and "\\x1b]0;pwned\\x07" in refused.stderr and "\\u202e" in refused.stderr
+    named = tmp_path / "named.safetensors"
+    classes = [f"[/bogus]{index}[link=file:///etc/passwd]{hostile}" for index in range(TINY_VIT_KWARGS["num_classes"])]
+    rewrite_metadata(tiny_model_file, named, model__class_names=json.dumps(classes))
+    shown = tapvits("inspect", named)
+    assert shown.exit_code == 0 and "\x1b" not in shown.stdout and "\u202e" not in shown.stdout
+    evaluated = tapvits("eval", named, "--data", "digits:split=test", "--no-latency", "-o", tmp_path / "r.json")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert "[/bogus]" in evaluated.stderr and "[link=file:///etc/passwd]" in evaluated.stderr
+    assert "\x1b" not in evaluated.stderr

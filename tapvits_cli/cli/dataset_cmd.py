@@ -48,6 +48,8 @@ def command(reference: str) -> None:
     if CURRENT.json:
         emit(document)
         return
+    from tapvits_cli.reporting.terminal import printable
+
     lines = [f"{key}: {document[key]}" for key in ("reference", "samples", "image_shape", "num_classes", "fingerprint")]
     lines += [f"  class {name}: {n}" for name, n in document["class_counts"].items()]
-    emit(document, "\n".join(lines))
+    emit(document, "\n".join(printable(line, one_line=True) for line in lines))   # a class name is one line

@@ -54,14 +54,16 @@ def _show(body: dict) -> None:
     """The human view on stderr: headline figures, then latency per batch size."""
     from rich.table import Table
 
-    table = Table(title=f"eval on {body['dataset']} ({body['samples']} samples)")
+    from tapvits_cli.reporting.terminal import printable
+
+    table = Table(title=printable(f"eval on {body['dataset']} ({body['samples']} samples)", one_line=True))
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("top-1", f"{body['top1']:.2%}")
     table.add_row(f"top-{body['top5_k']}", f"{body['top5']:.2%}")
     table.add_row("loss", f"{body['loss']:.4f}")
     worst = min(body["per_class"], key=lambda e: e["accuracy"])
-    table.add_row("worst class", f"{worst['name']} {worst['accuracy']:.2%}")
+    table.add_row("worst class", printable(f"{worst['name']} {worst['accuracy']:.2%}", one_line=True))
     table.add_row("parameters", f"{body['parameters']:,}")
     table.add_row("MACs", f"{body['macs']:,}")
     for entry in body["latency"]:

@@ -49,4 +49,4 @@ def command(paths: tuple[str, ...], units: bool, blocks: tuple[int, ...]) -> Non
         if index:
             click.echo()
         for table in document_tables(document):
-            out.print(table, markup=False)
+            out.print(table)

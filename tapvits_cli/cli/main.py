@@ -25,6 +25,7 @@ from tapvits_cli.cli import (allocate, audit_gmm, create_model, dataset_cmd, eva
                              inspect_cmd, profile, prune, report, run, score, select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
 from tapvits_cli.errors import ExitCode, TapvitsError, environment_failure
+from tapvits_cli.reporting.terminal import printable
 
 
 # The "kind" of a JSON error object, by exit code (README, "Exit codes").
@@ -134,8 +135,9 @@ def _report_error(argv: list[str], message: str, code: int, internal: bool = Fal
         click.echo(json.dumps({"error": message, "exit_code": int(code), "kind": kind}), err=True)
     elif code == ExitCode.INTERRUPTED:
         click.echo("tapvits: interrupted", err=True)
-    else:
-        click.echo(f"tapvits: {'internal error' if internal else 'error'}: {message}", err=True)
+    else:   # messages quote artifacts' strings: one line, and no escape sequence reaches the terminal
+        click.echo(f"tapvits: {'internal error' if internal else 'error'}: {printable(message, one_line=True)}",
+                   err=True)
     return code
 
 

@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Iterator, TextIO
 
 from tapvits_cli.cli.options import CURRENT
+from tapvits_cli.reporting.terminal import printable
 
 
 # Wide enough that no table column is squeezed (rich truncates cells with "…" to fit its width).
@@ -67,9 +68,11 @@ def console(stderr: bool = True):
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
+    # No markup: tables and lines carry class names, dataset references and paths, whose
+    # brackets ("cat [wild]", "[/x]", "[link=file:///…]") are text, not styles or links.
     if stream.isatty():
-        return Console(file=stream, highlight=False)
-    return Console(file=_TrimmedLines(stream), highlight=False, width=UNBOUNDED_WIDTH, soft_wrap=True)
+        return Console(file=stream, highlight=False, markup=False)
+    return Console(file=_TrimmedLines(stream), highlight=False, markup=False, width=UNBOUNDED_WIDTH, soft_wrap=True)
 
 
 def stderr_console():
@@ -81,10 +84,11 @@ def log(message: str, level: int = 0) -> None:
 
     Printed as plain text: log lines carry paths, dataset references and command lines,
     whose brackets (``-a depths=[2,2,6]``, a folder ``[/data]``) must not be read as rich
-    markup (a stray closing tag would even abort the command).
+    markup (a stray closing tag would even abort the command), and whose control
+    characters are shown as escapes (:func:`~tapvits_cli.reporting.terminal.printable`).
     """
     if CURRENT.verbosity >= level:
-        stderr_console().print(message, markup=False)
+        stderr_console().print(printable(message))
 
 
 def show_progress() -> bool:
@@ -92,11 +96,12 @@ def show_progress() -> bool:
 
 
 def emit(result: Any, text: str | None = None) -> None:
-    """Print the command's result: JSON with ``--json``, else ``text`` (default: str(result))."""
+    """Print the command's result: JSON with ``--json``, else ``text`` (default: str(result)) with its
+    control characters shown as escapes."""
     if CURRENT.json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:
-        sys.stdout.write((text if text is not None else str(result)) + "\n")
+        sys.stdout.write(printable(text if text is not None else str(result)) + "\n")
     sys.stdout.flush()
 
 

@@ -368,6 +368,9 @@ def _show(summary: dict) -> None:
     if CURRENT.verbosity < 0:
         return
     from rich.table import Table
+    from rich.text import Text
+
+    from tapvits_cli.reporting.terminal import printable
 
     table = Table(title=f"run {summary['recipe']}: budget {summary['budget']:.0%} of "
                         f"{summary['base_parameters']:,} parameters", title_justify="left")
@@ -393,4 +396,4 @@ def _show(summary: dict) -> None:
     steps = summary["steps"]
     console.print(f"steps: {steps['ran']} ran, {steps['skipped']} unchanged, {steps['cache']} from the cache")
     for failure in summary["failures"]:
-        console.print(f"[red]threshold failed[/red]: {failure}")
+        console.print(Text.assemble(("threshold failed", "red"), f": {printable(failure, one_line=True)}"))
