@@ -178,7 +178,7 @@ def _hostile_graph(genuine, path, case: str):
     ("raw-input=[1.5, 8, 8]", "must be three integers"),
     ("raw-input=[true, 8, 8]", "must be three integers"),
     ('raw-input="188"', "must be three integers"),
-    ("raw-input=[1, 1e400, 8]", "must be three integers"),
+    ("raw-input=[1, 1e400, 8]", "must hold the extractor fingerprint and the (C, H, W) input"),
     ("feature-dim=-24", "feature_dim an integer"),
     ("feature-dim=true", "feature_dim an integer"),
     ("fails-at-run", "the graph failed on a batch of images"),

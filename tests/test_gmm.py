@@ -259,7 +259,7 @@ def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
         "must be an integer >= 1, got '٩٣'": dict(gmm__samples="٩٣"),    # int() would read 93
         "nested too deeply": dict(tapvits__inputs="[" * 100000 + "]" * 100000),
         "'gmm.bic' is not valid JSON": dict(gmm__bic="[" * 100000 + "]" * 100000),
-        "'gmm.bic' must map each K": dict(gmm__bic=json.dumps({str(k): float("nan")})),
+        "'gmm.bic' is not valid JSON (NaN is not a JSON number)": dict(gmm__bic=json.dumps({str(k): float("nan")})),
         "'gmm.bic' must map each K ": dict(gmm__bic=json.dumps({str(k): True})),
         "is not a decimal integer": dict(tapvits__version=" 1 "),
     }

@@ -65,8 +65,8 @@ class ArtifactFile:
             raise InvalidArtifactError(f"{self.path}: required key '{key}' is missing")
         try:
             return parse_json(self.metadata[key])
-        except ValueError:
-            raise InvalidArtifactError(f"{self.path}: key '{key}' is not valid JSON") from None
+        except ValueError as exc:
+            raise InvalidArtifactError(f"{self.path}: key '{key}' is not valid JSON ({exc})") from None
 
 
 # --- safetensors --------------------------------------------------------------------
@@ -368,8 +368,8 @@ def set_group_encoding(group: Any, encoding_type: str, encoding_version: int) ->
 def _json_members(path: Path) -> dict[str, Any]:
     try:
         document = parse_json(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArtifactError(f"{path}: invalid or truncated JSON") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArtifactError(f"{path}: invalid or truncated JSON ({exc})") from None
     if not isinstance(document, dict):
         raise InvalidArtifactError(f"{path}: not a tapvits artifact (JSON is not an object)")
     return document

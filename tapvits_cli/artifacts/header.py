@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -29,15 +30,29 @@ def compact_json(value: Any) -> str:
 
 
 def parse_json(text: str | bytes) -> Any:
-    """``json.loads`` for text read from an artifact: every failure is a ``ValueError``.
+    """``json.loads`` for text read from an artifact, strict JSON only: every failure is a ``ValueError``.
 
     Python's parser recurses once per nesting level, so ``[[[…]]]`` 100,000 deep raises
     ``RecursionError``; readers catch ``ValueError`` and turn it into one line, exit 3.
+    It also takes ``NaN``, ``Infinity`` and ``1e999`` (infinite), which are not JSON:
+    refused here, they can reach neither a computation nor a ``--json`` output that
+    strict parsers would then reject.
     """
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond a 64-bit float")
+    return value
 
 
 def parse_decimal(text: str) -> int:

@@ -43,8 +43,8 @@ def read_run_state(path: Path, advice: str = "") -> dict:
     """
     try:
         state = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise InvalidArtifactError(f"{path}: unreadable run state{advice}") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidArtifactError(f"{path}: unreadable run state ({exc}){advice}") from None
     steps = state.get("steps") if isinstance(state, dict) else None
     version = state.get("version", 0) if isinstance(state, dict) else None
     if not isinstance(steps, dict) or not isinstance(version, int) or isinstance(version, bool):
@@ -64,8 +64,8 @@ def read_run_summary(path: Path) -> dict:
     device names are names (``report`` builds paths from them), ``mean`` an object, ``failures`` a list."""
     try:
         summary = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise InvalidArtifactError(f"{path}: unreadable run summary") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidArtifactError(f"{path}: unreadable run summary ({exc})") from None
     devices = summary.get("devices", []) if isinstance(summary, dict) else None
     failures = summary.get("failures") if isinstance(summary, dict) else None
     steps = summary.get("steps") if isinstance(summary, dict) else None
@@ -75,25 +75,21 @@ def read_run_summary(path: Path) -> dict:
             and (failures is None or isinstance(failures, list) and all(isinstance(f, str) for f in failures))
             and (steps is None or isinstance(steps, dict) and all(
                 isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps.values()))
-            and _finite_numbers(summary)):
+            and _within_64_bits(summary)):
         raise InvalidArtifactError(f"{path}: not what tapvits run writes ('devices' a list of objects whose "
                                    "'device' is a device name, 'mean' an object, 'failures' a list of messages, "
-                                   "'steps' counts, every number finite and within 64 bits)")
+                                   "'steps' counts, integers within 64 bits)")
     return summary
 
 
-def _finite_numbers(value: Any) -> bool:
-    """Every number in a JSON value finite and every integer within 64 bits: a report divides, scales and
-    prints them, and ``--json`` output must stay strict JSON."""
+def _within_64_bits(value: Any) -> bool:
+    """Every integer in a JSON value within 64 bits (``parse_json`` has refused non-finite floats already):
+    a report scales and prints them, and a 10⁴⁰⁰ overflows the first float conversion."""
     if isinstance(value, dict):
-        return all(_finite_numbers(v) for v in value.values())
+        return all(_within_64_bits(v) for v in value.values())
     if isinstance(value, list):
-        return all(_finite_numbers(v) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return -2 ** 63 <= value < 2 ** 63
-    return True
+        return all(_within_64_bits(v) for v in value)
+    return not isinstance(value, int) or isinstance(value, bool) or -2 ** 63 <= value < 2 ** 63
 
 
 def _valid_step_record(record: Any) -> bool:

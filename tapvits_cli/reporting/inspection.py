@@ -202,8 +202,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     def loaded(key: str, default: Any) -> Any:
         try:
             return parse_json(metadata[key]) if key in metadata else default
-        except ValueError:
-            raise InvalidArtifactError(f"{path}: metadata '{key}' is not valid JSON") from None
+        except ValueError as exc:
+            raise InvalidArtifactError(f"{path}: metadata '{key}' is not valid JSON ({exc})") from None
 
     figures: dict[str, Any] = {"graph": metadata.get("tapvits.graph", "logits")}
     for key in ("architecture", "family", "num_classes", "weights_sha256", "parameters"):
@@ -233,8 +233,8 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
 def _read_json(path: Path) -> Any:
     try:
         return parse_json(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArtifactError(f"{path}: invalid or truncated JSON") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArtifactError(f"{path}: invalid or truncated JSON ({exc})") from None
 
 
 def _inspect_run_json(path: Path) -> dict[str, Any]:
