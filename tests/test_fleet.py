@@ -409,6 +409,9 @@ def test_devices_from_an_inbox_skip_invalid_uploads(tmp_path, tapvits, serial_ru
     (inbox / "phone-3.profile.json").write_text('{"tapvits.kind": "profile"}')          # a broken profile
     (inbox / "truncated.gmm.safetensors").write_bytes(b"\x08\x00\x00")
     shutil.copyfile(serial / "devices" / "low" / "gmm.safetensors", inbox / "low.safetensors")   # a listed name
+    shutil.copyfile(serial / "devices" / "low" / "gmm.safetensors", inbox / "LOW.gmm.safetensors")   # the same folder
+    (inbox / "link.gmm.safetensors").symlink_to(inbox / "phone-1.gmm.safetensors")   # anything the run can read
+    (inbox / "folder.gmm.safetensors").mkdir()
     fleet = write_recipe(tmp_path, {**TINY_RECIPE, "budget": 1.0, "stages": {**TINY_RECIPE["stages"], "finetune": False},
                                     "devices": [TINY_RECIPE["devices"][0], {"inbox": str(inbox)}]})
     run = _copy_forgetting(serial, tmp_path / "run", ("devices/",))
@@ -418,15 +421,19 @@ def test_devices_from_an_inbox_skip_invalid_uploads(tmp_path, tapvits, serial_ru
     assert [row["device"] for row in summary["devices"]] == ["low", "phone-1", "phone-2"]
     assert summary["steps"]["skipped"] == 2 and summary["steps"]["ran"] == 5   # fit-gmm, select, eval; 2 selects
     skipped = {Path(entry["file"]).name: entry["reason"] for entry in summary["skipped_uploads"]}
-    assert set(skipped) == {"low.safetensors", "phone-3.gmm.safetensors", "truncated.gmm.safetensors"}
+    assert set(skipped) == {"low.safetensors", "phone-3.gmm.safetensors", "truncated.gmm.safetensors",
+                            "LOW.gmm.safetensors", "link.gmm.safetensors", "folder.gmm.safetensors"}
     assert "already taken" in skipped["low.safetensors"] and "profile" in skipped["phone-3.gmm.safetensors"]
+    assert "ignoring case" in skipped["LOW.gmm.safetensors"]
+    assert "symbolic link" in skipped["link.gmm.safetensors"] and "not a plain file" in skipped["folder.gmm.safetensors"]
     assert "inbox: skipped" in result.stderr
     recorded = yaml.safe_load((run / "recipe.yaml").read_text())["devices"]
     assert recorded[1] == {"name": "phone-1", "gmm": str(inbox / "phone-1.gmm.safetensors")}
     assert json.loads((run / "summary.json").read_text())["skipped_uploads"] == summary["skipped_uploads"]
 
-    (inbox / "phone-1.gmm.safetensors").unlink()
-    (inbox / "phone-2.safetensors").unlink()
+    for upload in ("phone-1.gmm.safetensors", "phone-2.safetensors", "LOW.gmm.safetensors", "link.gmm.safetensors"):
+        (inbox / upload).unlink()
+    (inbox / "folder.gmm.safetensors").rmdir()
     only = write_recipe(tmp_path, {**TINY_RECIPE, "devices": [{"inbox": str(inbox / "*.gmm.safetensors")}]})
     empty = tapvits("run", only, "--dry-run")
     assert empty.exit_code == ExitCode.USAGE and "no valid device files (2 skipped)" in empty.stderr

@@ -69,6 +69,7 @@ BAD_RECIPES = [
     ({"thresholds": {"min-top-1": 0.5}}, "unknown key 'thresholds.min-top-1'"),
     ({"devices": [{"name": "a", "test": "digits:split=test"}]}, "needs exactly one of 'gmm'"),
     ({"devices": [{"name": "a", "private": "digits"}, {"name": "a", "private": "digits"}]}, "'a' is used twice"),
+    ({"devices": [{"name": "a", "private": "digits"}, {"name": "A", "private": "digits"}]}, "'A' is used twice"),
     ({"devices": []}, "'devices' must be a non-empty list"),
     ({"base_model": {"train": {"model": TINY_VIT, "epoch": 3}}},
      "'base_model.train.epoch' is not an option of `tapvits finetune` (did you mean 'epochs'?)"),

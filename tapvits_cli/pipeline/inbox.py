@@ -7,8 +7,9 @@ file name up to its first dot (``phone-17.gmm.safetensors`` is ``phone-17``), an
 ``NAME.profile.json`` beside it is the latency profile the device sent, when it sent one.
 
 Uploads are hostile input like any other: a file that is not a valid GMM artifact, a
-profile that is not a valid profile, a name that is not a device name or one already
-taken is reported and skipped, and every other device goes on. Checks that need the
+profile that is not a valid profile, a link or anything else that is not a plain file, a
+name that is not a device name or one already taken (ignoring case) is reported and
+skipped, and every other device goes on. Checks that need the
 run's own artifacts (the extractor a GMM was fitted with) happen in the device's own
 steps, where a mismatch fails that device only.
 """
@@ -36,9 +37,20 @@ class Rejected:
 
 
 def _uploads(inbox: str) -> list[Path]:
+    """Every entry the inbox names, plain files or not: what is not one is reported, never dropped unsaid."""
     if Path(inbox).is_dir():
-        return sorted(p for p in Path(inbox).glob("*.safetensors") if p.is_file())
-    return sorted(Path(p) for p in glob.glob(inbox) if Path(p).is_file() and not p.endswith(PROFILE_SUFFIX))
+        return sorted(Path(inbox).glob("*.safetensors"))
+    return sorted(Path(p) for p in glob.glob(inbox) if not p.endswith(PROFILE_SUFFIX))
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why an upload is not a plain file, or None. A link is refused even when it leads to one:
+    it may lead anywhere the run can read, and what it names may change under the run."""
+    if path.is_symlink():
+        return f"{path}: a symbolic link, not an uploaded file"
+    if not path.is_file():
+        return f"{path}: not a plain file"
+    return None
 
 
 def _check(gmm: Path, profile: Path | None) -> str | None:
@@ -63,23 +75,23 @@ def take_inboxes(recipe: Recipe) -> tuple[Recipe, list[Rejected]]:
     if not recipe.inboxes:
         return recipe, []
     devices = list(recipe.devices)
-    taken = {device.name for device in devices}
+    taken = {device.name.casefold() for device in devices}
     rejected: list[Rejected] = []
     for inbox in recipe.inboxes:
         for gmm in _uploads(inbox):
             name = gmm.name.split(".", 1)[0]
             profile = gmm.with_name(name + PROFILE_SUFFIX)
-            profile = profile if profile.is_file() else None
+            profile = profile if profile.exists() or profile.is_symlink() else None
             if not NAME_PATTERN.match(name):
                 reason = f"{name!r} is not a device name (letters, digits, '_', '.' or '-')"
-            elif name in taken:
-                reason = f"device name '{name}' is already taken"
+            elif name.casefold() in taken:   # devices/Phone and devices/phone are one folder on some file systems
+                reason = f"device name '{name}' is already taken (names are compared ignoring case)"
             else:
-                reason = _check(gmm, profile)
+                reason = _not_a_file(gmm) or (profile and _not_a_file(profile)) or _check(gmm, profile)
             if reason is not None:
                 rejected.append(Rejected(str(gmm), reason))
                 continue
-            taken.add(name)
+            taken.add(name.casefold())
             devices.append(Device(name=name, gmm=str(gmm), profile=None if profile is None else str(profile)))
     if not devices:
         raise UsageError(f"recipe: no devices: the inbox {', '.join(recipe.inboxes)} holds no valid device files"

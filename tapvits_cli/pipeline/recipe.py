@@ -374,9 +374,9 @@ def _parse_devices(value: Any) -> tuple[tuple[Device, ...], tuple[str, ...]]:
         name = _typed(entry, "name", str, f"{path}.")
         if not NAME_PATTERN.match(name):
             raise UsageError(f"recipe: '{path}.name' {name!r} must be letters, digits, '_', '.' or '-'")
-        if name in names:
-            raise UsageError(f"recipe: device name '{name}' is used twice")
-        names.add(name)
+        if name.casefold() in names:   # devices/Phone and devices/phone are one folder on some file systems
+            raise UsageError(f"recipe: device name '{name}' is used twice (names are compared ignoring case)")
+        names.add(name.casefold())
         if ("gmm" in entry) == ("private" in entry):
             raise UsageError(f"recipe: '{path}' needs exactly one of 'gmm' (a real device's GMM file) and "
                              "'private' (a simulated device's private dataset reference)")
