@@ -194,3 +194,12 @@ def test_json_in_an_artifact_is_strict_json(number, tiny_model_file, tmp_path, t
         refused = tapvits("--json", command, edited)
         assert refused.exit_code == ExitCode.INVALID_ARTIFACT, (command, refused.stderr)
         assert "not a JSON number" in refused.stderr or "beyond a 64-bit float" in refused.stderr
+
+
+@pytest.mark.parametrize("created", ["yesterday", "2026-12-03T15:30:49+01:00", "2026-12-03T15:30:49\x1b]0;x\x07", ""])
+def test_created_is_an_iso_8601_time_in_utc(created, tiny_model_file, tmp_path, tapvits):
+    edited = tmp_path / "edited.safetensors"
+    rewrite_metadata(tiny_model_file, edited, tapvits__created=created)
+    refused = tapvits("validate", edited)
+    assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
+    assert "'tapvits.created' is not an ISO 8601 time in UTC" in refused.stderr

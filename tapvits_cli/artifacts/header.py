@@ -44,6 +44,15 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
+def _utc_timestamp(text: Any) -> bool:
+    """Whether ``text`` is an ISO 8601 time in UTC, as ``tapvits.created`` must be (``2026-12-03T15:30:49+00:00``)."""
+    try:
+        moment = _dt.datetime.fromisoformat(text) if isinstance(text, str) and text.isascii() else None
+    except ValueError:
+        return False
+    return moment is not None and moment.utcoffset() == _dt.timedelta(0)
+
+
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON number")
 
@@ -116,6 +125,9 @@ class Header:
             raise InvalidArtifactError(f"{source}: malformed header ({exc})") from None
         if not isinstance(params, dict):
             raise InvalidArtifactError(f"{source}: header '{PREFIX}params' is not a JSON object")
+        if not _utc_timestamp(values[PREFIX + "created"]):
+            raise InvalidArtifactError(f"{source}: header '{PREFIX}created' is not an ISO 8601 time in UTC "
+                                       f"({values[PREFIX + 'created']!r})")
         return cls(
             kind=str(values[PREFIX + "kind"]),
             version=version,
