@@ -31,7 +31,8 @@ def command(reference: str) -> None:
       fashion-mnist          Debian's dataset-fashion-mnist (60,000 train, 10,000 test)
       FILE.npz               arrays x, y and/or x_train, y_train, x_test, y_test
       FILE.h5 / FILE.hdf5    datasets images, labels (root, or train/ and test/ groups)
-      DIRECTORY              one subfolder of images per class (or train/ and test/)
+      DIRECTORY              one subfolder of images per class (or train/ and test/);
+                             plain files only, no links out of it, at most 4096x4096 pixels
 
     The full rules (defaults, canonical form, fingerprint) are in protocol/datasets.md.
 
