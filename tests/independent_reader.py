@@ -14,6 +14,7 @@ merging, a GMM's rule 3 and assigned counts, ONNX exports.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -43,6 +44,20 @@ class Invalid(Exception):
 class Incompatible(Exception):
     """Exit code 4: a valid artifact of a version this reader does not know."""
     code = 4
+
+
+def strict_json(text: str) -> Any:
+    """README "Compact JSON": NaN, Infinity and numbers beyond a double are not JSON."""
+    def refuse(constant):
+        raise ValueError(constant)
+
+    def finite(number: str) -> float:
+        value = float(number)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(number)
+        return value
+
+    return json.loads(text, parse_constant=refuse, parse_float=finite)
 
 
 def require(condition: bool, message: str) -> None:
@@ -204,9 +219,14 @@ def read(path: str | Path) -> Artifact:
     version = s["tapvits.version"]
     require(version.isascii() and version.isdigit() and int(version) >= 1, "tapvits.version is not an integer >= 1")
     try:
-        inputs, params = json.loads(s["tapvits.inputs"]), json.loads(s["tapvits.params"])
+        inputs, params = strict_json(s["tapvits.inputs"]), strict_json(s["tapvits.params"])
     except ValueError:
         raise Invalid("tapvits.inputs / tapvits.params are not JSON") from None
+    try:   # README "Common header": ISO 8601, UTC
+        created = datetime.datetime.fromisoformat(s["tapvits.created"]) if s["tapvits.created"].isascii() else None
+    except ValueError:
+        created = None
+    require(created is not None and created.utcoffset() == datetime.timedelta(0), "tapvits.created is not UTC")
     require(isinstance(inputs, dict) and isinstance(params, dict), "inputs and params must be JSON objects")
     for role, entry in inputs.items():
         require(isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("sha256", "kind", "name")),

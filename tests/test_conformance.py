@@ -31,8 +31,8 @@ def test_the_reader_is_independent_of_tapvits():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= {"__future__", "hashlib", "json", "math", "shlex", "dataclasses", "pathlib", "typing",
-                        "numpy", "h5py", "sklearn"}, imported
+    assert imported <= {"__future__", "datetime", "hashlib", "json", "math", "shlex", "dataclasses", "pathlib",
+                        "typing", "numpy", "h5py", "sklearn"}, imported
 
 
 def test_the_kit_is_small_and_covers_every_kind():

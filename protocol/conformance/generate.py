@@ -269,6 +269,12 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
     rewrite_safetensors(model, add("model-pretrained-kwargs.safetensors", "model", 3,
                                    "model.kwargs holds a keyword that loads weights (pretrained)"),
                         model__kwargs=json.dumps(loading, sort_keys=True, separators=(",", ":")))
+    rewrite_safetensors(model, add("model-params-nan.safetensors", "model", 3,
+                                   "tapvits.params holds NaN, which is not JSON"),
+                        tapvits__params='{"nan":NaN,' + safetensors_parts(model)[1]["tapvits.params"][1:])
+    rewrite_safetensors(model, add("model-created-not-utc.safetensors", "model", 3,
+                                   "tapvits.created is not a time in UTC"),
+                        tapvits__created="2026-01-01T00:00:00+01:00")
     rewrite_safetensors(model, add("model-blocks-not-json.safetensors", "model", 3,
                                    "model.blocks is not a JSON list"), model__blocks="[{")
     rewrite_safetensors(model, add("model-wrong-parameters.safetensors", "model", 3,
