@@ -160,6 +160,19 @@ def test_a_worker_that_always_dies_fails_only_its_own_step(tmp_path):
     assert sorted(o.step.id for o in result.outcomes) == [f"devices/{name}/select" for name in "abc"]
 
 
+def test_a_suspect_runs_with_nothing_beside_it_even_with_steps_waiting(tmp_path):
+    """With steps waiting, the last suspect must still run alone: beside others, its crash would break the pool
+    again, go uncharged, and take a new pair of steps down each round."""
+    events: list = []
+    steps = [_step("devices/bad/select", "crash", "devices/bad/x.txt", device="bad"),
+             *(_step(f"devices/{name}/select", "slow", f"devices/{name}/x.txt", device=name) for name in "abcdef")]
+    result = _schedule(tmp_path, steps, lambda work: schedule.LocalExecutor(work, jobs=2), retries=1, events=events)
+    assert set(result.failures) == {"devices/bad/select"} and len(result.outcomes) == 6
+    # one uncharged rerun when the pool first broke (if it held others), then two charged attempts, both alone
+    assert events.count(("retry", "devices/bad/select")) <= 2
+    assert events.count(("failed", "devices/bad/select")) == 1
+
+
 def test_a_worker_that_leaves_no_output_here_fails_only_its_step(tmp_path):
     result = _schedule(tmp_path, fake_fleet(stage="elsewhere"), lambda work: schedule.LocalExecutor(work, jobs=2))
     failure = result.failures["devices/b/select"]

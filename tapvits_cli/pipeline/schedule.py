@@ -454,6 +454,7 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
     running: dict[Future, tuple[Step, str]] = {}
     attempts: dict[str, int] = {}
     suspects: list[tuple[Step, str]] = []   # in a pool that broke: each runs again alone, nothing beside it
+    isolated: set[str] = set()               # the suspect running now; nothing starts beside it
     alone: set[str] = set()                  # the steps that ran with nothing beside them
 
     def finish(step: Step, outcome: StepOutcome) -> None:
@@ -474,10 +475,11 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
 
     try:
         while waiting or running or suspects:
-            if suspects:   # nothing else starts until every suspect has run alone
-                if not running:
-                    launch(*suspects.pop(0))
-            for step in list(waiting) if not suspects else ():
+            if suspects and not running:   # nothing else starts until every suspect has run alone
+                step, key = suspects.pop(0)
+                isolated.add(step.id)
+                launch(step, key)
+            for step in list(waiting) if not (suspects or isolated) else ():
                 if any(need in failures or need in not_started for need in needs[step.id]):
                     waiting.remove(step)
                     not_started.append(step.id)
@@ -508,6 +510,7 @@ def execute(steps: Sequence[Step], run_directory, executor, dataset_fingerprint:
                 step, key = running.pop(future)
                 ran_alone, broke = step.id in alone, False
                 alone.discard(step.id)
+                isolated.discard(step.id)
                 try:
                     result = future.result()
                 except Exception as exc:   # the worker, not the step, failed
