@@ -207,6 +207,16 @@ def test_features_without_spread_are_refused_in_one_line(tmp_path, tapvits, onnx
     assert "same features" in refused.stderr
 
 
+def test_a_static_batch_features_graph_is_refused_with_advice(tmp_path, tapvits, tiny_model_file):
+    """A fixed batch fits only batches of that size: refused when loaded, not at the first odd batch (exit 3)."""
+    graph = tmp_path / "static.onnx"
+    assert tapvits("export", tiny_model_file, "--features", "--static-batch", "--batch-size", "4", "-o",
+                   graph).exit_code == 0
+    refused = tapvits("features", "--data", "digits:sample=10", "--extractor", graph, "-o", tmp_path / "f.h5")
+    assert_one_line_failure(refused, ExitCode.USAGE)
+    assert "export it again without --static-batch" in refused.stderr and not (tmp_path / "f.h5").exists()
+
+
 def test_the_hostile_graph_builder_breaks_nothing_unasked(tmp_path, tapvits, onnx_extractor_file):
     """The control for the cases above: the same graph, unbroken, is a working extractor."""
     graph = _hostile_graph(onnx_extractor_file, tmp_path / "plain.onnx", "none")

@@ -153,9 +153,13 @@ def load_onnx_extractor(path: str | os.PathLike):
     inputs, outputs = session.get_inputs(), {output.name: output for output in session.get_outputs()}
     wanted_input, wanted_output = [None, *raw_input], [None, *feature_dim]
 
-    def fits(node, wanted) -> bool:   # a free (named) batch dimension, every other one as recorded
+    def fits(node, wanted) -> bool:   # every dimension as recorded but the batch, whose size is free
         return node.type == "tensor(float)" and len(node.shape) == len(wanted) and all(
             want is None or have == want for have, want in zip(node.shape, wanted))
+
+    if inputs and isinstance(inputs[0].shape[0] if inputs[0].shape else None, int):
+        raise UsageError(f"{path} was exported with a fixed batch of {inputs[0].shape[0]} (--static-batch); an "
+                         "extractor embeds datasets in batches of any size: export it again without --static-batch")
 
     if len(inputs) != 1 or inputs[0].name != FEATURES_INPUT or not fits(inputs[0], wanted_input):
         found = ", ".join(f"{node.name} {node.type} {node.shape}" for node in inputs)
