@@ -60,6 +60,10 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse, parse_float=finite)
 
 
+def _is_fraction(text: str) -> bool:
+    return text == "" or (text[0] == "." and 1 <= len(text) - 1 <= 6 and text[1:].isascii() and text[1:].isdigit())
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise Invalid(message)
@@ -222,11 +226,15 @@ def read(path: str | Path) -> Artifact:
         inputs, params = strict_json(s["tapvits.inputs"]), strict_json(s["tapvits.params"])
     except ValueError:
         raise Invalid("tapvits.inputs / tapvits.params are not JSON") from None
-    try:   # README "Common header": ISO 8601, UTC
-        created = datetime.datetime.fromisoformat(s["tapvits.created"]) if s["tapvits.created"].isascii() else None
+    created = s["tapvits.created"]   # README "Common header": YYYY-MM-DDTHH:MM:SS[.ffffff], then Z or +00:00
+    try:
+        utc = (len(created) >= 20 and created.isascii() and created[10] == "T"
+               and (created.endswith("Z") or created.endswith("+00:00"))
+               and datetime.datetime.strptime(created[:19], "%Y-%m-%dT%H:%M:%S") is not None
+               and _is_fraction(created[19:].removesuffix("Z").removesuffix("+00:00")))
     except ValueError:
-        created = None
-    require(created is not None and created.utcoffset() == datetime.timedelta(0), "tapvits.created is not UTC")
+        utc = False
+    require(utc, "tapvits.created is not a UTC time")
     require(isinstance(inputs, dict) and isinstance(params, dict), "inputs and params must be JSON objects")
     for role, entry in inputs.items():
         require(isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("sha256", "kind", "name")),

@@ -196,10 +196,18 @@ def test_json_in_an_artifact_is_strict_json(number, tiny_model_file, tmp_path, t
         assert "not a JSON number" in refused.stderr or "beyond a 64-bit float" in refused.stderr
 
 
-@pytest.mark.parametrize("created", ["yesterday", "2026-12-03T15:30:49+01:00", "2026-12-03T15:30:49\x1b]0;x\x07", ""])
+@pytest.mark.parametrize("created", ["yesterday", "2026-12-03T15:30:49+01:00", "2026-12-03T15:30:49\x1b]0;x\x07", "",
+                                     "2026-W49-4T15:30:49Z", "2026-12-03 15:30:49+00:00", "2026-02-30T15:30:49Z"])
 def test_created_is_an_iso_8601_time_in_utc(created, tiny_model_file, tmp_path, tapvits):
     edited = tmp_path / "edited.safetensors"
     rewrite_metadata(tiny_model_file, edited, tapvits__created=created)
     refused = tapvits("validate", edited)
     assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
     assert "'tapvits.created' is not an ISO 8601 time in UTC" in refused.stderr
+
+
+@pytest.mark.parametrize("created", ["2026-12-03T15:30:49Z", "2026-12-03T15:30:49.123456+00:00"])
+def test_created_may_say_utc_as_z_and_carry_a_fraction(created, tiny_model_file, tmp_path, tapvits):
+    edited = tmp_path / "edited.safetensors"
+    rewrite_metadata(tiny_model_file, edited, tapvits__created=created)
+    assert tapvits("validate", edited).exit_code == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -44,13 +45,22 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
+_UTC_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|\+00:00)")
+
+
 def _utc_timestamp(text: Any) -> bool:
-    """Whether ``text`` is an ISO 8601 time in UTC, as ``tapvits.created`` must be (``2026-12-03T15:30:49+00:00``)."""
-    try:
-        moment = _dt.datetime.fromisoformat(text) if isinstance(text, str) and text.isascii() else None
-    except ValueError:
+    """Whether ``text`` is a UTC time as ``tapvits.created`` must be: ``2026-12-03T15:30:49+00:00`` (or ``Z``).
+
+    One spelling, matched before the calendar is checked: ``fromisoformat`` alone takes more
+    forms on some Python versions than on others (``Z``, week dates, a space for ``T``).
+    """
+    if not (isinstance(text, str) and _UTC_TIMESTAMP.fullmatch(text)):
         return False
-    return moment is not None and moment.utcoffset() == _dt.timedelta(0)
+    try:
+        _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:   # a day or an hour that does not exist
+        return False
+    return True
 
 
 def _not_json(constant: str) -> Any:
