@@ -490,3 +490,19 @@ def test_sigterm_stops_a_run_and_its_workers_and_frees_the_run_directory(tmp_pat
     with open(run_dir / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # raises if anyone still holds it
     assert not list(run_dir.rglob("*.safetensors"))
+
+
+def test_a_second_sigterm_ends_the_process_at_once():
+    """The first SIGTERM becomes an interrupt; one that arrives while a native call (a DDP rendezvous) delays
+    the handler can be followed by a second, which the default action then serves."""
+    import signal
+
+    from tapvits_cli.cli.main import _interrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _interrupt(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -142,6 +142,9 @@ def _report_error(argv: list[str], message: str, code: int, internal: bool = Fal
 
 
 def _interrupt(signum, frame) -> None:
+    """The first SIGTERM interrupts; a second one ends the process at once (Python runs a handler only
+    between bytecodes, so one that arrives inside a long native call, a DDP rendezvous, waits for it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise KeyboardInterrupt
 
 
