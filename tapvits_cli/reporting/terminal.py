@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 
-# C0 and C1 control characters but tab and newline, DEL, and the bidirectional overrides and isolates.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 control characters but tab and newline, DEL, the bidirectional marks, overrides and isolates,
+# and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str, one_line: bool = False) -> str:
