@@ -50,8 +50,9 @@ def write_output(root: str, marker: str, step: Step) -> None:
 
     ``boom`` fails as a stage does on bad input; ``crash-once`` kills its worker process
     the first time (``marker`` records that it did), as a lost node would, and ``crash``
-    every time, as an out-of-memory kill would; ``slow`` takes 1.5 s; ``elsewhere`` succeeds
-    without writing its output here, as a worker on an unshared file system would.
+    every time, as an out-of-memory kill would; ``slow`` takes 1.5 s and ``sleep`` 4 s (writing
+    ``OUTPUT.started`` first); ``elsewhere`` succeeds without writing its output here, as a
+    worker on an unshared file system would.
     """
     if step.stage == "boom":
         raise UsageError(f"{step.id}: refused")
@@ -65,6 +66,10 @@ def write_output(root: str, marker: str, step: Step) -> None:
         time.sleep(1.5)
     if step.stage == "elsewhere":   # a worker whose file system is not this machine's
         return
+    if step.stage == "sleep":   # says it started, then takes longer than an interrupt waits
+        Path(root, step.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(root, step.output + ".started").write_text("")
+        time.sleep(4)
     digest = hashlib.sha256(step.id.encode())
     for token in step.inputs:
         digest.update(Path(root, token.path).read_bytes())
@@ -212,10 +217,20 @@ def test_ray_tasks_give_the_serial_artifacts(tmp_path):
                                                                       os.environ.get("PYTHONPATH", "")])}})
     try:
         on_ray = _schedule(tmp_path / "r", fake_fleet(), lambda work: schedule.RayExecutor(work))
+        # An interrupted run cancels its running tasks: on a cluster they would outlive it and go on writing.
+        root = tmp_path / "cancelled"
+        executor = schedule.RayExecutor(functools.partial(write_output, str(root), str(tmp_path / "crashed")))
+        executor.submit(_step("devices/a/select", "sleep", "devices/a/x.txt", device="a"))
+        deadline = time.monotonic() + 120
+        while not (root / "devices/a/x.txt.started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        executor.close(cancel=True)
+        time.sleep(6)
     finally:
         ray.shutdown()
     assert not serial.failures and not on_ray.failures
     assert _artifacts(tmp_path / "s" / "run") == _artifacts(tmp_path / "r" / "run")
+    assert (root / "devices/a/x.txt.started").exists() and not (root / "devices/a/x.txt").exists()
 
 
 def test_submitit_local_jobs_stand_in_for_slurm(tmp_path, monkeypatch):
