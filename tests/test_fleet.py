@@ -243,6 +243,17 @@ def test_submitit_local_jobs_stand_in_for_slurm(tmp_path, monkeypatch):
     assert (tmp_path / "slurm").stat().st_mode & 0o777 == 0o700   # pickles others must not write
     serial = _schedule(tmp_path / "s", fake_fleet(stage="boom"), schedule.SerialExecutor)
     assert _artifacts(tmp_path / "run") == _artifacts(tmp_path / "s" / "run")
+    # an interrupted run cancels its jobs: queued or running, none goes on writing after it
+    root = tmp_path / "cancelled"
+    executor = schedule.SlurmExecutor(functools.partial(write_output, str(root), str(tmp_path / "crashed")),
+                                      str(tmp_path / "slurm-cancelled"), {"timeout_min": 5}, cluster="local")
+    executor.submit(_step("devices/a/select", "sleep", "devices/a/x.txt", device="a"))
+    deadline = time.monotonic() + 120
+    while not (root / "devices/a/x.txt.started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    executor.close(cancel=True)
+    time.sleep(6)
+    assert (root / "devices/a/x.txt.started").exists() and not (root / "devices/a/x.txt").exists()
 
 
 # -- whole runs of the tiny digits recipe ---------------------------------------------------------
