@@ -47,7 +47,7 @@ class Incompatible(Exception):
 
 
 def strict_json(text: str) -> Any:
-    """README "Compact JSON": NaN, Infinity and numbers beyond a double are not JSON."""
+    """README "Compact JSON": NaN, Infinity, numbers beyond a double and integers beyond 64 bits are refused."""
     def refuse(constant):
         raise ValueError(constant)
 
@@ -57,7 +57,13 @@ def strict_json(text: str) -> Any:
             raise ValueError(number)
         return value
 
-    return json.loads(text, parse_constant=refuse, parse_float=finite)
+    def int64(number: str) -> int:
+        value = int(number)
+        if not -2 ** 63 <= value < 2 ** 63:
+            raise ValueError(number)
+        return value
+
+    return json.loads(text, parse_constant=refuse, parse_float=finite, parse_int=int64)
 
 
 def _is_fraction(text: str) -> bool:

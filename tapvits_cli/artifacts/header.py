@@ -35,12 +35,13 @@ def parse_json(text: str | bytes) -> Any:
 
     Python's parser recurses once per nesting level, so ``[[[…]]]`` 100,000 deep raises
     ``RecursionError``; readers catch ``ValueError`` and turn it into one line, exit 3.
-    It also takes ``NaN``, ``Infinity`` and ``1e999`` (infinite), which are not JSON:
-    refused here, they can reach neither a computation nor a ``--json`` output that
-    strict parsers would then reject.
+    It also takes ``NaN``, ``Infinity`` and ``1e999`` (infinite), which are not JSON, and
+    integers of hundreds of digits, which overflow the first float conversion: refused
+    here, they can reach neither a computation nor a ``--json`` output that strict parsers
+    would then reject.
     """
     try:
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float, parse_int=_int64)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -65,6 +66,13 @@ def _utc_timestamp(text: Any) -> bool:
 
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON number")
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{text[:20]}… is beyond a 64-bit integer")
+    return value
 
 
 def _finite_float(text: str) -> float:
