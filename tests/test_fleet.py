@@ -208,6 +208,19 @@ def test_a_failed_shared_step_starts_no_device(tmp_path):
     assert str(schedule.StepsFailedError(steps, result.failures)).startswith("shared step base failed")
 
 
+def _cancel_a_running_step(root: Path, executor_for) -> tuple[bool, bool]:
+    """Start a 4-second step on ``executor_for(work)``, cancel it once it has started, wait past its end:
+    whether it started, and whether it still wrote its output."""
+    executor = executor_for(functools.partial(write_output, str(root), str(root.parent / "crashed")))
+    executor.submit(_step("devices/a/select", "sleep", "devices/a/x.txt", device="a"))
+    deadline = time.monotonic() + 120
+    while not (root / "devices/a/x.txt.started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    executor.close(cancel=True)
+    time.sleep(6)
+    return (root / "devices/a/x.txt.started").exists(), (root / "devices/a/x.txt").exists()
+
+
 def test_ray_tasks_give_the_serial_artifacts(tmp_path):
     ray = pytest.importorskip("ray")
     serial = _schedule(tmp_path / "s", fake_fleet(), schedule.SerialExecutor)
@@ -218,19 +231,12 @@ def test_ray_tasks_give_the_serial_artifacts(tmp_path):
     try:
         on_ray = _schedule(tmp_path / "r", fake_fleet(), lambda work: schedule.RayExecutor(work))
         # An interrupted run cancels its running tasks: on a cluster they would outlive it and go on writing.
-        root = tmp_path / "cancelled"
-        executor = schedule.RayExecutor(functools.partial(write_output, str(root), str(tmp_path / "crashed")))
-        executor.submit(_step("devices/a/select", "sleep", "devices/a/x.txt", device="a"))
-        deadline = time.monotonic() + 120
-        while not (root / "devices/a/x.txt.started").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        executor.close(cancel=True)
-        time.sleep(6)
+        started, finished = _cancel_a_running_step(tmp_path / "cancelled", schedule.RayExecutor)
     finally:
         ray.shutdown()
     assert not serial.failures and not on_ray.failures
     assert _artifacts(tmp_path / "s" / "run") == _artifacts(tmp_path / "r" / "run")
-    assert (root / "devices/a/x.txt.started").exists() and not (root / "devices/a/x.txt").exists()
+    assert started and not finished
 
 
 def test_submitit_local_jobs_stand_in_for_slurm(tmp_path, monkeypatch):
@@ -244,16 +250,9 @@ def test_submitit_local_jobs_stand_in_for_slurm(tmp_path, monkeypatch):
     serial = _schedule(tmp_path / "s", fake_fleet(stage="boom"), schedule.SerialExecutor)
     assert _artifacts(tmp_path / "run") == _artifacts(tmp_path / "s" / "run")
     # an interrupted run cancels its jobs: queued or running, none goes on writing after it
-    root = tmp_path / "cancelled"
-    executor = schedule.SlurmExecutor(functools.partial(write_output, str(root), str(tmp_path / "crashed")),
-                                      str(tmp_path / "slurm-cancelled"), {"timeout_min": 5}, cluster="local")
-    executor.submit(_step("devices/a/select", "sleep", "devices/a/x.txt", device="a"))
-    deadline = time.monotonic() + 120
-    while not (root / "devices/a/x.txt.started").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    executor.close(cancel=True)
-    time.sleep(6)
-    assert (root / "devices/a/x.txt.started").exists() and not (root / "devices/a/x.txt").exists()
+    started, finished = _cancel_a_running_step(tmp_path / "cancelled", lambda work: schedule.SlurmExecutor(
+        work, str(tmp_path / "slurm-cancelled"), {"timeout_min": 5}, cluster="local"))
+    assert started and not finished
 
 
 # -- whole runs of the tiny digits recipe ---------------------------------------------------------

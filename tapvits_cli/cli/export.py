@@ -12,12 +12,15 @@ from tapvits_cli.models.onnx_export import DEFAULT_OPSET
 def parse_raw_input(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int, int] | None:
     """'1,28,28' → (1, 28, 28): 1 or 3 channels (what the graph's preprocessing maps to the model's),
     and no more pixels than an image a folder dataset may hold."""
+    from tapvits_cli.artifacts.header import parse_decimal
     from tapvits_cli.data.sources import MAX_IMAGE_PIXELS
 
     if value is None:
         return None
-    parts = value.split(",")
-    shape = tuple(int(v) for v in parts) if all(v.isascii() and v.isdigit() and len(v) <= 9 for v in parts) else ()
+    try:
+        shape = tuple(parse_decimal(v) for v in value.split(","))
+    except ValueError:
+        shape = ()
     if len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1 or shape[1] * shape[2] > MAX_IMAGE_PIXELS:
         raise click.BadParameter(f"expected C,H,W with C 1 or 3 and H×W at most {MAX_IMAGE_PIXELS} pixels, such as "
                                  f"1,28,28; got {value!r}")

@@ -24,8 +24,8 @@ from tapvits_cli import __version__
 from tapvits_cli.cli import (allocate, audit_gmm, create_model, dataset_cmd, eval_cmd, export, features, finetune, fit_gmm,
                              inspect_cmd, profile, prune, report, run, score, select, validate_cmd)
 from tapvits_cli.cli.options import CURRENT, global_options, reset_settings
+from tapvits_cli.cli.output import error_line
 from tapvits_cli.errors import ExitCode, TapvitsError, environment_failure
-from tapvits_cli.reporting.terminal import printable
 
 
 # The "kind" of a JSON error object, by exit code (README, "Exit codes").
@@ -135,9 +135,8 @@ def _report_error(argv: list[str], message: str, code: int, internal: bool = Fal
         click.echo(json.dumps({"error": message, "exit_code": int(code), "kind": kind}), err=True)
     elif code == ExitCode.INTERRUPTED:
         click.echo("tapvits: interrupted", err=True)
-    else:   # messages quote artifacts' strings: one line, and no escape sequence reaches the terminal
-        click.echo(f"tapvits: {'internal error' if internal else 'error'}: {printable(message, one_line=True)}",
-                   err=True)
+    else:
+        click.echo(error_line(message, internal), err=True)
     return code
 
 

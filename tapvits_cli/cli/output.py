@@ -91,6 +91,12 @@ def log(message: str, level: int = 0) -> None:
         stderr_console().print(printable(message))
 
 
+def error_line(message: str, internal: bool = False) -> str:
+    """A failure as its one stderr line, ``tapvits: error: …``: messages quote artifacts' strings,
+    so newlines and escape sequences in them are shown as escapes, never passed to the terminal."""
+    return f"tapvits: {'internal error' if internal else 'error'}: {printable(message, one_line=True)}"
+
+
 def show_progress() -> bool:
     return CURRENT.progress if CURRENT.progress is not None else sys.stderr.isatty()
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from tapvits_cli.cli.options import CURRENT, global_options
-from tapvits_cli.cli.output import emit
-from tapvits_cli.reporting.terminal import printable
+from tapvits_cli.cli.output import emit, error_line
 
 
 @click.command("validate", short_help="Check artifacts against the protocol; non-zero exit on failure.")
@@ -30,5 +29,5 @@ def command(paths: tuple[str, ...]) -> None:
     if failure is not None:
         for r in results:
             if not r["valid"] and r["error"] != str(failure):
-                click.echo(f"tapvits: error: {printable(r['error'], one_line=True)}", err=True)
+                click.echo(error_line(r["error"]), err=True)
         raise failure

@@ -10,6 +10,7 @@ import json
 from tapvits_cli.reporting.inspection import FRACTION_NAMES
 from tapvits_cli.reporting.terminal import printable
 
+
 def cell(name: str, value) -> str:
     """A value as the text view shows it: fractions as percentages, floats to 4 significant digits, one line."""
     if isinstance(value, bool) or value is None:
