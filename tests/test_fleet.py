@@ -210,14 +210,26 @@ def test_a_failed_shared_step_starts_no_device(tmp_path):
 
 def _cancel_a_running_step(root: Path, executor_for) -> tuple[bool, bool]:
     """Start a 4-second step on ``executor_for(work)``, cancel it once it has started, wait past its end:
-    whether it started, and whether it still wrote its output."""
-    executor = executor_for(functools.partial(write_output, str(root), str(root.parent / "crashed")))
-    executor.submit(_step("devices/a/select", "sleep", "devices/a/x.txt", device="a"))
-    deadline = time.monotonic() + 120
-    while not (root / "devices/a/x.txt.started").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    executor.close(cancel=True)
-    time.sleep(6)
+    whether it started, and whether it still wrote its output.
+
+    submitit cancels a local job with SIGINT, which a process started in the background of a
+    non-interactive shell inherits as ignored (``pytest … &``): the job processes started here get
+    SIGINT's default action whatever this process inherited, so the outcome does not depend on how
+    the suite was launched.
+    """
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # a handler resets to default in children
+    try:
+        executor = executor_for(functools.partial(write_output, str(root), str(root.parent / "crashed")))
+        executor.submit(_step("devices/a/select", "sleep", "devices/a/x.txt", device="a"))
+        deadline = time.monotonic() + 120
+        while not (root / "devices/a/x.txt.started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        executor.close(cancel=True)
+        time.sleep(6)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return (root / "devices/a/x.txt.started").exists(), (root / "devices/a/x.txt").exists()
 
 
