@@ -209,6 +209,14 @@ def _open_hdf5(path: Path) -> Artifact:
     except OSError:
         raise Invalid("HDF5 file does not open") from None
     with handle:
+        names: list[str] = []
+        handle.visit_links(names.append)   # README "Containers": every value must be in the file itself
+        for name in names:
+            link = handle.get(name, getlink=True)
+            require(not isinstance(link, h5py.ExternalLink), f"{name} is an external link")
+            if isinstance(link, h5py.HardLink) and isinstance(handle[name], h5py.Dataset):
+                require(not handle[name].is_virtual and handle[name].external is None,
+                        f"{name} keeps its values in another file")
         strings = {key: _text(value) for key, value in handle.attrs.items()}
     return Artifact(path, "hdf5", strings)
 

@@ -523,3 +523,26 @@ def test_batches_and_torch_dataset():
     first_images, first_labels = next(iter(loader))
     torch.testing.assert_close(first_images[1], image)
     assert first_labels.tolist() == data.labels[[3, 1]].tolist()
+
+
+@pytest.mark.parametrize("borrow", ["external link", "external storage", "virtual dataset"])
+def test_an_hdf5_dataset_that_borrows_its_images_from_another_file_is_refused(tmp_path, borrow):
+    x, y = _pool(n=40)
+    with h5py.File(tmp_path / "real.h5", "w") as f:
+        f["images"], f["labels"] = x[:, None], y
+    x[:, None].astype(x.dtype).tofile(tmp_path / "raw.bin")
+    with h5py.File(tmp_path / "borrow.h5", "w") as f:
+        f["labels"] = y
+        if borrow == "external link":
+            f["images"] = h5py.ExternalLink("real.h5", "/images")
+        elif borrow == "external storage":
+            f.create_dataset("images", shape=(40, 1, 8, 8), dtype=x.dtype,
+                             external=[(str(tmp_path / "raw.bin"), 0, x.nbytes)])
+        else:
+            layout = h5py.VirtualLayout(shape=(40, 1, 8, 8), dtype=x.dtype)
+            layout[:] = h5py.VirtualSource(str(tmp_path / "real.h5"), "/images", shape=(40, 1, 8, 8))
+            f.create_virtual_dataset("images", layout)
+    with h5py.File(tmp_path / "borrow.h5", "r") as f:   # h5py itself reads the borrowed images
+        np.testing.assert_array_equal(f["images"][:, 0], x)
+    with pytest.raises(UsageError, match=f"{borrow}|data in another file|data is in other files"):
+        open_dataset(str(tmp_path / "borrow.h5"))

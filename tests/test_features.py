@@ -341,3 +341,21 @@ def test_extractor_path_must_exist():
 
     with pytest.raises(UsageError, match="neither a model artifact"):
         resolve_extractor("missing.safetensors", "cpu")
+
+
+def test_a_table_whose_rows_live_in_another_file_is_refused(table_file, tmp_path, tapvits):
+    """External storage makes HDF5 read a dataset's values from any file (a FIFO would hang the reader);
+    here the other file holds the genuine rows, so only the self-containment rule can refuse it."""
+    with h5py.File(table_file, "r+") as handle:
+        rows = handle["features/features"][...]
+        rows.astype("<f4").tofile(tmp_path / "rows.bin")
+        del handle["features/features"]
+        handle["features"].create_dataset("features", shape=rows.shape, dtype="<f4",
+                                          external=[(str(tmp_path / "rows.bin"), 0, rows.nbytes)])
+    with h5py.File(table_file, "r") as handle:
+        np.testing.assert_array_equal(handle["features/features"][...], rows)
+    result = tapvits("validate", table_file)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT, result.stderr
+    assert "stores its data in another file" in result.stderr and "rows.bin" in result.stderr
+    with pytest.raises(InvalidArtifactError, match="holds all its data in the file"):
+        open_feature_table(table_file)

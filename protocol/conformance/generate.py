@@ -348,6 +348,29 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
             ("features-newer.h5", 4, "a format version newer than the reader's", newer_features)):
         rewrite_hdf5(features, add(name, "features", code, rule), change)
 
+    def borrowed(name, rule, replace):
+        """A copy whose features dataset is replaced by one that takes its values from the valid table beside it:
+        a reader that follows HDF5 to the other file sees valid rows, so only the self-containment rule refuses it.
+        Not canonicalised (a rewrite would copy the borrowed values in), so the new dataset is made without timestamps."""
+        target = add(name, "features", 3, rule)
+        shutil.copyfile(features, target)
+        with h5py.File(target, "r+") as handle:
+            shape, dtype = handle["features/features"].shape, handle["features/features"].dtype
+            del handle["features/features"]
+            replace(handle["features"], shape, dtype)
+
+    def external_link(group, shape, dtype):
+        group["features"] = h5py.ExternalLink(features.name, "/features/features")
+
+    def virtual(group, shape, dtype):
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[...] = h5py.VirtualSource(features.name, "/features/features", shape=shape)
+        layout.dcpl.set_obj_track_times(False)
+        group.create_virtual_dataset("features", layout)
+
+    borrowed("features-external-link.h5", "features/features is an external link to another file", external_link)
+    borrowed("features-virtual.h5", "features/features is a virtual dataset over another file", virtual)
+
     metric = valid["metric-set.h5"]
 
     def swapped_rows(handle):

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from tapvits_cli.data.hdf5 import borrowed_data
 from tapvits_cli.data.reference import BUILTINS
 from tapvits_cli.data.selection import fold_assignment
 from tapvits_cli.errors import DataUnavailableError, UsageError, environment_failure
@@ -305,6 +306,9 @@ def _hdf5(path: Path, split: str | None) -> Source:
     groups = {"all": "", "train": "train/", "test": "test/"}
     what = str(path)
     with h5py.File(path, "r") as f:
+        borrowed = borrowed_data(f)
+        if borrowed is not None:
+            raise UsageError(f"{what}: {borrowed}; a dataset file must hold its images and labels itself")
         available = [s for s, g in groups.items() if f"{g}images" in f and f"{g}labels" in f]
         parts = _resolve_split(available, split, what)
         all_labels = [_labels(f[f"{groups[s]}labels"][()], what) for s in available]

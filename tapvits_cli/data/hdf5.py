@@ -1,0 +1,40 @@
+"""HDF5 files must hold their own data: the rule every HDF5 reader of tapvits applies before reading any.
+
+HDF5 lets a file borrow data from elsewhere: an external link resolves a name in another
+file, a dataset with external storage reads its values from any raw file (a FIFO hangs the
+reader forever), and a virtual dataset maps other files' datasets, filling what is missing
+with zeros. A file that borrows is not what was hashed, copied or validated: the same
+bytes mean other data on another machine, or after the other file changes. tapvits never
+writes such objects, so its readers refuse them, artifacts (exit 3) and datasets (exit 2)
+alike, before a single value is read. Soft links stay inside the file and are allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def borrowed_data(handle: Any) -> str | None:
+    """What in an open ``h5py.File`` takes its data from outside the file, in words; None when nothing does.
+
+    Walks every link reachable through hard links (HDF5's own link iteration, which never
+    follows soft or external links, so nothing outside is opened on the way).
+    """
+    import h5py
+
+    found: list[str] = []
+
+    def visit(name: str, link: Any) -> bool | None:
+        if isinstance(link, h5py.ExternalLink):
+            found.append(f"'{name}' is an external link (to '{link.path}' in {link.filename!r})")
+        elif isinstance(link, h5py.HardLink):
+            item = handle[name]
+            if isinstance(item, h5py.Dataset):
+                if item.is_virtual:
+                    found.append(f"'{name}' is a virtual dataset (its data is in other files)")
+                elif item.external:
+                    found.append(f"'{name}' stores its data in another file ({item.external[0][0]!r})")
+        return True if found else None   # a value other than None stops the walk
+
+    handle.visititems_links(visit)
+    return found[0] if found else None
