@@ -47,7 +47,8 @@ class Incompatible(Exception):
 
 
 def strict_json(text: str) -> Any:
-    """README "Compact JSON": NaN, Infinity, numbers beyond a double and integers beyond 64 bits are refused."""
+    """README "Compact JSON": NaN, Infinity, numbers beyond a double, integers beyond 64 bits and a member
+    named twice in one object are refused."""
     def refuse(constant):
         raise ValueError(constant)
 
@@ -63,7 +64,13 @@ def strict_json(text: str) -> Any:
             raise ValueError(number)
         return value
 
-    return json.loads(text, parse_constant=refuse, parse_float=finite, parse_int=int64)
+    def one_of_each(pairs):
+        names = [name for name, _ in pairs]
+        if len(set(names)) < len(names):
+            raise ValueError("a member named twice")
+        return dict(pairs)
+
+    return json.loads(text, parse_constant=refuse, parse_float=finite, parse_int=int64, object_pairs_hook=one_of_each)
 
 
 def _is_fraction(text: str) -> bool:
@@ -143,7 +150,7 @@ class Artifact:
     def json_key(self, key: str, kind: type) -> Any:
         require(key in self.strings, f"required key '{key}' is missing")
         try:
-            value = json.loads(self.strings[key])
+            value = strict_json(self.strings[key])
         except ValueError:
             raise Invalid(f"key '{key}' is not JSON") from None
         require(isinstance(value, kind) and not isinstance(value, bool), f"key '{key}' is not a JSON {kind.__name__}")
@@ -163,7 +170,7 @@ def open_artifact(path: Path) -> Artifact:
     stripped = data.lstrip()
     if stripped.startswith(b"{"):
         try:
-            body = json.loads(data.decode("utf-8"))
+            body = strict_json(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise Invalid("not JSON") from None
         require(isinstance(body, dict), "not a JSON object")
@@ -178,7 +185,7 @@ def _open_safetensors(path: Path, data: bytes) -> Artifact:
     length = int.from_bytes(data[:8], "little")
     require(8 + length <= len(data), "not an artifact or truncated (header beyond the file)")
     try:
-        header = json.loads(data[8:8 + length].decode("utf-8"))
+        header = strict_json(data[8:8 + length].decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise Invalid("not a safetensors header") from None
     require(isinstance(header, dict), "safetensors header is not an object")
@@ -575,7 +582,7 @@ def check_scores(a: Artifact) -> None:
     blocks = model_record(a.json_key("scores.model", dict))
     a.integer_key("scores.samples")
     require("scores.probe_fraction" in a.strings, "scores.probe_fraction is missing")
-    probe = json.loads(a.strings["scores.probe_fraction"])
+    probe = strict_json(a.strings["scores.probe_fraction"])
     require(probe is None or (_is_json_number(probe) and 0 <= probe <= 1), "scores.probe_fraction")
     if criterion == "composite":
         a.json_key("scores.weights", dict)

@@ -197,6 +197,26 @@ def test_json_in_an_artifact_is_strict_json(number, tiny_model_file, tmp_path, t
         assert any(reason in refused.stderr for reason in ("not a JSON number", "beyond a 64-bit"))
 
 
+def test_a_json_member_named_twice_is_refused_wherever_json_is_read(tiny_model_file, tmp_path, tapvits):
+    """Parsers disagree on which of two equal member names wins; a file that two readers read differently is
+    refused: in a header's JSON text, and in the safetensors header itself (a tensor's entry given twice)."""
+    edited = tmp_path / "edited.safetensors"
+    rewrite_metadata(tiny_model_file, edited, tapvits__params='{"seed": 1, "seed": 2}')
+    assert_one_line_failure(tapvits("validate", edited), ExitCode.INVALID_ARTIFACT)
+    assert "member 'seed' appears twice" in tapvits("--json", "inspect", edited).stderr
+    data = tiny_model_file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length].decode().rstrip()
+    name = next(iter(json.loads(header).keys() - {"__metadata__"}))
+    entry = json.dumps({name: json.loads(header)[name]})[1:-1]
+    doubled = ("{" + entry + "," + header[1:]).encode()
+    doubled += b" " * (-len(doubled) % 8)
+    (tmp_path / "doubled.safetensors").write_bytes(len(doubled).to_bytes(8, "little") + doubled + data[8 + length:])
+    refused = tapvits("validate", tmp_path / "doubled.safetensors")
+    assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
+    assert "appears twice" in refused.stderr
+
+
 @pytest.mark.parametrize("created", ["yesterday", "2026-12-03T15:30:49+01:00", "2026-12-03T15:30:49\x1b]0;x\x07", "",
                                      "2026-W49-4T15:30:49Z", "2026-12-03 15:30:49+00:00", "2026-02-30T15:30:49Z"])
 def test_created_is_an_iso_8601_time_in_utc(created, tiny_model_file, tmp_path, tapvits):

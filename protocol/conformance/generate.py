@@ -441,6 +441,11 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
                              "tapvits.params is a nested object, not compact-JSON text"),
                  lambda d: d.update({"tapvits.params": json.loads(d["tapvits.params"])}))
 
+    duplicate = add("report-top1-twice.json", "report", 3, "a member named twice in one object (top1)")
+    document = json.loads(report.read_text())   # the valid figure last, where Python's json keeps it
+    duplicate.write_text('{\n  "top1": %s,\n' % json.dumps(document["top1"] / 2)
+                         + json.dumps(document, indent=2)[2:] + "\n")
+
     profile = valid["profile.json"]
     rewrite_json(profile, add("profile-negative-latency.json", "profile", 3, "a latency is not positive"),
                  lambda d: d["fixed"]["embed_ms"].__setitem__(0, -1.0))

@@ -85,8 +85,8 @@ def _safetensors_layout(path: Path) -> tuple[dict[str, str], dict[str, TensorInf
         raw = handle.read(header_len)
     try:
         layout = parse_json(raw)
-    except ValueError:
-        raise InvalidArtifactError(f"{path}: not a safetensors file (header is not JSON)") from None
+    except ValueError as exc:
+        raise InvalidArtifactError(f"{path}: not a safetensors file (header is not strict JSON: {exc})") from None
     if not isinstance(layout, dict):
         raise InvalidArtifactError(f"{path}: not a safetensors file (header is not an object)")
     metadata = layout.pop("__metadata__", None) or {}

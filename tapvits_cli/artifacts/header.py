@@ -38,10 +38,13 @@ def parse_json(text: str | bytes) -> Any:
     It also takes ``NaN``, ``Infinity`` and ``1e999`` (infinite), which are not JSON, and
     integers of hundreds of digits, which overflow the first float conversion: refused
     here, they can reach neither a computation nor a ``--json`` output that strict parsers
-    would then reject.
+    would then reject. A member name given twice in one object is refused too: Python keeps
+    the last value, other parsers the first, so two readers of one file would disagree
+    (a ``report.json`` with two ``top1`` passing a CI gate that reads the other one).
     """
     try:
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float, parse_int=_int64)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float, parse_int=_int64,
+                          object_pairs_hook=_unique_members)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -62,6 +65,15 @@ def _utc_timestamp(text: Any) -> bool:
     except ValueError:   # a day or an hour that does not exist
         return False
     return True
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in members:
+            raise ValueError(f"member {name!r} appears twice in one JSON object")
+        members[name] = value
+    return members
 
 
 def _not_json(constant: str) -> Any:
