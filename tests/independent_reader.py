@@ -222,8 +222,10 @@ def _open_hdf5(path: Path) -> Artifact:
             link = handle.get(name, getlink=True)
             require(not isinstance(link, h5py.ExternalLink), f"{name} is an external link")
             if isinstance(link, h5py.HardLink) and isinstance(handle[name], h5py.Dataset):
-                require(not handle[name].is_virtual and handle[name].external is None,
-                        f"{name} keeps its values in another file")
+                dataset = handle[name]
+                require(not dataset.is_virtual and dataset.external is None, f"{name} keeps its values in another file")
+                require(dataset.id.get_create_plist().get_nfilters() == 0, f"{name} is filtered")
+                require(dataset.id.get_storage_size() >= dataset.nbytes, f"{name} does not store all its values")
         strings = {key: _text(value) for key, value in handle.attrs.items()}
     return Artifact(path, "hdf5", strings)
 

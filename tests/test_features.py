@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import h5py
 import numpy as np
@@ -359,3 +360,26 @@ def test_a_table_whose_rows_live_in_another_file_is_refused(table_file, tmp_path
     assert "stores its data in another file" in result.stderr and "rows.bin" in result.stderr
     with pytest.raises(InvalidArtifactError, match="holds all its data in the file"):
         open_feature_table(table_file)
+
+
+def test_a_table_that_declares_more_rows_than_it_stores_is_refused_before_anything_is_allocated(table_file, tapvits):
+    """Chunks never written read back as fill values: without the rule, ``labels()`` would allocate 80 GB
+    for the ids of this 30 KB file before any check on them."""
+    rows = 10**10
+    with h5py.File(table_file, "r+") as handle:
+        for key in ("features.rows", "features.rows_done"):
+            handle.attrs[key] = str(rows)
+        dataset = json.loads(handle.attrs["features.dataset"])
+        handle.attrs["features.dataset"] = json.dumps({**dataset, "samples": rows})
+        group = handle["features"]
+        for name in ("ids", "labels"):
+            del group[name]
+            group.create_dataset(name, shape=(rows,), dtype=np.int64, chunks=(1 << 20,))
+        dim = group["features"].shape[1]
+        del group["features"]
+        group.create_dataset("features", shape=(rows, dim), dtype=np.float32, chunks=(1 << 14, dim))
+    assert table_file.stat().st_size < 100_000
+    for command in ("validate", "inspect"):
+        result = tapvits(command, table_file)
+        assert result.exit_code == ExitCode.INVALID_ARTIFACT, result.stderr
+        assert "values but the file does not store them all" in result.stderr

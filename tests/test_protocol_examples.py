@@ -6,7 +6,10 @@ protocol/README.md points here: these are the protocol's examples, checked.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -232,3 +235,17 @@ def test_created_may_say_utc_as_z_and_carry_a_fraction(created, tiny_model_file,
     edited = tmp_path / "edited.safetensors"
     rewrite_metadata(tiny_model_file, edited, tapvits__created=created)
     assert tapvits("validate", edited).exit_code == 0
+
+
+def test_a_metric_set_column_of_unwritten_chunks_is_refused_before_it_is_allocated(tmp_path, tapvits):
+    """A 12 KB file declaring 10^11 ids: read whole, the column was a 745 GiB allocation (exit 1)."""
+    import h5py
+
+    edited = tmp_path / "metric-set.h5"
+    shutil.copyfile(Path(__file__).parent.parent / "protocol" / "conformance" / "files" / "metric-set.h5", edited)
+    with h5py.File(edited, "r+") as handle:
+        del handle["selection/ids"]
+        handle["selection"].create_dataset("ids", shape=(10**11,), dtype=np.int64, chunks=(1 << 20,))
+    refused = tapvits("validate", edited)
+    assert_one_line_failure(refused, ExitCode.INVALID_ARTIFACT)
+    assert "'selection/ids' declares 100000000000 values but the file does not store them all" in refused.stderr

@@ -349,9 +349,10 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
         rewrite_hdf5(features, add(name, "features", code, rule), change)
 
     def borrowed(name, rule, replace):
-        """A copy whose features dataset is replaced by one that takes its values from the valid table beside it:
-        a reader that follows HDF5 to the other file sees valid rows, so only the self-containment rule refuses it.
-        Not canonicalised (a rewrite would copy the borrowed values in), so the new dataset is made without timestamps."""
+        """A copy whose features dataset is replaced by one holding the same rows in another way (in the valid
+        table beside it, or compressed): a reader that takes whatever h5py returns sees valid rows, so only the
+        rules on how an artifact stores its values refuse it. Not canonicalised (a rewrite would copy the
+        borrowed values in, uncompressed), so the new dataset is made without timestamps."""
         target = add(name, "features", 3, rule)
         shutil.copyfile(features, target)
         with h5py.File(target, "r+") as handle:
@@ -368,6 +369,14 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
         layout.dcpl.set_obj_track_times(False)
         group.create_virtual_dataset("features", layout)
 
+    def compressed(group, shape, dtype):
+        group.create_dataset("features", data=rows, chunks=(shape[0], shape[1]), compression="gzip",
+                             track_times=False)
+
+    with h5py.File(features, "r") as handle:
+        rows = handle["features/features"][...]
+    borrowed("features-compressed.h5", "features/features is gzip-compressed (values are stored as they are)",
+             compressed)
     borrowed("features-external-link.h5", "features/features is an external link to another file", external_link)
     borrowed("features-virtual.h5", "features/features is a virtual dataset over another file", virtual)
 

@@ -174,16 +174,19 @@ def _first_line(exc: BaseException) -> str:
 
 def _hdf5_attrs(path: Path) -> dict[str, str]:
     """The root attributes (the header), read after :func:`_probe_hdf5` has walked the file's metadata
-    and nothing in the file was found to borrow its data from elsewhere (:mod:`tapvits_cli.data.hdf5`)."""
+    and the file was found to store every value it declares, nothing borrowed from elsewhere (:mod:`tapvits_cli.data.hdf5`)."""
     import h5py
 
-    from tapvits_cli.data.hdf5 import borrowed_data
+    from tapvits_cli.data.hdf5 import borrowed_data, unstored_values
 
     _probe_hdf5(path)
     with hdf5_reading(path), h5py.File(path, "r") as handle:
         borrowed = borrowed_data(handle)
         if borrowed is not None:
             raise InvalidArtifactError(f"{path}: {borrowed}; an artifact holds all its data in the file")
+        unstored = unstored_values(handle)
+        if unstored is not None:
+            raise InvalidArtifactError(f"{path}: {unstored}; an artifact stores every value it declares")
         return {k: attr_string(v) for k, v in handle.attrs.items()}
 
 

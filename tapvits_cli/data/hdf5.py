@@ -38,3 +38,30 @@ def borrowed_data(handle: Any) -> str | None:
 
     handle.visititems_links(visit)
     return found[0] if found else None
+
+
+def unstored_values(handle: Any) -> str | None:
+    """What in an open ``h5py.File`` declares more values than the file stores, in words; None when nothing does.
+
+    HDF5 stores nothing for chunks never written and reads them back as the fill value, so a
+    12 KB file can declare a column of 10¹¹ rows, which a reader would allocate (745 GiB)
+    before any check on the values. A dataset that is stored as it is (no compression or
+    other filter) and has every chunk on disk occupies at least its declared bytes, so the
+    file's own size bounds what a reader of it allocates and reads: the rule of artifacts,
+    which tapvits writes that way (datasets it did not write, such as a user's compressed
+    image files, are not held to it).
+    """
+    import h5py
+
+    found: list[str] = []
+
+    def visit(name: str, item: Any) -> bool | None:
+        if isinstance(item, h5py.Dataset):
+            if item.id.get_create_plist().get_nfilters():
+                found.append(f"'{name}' is compressed or filtered (values are stored as they are)")
+            elif item.id.get_storage_size() < item.size * item.dtype.itemsize:
+                found.append(f"'{name}' declares {item.size} values but the file does not store them all")
+        return True if found else None
+
+    handle.visititems(visit)
+    return found[0] if found else None
