@@ -352,6 +352,28 @@ def test_image_folder_links(tmp_path):
         open_dataset(str(tmp_path / "pool"))
 
 
+def test_an_image_that_changes_after_the_folder_was_listed_is_checked_again_when_read(tmp_path):
+    """Listing and reading are minutes apart in a long run: an image replaced meanwhile by a FIFO made the read
+    wait for a writer forever, and one replaced by a link out of the folder was read."""
+    _write_folder(tmp_path / "pool", "L")
+    data = open_dataset(str(tmp_path / "pool"))
+    first = data.images([0])
+    (tmp_path / "pool" / "ant" / "00.png").unlink()
+    os.mkfifo(tmp_path / "pool" / "ant" / "00.png")
+    with _fails_instead_of_hanging(), pytest.raises(UsageError, match="00.png: no longer a regular file"):
+        data.images([0])
+    (tmp_path / "pool" / "ant" / "00.png").unlink()
+    outside = tmp_path / "elsewhere.png"
+    Image.new("L", (5, 4), color=255).save(outside)
+    (tmp_path / "pool" / "ant" / "00.png").symlink_to(outside)
+    with pytest.raises(UsageError, match="00.png: leads outside the dataset folder"):
+        data.images([0])
+    (tmp_path / "pool" / "ant" / "00.png").unlink()
+    os.symlink("../bird/00.png", tmp_path / "pool" / "ant" / "00.png")   # a link within the folder is still read
+    np.testing.assert_array_equal(data.images([0]), data.images([data.labels.tolist().index(1)]))
+    assert first.shape == data.images([0]).shape
+
+
 # --- selection semantics ------------------------------------------------------------------------
 
 def test_classes_fold_indices_sample():

@@ -159,15 +159,15 @@ class _FileRows:
     batch needs one shape; a model's preprocessing resizes afterwards anyway.
     """
 
-    def __init__(self, files: tuple[str, ...], mode: str, size: tuple[int, int]) -> None:
-        self.files, self.mode, self.size = files, mode, size
+    def __init__(self, files: tuple[str, ...], mode: str, size: tuple[int, int], root: Path) -> None:
+        self.files, self.mode, self.size, self.root = files, mode, size, root
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         width, height = self.size
         channels = 1 if self.mode == "L" else 3
         out = np.empty((len(rows), height, width, channels), dtype=np.uint8)
         for i, row in enumerate(rows):
-            out[i] = _with_image(self.files[row], self._pixels).reshape(height, width, channels)
+            out[i] = _with_image(self.files[row], self.root, self._pixels).reshape(height, width, channels)
         return _to_float(out, True, "image folder", rows)
 
     def _pixels(self, image) -> np.ndarray:
@@ -180,8 +180,9 @@ class _FileRows:
         return np.asarray(image)
 
 
-def _with_image(path: str, use: Callable) -> object:
-    """``use(image)`` on the image file ``path``, opened lazily and checked against :data:`MAX_IMAGE_PIXELS`.
+def _with_image(path: str, root: Path, use: Callable) -> object:
+    """``use(image)`` on the image file ``path`` of the dataset folder ``root``, opened lazily and checked
+    against :data:`MAX_IMAGE_PIXELS`.
 
     The one way a folder's image is opened, for its first image (which sets the folder's mode
     and size) as for every later one, so a corrupt file or a decompression bomb is the same
@@ -190,20 +191,58 @@ def _with_image(path: str, use: Callable) -> object:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():  # PIL warns from 89 million pixels: far beyond the limit refused below
+        with _open_image_file(path, root) as handle, warnings.catch_warnings():
+            # PIL warns from 89 million pixels: far beyond the limit refused below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise _too_large(path, f"{width}×{height} pixels")
-            return use(image)
+            image = Image.open(handle)
+            with image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise _too_large(path, f"{width}×{height} pixels")
+                return use(image)
     except Image.DecompressionBombError:   # so large that PIL refuses it while opening
         raise _too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
     except (OSError, ValueError, SyntaxError) as exc:
         # PIL reports a corrupt or truncated file as OSError (UnidentifiedImageError among
         # them), SyntaxError or ValueError: a bad input, named, not a crash
         raise _unreadable(exc, f"{path}: unreadable image, truncated or corrupt") from None
+
+
+def _open_image_file(path: str, root: Path):
+    """The file at ``path``, checked as it is opened, not as it was listed: a regular file within ``root``.
+
+    Listing a folder and reading it are apart in time (a pool is read for minutes), so an
+    image may meanwhile become a FIFO (reading would wait for a writer forever: it is
+    opened without waiting, then refused) or a link out of the folder (the real path of
+    what was opened, where the system tells it, is checked again).
+    """
+    import stat
+
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise UsageError(f"{path}: no longer a regular file (it changed after the dataset folder was listed)")
+        opened = Path(_opened_path(handle, path))
+        if not opened.is_relative_to(root):
+            raise _outside(path, root, opened)
+        os.set_blocking(handle, True)
+        return os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
+
+
+def _opened_path(handle: int, path: str) -> str:
+    """The real path of an open file: from ``/proc`` where the system has it, else resolved from its name."""
+    try:
+        return os.readlink(f"/proc/self/fd/{handle}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _outside(path: str, root: Path, target: Path) -> UsageError:
+    return UsageError(f"{path}: leads outside the dataset folder {root} (to {target}); "
+                      "copy the file into the folder instead of linking it")
 
 
 def _too_large(path: str, size: str) -> UsageError:
@@ -358,8 +397,7 @@ def _images_in(folder: Path, root: Path) -> list[str]:
                 continue
             target = Path(os.path.realpath(entry.path)) if entry.is_symlink() else real_folder / entry.name
             if not target.is_relative_to(root):
-                raise UsageError(f"{entry.path}: leads outside the dataset folder {root} (to {target}); "
-                                 "copy the file into the folder instead of linking it")
+                raise _outside(entry.path, root, target)
             if entry.is_file():
                 found.append(entry.path)
     return sorted(found)
@@ -381,10 +419,10 @@ def _folder(root: Path, split: str | None) -> Source:
     if not files:
         raise DataUnavailableError(f"{what}: no images found (expected class subfolders holding "
                                    f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
-    first_mode, size = _with_image(files[0], lambda image: (image.mode, image.size))
+    first_mode, size = _with_image(files[0], root, lambda image: (image.mode, image.size))
     mode = "L" if first_mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
     return Source("folder", _name(parts), np.asarray(labels, dtype=np.int64), tuple(names),
-                  (1 if mode == "L" else 3, size[1], size[0]), _FileRows(tuple(files), mode, size))
+                  (1 if mode == "L" else 3, size[1], size[0]), _FileRows(tuple(files), mode, size, root))
 
 
 def open_source(source: str, split: str | None) -> Source:
