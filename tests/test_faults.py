@@ -144,6 +144,7 @@ def test_a_damaged_cache_entry_is_discarded(tmp_path):
     (tmp_path / "cache" / "k2.json").write_text('{"seconds": 7.0, "output": "model.safetensors"}')
     assert run.restore_from_cache("k2", "model.safetensors") is None
     assert not (tmp_path / "cache" / "k2.safetensors").exists() and not run.path("model.safetensors").exists()
+    assert not (tmp_path / "cache" / "k2.json").exists()   # its record goes with it, no litter
 
 
 def test_a_link_in_the_cache_or_run_directory_is_not_trusted(tmp_path):

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tapvits_cli.artifacts.containers import (ArtifactFile, check_group_encoding, hdf5_reading, set_group_encoding,
-                                              write_hdf5)
+from tapvits_cli.artifacts.containers import (ArtifactFile, attr_string, check_group_encoding, hdf5_reading,
+                                              set_group_encoding, write_hdf5)
 from tapvits_cli.artifacts.header import Header, LineageEntry, compact_json, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.payloads.coverage import selection_coverage
@@ -118,10 +118,6 @@ def read_metric_set(path: str | os.PathLike) -> MetricSet:
     return metric_set
 
 
-def _attr(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _parse(artifact: ArtifactFile) -> MetricSet:
     import h5py
 
@@ -159,7 +155,7 @@ def _parse(artifact: ArtifactFile) -> MetricSet:
             if not isinstance(value, (int, np.integer)):
                 raise artifact.fail(f"attribute '{GROUP}/{name}' must be an integer")
             sizes[name] = int(value)
-        strategy = _attr(group.attrs.get("strategy"))
+        strategy = attr_string(group.attrs.get("strategy"))
     optional = {}
     for key in ("coverage", "public_mixture", "class_prior"):
         if f"{KIND}.{key}" in artifact.metadata:

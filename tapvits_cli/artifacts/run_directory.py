@@ -209,7 +209,8 @@ class RunDirectory:
         except (OSError, ValueError, KeyError, TypeError, OverflowError):
             recorded = None
         if recorded is None or not cached.is_file() or sha256_file(cached) != recorded:
-            for damaged in (cached, record_path):
+            first_layout_record = self.cache / f"{key}.json"   # or, for a report, the entry itself: damaged too
+            for damaged in (cached, record_path, first_layout_record):
                 with contextlib.suppress(IsADirectoryError, PermissionError):
                     damaged.unlink(missing_ok=True)
             return None
