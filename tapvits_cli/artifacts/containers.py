@@ -173,8 +173,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _hdf5_attrs(path: Path) -> dict[str, str]:
-    """The root attributes (the header), read after :func:`_probe_hdf5` has walked the file's metadata
-    and the file was found to store every value it declares, nothing borrowed from elsewhere (:mod:`tapvits_cli.data.hdf5`)."""
+    """The root attributes (the header), read after :func:`_probe_hdf5` has walked the file's metadata and
+    the file was found to store every value it declares, none borrowed from elsewhere (:mod:`tapvits_cli.data.hdf5`)."""
     import h5py
 
     from tapvits_cli.data.hdf5 import borrowed_data, unstored_values
