@@ -629,6 +629,15 @@ def check_plan(a: Artifact) -> None:
     if record["family"] == "vit" and all(len(a.array(f"blocks.{i}.{u}.keep")) for i in range(len(blocks))
                                          for u in ("attn", "mlp")):
         _check_vit_costs(record, removed_heads, removed_neurons, base, achieved)
+    tolerance = a.params.get("tolerance")
+    require(_is_json_number(tolerance) and 0 <= tolerance < 1, "tapvits.params.tolerance")
+    for kind in ("params", "macs"):
+        require(isinstance(base.get(kind), int) and base[kind] > 0 and _is_json_number(achieved.get(kind))
+                and _is_json_number(achieved.get(f"{kind}_fraction")), f"plan.base / plan.achieved {kind}")
+        require(abs(achieved[f"{kind}_fraction"] - achieved[kind] / base[kind]) <= 1e-12, f"{kind}_fraction")
+    target = budget["value"] * base[budget["kind"]]
+    require(abs(achieved[budget["kind"]] - target) <= tolerance * target * (1 + 1e-9),
+            "the plan misses its budget by more than its tolerance")
 
 
 def _check_vit_costs(record: dict, head_channels: int, neurons: int, base: dict, achieved: dict) -> None:

@@ -434,6 +434,11 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
                         tensors={"blocks.0.mlp.keep": np.append(kept[:-1], 10_000).astype(np.int64)})
     rewrite_safetensors(plan, add("plan-newer.safetensors", "plan", 4, "a format version newer than the reader's"),
                         tapvits__version="2")
+    _, plan_metadata = safetensors_parts(plan)
+    budget = json.loads(plan_metadata["plan.budget"])
+    rewrite_safetensors(plan, add("plan-beyond-budget.safetensors", "plan", 3,
+                                  "the kept units' cost is further than tapvits.params.tolerance from plan.budget"),
+                        plan__budget=json.dumps({**budget, "value": budget["value"] / 2}, separators=(",", ":")))
 
     report = valid["report.json"]
     rewrite_json(report, add("report-top5-below-top1.json", "report", 3, "top5 is below top1"),

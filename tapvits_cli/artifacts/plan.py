@@ -138,7 +138,9 @@ def _validate(artifact: ArtifactFile) -> None:
 
 
 def _check_costs(plan: Plan) -> None:
-    """The recorded parameters and MACs must be what the kept units cost (the base built on ``meta``)."""
+    """The recorded parameters and MACs must be what the kept units cost (the base built on ``meta``), and
+    the plan must meet its own budget within its ``tolerance``: a plan that keeps every unit under a 0.7
+    budget would otherwise prune nothing and still be labelled 0.7 in every later artifact."""
     from tapvits_cli.models.factory import cost_model
 
     artifact = plan.artifact
@@ -151,6 +153,16 @@ def _check_costs(plan: Plan) -> None:
             raise InvalidArtifactError(
                 f"{artifact.path}: recorded {key} ({plan.achieved[key]} of {plan.base[key]}) differ from what the "
                 f"kept units cost ({expected[key]} of {full[key]})")
+        if abs(plan.achieved[f"{key}_fraction"] - expected[key] / full[key]) > 1e-12:
+            raise InvalidArtifactError(f"{artifact.path}: recorded {key}_fraction {plan.achieved[f'{key}_fraction']} "
+                                       f"is not {expected[key]} / {full[key]}")
+    tolerance = artifact.header.params.get("tolerance")
+    if not finite_number(tolerance) or not 0 <= tolerance < 1:
+        raise InvalidArtifactError(f"{artifact.path}: tapvits.params must hold the tolerance, a number in [0, 1)")
+    kind, target = plan.budget["kind"], plan.budget["value"] * full[plan.budget["kind"]]
+    if abs(expected[kind] - target) > tolerance * target * (1 + 1e-9):
+        raise InvalidArtifactError(f"{artifact.path}: keeps {expected[kind] / full[kind]:.4f} of the {kind}, further "
+                                   f"than its tolerance {tolerance:g} from its budget {plan.budget['value']:g}")
 
 
 def _summarize(artifact: ArtifactFile) -> Summary:
