@@ -55,6 +55,11 @@ DP_COVARIANCE_TYPES = ("diag", "full")                     # those the different
 # on 5 Fashion-MNIST devices (48-dim features, 4 noise seeds) d = 32 and 10 iterations
 # gave selection precision@640 of about 50% at ε = 3, d = 16 and 4 iterations 99%
 # (benchmarks/privacy_selection.py --sweep).
+# Bounds of a mixture file, so that what a cloud allocates for an uploaded one stays small:
+# scoring a pool holds a block of rows × K log-densities, and the range check scores every
+# unit feature vector. Fits use K of 2 to 10; the widest common backbones give 4,096 features.
+MAX_COMPONENTS = 1024
+MAX_FEATURE_DIM = 16384
 DP_DEFAULT_COMPONENTS = 4
 DP_DEFAULT_DIM = 16
 DP_DEFAULT_ITERATIONS = 4

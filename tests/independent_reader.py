@@ -380,6 +380,7 @@ def check_gmm(a: Artifact) -> None:
     require(covariance in ("full", "tied", "diag", "spherical"), "gmm.covariance_type")
     k, d, big_d, n = (a.integer_key(f"gmm.{key}") for key in ("components", "dim", "feature_dim", "samples"))
     require(min(k, d, big_d) >= 1, "gmm sizes must be >= 1")
+    require(k <= 1024 and big_d <= 16384 and n < 2 ** 63, "K at most 1,024, D at most 16,384, samples below 2^63")
     for key in ("fit_seconds", "extract_seconds"):
         require(key != "" and _is_number(a.strings.get(f"gmm.{key}", "")), f"gmm.{key} is not a number")
     bic, extractor, privacy = (a.json_key(f"gmm.{key}", dict) for key in ("bic", "extractor", "privacy"))
@@ -441,27 +442,29 @@ def check_gmm(a: Artifact) -> None:
 
 
 def _densities_computable(t: dict, precision: np.ndarray, covariance: str) -> bool:
-    """gmm.md: the folded projection and the log-density of the unit vector e0 are finite, overflow an error."""
+    """gmm.md: the folded projection and the log-densities of every unit vector are finite, overflow an error."""
     scale, mean, components = t["projection.scale"], t["projection.mean"], t.get("projection.components")
     mu, w = t["means"], t["weights"]
     try:
         with np.errstate(over="raise", invalid="raise", divide="ignore"):
             linear = (components / scale).T if components is not None else np.diag(1 / scale)
             offset = -(mean @ linear)
-            x = np.eye(1, len(mean))[0] @ linear + offset
-            diff = x[None, :] - mu                                   # (K, d)
-            if covariance == "full":
-                y, logdet = np.einsum("kd,kde->ke", diff, precision), np.log(np.diagonal(precision, axis1=1, axis2=2)).sum(1)
-            elif covariance == "tied":
-                y, logdet = diff @ precision, np.full(len(w), np.log(np.diag(precision)).sum())
-            elif covariance == "diag":
-                y, logdet = diff * precision, np.log(precision).sum(1)
-            else:
-                y, logdet = diff * precision[:, None], mu.shape[1] * np.log(precision)
-            terms = np.log(w) - 0.5 * mu.shape[1] * math.log(2 * math.pi) + logdet - 0.5 * (y ** 2).sum(1)
-            top = terms.max()
-            density = top + np.log(np.exp(terms - top).sum())
-        return bool(np.isfinite(linear).all() and np.isfinite(offset).all() and np.isfinite(density))
+            densities = []
+            for x in np.eye(len(mean)) @ linear + offset:           # each unit vector, projected
+                diff = x[None, :] - mu                               # (K, d)
+                if covariance == "full":
+                    y = np.einsum("kd,kde->ke", diff, precision)
+                    logdet = np.log(np.diagonal(precision, axis1=1, axis2=2)).sum(1)
+                elif covariance == "tied":
+                    y, logdet = diff @ precision, np.full(len(w), np.log(np.diag(precision)).sum())
+                elif covariance == "diag":
+                    y, logdet = diff * precision, np.log(precision).sum(1)
+                else:
+                    y, logdet = diff * precision[:, None], mu.shape[1] * np.log(precision)
+                terms = np.log(w) - 0.5 * mu.shape[1] * math.log(2 * math.pi) + logdet - 0.5 * (y ** 2).sum(1)
+                top = terms.max()
+                densities.append(top + np.log(np.exp(terms - top).sum()))
+        return bool(np.isfinite(linear).all() and np.isfinite(offset).all() and np.isfinite(densities).all())
     except FloatingPointError:
         return False
 
@@ -548,7 +551,7 @@ def check_metric_set(a: Artifact) -> None:
         if "score" in group:
             require(not np.isnan(_dataset(group, "score", "float64", (f,))).any(), "score is NaN")
     require(len(np.unique(ids)) == f and bool((ids >= 0).all()), "ids are not distinct non-negative integers")
-    require(not np.isnan(ll).any() and not (ll == np.inf).any(), "log-likelihood NaN or +inf")
+    require(bool(np.isfinite(ll).all()), "log-likelihood not finite")
     require(bool((component >= 0).all() and (label >= 0).all()), "negative component or label")
     for part in (ll[:m], ll[m:]):
         require(bool((np.diff(part) <= 0).all()), "rows are not ordered by decreasing log-likelihood")
@@ -703,7 +706,7 @@ def check_profile(a: Artifact) -> None:
 
     def latencies(values) -> bool:
         return isinstance(values, list) and len(values) == len(batches) and all(
-            _is_json_number(v) and v > 0 for v in values)
+            _is_json_number(v) and 0 < v <= 1e6 for v in values)
 
     require(increasing(batches), "batch_sizes")
     fixed = _member(b, "fixed", dict)

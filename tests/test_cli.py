@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tapvits_cli.errors import ExitCode
 from tests.conftest import TINY_VIT, TINY_VIT_KWARGS, model_args
 
@@ -110,3 +112,16 @@ def test_dataset_command_describes_a_reference(tapvits):
     assert len(document["fingerprint"]) == 64
     bad = tapvits("dataset", "digits:colour=red")
     assert bad.exit_code == ExitCode.USAGE and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("fit-gmm", "--components", "1-10000000000"),    # expanded before any check: filled memory
+    ("fit-gmm", "--components", "1025"),
+    ("fit-gmm", "--components", "٣"),                 # a digit to int(), not to the documented syntax
+    ("prune", "--merge-layers", "0-99999999999"),
+])
+def test_integer_ranges_are_bounded_before_they_are_expanded(tmp_path, tapvits, command, option, value):
+    anything = tmp_path / "x.safetensors"
+    anything.write_bytes(b"")
+    result = tapvits(command, str(anything), option, value, "-o", tmp_path / "out")
+    assert result.exit_code == ExitCode.USAGE and f"Invalid value for '{option}': expected" in result.stderr, result.stderr

@@ -614,8 +614,8 @@ REVIEWED_CASES = {
     "a metric set whose component index would size a 16 GiB table": (
         "metric-set", _metric_set_column("component", 2 ** 31 - 1, drop_coverage=True),
         {"validate": 0, "inspect": 0, "score": 0, "finetune": 0}),
-    "a metric set of −inf log-likelihoods (allowed)": (
-        "metric-set", _metric_set_column("log_likelihood", -np.inf), 0),
+    "a metric set of −inf log-likelihoods (overflowed densities rank nothing)": (
+        "metric-set", _metric_set_column("log_likelihood", -np.inf), 3),
 }
 
 

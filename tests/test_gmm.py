@@ -222,6 +222,12 @@ def rewrite(src, dst, tensors=None, drop=(), **metadata):
     return dst
 
 
+def _all_but_first(tensor, value):
+    changed = tensor.clone()
+    changed[1:] = value
+    return changed
+
+
 def _collapse_first(covariances):
     """Component 0 squeezed onto the regulariser, as EM does around a single sample (full covariances)."""
     import torch
@@ -255,8 +261,15 @@ def test_corrupted_gmm_is_rejected(gmm_file, tmp_path, tapvits):
         # finite values whose densities overflow: every pool sample would score −inf or NaN
         "out of range": dict(tensors={"means": tensors["means"] * 0 + 1e200}),
         "out of range ": dict(tensors={"projection.scale": tensors["projection.scale"] * 0 + 1e-310}),
+        # only features 1.. blown up: e0 alone scores finite, real features overflow (found by a review)
+        "out of range  ": dict(tensors={"projection.scale": _all_but_first(tensors["projection.scale"], 1e-200),
+                                        "projection.mean": _all_but_first(tensors["projection.mean"], 0.0)}),
         "must be an integer >= 1, got '³'": dict(gmm__components="³"),   # isdigit() says yes, int() says no
         "must be an integer >= 1, got '٩٣'": dict(gmm__samples="٩٣"),    # int() would read 93
+        # a review: weights × samples overflowed a float (exit 1), and K = 200,000 made select allocate 2 GiB
+        "'gmm.samples' must be at most 9,223,372,036,854,775,807, got '1000": dict(gmm__samples="1" + "0" * 400),
+        "'gmm.components' must be at most 1,024, got '200000'": dict(gmm__components="200000"),
+        "'gmm.feature_dim' must be at most 16,384, got '16385'": dict(gmm__feature_dim="16385"),
         "nested too deeply": dict(tapvits__inputs="[" * 100000 + "]" * 100000),
         "'gmm.bic' is not valid JSON": dict(gmm__bic="[" * 100000 + "]" * 100000),
         "'gmm.bic' is not valid JSON (NaN is not a JSON number)": dict(gmm__bic=json.dumps({str(k): float("nan")})),

@@ -152,3 +152,19 @@ def test_strings_from_artifacts_reach_the_terminal_as_text(tiny_model_file, tmp_
     assert evaluated.exit_code == 0, evaluated.stderr
     assert "[/bogus]" in evaluated.stderr and "[link=file:///etc/passwd]" in evaluated.stderr
     assert "\x1b" not in evaluated.stderr
+
+
+def test_json_results_are_standard_json_even_with_infinite_figures(monkeypatch, capsys):
+    """Python writes -Infinity and NaN, which jq and browsers refuse; such a figure is null instead."""
+    import numpy as np
+    import pytest
+
+    from tapvits_cli.cli.options import CURRENT
+    from tapvits_cli.cli.output import emit
+
+    monkeypatch.setattr(CURRENT, "json", True)
+    emit({"log_likelihood": [float("-inf"), -3.5], "nested": {"nan": float("nan"), "top1": np.float64(0.5)},
+          "inf32": np.float32("inf"), "kept": (1, 2)})
+    printed = capsys.readouterr().out
+    assert json.loads(printed, parse_constant=lambda name: pytest.fail(f"{name} in --json output")) == {
+        "log_likelihood": [None, -3.5], "nested": {"nan": None, "top1": 0.5}, "inf32": None, "kept": [1, 2]}

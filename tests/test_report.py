@@ -154,12 +154,16 @@ def test_report_refuses_what_is_not_a_finished_run(run_dirs, tmp_path, tapvits):
     for odd, reason in (({"failures": [1]}, "not what tapvits run writes"), ({"steps": "many"}, "not what"),
                         ({"steps": {"total": -1}}, "not what"), ({"budget": 10 ** 400}, "beyond a 64-bit integer"),
                         ({"mean": {"top1": float("nan")}}, "NaN is not a JSON number"),   # Python writes NaN
-                        ({"devices": [{**summary["devices"][0], "top1": float("inf")}]}, "Infinity is not a JSON")):
+                        ({"devices": [{**summary["devices"][0], "top1": float("inf")}]}, "Infinity is not a JSON"),
+                        # a review: a top-1 of 1e17 left the chart's axis without a scale (exit 1)
+                        ({"devices": [{**summary["devices"][0], "params_kept": 1e17}]}, "fractions from 0 to 1"),
+                        ({"mean": {**summary["mean"], "top1": -0.5}}, "fractions from 0 to 1"),
+                        ({"devices": [{**summary["devices"][0], "top1": "high"}]}, "fractions from 0 to 1")):
         (damaged / "summary.json").write_text(json.dumps({**summary, **odd}))
         result = tapvits("report", damaged, "-o", tmp_path / "r.html")
         assert result.exit_code == ExitCode.INVALID_ARTIFACT and reason in result.stderr, odd
-    (damaged / "summary.json").write_text(json.dumps({**summary, "devices": [{**summary["devices"][0], "top1": "high"}]}))
-    assert tapvits("report", damaged, "-o", tmp_path / "r.html").exit_code == 0   # odd values shown as "–"
+    (damaged / "summary.json").write_text(json.dumps({**summary, "devices": [{**summary["devices"][0], "top1": None}]}))
+    assert tapvits("report", damaged, "-o", tmp_path / "r.html").exit_code == 0   # not evaluated: shown as "–"
 
 
 def test_report_escapes_what_the_summary_says(run_dirs, tmp_path, tapvits):

@@ -633,3 +633,24 @@ def test_class_prior_counts_classes_from_the_whole_table_when_it_records_none(gm
                         "--prior-draws", "500")
     assert result.exit_code == 0, result.stderr
     assert len(read_metric_set(out).class_prior["shares"]) == labels.max() + 1
+
+
+@pytest.mark.parametrize("strategy", ["topk", "stratified", "ratio", "class-prior"])
+def test_a_mixture_whose_densities_overflow_on_the_pool_selects_nothing(gmm_file, table_file, tmp_path, tapvits,
+                                                                        monkeypatch, strategy):
+    """A review found a GMM that passes every check on the file yet scores every pool row −inf; select exited 0
+    with a metric set ranked by nothing. Overflow on the pool's own features is simulated here."""
+    from tapvits_cli.payloads.mixture import Mixture
+
+    genuine = Mixture.log_likelihood
+
+    def overflowing(self, features):
+        loglik, component = genuine(self, features)
+        return np.full_like(loglik, -np.inf), component
+
+    monkeypatch.setattr(Mixture, "log_likelihood", overflowing)
+    out = tmp_path / "m.h5"
+    result = select_cli(tapvits, gmm_file, table_file, out, "--strategy", strategy)
+    assert result.exit_code == ExitCode.INVALID_ARTIFACT, result.stderr
+    assert "its log-density overflows on 100 of the 100 selected pool rows" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob("m.h5*"))

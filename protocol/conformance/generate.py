@@ -307,6 +307,13 @@ def make_invalid(valid: dict[str, Path], work: Path) -> list[tuple[str, str, int
     rewrite_safetensors(gmm, add("gmm-means-overflow.safetensors", "gmm", 3,
                                  "finite means whose densities overflow (hash recomputed)"),
                         tensors=huge, gmm__tensors_sha256=tensor_hash(huge))
+    one_axis = {**mixture, "projection.mean": np.concatenate([mixture["projection.mean"][:1],
+                                                              np.zeros_like(mixture["projection.mean"][1:])]),
+                "projection.scale": np.concatenate([mixture["projection.scale"][:1],
+                                                    np.full_like(mixture["projection.scale"][1:], 1e-200)])}
+    rewrite_safetensors(gmm, add("gmm-scale-overflow.safetensors", "gmm", 3,
+                                 "a scale of 1e-200 on features 1.. overflows (e0 alone scores finite; hash recomputed)"),
+                        tensors=one_axis, gmm__tensors_sha256=tensor_hash(one_axis))
     single = {**mixture, "weights": mixture["weights"].astype(np.float32)}
     rewrite_safetensors(gmm, add("gmm-f32-weights.safetensors", "gmm", 3, "a tensor is not F64 (hash recomputed)"),
                         tensors=single, gmm__tensors_sha256=tensor_hash(single))

@@ -20,7 +20,7 @@ from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact,
 from tapvits_cli.payloads.guarantees import audit_parameters, min_support
 from tapvits_cli.payloads.mixture import Mixture, Projection
 from tapvits_cli.payloads.zcdp import epsilon_for
-from tapvits_cli.vocabulary import COVARIANCE_TYPES
+from tapvits_cli.vocabulary import COVARIANCE_TYPES, MAX_COMPONENTS, MAX_FEATURE_DIM
 
 KIND = "gmm"
 VERSION = 3   # v3: gmm.tensors_sha256 by the container tensor-hash rule (v2: per-component guarantees)
@@ -105,15 +105,21 @@ def read_gmm(path: str | os.PathLike) -> Gmm:
 
 # --- parsing and checks -------------------------------------------------------------------
 
-def _int(artifact: ArtifactFile, key: str, minimum: int = 1) -> int:
+def _int(artifact: ArtifactFile, key: str, minimum: int = 1, maximum: int = 2 ** 63 - 1) -> int:
     value = artifact.metadata[f"{NAMESPACE}.{key}"]
     try:
         number = parse_decimal(value)
     except ValueError:
         number = None
     if number is None or number < minimum:
-        raise artifact.fail(f"'{NAMESPACE}.{key}' must be an integer >= {minimum}, got {value!r}")
+        raise artifact.fail(f"'{NAMESPACE}.{key}' must be an integer >= {minimum}, got {_shown(value)}")
+    if number > maximum:   # beyond 64 bits, weights × samples overflowed a float (exit 1)
+        raise artifact.fail(f"'{NAMESPACE}.{key}' must be at most {maximum:,}, got {_shown(value)}")
     return number
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
 
 
 def _float(artifact: ArtifactFile, key: str) -> float:
@@ -138,7 +144,8 @@ def _parse(artifact: ArtifactFile):
     covariance_type = artifact.metadata[f"{NAMESPACE}.covariance_type"]
     if covariance_type not in COVARIANCE_TYPES:
         raise artifact.fail(f"unknown covariance type {covariance_type!r}")
-    k, d, feature_dim = _int(artifact, "components"), _int(artifact, "dim"), _int(artifact, "feature_dim")
+    k, d = _int(artifact, "components", maximum=MAX_COMPONENTS), _int(artifact, "dim")
+    feature_dim = _int(artifact, "feature_dim", maximum=MAX_FEATURE_DIM)
     expected = {"weights": (k,), "means": (k, d), "covariances": _covariance_shape(covariance_type, k, d),
                 "precisions_cholesky": _covariance_shape(covariance_type, k, d),
                 "projection.mean": (feature_dim,), "projection.scale": (feature_dim,)}

@@ -189,8 +189,8 @@ def _check(metric_set: MetricSet) -> None:
         raise artifact.fail("ids must be distinct non-negative integers")
     if not isinstance(samples, int) or metric_set.finetune_size > samples:
         raise artifact.fail(f"{metric_set.finetune_size} rows selected from a pool of {samples} samples")
-    if np.isnan(metric_set.log_likelihood).any() or (metric_set.log_likelihood == np.inf).any():
-        raise artifact.fail("log_likelihood must not be NaN or +inf")
+    if not np.isfinite(metric_set.log_likelihood).all():
+        raise artifact.fail("log_likelihood must be finite")
     if (metric_set.component < 0).any() or (metric_set.labels < 0).any():
         raise artifact.fail("component and label must be >= 0")
     for part in (metric_set.log_likelihood[: metric_set.metric_size],

@@ -64,8 +64,15 @@ def _integer(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+# A forward pass of one block, or of a model's fixed parts, measured on a device: milliseconds to
+# seconds. A latency beyond 10^6 ms (17 minutes) is no measurement, and near the double's maximum
+# a predicted sum of latencies overflows to infinity.
+MAX_LATENCY_MS = 1e6
+
+
 def _positive_ms(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0 < value <= MAX_LATENCY_MS
 
 
 def _increasing(values: Any, least: int) -> bool:
@@ -109,7 +116,7 @@ def _parse(artifact: ArtifactFile) -> LatencyProfile:
         if not isinstance(block, dict) or not all(_integer(block.get(k), 1) for k in ("heads", "head_dim", "mlp_hidden")):
             raise fail(f"model.blocks[{index}] must hold integers heads, head_dim, mlp_hidden ≥ 1")
     row = (lambda v: isinstance(v, list) and len(v) == len(sizes) and all(_positive_ms(x) for x in v),
-           f"a list of {len(sizes)} finite positive numbers (one per batch size)")
+           f"a list of {len(sizes)} positive numbers of at most {MAX_LATENCY_MS:g} ms (one per batch size)")
     fixed = _object(artifact, body, "fixed", {"embed_ms": row, "head_ms": row, "block_ms": row})
     alignment = _alignment(artifact, body)
     names = ["attn", "mlp", *(["mlp_unaligned"] if alignment > 1 else [])]

@@ -74,11 +74,19 @@ def read_run_summary(path: Path) -> dict:
             and isinstance(summary.get("mean") or {}, dict)
             and (failures is None or isinstance(failures, list) and all(isinstance(f, str) for f in failures))
             and (steps is None or isinstance(steps, dict) and all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps.values()))):
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps.values()))
+            and all(_fractions_or_null(entry) for entry in [*devices, summary.get("mean") or {}])):
         raise InvalidArtifactError(f"{path}: not what tapvits run writes ('devices' a list of objects whose "
                                    "'device' is a device name, 'mean' an object, 'failures' a list of messages, "
-                                   "'steps' counts)")
+                                   "'steps' counts, top1, top5 and params_kept fractions from 0 to 1)")
     return summary
+
+
+def _fractions_or_null(entry: dict) -> bool:
+    """A device's or the mean's top-1, top-5 and share of parameters kept: null, or a number from 0 to 1
+    (``report`` plots them: a top-1 of 1e17 left its chart axis without a scale, exit 1)."""
+    return all(entry.get(key) is None or isinstance(entry[key], (int, float)) and not isinstance(entry[key], bool)
+               and 0 <= entry[key] <= 1 for key in ("top1", "top5", "params_kept"))
 
 
 def _valid_step_record(record: Any) -> bool:

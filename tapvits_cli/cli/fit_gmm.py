@@ -7,7 +7,8 @@ import click
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
 from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options, integer_ranges
 from tapvits_cli.cli.output import emit
-from tapvits_cli.vocabulary import COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS
+from tapvits_cli.vocabulary import (COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_DEFAULT_DIM, DP_DEFAULT_ITERATIONS,
+                                    MAX_COMPONENTS)
 
 
 @click.command("fit-gmm", cls=WritingCommand, positional="--data",
@@ -23,7 +24,9 @@ from tapvits_cli.vocabulary import COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_D
 @click.option("--no-pca", is_flag=True, help="Fit the mixture on the full feature vectors (no PCA).")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
               help="Scale each feature to unit variance before PCA and fitting.")
-@click.option("--components", default=None, callback=integer_ranges(1, "K >= 1 as a range or list like 2-10 or 2,4,8"),
+@click.option("--components", default=None,
+              callback=integer_ranges(1, f"K from 1 to {MAX_COMPONENTS} as a range or list like 2-10 or 2,4,8",
+                                      MAX_COMPONENTS),
               help="Numbers of components K to try; the lowest BIC wins (range or list: 2-10, 2,4,8)  "
                    f"[default: 2-10; {DP_DEFAULT_COMPONENTS} with --dp-epsilon, which fits one K]")
 @click.option("--covariance", type=click.Choice(COVARIANCE_TYPES), default=None,

@@ -118,17 +118,18 @@ class FiniteFloat(click.FloatRange):
         return "" if self.min is None and self.max is None else super()._describe_range()
 
 
-def integer_ranges(minimum: int, expected: str) -> Callable:
-    """A click callback reading ``'2-10'``, ``'3'`` or ``'1,3,5-7'`` as sorted distinct integers ≥ ``minimum``
-    (None stays None); any other text is refused as "expected ``expected``"."""
+def integer_ranges(minimum: int, expected: str, maximum: int) -> Callable:
+    """A click callback reading ``'2-10'``, ``'3'`` or ``'1,3,5-7'`` as sorted distinct integers from ``minimum``
+    to ``maximum`` (None stays None); any other text is refused as "expected ``expected``". The bound
+    is checked before a range is expanded: ``1-10000000000`` would otherwise fill memory."""
     def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
         if value is None:
             return None
         found: set[int] = set()
         for item in value.split(","):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+            match = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", item)
             low, high = (int(match[1]), int(match[2] or match[1])) if match else (minimum, minimum - 1)
-            if not match or low < minimum or high < low:
+            if not match or low < minimum or high < low or high > maximum:
                 raise click.BadParameter(f"expected {expected}, got {value!r}")
             found.update(range(low, high + 1))
         return sorted(found)

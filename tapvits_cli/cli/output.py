@@ -105,10 +105,27 @@ def emit(result: Any, text: str | None = None) -> None:
     """Print the command's result: JSON with ``--json``, else ``text`` (default: str(result)) with its
     control characters shown as escapes."""
     if CURRENT.json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        sys.stdout.write(json.dumps(_standard_json(result), default=str, allow_nan=False) + "\n")
     else:
         sys.stdout.write(printable(text if text is not None else str(result)) + "\n")
     sys.stdout.flush()
+
+
+def _standard_json(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None: Python writes NaN and
+    Infinity, which strict JSON readers (jq, browsers, most languages) refuse, so one −inf
+    figure would make a whole ``--json`` result unreadable to them."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _standard_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_standard_json(item) for item in value]
+    if hasattr(value, "dtype") and getattr(value, "ndim", None) == 0:   # a NumPy scalar
+        return _standard_json(value.item())
+    return value
 
 
 # How often a pipe gets a plain progress line (seconds): often enough to show a long

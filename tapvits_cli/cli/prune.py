@@ -12,6 +12,8 @@ from tapvits_cli.cli.output import emit
 from tapvits_cli.stages.prune import NO_MERGING
 from tapvits_cli.vocabulary import MERGE_METHODS
 
+MAX_BLOCK_INDEX = 4095   # far beyond any model's depth; a range is bounded before it is expanded
+
 
 def parse_schedule(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
     """'8,8,4,0' → one non-negative amount per block."""
@@ -32,7 +34,8 @@ def parse_schedule(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--merge-amount", type=click.IntRange(min=0), default=None, metavar="N",
               help="In each merging block: tokens removed (bipartite) or pairs of adjacent columns/rows merged "
                    "(neighbour).")
-@click.option("--merge-layers", callback=integer_ranges(0, "block indices like 0-5 or 1,3,5"), default=None, metavar="BLOCKS",
+@click.option("--merge-layers", callback=integer_ranges(0, "block indices like 0-5 or 1,3,5", MAX_BLOCK_INDEX),
+              default=None, metavar="BLOCKS",
               help="Blocks that merge, with --merge-amount, e.g. 0-5 or 1,3,5  [default: all]")
 @click.option("--merge-schedule", callback=parse_schedule, default=None, metavar="A0,A1,…",
               help="One amount per block (0: no merge there), instead of --merge-amount.")

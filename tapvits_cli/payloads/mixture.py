@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 SCORING_BLOCK_ROWS = 4096
+UNIT_VECTOR_BLOCK = 256   # unit vectors scored at once by Mixture.check_range: 256 × D floats
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -54,6 +55,17 @@ class Projection:
             return 1.0 / self.scale, -self.mean / self.scale
         matrix = (self.components / self.scale).T
         return matrix, -(self.mean @ matrix)
+
+    def unit_vectors(self, start: int, stop: int) -> np.ndarray:
+        """``apply`` of the unit feature vectors e_start … e_(stop−1), without building them: with PCA
+        each is a row of the folded matrix plus the offset; without, the offset with one entry moved."""
+        linear, offset = self._affine
+        if linear.ndim == 2:
+            return linear[start:stop] + offset
+        rows = np.tile(offset, (stop - start, 1))
+        positions = np.arange(start, stop)
+        rows[positions - start, positions] += linear[positions]
+        return rows
 
     def apply(self, features: np.ndarray) -> np.ndarray:
         """(n, D) features of any float dtype → (n, d) float64."""
@@ -126,14 +138,21 @@ class Mixture:
         A mixture read from a file may hold means of 1e200 or a projection scale of 1e-310:
         each value is finite, yet the projection or the squared distances overflow, every
         log-likelihood comes out −inf or NaN, and a selection made from them would look
-        valid. So the projection is folded and one feature vector (a unit vector, valid with
-        ``unit_norm`` too) is scored with floating-point overflow raised, not ignored.
+        valid. So the projection is folded and every unit vector of the feature space (valid
+        with ``unit_norm`` too) is scored with floating-point overflow raised, not ignored:
+        every column of the projection takes part, so one column of 1e200 among sane ones
+        overflows here as it would on real features. (Features far larger than unit
+        vectors can still overflow; ``select`` refuses a selection ranked by densities
+        that did.) The vectors go through in blocks, never as one D × D matrix.
         """
         try:
             with np.errstate(over="raise", invalid="raise", divide="ignore"):   # log of a zero weight is −inf, fine
                 linear, offset = self.projection._affine
-                loglik = self.estimator.score_samples(self.projection.apply(np.eye(1, self.feature_dim)))
-            usable = all(np.isfinite(values).all() for values in (linear, offset, loglik))
+                usable = np.isfinite(linear).all() and np.isfinite(offset).all()
+                for start in range(0, self.feature_dim, UNIT_VECTOR_BLOCK):
+                    stop = min(start + UNIT_VECTOR_BLOCK, self.feature_dim)
+                    loglik = self.estimator.score_samples(self.projection.unit_vectors(start, stop))
+                    usable = usable and np.isfinite(loglik).all()
         except FloatingPointError:
             usable = False
         if not usable:

@@ -18,7 +18,7 @@ _FONT = 'font-family="sans-serif" font-size="12"'
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values covering [low, high]."""
     if high <= low:
-        high = low + 1.0
+        high = low + max(1.0, abs(low))   # + 1.0 alone is lost to rounding beyond 2**53
     raw = (high - low) / count
     step = 10 ** math.floor(math.log10(raw))
     step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)

@@ -139,6 +139,11 @@ def run(options: Options) -> Result:
                                            class_shares=None if prior is None else prior.shares,
                                            class_floor=options.class_floor)
         scoring_seconds = time.perf_counter() - started
+    overflowed = int((~np.isfinite(selection.log_likelihood)).sum())
+    if overflowed:   # a mixture's values can pass every check on the file and still overflow on real features
+        raise InvalidArtifactError(f"{gmm}: its log-density overflows on {overflowed:,} of the {finetune_size:,} "
+                                   "selected pool rows (values out of range for these features); nothing is "
+                                   "selected by it")
 
     params = {"metric_size": metric_size, "finetune_size": finetune_size, "strategy": strategy,
               "public_components": public_components, "public_sample": public_sample,
