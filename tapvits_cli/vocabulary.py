@@ -23,9 +23,10 @@ PRUNABLE_FAMILIES = ("vit", "swin")
 
 # -- names ------------------------------------------------------------------------------------
 # Recipe, device and inbox names (protocol/recipe.md): they become folder names of a run
-# directory, so nothing that could climb out of it or hide a character. ``\Z``, not ``$``,
-# which also matches before a final newline.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+# directory, so nothing that could climb out of it or hide a character, and at most 100
+# characters: a file name may have 255 bytes, and a 5,000-character name passed every check,
+# then failed the run with exit 1. ``\Z``, not ``$``, which also matches before a final newline.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")
 
 # -- seeds ------------------------------------------------------------------------------------
 # What every library tapvits seeds accepts (NumPy and scikit-learn take 0..2³²−1): the range of
@@ -55,6 +56,16 @@ DP_COVARIANCE_TYPES = ("diag", "full")                     # those the different
 # on 5 Fashion-MNIST devices (48-dim features, 4 noise seeds) d = 32 and 10 iterations
 # gave selection precision@640 of about 50% at ε = 3, d = 16 and 4 iterations 99%
 # (benchmarks/privacy_selection.py --sweep).
+# Bounds of sizes given on the command line or in a recipe, far beyond real use, so that a
+# slip (10^6 for 16) is a usage error instead of gigabytes allocated or a machine's worth of
+# threads and processes started.
+MAX_BATCH = 1024          # images in one batch of a latency measurement or an export
+MAX_WIDTH = 65536         # an MLP width to measure
+MAX_TOKENS = 16384        # tokens per image in a latency profile
+MAX_THREADS = 1024        # intra-op threads, processes of a fleet, CPUs per step
+MAX_WORKERS = 64          # DataLoader worker processes
+MAX_PRIOR_DRAWS = 1_000_000   # draws of a device mixture for the class prior (each holds a row per class)
+
 # Bounds of a mixture file, so that what a cloud allocates for an uploaded one stays small:
 # scoring a pool holds a block of rows × K log-densities, and the range check scores every
 # unit feature vector. Fits use K of 2 to 10; the widest common backbones give 4,096 features.

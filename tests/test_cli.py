@@ -125,3 +125,27 @@ def test_integer_ranges_are_bounded_before_they_are_expanded(tmp_path, tapvits, 
     anything.write_bytes(b"")
     result = tapvits(command, str(anything), option, value, "-o", tmp_path / "out")
     assert result.exit_code == ExitCode.USAGE and f"Invalid value for '{option}': expected" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("eval", "MODEL", "--data", "digits:indices=0-9", "--latency-batches", "1000000", "-o", "OUT"),   # 2 GB of images
+    ("profile", "MODEL", "--threads", "100000", "-o", "OUT"),          # libgomp: raw line, exit 1, or the OOM killer
+    ("profile", "MODEL", "--tokens", "100000", "-o", "OUT"),           # hung for minutes
+    ("profile", "MODEL", "--batch-sizes", "1,1000000000000", "-o", "OUT"),
+    ("select", "MODEL", "--pool", "MODEL", "--prior-draws", "1000000000", "-o", "OUT"),   # 7.45 GiB
+    ("finetune", "MODEL", "--data", "digits", "--lr", "1e39", "-o", "OUT"),               # overflow inside AdamW
+    ("finetune", "MODEL", "--data", "digits", "--distill-temperature", "1e160", "-o", "OUT"),
+    ("finetune", "MODEL", "--data", "digits", "--workers", "100000", "-o", "OUT"),        # 100,000 processes
+    ("fit-gmm", "--data", "digits", "-e", "MODEL", "--noise-scale", "1e308", "-o", "OUT"),
+    ("fit-gmm", "--data", "digits", "-e", "MODEL", "--dp-epsilon", "1e-300", "-o", "OUT"),
+    ("fit-gmm", "--data", "digits", "-e", "MODEL", "--dp-epsilon", "1", "--dp-delta", "1e-320", "-o", "OUT"),
+    ("run", "MODEL", "--jobs", "1000000000000"),                         # OverflowError in the process pool
+    ("run", "MODEL", "--jobs", "2", "--cpus-per-step", "1000000000000"),
+])
+def test_sizes_far_beyond_use_are_usage_errors(args, tiny_model_file, tmp_path, tapvits):
+    """Found by a review: each was exit 1, a crash, a hang or gigabytes for a tiny input."""
+    argv = [str(tiny_model_file) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    result = tapvits(*argv)
+    assert result.exit_code == ExitCode.USAGE, (args, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 
 import click
 import numpy as np
@@ -194,7 +195,7 @@ def test_finetune_refuses_a_model_with_non_finite_outputs(overflowing_model, tap
 
 def test_finetune_stops_when_training_diverges(tiny_model_file, tapvits, tmp_path):
     out = tmp_path / "out.safetensors"
-    result = tapvits("finetune", tiny_model_file, "--data", "digits:split=test:indices=0-127", "--lr", "1e36",
+    result = tapvits("finetune", tiny_model_file, "--data", "digits:split=test:indices=0-127", "--lr", "1e20",
                      "--min-lr", "0", "--warmup-fraction", "0", "--max-steps", "8", "--batch-size", "16", "--log-every", "1",
                      "-o", out)
     assert result.exit_code == ExitCode.USAGE, result.stderr
@@ -294,6 +295,18 @@ def test_output_that_names_a_directory_is_refused(template, kind, tapvits, tmp_p
     assert result.exit_code == ExitCode.USAGE, result.stderr
     assert "directory" in _one_error_line(result.stderr)
     assert (target.is_dir() and not any(target.iterdir())) if kind == "existing" else not target.exists()
+
+
+@pytest.mark.parametrize("template", sorted({template for template, _ in WRITERS}))
+def test_output_that_is_a_fifo_is_refused_not_replaced(template, tapvits, tmp_path):
+    """The rename onto the path replaced a FIFO (or, as root, /dev/null) with a regular file, exit 0."""
+    files = _inputs(tmp_path)
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    result = tapvits(*_argv(template, files, str(fifo)))
+    assert result.exit_code == ExitCode.USAGE, result.stderr
+    assert "is not a regular file" in _one_error_line(result.stderr)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 def test_every_command_with_an_output_checks_it():

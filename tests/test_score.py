@@ -302,3 +302,20 @@ def test_scores_artifact_rules(tiny_model_file, metric_set_file, tmp_path, tapvi
         result = tapvits("validate", broken)
         assert_one_line_failure(result, ExitCode.INVALID_ARTIFACT)
         assert name in result.stderr
+
+
+def test_composite_weights_count_by_their_proportions(tiny_model_file, metric_set_file, tmp_path, tapvits):
+    """A review: --mlp-weights 1e39,0,0 overflowed every float32 score (an artifact validate refused, exit 0)."""
+    scores = {}
+    for name, weights in (("unit", "1,0,0"), ("huge", "1e39,0,0"), ("tiny", "1e-320,0,0")):
+        out = tmp_path / f"weights-{name}.safetensors"
+        result = tapvits("score", tiny_model_file, "--metric-set", metric_set_file, "--criterion", "composite",
+                         "--mlp-weights", weights, "--no-layer-importance", "--max-samples", "40", "-o", out)
+        assert result.exit_code == 0, result.stderr
+        assert tapvits("validate", out).exit_code == 0
+        scores[name] = read_scores(out)
+        assert scores[name].weights["mlp"] == [1.0, 0.0, 0.0]
+    for name in ("huge", "tiny"):
+        assert scores[name].values.keys() == scores["unit"].values.keys()
+        for key in scores["unit"].values:
+            assert np.array_equal(scores[name].score(*key), scores["unit"].score(*key))

@@ -7,6 +7,7 @@ import click
 from tapvits_cli.cli.options import WritingCommand, global_options
 from tapvits_cli.cli.output import emit
 from tapvits_cli.models.onnx_export import DEFAULT_OPSET
+from tapvits_cli.vocabulary import MAX_BATCH
 
 
 def parse_raw_input(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int, int] | None:
@@ -37,7 +38,7 @@ def parse_raw_input(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--raw-input", callback=parse_raw_input, metavar="C,H,W",
               help="With --features: the stored images the graph takes, e.g. 1,28,28 for Fashion-MNIST  "
                    "[default: the model's input size]")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
               help="Batch size of the example input (the fixed batch with --static-batch).")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
               help="Leave the batch axis symbolic, or fix it to --batch-size.")

@@ -11,6 +11,7 @@ import click
 from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit
 from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGHT
+from tapvits_cli.vocabulary import MAX_WORKERS
 
 
 @click.command("finetune", cls=WritingCommand,
@@ -33,7 +34,8 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many optimizer steps (the schedule spans them).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Global batch size, summed over torchrun processes.")
-@click.option("--lr", type=FiniteFloat(), default=5e-4, show_default=True, help="Peak learning rate (AdamW).")
+# --lr at most 1e30: the optimizer's state is float32, and 1e39 overflowed inside AdamW (exit 1)
+@click.option("--lr", type=FiniteFloat(max=1e30), default=5e-4, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--min-lr", type=FiniteFloat(), default=1e-6, show_default=True, help="Learning rate at the end of the cosine decay.")
 @click.option("--weight-decay", type=FiniteFloat(), default=0.05, show_default=True, help="AdamW weight decay (not on biases and norms).")
 @click.option("--warmup-fraction", type=FiniteFloat(0, 1), default=0.1, show_default=True,
@@ -48,14 +50,14 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
               help="Model artifact to distil from (e.g. the unpruned model).")
 @click.option("--distill-weight", type=FiniteFloat(),
               help=f"λ in (1−λ)·CE + λ·T²·KL(teacher‖student) [default with --teacher: {DEFAULT_DISTILL_WEIGHT}].")
-@click.option("--distill-temperature", type=FiniteFloat(0, min_open=True), default=4.0, show_default=True,
+@click.option("--distill-temperature", type=FiniteFloat(0, 1000.0, min_open=True), default=4.0, show_default=True,
               help="Temperature T that softens teacher and student outputs for distillation.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False),
               help=f"Keep a checkpoint here after every epoch [default: OUTPUT{CHECKPOINT_SUFFIX}, deleted on success].")
 @click.option("--no-checkpoint", is_flag=True, help="Write no checkpoint (an interrupted run starts over).")
 @click.option("--resume", is_flag=True,
               help="Require a checkpoint to continue from (a matching one is used even without this flag).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Read the loss back every N steps (for the progress line).")
 @global_options

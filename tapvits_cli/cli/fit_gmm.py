@@ -36,12 +36,12 @@ from tapvits_cli.vocabulary import (COVARIANCE_TYPES, DP_DEFAULT_COMPONENTS, DP_
               help="Added to each covariance diagonal, keeps components from collapsing.")
 @click.option("--min-samples", type=click.IntRange(min=1), default=50, show_default=True,
               help="Refuse to fit on fewer private samples than this (privacy floor).")
-@click.option("--noise-scale", type=FiniteFloat(min=0), default=0.0, show_default=True,
+@click.option("--noise-scale", type=FiniteFloat(0, 1000.0), default=0.0, show_default=True,
               help="Add seeded Gaussian noise of this many component standard deviations to each mean.")
-@click.option("--dp-epsilon", type=FiniteFloat(), default=None,
+@click.option("--dp-epsilon", type=FiniteFloat(1e-6, 1e6), default=None,
               help="Fit with (epsilon, delta)-differential privacy: unit-norm features, private PCA, DP-EM "
                    "(protocol/gmm.md); smaller is more private.")
-@click.option("--dp-delta", type=FiniteFloat(), default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
+@click.option("--dp-delta", type=FiniteFloat(1e-100, 1.0, max_open=True), default=1e-5, show_default=True, help="The delta of --dp-epsilon.")
 @click.option("--dp-iterations", type=click.IntRange(min=1), default=DP_DEFAULT_ITERATIONS,
               show_default=True,
               help="EM iterations of the differentially private fit (each spends part of the budget).")

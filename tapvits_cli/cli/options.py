@@ -163,7 +163,8 @@ def check_output_path(output: str, inputs: dict[str, Any]) -> None:
 
     Writing first and failing later would destroy the input (``eval m.safetensors -o
     m.safetensors`` turned the model into a report) or leave a file where a directory was
-    meant (``-o runs/x/`` wrote a file ``x``). Files are compared by identity
+    meant (``-o runs/x/`` wrote a file ``x``); an existing path that is not a regular file
+    (``-o /dev/null``, a FIFO) is refused too, since the rename would replace it. Files are compared by identity
     (``os.path.samefile``), so a symlink or hard link to an input counts as that input.
     """
     if output.endswith(("/", os.sep)) or os.path.isdir(output):
@@ -171,6 +172,10 @@ def check_output_path(output: str, inputs: dict[str, Any]) -> None:
         raise UsageError(f"-o/--output {output!r} names a directory: give the file to write, e.g. {folder}/NAME")
     if not os.path.exists(output):
         return
+    if not os.path.isfile(output):   # the output replaces the path: a FIFO or /dev/null would become a file
+        raise UsageError(f"-o/--output {output!r} exists and is not a regular file (a FIFO, socket or device): "
+                         "an artifact is written to a temporary file and renamed onto the path, which would "
+                         "replace it; choose a file path")
     for name, value in inputs.items():
         for path in _named_files(value):
             if os.path.samefile(path, output):

@@ -7,7 +7,7 @@ import click
 from tapvits_cli.cli.options import WritingCommand, global_options
 from tapvits_cli.cli.output import emit
 from tapvits_cli.stages.profile import AUTO_RUNTIME
-from tapvits_cli.vocabulary import RUNTIMES
+from tapvits_cli.vocabulary import MAX_THREADS, MAX_TOKENS, RUNTIMES
 
 
 @click.command("profile", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
@@ -18,7 +18,7 @@ from tapvits_cli.vocabulary import RUNTIMES
               help="Runtime the blocks run on; onnxruntime (CPU provider) builds them as ONNX graphs with NumPy "
                    "alone, so the device install profiles too  [default: torch where installed, else onnxruntime]")
 @click.option("--batch-sizes", default="1,32", show_default=True, metavar="B,B", help="Batch sizes to measure.")
-@click.option("--tokens", type=click.IntRange(1), metavar="N",
+@click.option("--tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N",
               help="Tokens per image in the blocks and the head  [default: the model's input's]")
 @click.option("--widths", metavar="W,W", help="MLP hidden widths to measure, multiples of --mlp-alignment  [default: "
                                                "the alignment and 8 evenly spaced multiples of it up to the full "
@@ -29,7 +29,7 @@ from tapvits_cli.vocabulary import RUNTIMES
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed rounds (the median is kept).")
 @click.option("--warmup-runs", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
-@click.option("--threads", type=click.IntRange(1), metavar="T",
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), metavar="T",
               help="Intra-op threads  [default: torch's; on onnxruntime the cores available]")
 @global_options
 def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens: int | None, widths: str | None,

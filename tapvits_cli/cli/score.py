@@ -24,7 +24,8 @@ from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
                                       "redundancy/HSIC relevance; baselines: L1 weight magnitude, |weight × gradient| "
                                       "of the labels' cross-entropy, seeded random.")
 @click.option("--mlp-weights", default="0.8,0.1,0.1", show_default=True, metavar="α,β,γ",
-              help="Composite weights of activity, (1 − redundancy), relevance for MLP neurons.")
+              help="Composite weights of activity, (1 − redundancy), relevance for MLP neurons (scaled to sum 1: "
+                   "only their proportions count).")
 @click.option("--attn-weights", default="0.1,0.1,0.8", show_default=True, metavar="α,β,γ",
               help="Composite weights for attention heads.")
 @click.option("--probe-fraction", type=FiniteFloat(0, 1, min_open=True), metavar="S",

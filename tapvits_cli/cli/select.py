@@ -7,7 +7,7 @@ import click
 from tapvits_cli.cli.extractor import EXTRACTOR_HELP
 from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
 from tapvits_cli.cli.output import emit
-from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEGIES
+from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, MAX_PRIOR_DRAWS, SELECTION_STRATEGIES
 
 
 @click.command("select", cls=WritingCommand, short_help="Pick the public samples most likely under a device's GMM.")
@@ -31,7 +31,7 @@ from tapvits_cli.vocabulary import DEFAULT_SELECTION_STRATEGY, SELECTION_STRATEG
 @click.option("--public-sample", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Pool rows, a seeded uniform sample, the public mixture (ratio, ratio-stratified, class-prior) "
                    "and class-prior's classifier are fitted on.")
-@click.option("--prior-draws", type=click.IntRange(min=1), default=20000, show_default=True,
+@click.option("--prior-draws", type=click.IntRange(1, MAX_PRIOR_DRAWS), default=20000, show_default=True,
               help="Draws of the device's GMM the class shares are estimated on (class-prior only).")
 @click.option("--class-floor", type=FiniteFloat(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="Share of the fine-tuning set (class-prior only) spread over every class of the pool in the "

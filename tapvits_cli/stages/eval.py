@@ -11,6 +11,7 @@ from typing import Any
 
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
 from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option, positive_integers
+from tapvits_cli.vocabulary import MAX_BATCH
 from tapvits_cli.stages.feedback import progress
 
 
@@ -47,7 +48,7 @@ def run(options: Options) -> Result:
     from tapvits_cli.models.factory import count_parameters
     from tapvits_cli.runtime import resolve_device, seed_everything
 
-    sizes = () if options.no_latency else positive_integers("--latency-batches", options.latency_batches)
+    sizes = () if options.no_latency else positive_integers("--latency-batches", options.latency_batches, MAX_BATCH)
     device = resolve_device(options.device)
     seed_everything(options.seed)
     dataset = open_dataset(options.data)

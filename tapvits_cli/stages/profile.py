@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from tapvits_cli.errors import UsageError
 from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, option, positive_integers
+from tapvits_cli.vocabulary import MAX_BATCH, MAX_WIDTH
 from tapvits_cli.stages.feedback import log, progress
 
 AUTO_RUNTIME = "auto"   # torch where installed, else onnxruntime
@@ -39,8 +40,8 @@ def run(options: Options) -> Result:
     from tapvits_cli.payloads.latency_table import predict_latency
     from tapvits_cli.runtime import cpu_name, resolve_device, seed_everything, torch_available
 
-    sizes = positive_integers("--batch-sizes", options.batch_sizes)
-    mlp_widths = None if options.widths is None else positive_integers("--widths", options.widths)
+    sizes = positive_integers("--batch-sizes", options.batch_sizes, MAX_BATCH)
+    mlp_widths = None if options.widths is None else positive_integers("--widths", options.widths, MAX_WIDTH)
     runtime = options.runtime
     if runtime == AUTO_RUNTIME:
         runtime = "torch" if torch_available() else "onnxruntime"

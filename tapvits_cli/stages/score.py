@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tapvits_cli.errors import UsageError
+from tapvits_cli.errors import InvalidArtifactError, UsageError
 from tapvits_cli.stages.common import (Written as Result, argument, artifact_lineage, dataset_lineage,
                                        open_selected_pool, option)
 from tapvits_cli.stages.feedback import log, progress
@@ -34,14 +34,20 @@ class Options:
 
 
 def parse_weights(text: str, option: str) -> tuple[float, float, float]:
-    """``"0.8,0.1,0.1"`` → (α, β, γ): three finite non-negative numbers with a positive sum."""
+    """``"0.8,0.1,0.1"`` → (α, β, γ): three finite non-negative numbers with a positive sum, scaled to sum 1.
+
+    Only their proportions rank units; unscaled, ``1e39,0,0`` made every score overflow
+    float32 (an artifact ``validate`` refused, written with exit 0) and ``1e-320,0,0``
+    made every score 0. Divided by the largest first, so the sum cannot overflow.
+    """
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
         raise UsageError(f"{option} needs three finite non-negative numbers α,β,γ with a positive sum, e.g. 0.8,0.1,0.1; got '{text}'")
-    return values
+    relative = tuple(v / max(values) for v in values)
+    return tuple(v / sum(relative) for v in relative)
 
 
 def run(options: Options) -> Result:
@@ -97,6 +103,11 @@ def run(options: Options) -> Result:
     with progress(f"scoring ({criterion})", total=planned_steps(samples, len(spec.blocks), config)) as advance:
         result = score_model(network, samples, config, on_progress=advance)
 
+    overflowed = sum(int((~np.isfinite(np.asarray(array, dtype=np.float32))).sum())
+                     for layer in result.layers for array in layer.values.values())
+    if overflowed:   # stored as float32: a finite float64 score beyond 3.4e38 would be infinite in the file
+        raise InvalidArtifactError(f"{model}: {overflowed:,} unit scores are not finite in float32 (NaN, or beyond "
+                                   "3.4e38): the model's activations overflow on the metric set")
     recorded_weights = weights if criterion == "composite" else None
     params = {"criterion": criterion, "weights": recorded_weights, "probe_fraction": fraction,
               "batch_size": batch_size, "hsic_batch": hsic_batch, "max_samples": max_samples,
