@@ -149,3 +149,15 @@ def test_sizes_far_beyond_use_are_usage_errors(args, tiny_model_file, tmp_path, 
     assert result.exit_code == ExitCode.USAGE, (args, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argument, reason", [
+    ("embed_dim=-24", "negative dimension"),
+    ("patch_size=0", "by zero"),
+    ("depth=-1", "non-negative"),
+])
+def test_create_model_arguments_timm_cannot_build_are_usage_errors(argument, reason, tmp_path, tapvits):
+    """A review: each was exit 1 (an internal error)."""
+    result = tapvits("create-model", TINY_VIT, "-a", argument, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == ExitCode.USAGE and "timm cannot build" in result.stderr and reason in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()

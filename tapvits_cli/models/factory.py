@@ -45,6 +45,11 @@ def create_model(architecture: str, kwargs: Mapping[str, Any] | None = None, pre
         return timm.create_model(architecture, **dict(kwargs or {}))
     except TypeError as exc:
         raise UsageError(f"bad keyword arguments for {architecture}: {exc}") from None
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError, MemoryError) as exc:
+        # what timm's constructors raise on values out of range (embed_dim=-24: a negative dimension;
+        # img_size=1000000: a position table torch cannot allocate), not a tapvits crash
+        raise UsageError(f"timm cannot build {architecture} with these keyword arguments "
+                         f"({_first_line(exc) or type(exc).__name__})") from None
 
 
 def _near_architectures(architecture: str) -> str:
