@@ -117,6 +117,20 @@ def test_hostile_yaml_is_a_quick_usage_error(text, message, tmp_path, tapvits):
     assert via_set.exit_code == ExitCode.USAGE and "aliases expand" in via_set.stderr
 
 
+@pytest.mark.parametrize("setting, key", [
+    ("stages.finetune.augment=bogus", "stages.finetune.augment"),
+    ("stages.score.mlp-weights=a,b", "stages.score.mlp-weights"),
+    ("stages.eval.latency-batches=x", "stages.eval.latency-batches"),
+    ("stages.fit-gmm.components=abc", "stages.fit-gmm.components"),
+    ("stages.fit-gmm.components=2-10000000000", "stages.fit-gmm.components"),
+])
+def test_the_dry_run_checks_stage_values_as_their_commands_do(setting, key, tmp_path, tapvits):
+    """A review: these passed --dry-run and failed only at their step, after the earlier steps had run."""
+    result = tapvits("run", write_recipe(tmp_path, TINY_RECIPE), "--dry-run", "--set", setting)
+    assert result.exit_code == ExitCode.USAGE and f"recipe: '{key}'" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_an_extends_symlink_loop_is_a_usage_error(tmp_path, tapvits):
     (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
     (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
-from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, global_options
+from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, checked_by, global_options
 from tapvits_cli.cli.output import emit, stderr_console
 from tapvits_cli.errors import BelowThresholdError
+from tapvits_cli.stages.common import positive_integers
+from tapvits_cli.vocabulary import MAX_BATCH
 
 
 @click.command("eval", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
@@ -18,6 +20,7 @@ from tapvits_cli.errors import BelowThresholdError
               help="Report artifact to write (.json).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Batch size of the accuracy pass.")
 @click.option("--latency-batches", default="1,32", show_default=True, metavar="B,B",
+              callback=checked_by(lambda text: positive_integers("--latency-batches", text, MAX_BATCH)),
               help="Batch sizes at which latency is measured.")
 @click.option("--latency-repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed runs per batch size (the median and p90 are reported).")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
+from tapvits_cli.cli.options import FiniteFloat, WritingCommand, checked_by, global_options
 from tapvits_cli.cli.output import emit
 from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGHT
 from tapvits_cli.vocabulary import MAX_WORKERS
@@ -43,7 +43,7 @@ from tapvits_cli.vocabulary import MAX_WORKERS
 @click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up in steps (overrides --warmup-fraction).")
 @click.option("--label-smoothing", type=FiniteFloat(), default=0.1, show_default=True,
               help="Cross-entropy target: 1 − ε on the true class, ε spread evenly over all classes (0: one-hot).")
-@click.option("--augment", default="", metavar="LIST",
+@click.option("--augment", default="", metavar="LIST", callback=checked_by(lambda text: _augmentation(text)),
               help="Batch augmentation: crop (pad by 1/8 of the image, crop back), crop=PIXELS, flip (not for digits).")
 @click.option("--grad-clip", type=FiniteFloat(), help="Clip the global gradient norm to this value.")
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False),
@@ -92,3 +92,10 @@ def command(model_file: str | None, architecture: str | None, model_args: tuple[
     result = run_stage(finetune)
     if result.output is not None:   # only the main process of a torchrun writes and reports
         emit(result.document, result.output)
+
+
+def _augmentation(text: str) -> None:
+    """``--augment`` read as ``finetune`` reads it (the image size only sets crop's default padding)."""
+    from tapvits_cli.training.augment import Augmentation
+
+    Augmentation.parse(text, 224)

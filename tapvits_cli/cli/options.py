@@ -118,6 +118,21 @@ class FiniteFloat(click.FloatRange):
         return "" if self.min is None and self.max is None else super()._describe_range()
 
 
+def checked_by(parse: Callable[[str], Any]) -> Callable:
+    """A click callback that checks a text option with the stage's own parser when the option is
+    parsed, and passes the text on unchanged: a bad value then fails on the command line, and in a
+    recipe's ``--dry-run`` naming its key, not at its step after the earlier steps have run."""
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parse(value)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return value
+    return check
+
+
 def integer_ranges(minimum: int, expected: str, maximum: int) -> Callable:
     """A click callback reading ``'2-10'``, ``'3'`` or ``'1,3,5-7'`` as sorted distinct integers from ``minimum``
     to ``maximum`` (None stays None); any other text is refused as "expected ``expected``". The bound

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from tapvits_cli.cli.options import WritingCommand, global_options
+from tapvits_cli.cli.options import WritingCommand, checked_by, global_options
 from tapvits_cli.cli.output import emit
+from tapvits_cli.stages.common import positive_integers
 from tapvits_cli.stages.profile import AUTO_RUNTIME
-from tapvits_cli.vocabulary import MAX_THREADS, MAX_TOKENS, RUNTIMES
+from tapvits_cli.vocabulary import MAX_BATCH, MAX_THREADS, MAX_TOKENS, MAX_WIDTH, RUNTIMES
 
 
 @click.command("profile", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
@@ -17,12 +18,13 @@ from tapvits_cli.vocabulary import MAX_THREADS, MAX_TOKENS, RUNTIMES
 @click.option("--runtime", type=click.Choice([AUTO_RUNTIME, *RUNTIMES]), default=AUTO_RUNTIME,
               help="Runtime the blocks run on; onnxruntime (CPU provider) builds them as ONNX graphs with NumPy "
                    "alone, so the device install profiles too  [default: torch where installed, else onnxruntime]")
-@click.option("--batch-sizes", default="1,32", show_default=True, metavar="B,B", help="Batch sizes to measure.")
+@click.option("--batch-sizes", default="1,32", show_default=True, metavar="B,B", help="Batch sizes to measure.",
+              callback=checked_by(lambda text: positive_integers("--batch-sizes", text, MAX_BATCH)))
 @click.option("--tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N",
               help="Tokens per image in the blocks and the head  [default: the model's input's]")
-@click.option("--widths", metavar="W,W", help="MLP hidden widths to measure, multiples of --mlp-alignment  [default: "
-                                               "the alignment and 8 evenly spaced multiples of it up to the full "
-                                               "width]; heads are measured at every count")
+@click.option("--widths", metavar="W,W", callback=checked_by(lambda text: positive_integers("--widths", text, MAX_WIDTH)),
+              help="MLP hidden widths to measure, multiples of --mlp-alignment  [default: the alignment and 8 "
+                   "evenly spaced multiples of it up to the full width]; heads are measured at every count")
 @click.option("--mlp-alignment", type=click.IntRange(1), default=8, show_default=True, metavar="N",
               help="Also measure the MLP one neuron below each width (and at 1), the curve for widths that are not "
                    "multiples of N, which run slower; 1: one curve for every width.")

@@ -78,8 +78,10 @@ def check_stage(stage: str, options: Mapping[str, Any], path: str) -> dict:
         values = value if option.multiple and isinstance(value, list) else [value]
         texts = [",".join(str(v) for v in item) if isinstance(item, list) else str(item) for item in values]
         for text in texts:
-            try:
-                option.type.convert(text, option, None)
+            try:   # the option's type, then its callback: what the command line would check, in the same order
+                converted = option.type.convert(text, option, None)
+                if option.callback is not None:
+                    option.callback(click.Context(STAGE_COMMANDS[name]), option, converted)
             except click.BadParameter as exc:
                 raise UsageError(f"recipe: '{path}.{key}': {exc.message}") from None
         checked[key] = texts if option.multiple else texts[0]

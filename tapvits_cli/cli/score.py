@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from tapvits_cli.cli.options import FiniteFloat, WritingCommand, global_options
+from tapvits_cli.cli.options import FiniteFloat, WritingCommand, checked_by, global_options
 from tapvits_cli.cli.output import emit
-from tapvits_cli.stages.score import DEFAULT_PROBE_FRACTION
+from tapvits_cli.stages.score import DEFAULT_PROBE_FRACTION, parse_weights
 from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
 
 
@@ -24,9 +24,11 @@ from tapvits_cli.vocabulary import BUDGET_FRACTION, CRITERIA, DEFAULT_CRITERION
                                       "redundancy/HSIC relevance; baselines: L1 weight magnitude, |weight × gradient| "
                                       "of the labels' cross-entropy, seeded random.")
 @click.option("--mlp-weights", default="0.8,0.1,0.1", show_default=True, metavar="α,β,γ",
+              callback=checked_by(lambda text: parse_weights(text, "--mlp-weights")),
               help="Composite weights of activity, (1 − redundancy), relevance for MLP neurons (scaled to sum 1: "
                    "only their proportions count).")
 @click.option("--attn-weights", default="0.1,0.1,0.8", show_default=True, metavar="α,β,γ",
+              callback=checked_by(lambda text: parse_weights(text, "--attn-weights")),
               help="Composite weights for attention heads.")
 @click.option("--probe-fraction", type=FiniteFloat(0, 1, min_open=True), metavar="S",
               help=f"Fraction of each layer's lowest-scoring units removed by its KL probe [default: {DEFAULT_PROBE_FRACTION}].")
