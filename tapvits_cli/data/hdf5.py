@@ -1,12 +1,14 @@
-"""HDF5 files must hold their own data: the rule every HDF5 reader of tapvits applies before reading any.
+"""What an HDF5 file must be before tapvits reads a value from it: its data its own, and (for artifacts) all stored.
 
 HDF5 lets a file borrow data from elsewhere: an external link resolves a name in another
 file, a dataset with external storage reads its values from any raw file (a FIFO hangs the
 reader forever), and a virtual dataset maps other files' datasets, filling what is missing
 with zeros. A file that borrows is not what was hashed, copied or validated: the same
 bytes mean other data on another machine, or after the other file changes. tapvits never
-writes such objects, so its readers refuse them, artifacts (exit 3) and datasets (exit 2)
-alike, before a single value is read. Soft links stay inside the file and are allowed.
+writes such objects, so its readers refuse them (:func:`borrowed_data`), artifacts
+(exit 3) and datasets (exit 2) alike. Soft links stay inside the file and are allowed.
+Artifacts must also store every value they declare (:func:`unstored_values`), so that a
+file's size bounds what reading it costs.
 """
 
 from __future__ import annotations
