@@ -121,6 +121,7 @@ def test_hostile_yaml_is_a_quick_usage_error(text, message, tmp_path, tapvits):
     ("stages.finetune.augment=bogus", "stages.finetune.augment"),
     ("stages.score.mlp-weights=a,b", "stages.score.mlp-weights"),
     ("stages.eval.latency-batches=x", "stages.eval.latency-batches"),
+    ("stages.eval.latency-batches=1,٣٢", "stages.eval.latency-batches"),   # not digits to the syntax: never dropped
     ("stages.fit-gmm.components=abc", "stages.fit-gmm.components"),
     ("stages.fit-gmm.components=2-10000000000", "stages.fit-gmm.components"),
 ])

@@ -52,10 +52,8 @@ def comma_list(values) -> str:
 def positive_integers(flag: str, text: str, maximum: int) -> tuple[int, ...]:
     """``"1,32"`` → ``(1, 32)``: the value of a list option of positive integers (batch sizes, widths), each
     at most ``maximum``: a batch of 10^6 made ``eval`` allocate 2 GB of images before anything was timed."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip() and part.strip().isascii())
-    except ValueError:
-        values = ()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    values = tuple(int(part) for part in parts) if all(part.isascii() and part.isdigit() for part in parts) else ()
     if not values or min(values) < 1 or max(values) > maximum:
         raise UsageError(f"{flag} must be integers from 1 to {maximum} separated by commas (e.g. 1,32), got '{text}'")
     return values
