@@ -442,15 +442,18 @@ def check_gmm(a: Artifact) -> None:
 
 
 def _densities_computable(t: dict, precision: np.ndarray, covariance: str) -> bool:
-    """gmm.md: the folded projection and the log-densities of every unit vector are finite, overflow an error."""
+    """gmm.md: the folded projection, every projected unit vector, and the log-densities of e0 and of the 16 unit
+    vectors projected farthest (largest absolute entry; ties: the lower index) are finite, overflow an error."""
     scale, mean, components = t["projection.scale"], t["projection.mean"], t.get("projection.components")
     mu, w = t["means"], t["weights"]
     try:
         with np.errstate(over="raise", invalid="raise", divide="ignore"):
             linear = (components / scale).T if components is not None else np.diag(1 / scale)
             offset = -(mean @ linear)
+            projected = np.eye(len(mean)) @ linear + offset         # row i: the unit vector e_i, projected
+            farthest = sorted(range(len(mean)), key=lambda i: (-float(np.abs(projected[i]).max()), i))[:16]
             densities = []
-            for x in np.eye(len(mean)) @ linear + offset:           # each unit vector, projected
+            for x in projected[sorted({0, *farthest})]:
                 diff = x[None, :] - mu                               # (K, d)
                 if covariance == "full":
                     y = np.einsum("kd,kde->ke", diff, precision)
@@ -464,7 +467,8 @@ def _densities_computable(t: dict, precision: np.ndarray, covariance: str) -> bo
                 terms = np.log(w) - 0.5 * mu.shape[1] * math.log(2 * math.pi) + logdet - 0.5 * (y ** 2).sum(1)
                 top = terms.max()
                 densities.append(top + np.log(np.exp(terms - top).sum()))
-        return bool(np.isfinite(linear).all() and np.isfinite(offset).all() and np.isfinite(densities).all())
+        return bool(np.isfinite(linear).all() and np.isfinite(offset).all() and np.isfinite(projected).all()
+                    and np.isfinite(densities).all())
     except FloatingPointError:
         return False
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 SCORING_BLOCK_ROWS = 4096
-UNIT_VECTOR_BLOCK = 256   # unit vectors scored at once by Mixture.check_range: 256 × D floats
+RANGE_CHECK_VECTORS = 16   # unit vectors Mixture.check_range scores besides e0: those projected farthest
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -56,16 +56,28 @@ class Projection:
         matrix = (self.components / self.scale).T
         return matrix, -(self.mean @ matrix)
 
-    def unit_vectors(self, start: int, stop: int) -> np.ndarray:
-        """``apply`` of the unit feature vectors e_start … e_(stop−1), without building them: with PCA
+    def unit_vectors(self, indices: np.ndarray) -> np.ndarray:
+        """``apply`` of the unit feature vectors e_i for i in ``indices``, without building them: with PCA
         each is a row of the folded matrix plus the offset; without, the offset with one entry moved."""
         linear, offset = self._affine
+        indices = np.asarray(indices, dtype=np.int64)
         if linear.ndim == 2:
-            return linear[start:stop] + offset
-        rows = np.tile(offset, (stop - start, 1))
-        positions = np.arange(start, stop)
-        rows[positions - start, positions] += linear[positions]
+            return linear[indices] + offset
+        rows = np.tile(offset, (len(indices), 1))
+        rows[np.arange(len(indices)), indices] += linear[indices]
         return rows
+
+    def unit_vector_reach(self) -> np.ndarray:
+        """For each unit feature vector e_i, the largest absolute entry of its projection (D values,
+        computed without a D × D matrix: without PCA, e_i's projection is the offset with entry i moved)."""
+        linear, offset = self._affine
+        if linear.ndim == 2:
+            return np.abs(linear + offset).max(axis=1)
+        others = np.abs(offset)
+        largest = int(others.argmax())
+        beside = np.full(len(offset), others[largest])   # the largest |offset| entry other than i ...
+        beside[largest] = np.delete(others, largest).max(initial=0.0)   # ... for i at that entry, the next one
+        return np.maximum(np.abs(linear + offset), beside)
 
     def apply(self, features: np.ndarray) -> np.ndarray:
         """(n, D) features of any float dtype → (n, d) float64."""
@@ -138,21 +150,22 @@ class Mixture:
         A mixture read from a file may hold means of 1e200 or a projection scale of 1e-310:
         each value is finite, yet the projection or the squared distances overflow, every
         log-likelihood comes out −inf or NaN, and a selection made from them would look
-        valid. So the projection is folded and every unit vector of the feature space (valid
-        with ``unit_norm`` too) is scored with floating-point overflow raised, not ignored:
-        every column of the projection takes part, so one column of 1e200 among sane ones
-        overflows here as it would on real features. (Features far larger than unit
-        vectors can still overflow; ``select`` refuses a selection ranked by densities
-        that did.) The vectors go through in blocks, never as one D × D matrix.
+        valid. So the projection is folded, every unit vector of the feature space (valid
+        with ``unit_norm`` too) is projected, and e0 and the :data:`RANGE_CHECK_VECTORS`
+        projected farthest are scored, all with floating-point overflow raised, not
+        ignored: one column of 1e200 among sane ones overflows here as it would on real
+        features. Scoring all D vectors cost seconds per read of a large mixture without
+        PCA; these few bound the cost by a small multiple of the file's own size. (What
+        still overflows on real features, ``select`` refuses: a selection ranked by
+        densities that overflowed.)
         """
         try:
             with np.errstate(over="raise", invalid="raise", divide="ignore"):   # log of a zero weight is −inf, fine
                 linear, offset = self.projection._affine
-                usable = np.isfinite(linear).all() and np.isfinite(offset).all()
-                for start in range(0, self.feature_dim, UNIT_VECTOR_BLOCK):
-                    stop = min(start + UNIT_VECTOR_BLOCK, self.feature_dim)
-                    loglik = self.estimator.score_samples(self.projection.unit_vectors(start, stop))
-                    usable = usable and np.isfinite(loglik).all()
+                reach = self.projection.unit_vector_reach()
+                farthest = np.argsort(-reach, kind="stable")[:RANGE_CHECK_VECTORS]
+                loglik = self.estimator.score_samples(self.projection.unit_vectors(np.union1d([0], farthest)))
+            usable = all(np.isfinite(values).all() for values in (linear, offset, reach, loglik))
         except FloatingPointError:
             usable = False
         if not usable:
