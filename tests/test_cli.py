@@ -136,6 +136,7 @@ def test_integer_ranges_are_bounded_before_they_are_expanded(tmp_path, tapvits, 
     ("finetune", "MODEL", "--data", "digits", "--lr", "1e39", "-o", "OUT"),               # overflow inside AdamW
     ("finetune", "MODEL", "--data", "digits", "--distill-temperature", "1e160", "-o", "OUT"),
     ("finetune", "MODEL", "--data", "digits", "--workers", "100000", "-o", "OUT"),        # 100,000 processes
+    ("finetune", "MODEL", "--data", "digits", "--augment", "crop=100000", "-o", "OUT"),   # 2.5 TB batches
     ("fit-gmm", "--data", "digits", "-e", "MODEL", "--noise-scale", "1e308", "-o", "OUT"),
     ("fit-gmm", "--data", "digits", "-e", "MODEL", "--dp-epsilon", "1e-300", "-o", "OUT"),
     ("fit-gmm", "--data", "digits", "-e", "MODEL", "--dp-epsilon", "1", "--dp-delta", "1e-320", "-o", "OUT"),

@@ -6,6 +6,8 @@ is ``stages.finetune``.
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from tapvits_cli.cli.options import FiniteFloat, WritingCommand, checked_by, global_options
@@ -95,7 +97,9 @@ def command(model_file: str | None, architecture: str | None, model_args: tuple[
 
 
 def _augmentation(text: str) -> None:
-    """``--augment`` read as ``finetune`` reads it (the image size only sets crop's default padding)."""
+    """``--augment`` read as ``finetune`` reads it, for images of the largest size a dataset may have
+    (the model's own size, which bounds the crop padding, is checked again when it is known)."""
+    from tapvits_cli.data.sources import MAX_IMAGE_PIXELS
     from tapvits_cli.training.augment import Augmentation
 
-    Augmentation.parse(text, 224)
+    Augmentation.parse(text, math.isqrt(MAX_IMAGE_PIXELS))

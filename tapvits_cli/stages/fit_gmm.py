@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tapvits_cli.errors import UsageError
 from tapvits_cli.stages.common import Written as Result, comma_list, dataset_lineage, option
 from tapvits_cli.stages.feedback import log
-from tapvits_cli.vocabulary import DP_DEFAULT_COMPONENTS, DP_DEFAULT_ITERATIONS
+from tapvits_cli.vocabulary import DP_DEFAULT_COMPONENTS, DP_DEFAULT_ITERATIONS, MAX_FEATURE_DIM
 
 # The dataset reference is not recorded anywhere in the artifact (it may name a private
 # path); lineage carries only the data's content fingerprint under this name.
@@ -73,6 +73,9 @@ def run(options: Options) -> Result:
     device = resolve_device(options.device)
     dataset = open_dataset(options.data)
     extractor, extractor_lineage = resolve_extractor(options.extractor_name, device)
+    if extractor.feature_dim > MAX_FEATURE_DIM:   # a GMM file may not be wider: every reader would refuse it
+        raise UsageError(f"the extractor gives {extractor.feature_dim:,} features; a GMM holds at most "
+                         f"{MAX_FEATURE_DIM:,}: use an extractor with fewer")
     if private:  # the private fit always projects (its PCA is part of the mechanism)
         dim = pca_dim or default_private_dim(len(dataset), extractor.feature_dim)
     else:

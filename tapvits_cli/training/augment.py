@@ -42,8 +42,9 @@ class Augmentation:
                     padding = int(value) if value else max(1, image_size // 8)
                 except ValueError:
                     padding = -1
-                if padding < 1:
-                    raise UsageError(f"augmentation '{item}': the crop padding must be a positive integer")
+                if not 1 <= padding <= image_size:   # crop=100000 padded every batch to terabytes
+                    raise UsageError(f"augmentation '{item}': the crop padding must be an integer from 1 to the "
+                                     f"image size ({image_size})")
             elif name == "flip" and not value:
                 flip = True
             else:
