@@ -62,7 +62,7 @@ DP_COVARIANCE_TYPES = ("diag", "full")                     # those the different
 MAX_BATCH = 1024          # images in one batch of a latency measurement or an export
 MAX_WIDTH = 65536         # an MLP width to measure
 MAX_TOKENS = 16384        # tokens per image in a latency profile
-MAX_THREADS = 1024        # intra-op threads, processes of a fleet, CPUs per step
+MAX_PARALLEL = 1024       # steps side by side (run --jobs), CPUs per step
 MAX_WORKERS = 64          # DataLoader worker processes
 MAX_PRIOR_DRAWS = 1_000_000   # draws of a device mixture for the class prior (each holds a row per class)
 

@@ -130,6 +130,7 @@ def test_integer_ranges_are_bounded_before_they_are_expanded(tmp_path, tapvits, 
 @pytest.mark.parametrize("args", [
     ("eval", "MODEL", "--data", "digits:indices=0-9", "--latency-batches", "1000000", "-o", "OUT"),   # 2 GB of images
     ("profile", "MODEL", "--threads", "100000", "-o", "OUT"),          # libgomp: raw line, exit 1, or the OOM killer
+    ("profile", "MODEL", "--threads", str((os.cpu_count() or 1) + 1), "-o", "OUT"),   # beyond this machine
     ("profile", "MODEL", "--tokens", "100000", "-o", "OUT"),           # hung for minutes
     ("profile", "MODEL", "--batch-sizes", "1,1000000000000", "-o", "OUT"),
     ("select", "MODEL", "--pool", "MODEL", "--prior-draws", "1000000000", "-o", "OUT"),   # 7.45 GiB

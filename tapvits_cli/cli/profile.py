@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from tapvits_cli.cli.options import WritingCommand, checked_by, global_options
 from tapvits_cli.cli.output import emit
 from tapvits_cli.stages.common import positive_integers
 from tapvits_cli.stages.profile import AUTO_RUNTIME
-from tapvits_cli.vocabulary import MAX_BATCH, MAX_THREADS, MAX_TOKENS, MAX_WIDTH, RUNTIMES
+from tapvits_cli.vocabulary import MAX_BATCH, MAX_TOKENS, MAX_WIDTH, RUNTIMES
 
 
 @click.command("profile", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
@@ -31,8 +33,10 @@ from tapvits_cli.vocabulary import MAX_BATCH, MAX_THREADS, MAX_TOKENS, MAX_WIDTH
 @click.option("--repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed rounds (the median is kept).")
 @click.option("--warmup-runs", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
-@click.option("--threads", type=click.IntRange(1, MAX_THREADS), metavar="T",
-              help="Intra-op threads  [default: torch's; on onnxruntime the cores available]")
+@click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), metavar="T",
+              help="Intra-op threads, at most this machine's CPUs (the profile describes the machine it runs on; "
+                   "1,000 threads failed inside OpenMP with a raw line, exit 1)  [default: torch's; on "
+                   "onnxruntime the cores available]")
 @global_options
 def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens: int | None, widths: str | None,
             mlp_alignment: int, repeats: int, warmup_runs: int, threads: int | None) -> None:

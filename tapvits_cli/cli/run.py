@@ -25,7 +25,7 @@ from tapvits_cli.cli.options import CURRENT, Settings, deprecation_line, global_
 from tapvits_cli.cli.output import emit, log, progress_bar, stderr_console
 from tapvits_cli.cli.stage_call import flag_names
 from tapvits_cli.errors import BelowThresholdError, ParameterError, TapvitsError, UsageError
-from tapvits_cli.vocabulary import EXECUTORS, MAX_THREADS
+from tapvits_cli.vocabulary import EXECUTORS, MAX_PARALLEL
 
 STAGE_COMMANDS: dict[str, click.Command] = {
     "fit-gmm": fit_gmm.command, "features": features.command, "select": select.command, "score": score.command,
@@ -162,14 +162,14 @@ def _command_line(step, root: str) -> str:
               help="A stage cache shared between runs: a step whose key is there is copied, not rerun.")
 @click.option("--force", is_flag=True, help="Rerun every step, even unchanged ones.")
 @click.option("--dry-run", is_flag=True, help="Print the subcommands the recipe runs, and run nothing.")
-@click.option("--jobs", "-j", type=click.IntRange(1, MAX_THREADS), metavar="N",
+@click.option("--jobs", "-j", type=click.IntRange(1, MAX_PARALLEL), metavar="N",
               help="Steps run side by side at most (devices in parallel); alone, runs N local worker processes.")
 @click.option("--executor", type=click.Choice(EXECUTORS),
               help="Where steps run: here one at a time (serial), local processes, Ray tasks or Slurm jobs "
                    "[default: local with --jobs, else serial]. Ray and Slurm workers need the run directory, "
                    "datasets and cache on a file system they share with this machine, at the same paths.")
 @click.option("--address", metavar="ADDR", help="The Ray cluster to use (auto, ray://HOST:10001) [default: a local one].")
-@click.option("--cpus-per-step", type=click.IntRange(1, MAX_THREADS), metavar="N",
+@click.option("--cpus-per-step", type=click.IntRange(1, MAX_PARALLEL), metavar="N",
               help="CPU threads a step gets in a worker [default: cores/jobs locally, 1 on Ray and Slurm; "
                    "a serial run: OMP_NUM_THREADS].")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
