@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -397,3 +398,10 @@ def test_run_shows_plain_progress_lines_on_a_pipe(tmp_path, tapvits, monkeypatch
     quiet = tapvits("run", recipe, "--run-dir", tmp_path / "run", "--force", "-q")
     assert quiet.exit_code == 0
     assert not any(" steps done" in line or line.startswith("[") for line in quiet.stderr.splitlines())
+
+
+def test_a_recipe_that_is_a_fifo_is_named_as_such(tmp_path, tapvits):
+    """It was reported as "no such file"; reading it would have waited for a writer."""
+    os.mkfifo(tmp_path / "recipe.yaml")
+    result = tapvits("run", tmp_path / "recipe.yaml", "--dry-run")
+    assert result.exit_code == ExitCode.USAGE and "not a regular file" in result.stderr, result.stderr

@@ -185,8 +185,8 @@ def read_recipe_document(path: str | os.PathLike) -> dict:
             if resolved in seen or len(chain) >= _MAX_EXTENDS:
                 raise UsageError(f"recipe {current}: 'extends' forms a cycle or is nested deeper than {_MAX_EXTENDS}")
             seen.add(resolved)
-            if not current.is_file():   # a device (/dev/zero) or a folder would read without end or fail late
-                raise FileNotFoundError
+            if current.exists() and not current.is_file():   # a device (/dev/zero), a FIFO or a folder would
+                raise UsageError(f"recipe {current}: not a regular file")   # read without end or fail late
             text = current.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UsageError(f"recipe {current}: no such file") from None
