@@ -51,11 +51,21 @@ BASE_EXTRACTOR = "base"
 # -- Gaussian mixtures (fit-gmm) --------------------------------------------------------------
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")   # scikit-learn's covariance_type
 DP_COVARIANCE_TYPES = ("diag", "full")                     # those the differentially private fit supports
+# Bounds of a mixture file, so that what a cloud allocates for an uploaded one stays small:
+# scoring a pool holds a block of rows × K log-densities, and the range check projects every
+# unit feature vector. Fits use K of 2 to 10; the widest common backbones give 4,096 features.
+MAX_COMPONENTS = 1024
+MAX_FEATURE_DIM = 16384
 # Defaults of the differentially private fit (fit-gmm --dp-epsilon). Noise on every
 # release grows with the projection's dimension and is spent again on every EM iteration:
 # on 5 Fashion-MNIST devices (48-dim features, 4 noise seeds) d = 32 and 10 iterations
 # gave selection precision@640 of about 50% at ε = 3, d = 16 and 4 iterations 99%
 # (benchmarks/privacy_selection.py --sweep).
+DP_DEFAULT_COMPONENTS = 4
+DP_DEFAULT_DIM = 16
+DP_DEFAULT_ITERATIONS = 4
+
+# -- sizes ------------------------------------------------------------------------------------
 # Bounds of sizes given on the command line or in a recipe, far beyond real use, so that a
 # slip (10^6 for 16) is a usage error instead of gigabytes allocated or a machine's worth of
 # threads and processes started.
@@ -65,15 +75,6 @@ MAX_TOKENS = 16384        # tokens per image in a latency profile
 MAX_PARALLEL = 1024       # steps side by side (run --jobs), CPUs per step
 MAX_WORKERS = 64          # DataLoader worker processes
 MAX_PRIOR_DRAWS = 1_000_000   # draws of a device mixture for the class prior (each holds a row per class)
-
-# Bounds of a mixture file, so that what a cloud allocates for an uploaded one stays small:
-# scoring a pool holds a block of rows × K log-densities, and the range check scores every
-# unit feature vector. Fits use K of 2 to 10; the widest common backbones give 4,096 features.
-MAX_COMPONENTS = 1024
-MAX_FEATURE_DIM = 16384
-DP_DEFAULT_COMPONENTS = 4
-DP_DEFAULT_DIM = 16
-DP_DEFAULT_ITERATIONS = 4
 
 # -- selection (select) -----------------------------------------------------------------------
 SELECTION_STRATEGIES = ("topk", "stratified", "ratio", "ratio-stratified", "class-prior", "random")
