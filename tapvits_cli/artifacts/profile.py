@@ -7,14 +7,13 @@ predict the latency of any pruned model of that architecture on that device
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from tapvits_cli.artifacts.containers import ArtifactFile, read_json_body, write_json
-from tapvits_cli.artifacts.header import Header, LineageEntry
+from tapvits_cli.artifacts.header import Header, LineageEntry, finite_number
 from tapvits_cli.artifacts.kinds import KindSpec, Summary, Table, read_artifact, register
 from tapvits_cli.payloads.latency_table import BranchTable, LatencyProfile, predict_latency
 from tapvits_cli.vocabulary import RUNTIMES
@@ -71,8 +70,7 @@ MAX_LATENCY_MS = 1e6
 
 
 def _positive_ms(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and 0 < value <= MAX_LATENCY_MS
+    return finite_number(value) and 0 < value <= MAX_LATENCY_MS
 
 
 def _increasing(values: Any, least: int) -> bool:

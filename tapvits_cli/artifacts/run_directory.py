@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from tapvits_cli.artifacts.files import atomic_write, sha256_file
-from tapvits_cli.artifacts.header import parse_json
+from tapvits_cli.artifacts.header import finite_number, parse_json
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError, UsageError
 from tapvits_cli.vocabulary import NAME_PATTERN
 
@@ -85,8 +85,8 @@ def read_run_summary(path: Path) -> dict:
 def _fractions_or_null(entry: dict) -> bool:
     """A device's or the mean's top-1, top-5 and share of parameters kept: null, or a number from 0 to 1
     (``report`` plots them: a top-1 of 1e17 left its chart axis without a scale, exit 1)."""
-    return all(entry.get(key) is None or isinstance(entry[key], (int, float)) and not isinstance(entry[key], bool)
-               and 0 <= entry[key] <= 1 for key in ("top1", "top5", "params_kept"))
+    return all(entry.get(key) is None or finite_number(entry[key]) and 0 <= entry[key] <= 1
+               for key in ("top1", "top5", "params_kept"))
 
 
 def _valid_step_record(record: Any) -> bool:
@@ -96,8 +96,8 @@ def _valid_step_record(record: Any) -> bool:
     seconds = record.get("seconds", 0)
     return (not output.is_absolute() and ".." not in output.parts and "\\" not in record["output"]
             and bool(record["output"].strip())
-            and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
-            and seconds >= 0 and all(isinstance(record.get(key, ""), str) for key in ("sha256", "key", "source")))
+            and finite_number(seconds) and seconds >= 0
+            and all(isinstance(record.get(key, ""), str) for key in ("sha256", "key", "source")))
 
 
 class RunDirectory:
