@@ -7,8 +7,7 @@ import click
 from tapvits_cli.cli.options import CURRENT, FiniteFloat, WritingCommand, checked_by, global_options
 from tapvits_cli.cli.output import emit, stderr_console
 from tapvits_cli.errors import BelowThresholdError
-from tapvits_cli.stages.common import positive_integers
-from tapvits_cli.vocabulary import MAX_BATCH
+from tapvits_cli.stages.eval import parse_latency_batches
 
 
 @click.command("eval", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
@@ -20,7 +19,7 @@ from tapvits_cli.vocabulary import MAX_BATCH
               help="Report artifact to write (.json).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Batch size of the accuracy pass.")
 @click.option("--latency-batches", default="1,32", show_default=True, metavar="B,B",
-              callback=checked_by(lambda text: positive_integers("--latency-batches", text, MAX_BATCH)),
+              callback=checked_by(parse_latency_batches),
               help="Batch sizes at which latency is measured.")
 @click.option("--latency-repeats", type=click.IntRange(1), default=20, show_default=True,
               help="Timed runs per batch size (the median and p90 are reported).")

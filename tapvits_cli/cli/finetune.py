@@ -16,6 +16,15 @@ from tapvits_cli.stages.finetune import CHECKPOINT_SUFFIX, DEFAULT_DISTILL_WEIGH
 from tapvits_cli.vocabulary import MAX_WORKERS
 
 
+def _augmentation(text: str) -> None:
+    """``--augment`` read as ``finetune`` reads it, for images of the largest size a dataset may have
+    (the model's own size, which bounds the crop padding, is checked again when it is known)."""
+    from tapvits_cli.data.sources import MAX_IMAGE_PIXELS
+    from tapvits_cli.training.augment import Augmentation
+
+    Augmentation.parse(text, math.isqrt(MAX_IMAGE_PIXELS))
+
+
 @click.command("finetune", cls=WritingCommand,
                renamed={"--warmup": "--warmup-fraction", "--temperature": "--distill-temperature",
                         "--metric-set": "--finetune-set"},
@@ -45,7 +54,7 @@ from tapvits_cli.vocabulary import MAX_WORKERS
 @click.option("--warmup-steps", type=click.IntRange(min=0), help="Linear warm-up in steps (overrides --warmup-fraction).")
 @click.option("--label-smoothing", type=FiniteFloat(), default=0.1, show_default=True,
               help="Cross-entropy target: 1 − ε on the true class, ε spread evenly over all classes (0: one-hot).")
-@click.option("--augment", default="", metavar="LIST", callback=checked_by(lambda text: _augmentation(text)),
+@click.option("--augment", default="", metavar="LIST", callback=checked_by(_augmentation),
               help="Batch augmentation: crop (pad by 1/8 of the image, crop back), crop=PIXELS, flip (not for digits).")
 @click.option("--grad-clip", type=FiniteFloat(), help="Clip the global gradient norm to this value.")
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False),
@@ -95,11 +104,3 @@ def command(model_file: str | None, architecture: str | None, model_args: tuple[
     if result.output is not None:   # only the main process of a torchrun writes and reports
         emit(result.document, result.output)
 
-
-def _augmentation(text: str) -> None:
-    """``--augment`` read as ``finetune`` reads it, for images of the largest size a dataset may have
-    (the model's own size, which bounds the crop padding, is checked again when it is known)."""
-    from tapvits_cli.data.sources import MAX_IMAGE_PIXELS
-    from tapvits_cli.training.augment import Augmentation
-
-    Augmentation.parse(text, math.isqrt(MAX_IMAGE_PIXELS))

@@ -8,9 +8,8 @@ import click
 
 from tapvits_cli.cli.options import WritingCommand, checked_by, global_options
 from tapvits_cli.cli.output import emit
-from tapvits_cli.stages.common import positive_integers
-from tapvits_cli.stages.profile import AUTO_RUNTIME
-from tapvits_cli.vocabulary import MAX_BATCH, MAX_TOKENS, MAX_WIDTH, RUNTIMES
+from tapvits_cli.stages.profile import AUTO_RUNTIME, parse_batch_sizes, parse_mlp_widths
+from tapvits_cli.vocabulary import MAX_TOKENS, RUNTIMES
 
 
 @click.command("profile", cls=WritingCommand, renamed={"--warmup": "--warmup-runs"},
@@ -21,10 +20,10 @@ from tapvits_cli.vocabulary import MAX_BATCH, MAX_TOKENS, MAX_WIDTH, RUNTIMES
               help="Runtime the blocks run on; onnxruntime (CPU provider) builds them as ONNX graphs with NumPy "
                    "alone, so the device install profiles too  [default: torch where installed, else onnxruntime]")
 @click.option("--batch-sizes", default="1,32", show_default=True, metavar="B,B", help="Batch sizes to measure.",
-              callback=checked_by(lambda text: positive_integers("--batch-sizes", text, MAX_BATCH)))
+              callback=checked_by(parse_batch_sizes))
 @click.option("--tokens", type=click.IntRange(1, MAX_TOKENS), metavar="N",
               help="Tokens per image in the blocks and the head  [default: the model's input's]")
-@click.option("--widths", metavar="W,W", callback=checked_by(lambda text: positive_integers("--widths", text, MAX_WIDTH)),
+@click.option("--widths", metavar="W,W", callback=checked_by(parse_mlp_widths),
               help="MLP hidden widths to measure, multiples of --mlp-alignment  [default: the alignment and 8 "
                    "evenly spaced multiples of it up to the full width]; heads are measured at every count")
 @click.option("--mlp-alignment", type=click.IntRange(1), default=8, show_default=True, metavar="N",
@@ -34,9 +33,8 @@ from tapvits_cli.vocabulary import MAX_BATCH, MAX_TOKENS, MAX_WIDTH, RUNTIMES
               help="Timed rounds (the median is kept).")
 @click.option("--warmup-runs", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
 @click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1), metavar="T",
-              help="Intra-op threads, at most this machine's CPUs (the profile describes the machine it runs on; "
-                   "1,000 threads failed inside OpenMP with a raw line, exit 1)  [default: torch's; on "
-                   "onnxruntime the cores available]")
+              help="Intra-op threads, at most this machine's CPUs (the profile describes the machine it runs on)  "
+                   "[default: torch's; on onnxruntime the cores available]")
 @global_options
 def command(model_path: str, output: str, runtime: str, batch_sizes: str, tokens: int | None, widths: str | None,
             mlp_alignment: int, repeats: int, warmup_runs: int, threads: int | None) -> None:

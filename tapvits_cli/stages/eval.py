@@ -11,8 +11,13 @@ from typing import Any
 
 from tapvits_cli.errors import IncompatibleArtifactError, InvalidArtifactError
 from tapvits_cli.stages.common import argument, artifact_lineage, dataset_lineage, option, positive_integers
-from tapvits_cli.vocabulary import MAX_BATCH
 from tapvits_cli.stages.feedback import progress
+from tapvits_cli.vocabulary import MAX_BATCH
+
+
+def parse_latency_batches(text: str) -> tuple[int, ...]:
+    """``--latency-batches`` read: the batch sizes latency is measured at (the command line checks with it too)."""
+    return positive_integers("--latency-batches", text, MAX_BATCH)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +53,7 @@ def run(options: Options) -> Result:
     from tapvits_cli.models.factory import count_parameters
     from tapvits_cli.runtime import resolve_device, seed_everything
 
-    sizes = () if options.no_latency else positive_integers("--latency-batches", options.latency_batches, MAX_BATCH)
+    sizes = () if options.no_latency else parse_latency_batches(options.latency_batches)
     device = resolve_device(options.device)
     seed_everything(options.seed)
     dataset = open_dataset(options.data)

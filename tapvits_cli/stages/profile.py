@@ -11,10 +11,20 @@ from dataclasses import dataclass
 
 from tapvits_cli.errors import UsageError
 from tapvits_cli.stages.common import Written as Result, argument, artifact_lineage, option, positive_integers
-from tapvits_cli.vocabulary import MAX_BATCH, MAX_WIDTH
 from tapvits_cli.stages.feedback import log, progress
+from tapvits_cli.vocabulary import MAX_BATCH, MAX_WIDTH
 
 AUTO_RUNTIME = "auto"   # torch where installed, else onnxruntime
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batch-sizes`` read (the command line checks with it too)."""
+    return positive_integers("--batch-sizes", text, MAX_BATCH)
+
+
+def parse_mlp_widths(text: str) -> tuple[int, ...]:
+    """``--widths`` read (the command line checks with it too)."""
+    return positive_integers("--widths", text, MAX_WIDTH)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,8 +50,8 @@ def run(options: Options) -> Result:
     from tapvits_cli.payloads.latency_table import predict_latency
     from tapvits_cli.runtime import cpu_name, resolve_device, seed_everything, torch_available
 
-    sizes = positive_integers("--batch-sizes", options.batch_sizes, MAX_BATCH)
-    mlp_widths = None if options.widths is None else positive_integers("--widths", options.widths, MAX_WIDTH)
+    sizes = parse_batch_sizes(options.batch_sizes)
+    widths = None if options.widths is None else parse_mlp_widths(options.widths)
     runtime = options.runtime
     if runtime == AUTO_RUNTIME:
         runtime = "torch" if torch_available() else "onnxruntime"
@@ -60,14 +70,14 @@ def run(options: Options) -> Result:
         gpu = torch.cuda.get_device_name(torch.device(device))
     with progress("profile", options.warmup_runs + options.repeats) as advance:
         profile = measure_profile(model.spec, sizes, runtime=runtime, device=device, tokens=options.tokens,
-                                  mlp_widths=mlp_widths, mlp_alignment=options.mlp_alignment,
+                                  mlp_widths=widths, mlp_alignment=options.mlp_alignment,
                                   repeats=options.repeats, warmup=options.warmup_runs,
                                   threads=options.threads, cpu=cpu_name(), gpu=gpu, seed=options.seed,
                                   on_progress=advance,
                                   tensors={name: info.shape for name, info in model.artifact.tensors.items()},
                                   source=str(options.model_path))
     params = {"runtime": runtime, "batch_sizes": list(profile.batch_sizes), "tokens": options.tokens,
-              "widths": list(mlp_widths) if mlp_widths else None, "mlp_alignment": options.mlp_alignment,
+              "widths": list(widths) if widths else None, "mlp_alignment": options.mlp_alignment,
               "repeats": options.repeats,
               "warmup": options.warmup_runs, "threads": profile.threads, "seed": options.seed, "device": device}
     path = write_profile(options.output, profile, params, {"model": artifact_lineage(options.model_path, "model")})
