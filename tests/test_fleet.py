@@ -543,3 +543,15 @@ def test_a_second_sigterm_ends_the_process_at_once():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_starting_workers_stops_quietly_once_the_pool_is_shut_down():
+    """An interrupt can shut the pool down while the thread that starts its workers still submits: that
+    thread printed "RuntimeError: cannot schedule new futures after shutdown" after "tapvits: interrupted"."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tapvits_cli.pipeline.schedule import start_workers
+
+    pool = ProcessPoolExecutor(max_workers=1)
+    pool.shutdown()
+    start_workers(pool, 2)   # returns, raises nothing

@@ -230,7 +230,7 @@ class LocalExecutor:
                                    initializer=share_threads, initargs=(self.threads,))
         # Start every worker now, from another thread: starting blocks until the fork server has imported
         # its modules, and this process has the next steps' keys to work out meanwhile.
-        threading.Thread(target=lambda: [pool.submit(os.getpid) for _ in range(self.slots)], daemon=True).start()
+        threading.Thread(target=start_workers, args=(pool, self.slots), daemon=True).start()
         return pool
 
     def submit(self, step: Step) -> Future:
@@ -259,6 +259,17 @@ class LocalExecutor:
             for worker in list((getattr(self._pool, "_processes", None) or {}).values()):
                 worker.terminate()
         self._pool.shutdown(wait=not cancel, cancel_futures=True)
+
+
+def start_workers(pool, count: int) -> None:
+    """Have ``pool`` start ``count`` workers (each runs a trivial task), stopping quietly once the pool is
+    shut down or broken: an interrupt can shut it down while this thread still waits on the fork server,
+    and the next submit's RuntimeError would otherwise print a traceback after "tapvits: interrupted"."""
+    for _ in range(count):
+        try:
+            pool.submit(os.getpid)
+        except RuntimeError:   # shut down meanwhile, or broken (BrokenProcessPool is a RuntimeError)
+            return
 
 
 class RayExecutor:
